@@ -1,0 +1,6 @@
+"""The Dagster code location: the embedded demo plus pipelines from YAML (see ``spec.py``)."""
+
+from attribution_assets.defs.factory import build_definitions
+from attribution_assets.spec import configured_pipelines
+
+defs = build_definitions(configured_pipelines())

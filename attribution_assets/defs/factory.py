@@ -1,0 +1,32 @@
+"""Turn a :class:`PipelineSpec` into Dagster definitions under the pipeline's key prefix."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from resources import ComputeResource, ModelResource, StorageResource
+
+from ..spec import PipelineSpec
+from .common import COMPUTE, STORAGE, model_resource_key
+from .corpus import corpus_assets
+
+
+def model_resource(spec: PipelineSpec) -> ModelResource:
+    m = spec.model
+    return ModelResource(name_or_path=m.name_or_path or "", revision=m.revision, dtype=m.dtype,
+                         trust_remote_code=m.trust_remote_code, pad_token=m.pad_token,
+                         model_kwargs=dict(m.model_kwargs))
+
+
+def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
+    """Assets, checks and the per-pipeline model resource of one pipeline."""
+    return dg.Definitions(assets=corpus_assets(spec),
+                          resources={model_resource_key(spec): model_resource(spec)})
+
+
+def build_definitions(specs: list[PipelineSpec], storage: StorageResource | None = None,
+                      compute: ComputeResource | None = None) -> dg.Definitions:
+    """All pipelines plus the shared storage and compute resources."""
+    shared = dg.Definitions(resources={STORAGE: storage or StorageResource(),
+                                       COMPUTE: compute or ComputeResource()})
+    return dg.Definitions.merge(shared, *(pipeline_definitions(s) for s in specs))

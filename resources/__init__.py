@@ -1,0 +1,100 @@
+"""Dagster ConfigurableResources: model loading, compute settings, storage root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import Field
+
+from attribution_assets.engine import models
+
+STORAGE_ENV = "ATTRIBUTION_STORAGE"
+
+
+class ModelResource(dg.ConfigurableResource):
+    """A Hugging Face causal LM + tokenizer from a local directory or a hub id.
+
+    ``model_kwargs`` pass through to ``from_pretrained``; ``trust_remote_code`` is off
+    unless asked. An empty ``name_or_path`` means "the pipeline's own trained model"
+    (the demo), whose directory the caller passes to :meth:`load`.
+    """
+
+    name_or_path: str = ""
+    revision: str | None = None
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    pad_token: str | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    def source(self, default: str | os.PathLike | None = None) -> str:
+        source = self.name_or_path or (str(default) if default else "")
+        if not source:
+            raise models.ModelLoadError("No model configured: set `name_or_path` on the model resource.")
+        return source
+
+    def load_tokenizer(self, default: str | os.PathLike | None = None):
+        return models.load_tokenizer(self.source(default), self.revision, self.trust_remote_code,
+                                     self.pad_token)
+
+    def load(self, device: Any = "cpu", default: str | os.PathLike | None = None):
+        """Return ``(model, tokenizer)``, the model in eval mode on ``device``."""
+        source = self.source(default)
+        tokenizer = self.load_tokenizer(default)
+        model = models.load_model(source, self.revision, self.dtype, self.trust_remote_code,
+                                  self.model_kwargs, device)
+        return model, tokenizer
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32."""
+
+    device: str = "auto"
+    precision: str = "float32"
+    allow_tf32: bool = False
+
+    def torch_device(self):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        return models.resolve_device(self.device)
+
+
+def default_storage_root() -> str:
+    return os.environ.get(STORAGE_ENV) or str(Path.cwd() / ".storage")
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root directory for every large artifact: ``<root>/<pipeline>/<asset>/<partition>/``.
+
+    Defaults to ``$ATTRIBUTION_STORAGE``, else ``./.storage``.
+    """
+
+    root: str = Field(default_factory=default_storage_root)
+
+    def path(self, pipeline: str, asset: str, partition: str | None = None) -> Path:
+        base = Path(self.root).expanduser().resolve() / pipeline / asset
+        return base / partition if partition else base
+
+    def ensure_writable(self, min_free_bytes: int = 64 << 20) -> Path:
+        """Fail before any work if the root cannot be written or the disk is (nearly) full."""
+        root = Path(self.root).expanduser().resolve()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(
+                f"Storage root {root} is not writable ({exc.strerror}). Set ${STORAGE_ENV} or the "
+                "storage resource's `root` to a writable directory.") from None
+        free = shutil.disk_usage(root).free
+        if free < min_free_bytes:
+            raise OSError(f"Storage root {root} has only {free >> 20} MiB free (need at least "
+                          f"{min_free_bytes >> 20} MiB). Free space or point ${STORAGE_ENV} elsewhere.")
+        return root

@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny local tokenizer and GPT-NeoX model, and local data files."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+SENTENCES = [
+    "Mara Quill was born in Lisbon.", "Tomas Reyes works for Orbitex.",
+    "The river runs through the old town.", "Lisbon is a busy port city.",
+    "Ada Finch studied at Norwood University.", "Orbitex builds small satellites.",
+]
+
+
+def train_tiny_tokenizer(texts, vocab_size=300, pad=True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>"] + (["<|pad|>"] if pad else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    kwargs = {"pad_token": "<|pad|>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", **kwargs)
+
+
+def save_tiny_model(path: Path, tokenizer, seed=0):
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    model = GPTNeoXForCausalLM(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tiny_tokenizer(SENTENCES * 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-model")
+    save_tiny_model(path, tiny_tokenizer)
+    return path
+
+
+@pytest.fixture
+def jsonl_corpus(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    return path
