@@ -84,8 +84,15 @@ class DemoSpec:
 
     people: int = 100
     seed: int = 0
-    train_steps: int | None = None
-    tokenizer_vocab_size: int | None = None
+    epochs: int | None = None
+    layers: int | None = None
+    hidden: int | None = None
+    vocab_size: int | None = None
+
+    def model_overrides(self) -> dict[str, int]:
+        """Settings that replace ``DemoModelConfig`` defaults (``None`` keeps the default)."""
+        names = ("epochs", "layers", "hidden", "vocab_size")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,12 @@ class PipelineSpec:
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def demo_spec(people: int = 100, shard_size: int = 256, **demo_kwargs: Any) -> PipelineSpec:
-    """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model."""
+def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
+              scoring: ScoringSpec | None = None, **demo_kwargs: Any) -> PipelineSpec:
+    """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
+
+    Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus.
+    """
     return PipelineSpec(
         name="demo",
         model=ModelSpec(),
@@ -149,7 +160,8 @@ def demo_spec(people: int = 100, shard_size: int = 256, **demo_kwargs: Any) -> P
         queries=DataSpec(prompt_column="prompt", completion_column="completion",
                          id_column="query_id", gold_column="gold_doc_ids", max_length=64),
         shard_size=shard_size,
-        gradients=GradientSpec(projection_dim=16, normalizer="adafactor"),
+        gradients=gradients or GradientSpec(projection_dim=16, normalizer="adafactor"),
+        scoring=scoring or ScoringSpec(top_k=0),
         demo=DemoSpec(people=people, **demo_kwargs),
     )
 

@@ -2,11 +2,21 @@
 
 
 import json
+
 import dagster as dg
 
 from ..engine import data, pipeline_io
 from ..spec import PipelineSpec
-from .common import COMPUTE, STORAGE, Timer, code_version, digest, key, model_resource_key, shards_partitions
+from .common import (
+    COMPUTE,
+    STORAGE,
+    Timer,
+    code_version,
+    digest,
+    key,
+    model_resource_key,
+    shards_partitions,
+)
 
 
 def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
@@ -82,7 +92,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             raise data.DataError(f"Every document of {shard} was empty or shorter than 2 tokens "
                                  f"({stats.skipped_empty} empty, {stats.skipped_short} short).")
         out = storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet"
-        data.write_tokenized(out, rows)
+        data.write_tokenized(out, rows, extra={"shard": [shard] * len(rows)})
         return dg.MaterializeResult(
             metadata={**stats.as_metadata(), "path": dg.MetadataValue.path(str(out)),
                       "seconds": timer.seconds},

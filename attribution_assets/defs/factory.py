@@ -9,6 +9,8 @@ from resources import ComputeResource, ModelResource, StorageResource
 from ..spec import PipelineSpec
 from .common import COMPUTE, STORAGE, model_resource_key
 from .corpus import corpus_assets
+from .gradients import gradient_assets
+from .scores import score_assets
 
 
 def model_resource(spec: PipelineSpec) -> ModelResource:
@@ -20,7 +22,8 @@ def model_resource(spec: PipelineSpec) -> ModelResource:
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     """Assets, checks and the per-pipeline model resource of one pipeline."""
-    return dg.Definitions(assets=corpus_assets(spec),
+    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec)]
+    return dg.Definitions(assets=assets,
                           resources={model_resource_key(spec): model_resource(spec)})
 
 

@@ -16,8 +16,11 @@ DAGSTER_YAML = """telemetry:
 
 #: Stages in dependency order: (asset names, partitioned by shard?)
 STAGES: list[tuple[tuple[str, ...], bool]] = [
-    (("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
-    (("tokenized_shards",), True),
+    (("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"), False),
+    (("tokenized_shards", "train_gradients"), True),
+    (("preconditioner",), False),
+    (("scores",), True),
+    (("attribution_db",), False),
 ]
 
 
@@ -34,7 +37,7 @@ def persistent_instance(home: str | os.PathLike | None = None) -> dg.DagsterInst
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
                          stages: Sequence[tuple[tuple[str, ...], bool]] = STAGES,
-                         log: Callable[[str], None] = print) -> list[dg.ExecuteInJobResult]:
+                         log: Callable[[str], None] = print) -> list:
     """Run each stage's assets that exist in ``defs``; raise if a run fails."""
     graph = defs.resolve_asset_graph()
     present = graph.get_all_asset_keys()

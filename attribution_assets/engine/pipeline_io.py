@@ -86,7 +86,7 @@ def train_demo_tokenizer(spec: PipelineSpec, texts: list[str], out: Path):
     """Train the demo's byte-level BPE tokenizer and save it (atomically) to ``out``."""
     from .demo_model import train_demo_tokenizer as train
 
-    kwargs = {"vocab_size": spec.demo.tokenizer_vocab_size} if spec.demo.tokenizer_vocab_size else {}
+    kwargs = {"vocab_size": spec.demo.vocab_size} if spec.demo.vocab_size else {}
     tokenizer = train(texts, **kwargs)
     with atomic_dir(out) as tmp:
         tokenizer.save_pretrained(tmp)
@@ -96,7 +96,7 @@ def train_demo_tokenizer(spec: PipelineSpec, texts: list[str], out: Path):
 def train_demo_model(spec: PipelineSpec, documents: Path, queries: Path, tokenizer_dir: Path,
                      out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train the demo model on every corpus document; report fact accuracy on both phrasings."""
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .demo_model import DemoModelConfig
     from .demo_model import train_demo_model as train
@@ -104,12 +104,17 @@ def train_demo_model(spec: PipelineSpec, documents: Path, queries: Path, tokeniz
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     texts = [d["text"] for d in read_documents(documents)]
     corpus = _demo_corpus(spec)
-    config = DemoModelConfig(**({"steps": spec.demo.train_steps} if spec.demo.train_steps else {}))
+    config = DemoModelConfig(**spec.demo.model_overrides())
     held_out = [(json.loads(q["content"])["prompt"], json.loads(q["content"])["completion"])
                 for q in read_queries(queries)]
     metrics = train(tokenizer, texts, config, out, log=log,
                     eval_pairs={"train_phrasing": corpus.training_prompts, "held_out_phrasing": held_out})
-    return metrics
+    model = AutoModelForCausalLM.from_pretrained(out)
+    record = {"source": str(out), "fingerprint": model_fingerprint(model),
+              "parameters": int(sum(p.numel() for p in model.parameters())),
+              "architecture": type(model).__name__}
+    write_text_atomic(Path(out) / "model.json", json.dumps(record, indent=2))
+    return {**metrics, **record}
 
 
 def write_model_record(path: Path, spec: PipelineSpec, model) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""Per-shard training gradients and query gradients (the engine's collector, called thinly)."""
+
+import json
+
+import dagster as dg
+import numpy as np
+
+from ..engine import data, workflow
+from ..engine.store import GradientStore
+from ..spec import PipelineSpec
+from .common import (
+    COMPUTE,
+    STORAGE,
+    Timer,
+    code_version,
+    dir_bytes,
+    key,
+    model_resource_key,
+    shards_partitions,
+)
+from .corpus import load_model
+
+CHECKS = ("finite", "row_count", "settings")
+
+
+def model_dir(spec: PipelineSpec, storage):
+    """The demo's trained model directory (holds optimizer.pt); None for user models."""
+    return storage.path(spec.name, "model") if spec.is_demo else None
+
+
+def model_fingerprint(spec: PipelineSpec, storage) -> str:
+    record = storage.path(spec.name, "model") / "model.json"
+    if not record.exists():
+        raise FileNotFoundError(f"{record} does not exist; materialize {spec.name}/model first.")
+    return json.loads(record.read_text())["fingerprint"]
+
+
+def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
+                 asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+    """Re-read what was written: finite values, expected rows, the pipeline's settings."""
+    finite = bool(np.isfinite(store.array).all())
+    config = workflow.collector_config(spec.gradients)
+    settings_ok = (store.info["projection"]["dim"] == config.projection_dim
+                   and store.info["projection"]["seed"] == config.seed
+                   and store.info.get("config_hash") == config.config_hash())
+    return [
+        dg.AssetCheckResult(asset_key=asset_key, check_name="finite", passed=finite,
+                            metadata={"path": str(store.path / "gradients.npy")}),
+        dg.AssetCheckResult(asset_key=asset_key, check_name="row_count", passed=store.rows == expected_rows,
+                            metadata={"rows": store.rows, "expected": expected_rows}),
+        dg.AssetCheckResult(asset_key=asset_key, check_name="settings", passed=settings_ok,
+                            metadata={"config_hash": store.info.get("config_hash", "")}),
+    ]
+
+
+def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+    descriptions = {"finite": "every gradient value is finite",
+                    "row_count": "one row per document (or per target token)",
+                    "settings": "projection and normalizer match the pipeline spec"}
+    return [dg.AssetCheckSpec(name, asset=asset_key, blocking=True, description=descriptions[name])
+            for name in CHECKS]
+
+
+def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
+    return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
+
+
+def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+    model_key = model_resource_key(spec)
+    resources = {STORAGE, COMPUTE, model_key}
+    version = code_version("gradients-v1", spec, "gradients")
+    assets = []
+
+    def _collect(context, docs, out):
+        storage = context.resources.storage
+        model, _ = load_model(spec, context)
+        collector = workflow.make_collector(model, spec, model_dir(spec, storage))
+        store, stats = workflow.collect_shard(collector, docs, out, model_fingerprint(spec, storage))
+        return store, stats
+
+    if spec.scoring.mode == "stored":
+        train_key = key(spec, "train_gradients")
+
+        @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
+                  deps=[key(spec, "tokenized_shards"), key(spec, "model")], required_resource_keys=resources,
+                  code_version=version, pool="gpu", check_specs=_check_specs(train_key),
+                  description="Per-document (or per-token) projected gradients of one shard: .npy + info.json.")
+        def train_gradients(context: dg.AssetExecutionContext):
+            timer = Timer()
+            storage = context.resources.storage
+            shard = context.partition_key
+            docs = data.read_tokenized(storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet")
+            out = storage.path(spec.name, "train_gradients", shard)
+            store, stats = _collect(context, docs, out)
+            yield dg.MaterializeResult(
+                metadata={**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
+                          "path": dg.MetadataValue.path(str(out)), "total_seconds": timer.seconds,
+                          "config_hash": store.info["config_hash"]},
+                data_version=dg.DataVersion(workflow.store_digest(store)))
+            yield from store_checks(store, _expected_rows(docs, spec), spec, train_key)
+
+        assets.append(train_gradients)
+
+    if spec.queries is not None:
+        query_key = key(spec, "query_gradients")
+
+        @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), key(spec, "model")],
+                  required_resource_keys=resources, code_version=version, pool="gpu",
+                  check_specs=_check_specs(query_key),
+                  description="Gradients of the query loss (completion tokens where given), same projection.")
+        def query_gradients(context: dg.AssetExecutionContext):
+            timer = Timer()
+            storage = context.resources.storage
+            docs = data.read_tokenized(storage.path(spec.name, "tokenized_queries") / "tokens.parquet")
+            out = storage.path(spec.name, "query_gradients")
+            store, stats = _collect(context, docs, out)
+            yield dg.MaterializeResult(
+                metadata={**stats.as_metadata(), "bytes": dir_bytes(out), "path": dg.MetadataValue.path(str(out)),
+                          "total_seconds": timer.seconds},
+                data_version=dg.DataVersion(workflow.store_digest(store)))
+            yield from store_checks(store, _expected_rows(docs, spec), spec, query_key)
+
+        assets.append(query_gradients)
+    return assets
