@@ -41,6 +41,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scores(args: argparse.Namespace) -> int:
+    from resources import StorageResource
+
+    from .report import format_top_k
+
+    _defs_and_specs(args.pipeline)
+    print(format_top_k(StorageResource().path(args.pipeline, "attribution.duckdb"), args.query, args.k))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize every asset of a pipeline")
     mat.add_argument("--pipeline", required=True)
     mat.set_defaults(func=cmd_materialize)
+    scores = sub.add_parser("scores", help="top-k training documents for one query, with text (DuckDB)")
+    scores.add_argument("--pipeline", required=True)
+    scores.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
+    scores.add_argument("-k", type=int, default=10)
+    scores.set_defaults(func=cmd_scores)
     return parser
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 
 from .defs.common import key
+from .engine import database
 from .spec import PipelineSpec
 
 SHOWN = {
@@ -23,7 +26,8 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dic
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
-def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Definitions) -> str:
+def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Definitions,
+                n_queries: int = 3, k: int = 5) -> str:
     lines = [f"Pipeline {spec.name!r}: materialized assets"]
     for name, fields in SHOWN.items():
         meta = latest_metadata(instance, key(spec, name))
@@ -31,5 +35,31 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
             shown = ", ".join(f"{f}={meta[f]}" for f in fields if f in meta)
             lines.append(f"  {name:<18} {shown}")
     shards = instance.get_dynamic_partitions(f"{spec.name}_shards")
-    lines.append(f"  tokenized_shards   {len(shards)} partitions: {', '.join(shards)}")
+    lines.append(f"  shards             {len(shards)} partitions: {', '.join(shards)}")
+    db = Path(defs.resources["storage"].path(spec.name, "attribution.duckdb"))
+    if db.exists():
+        lines += ["", f"Which training documents made the model say this? (DuckDB: {db})"]
+        with database.connect(db) as con:
+            all_ids = [r[0] for r in con.execute("SELECT query_id FROM queries ORDER BY query_id").fetchall()]
+        step = max(1, len(all_ids) // n_queries)
+        for query_id in all_ids[::step][:n_queries]:
+            lines += ["", format_top_k(db, query_id, k)]
+        lines += ["", "Your own SQL: duckdb -readonly " + str(db),
+                  "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
+    return "\n".join(lines)
+
+
+def format_top_k(db: Path, query_id: str, k: int = 5) -> str:
+    """Query text, its top-k documents with scores, and the rank of the first gold document."""
+    found = database.query_text(db, query_id)
+    if found is None:
+        raise SystemExit(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
+    text, gold = found
+    lines = [f"query {query_id}: {text}"]
+    for rank, doc_id, score, doc_text in database.top_k(db, query_id, k):
+        mark = "*" if doc_id in gold else " "
+        lines.append(f"  {rank:>3}{mark} {score:+.4f}  {doc_text[:100]}")
+    if gold:
+        first = database.first_gold_rank(db, query_id)
+        lines.append(f"  first gold document at rank {first}  (* = gold)")
     return "\n".join(lines)
