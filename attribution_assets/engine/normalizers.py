@@ -1,0 +1,259 @@
+"""Optimizer-aware gradient normalization (Adam and Adafactor second moments).
+
+Layout: every module gradient is ``G [O, I]`` (see ``collector``); optimizer
+moments stored in a parameter's own layout are transposed for transformers'
+``Conv1D`` (weight ``[I, O]``) when bound to a module.
+
+- Adam: ``G / sqrt(v + eps)`` elementwise, ``v = exp_avg_sq``, divided by
+  ``1 - beta2**step`` when ``bias_correction=True`` (the default, i.e. the
+  second moment Adam itself divides by). It does not factor, so the collector
+  forms each example's full ``[O, I]`` gradient before projecting
+  (cost ``T*O*I`` flops and ``O*I`` floats per example and module).
+- Adafactor: ``v_hat = r c^T / mean(r)`` from row moments ``r [O]`` (mean of
+  ``G**2`` over inputs) and column moments ``c [I]`` (mean over outputs), as in
+  ``transformers.optimization.Adafactor`` (equivalently ``R C^T / sum(R)`` with
+  row/column *sums*). ``G / sqrt(v_hat) = diag(sqrt(mean r) / sqrt(r)) G
+  diag(1 / sqrt(c))``, applied to the hook tensors ``g`` and ``a`` so the
+  projection stays cheap. Moments come from a real Adafactor state
+  (``exp_avg_sq_row`` / ``exp_avg_sq_col``) or from an Adam ``exp_avg_sq``
+  (row = mean over columns, col = mean over rows).
+- Biases (1-D) are divided by ``sqrt(v_bias + eps)`` of their own unfactored
+  ``exp_avg_sq`` under both normalizers.
+
+Optimizer state sources (:func:`load_optimizer_state`): a live
+``torch.optim.Optimizer`` (parameters mapped to names through
+``model.named_parameters()``), a saved ``optimizer.pt`` or a Hugging Face
+Trainer checkpoint directory containing one (``torch.load(weights_only=True)``).
+A saved state dict names parameters only by index. Indices are resolved with
+``param_groups[i]["param_names"]`` when present (torch >= 2.6 named
+optimizers); otherwise they follow the order of ``model.parameters()`` that
+have ``requires_grad``, except for a two-group state whose group sizes match the
+Hugging Face Trainer's split (weight-decay parameters first, then the rest),
+which is resolved in the Trainer's order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass
+class OptimizerState:
+    """Per-parameter optimizer tensors and hyperparameters, keyed by parameter name."""
+
+    states: dict[str, dict[str, torch.Tensor]]
+    hyper: dict[str, dict] = field(default_factory=dict)
+
+
+def _trainer_order(model: nn.Module, trainable: list[str]) -> tuple[list[str], list[int]]:
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    patterns = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+    decay = set(get_parameter_names(model, [nn.LayerNorm], patterns))
+    first = [n for n in trainable if n in decay]
+    second = [n for n in trainable if n not in decay]
+    return first + second, [len(first), len(second)]
+
+
+def _check_shapes(name: str, param: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+    shape = tuple(param.shape)
+    expected = {"exp_avg_sq": shape, "exp_avg": shape}
+    if len(shape) >= 2:
+        expected["exp_avg_sq_row"] = shape[:-1]
+        expected["exp_avg_sq_col"] = shape[:-2] + shape[-1:]
+    for key, want in expected.items():
+        if key in state and tuple(state[key].shape) != want:
+            raise ValueError(
+                f"optimizer state does not match the model: parameter {name!r} has shape "
+                f"{list(shape)} but its {key} has shape {list(state[key].shape)} (expected {list(want)})"
+            )
+
+
+def state_from_state_dict(state_dict: dict, model: nn.Module) -> OptimizerState:
+    """Resolve a ``torch.optim`` state dict's parameter indices to model parameter names."""
+    params = dict(model.named_parameters())
+    groups = state_dict["param_groups"]
+    flat = [i for g in groups for i in g["params"]]
+    if all("param_names" in g for g in groups):
+        order = [n for g in groups for n in g["param_names"]]
+    else:
+        trainable = [n for n, p in params.items() if p.requires_grad]
+        order = trainable
+        if len(groups) == 2:
+            hf_order, sizes = _trainer_order(model, trainable)
+            if [len(g["params"]) for g in groups] == sizes:
+                order = hf_order
+    if len(order) != len(flat):
+        raise ValueError(
+            f"optimizer state does not match the model: it holds {len(flat)} parameters, "
+            f"the model has {len(order)} trainable parameters"
+        )
+    index_to_name = dict(zip(flat, order))
+    states, hyper = {}, {}
+    for g in groups:
+        h = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        for i in g["params"]:
+            hyper[index_to_name[i]] = h
+    for i, st in state_dict["state"].items():
+        name = index_to_name.get(int(i))
+        if name is None or name not in params:
+            raise ValueError(f"optimizer state entry {i} maps to no model parameter ({name!r})")
+        tensors = {k: v for k, v in st.items() if torch.is_tensor(v)}
+        _check_shapes(name, params[name], tensors)
+        states[name] = tensors
+    return OptimizerState(states, hyper)
+
+
+def load_optimizer_state(source, model: nn.Module) -> OptimizerState:
+    """Load from a live optimizer, an ``optimizer.pt`` file or a checkpoint directory."""
+    if isinstance(source, OptimizerState):
+        return source
+    if isinstance(source, torch.optim.Optimizer):
+        names = {id(p): n for n, p in model.named_parameters()}
+        states, hyper = {}, {}
+        for g in source.param_groups:
+            h = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            for p in g["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"optimizer holds a parameter of shape {list(p.shape)} that is not in the model"
+                    )
+                name = names[id(p)]
+                hyper[name] = h
+                tensors = {
+                    k: v.detach() for k, v in source.state.get(p, {}).items() if torch.is_tensor(v)
+                }
+                _check_shapes(name, p, tensors)
+                states[name] = tensors
+        return OptimizerState(states, hyper)
+    path = Path(source)
+    if path.is_dir():
+        path = path / "optimizer.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no optimizer state at {path}")
+    return state_from_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
+
+
+class _Normalizer:
+    kind = ""
+    factored = False
+
+    def __init__(
+        self, state, model: nn.Module | None = None, eps: float = 1e-8, bias_correction: bool = True
+    ):
+        if not isinstance(state, OptimizerState):
+            if model is None:
+                raise ValueError("a model is needed to map optimizer state to parameter names")
+            state = load_optimizer_state(state, model)
+        self.state, self.eps, self.bias_correction = state, eps, bias_correction
+        self._bias: dict[str, torch.Tensor] = {}
+
+    def _moment(self, param_name: str, key: str, module: str) -> torch.Tensor:
+        st = self.state.states.get(param_name)
+        if st is None or key not in st:
+            have = sorted(st) if st else "no state"
+            raise ValueError(
+                f"optimizer state has no {key!r} for parameter {param_name!r} "
+                f"(module {module!r}; found: {have})"
+            )
+        return st[key].detach().to("cpu", torch.float32)
+
+    def _adam_v(self, param_name: str, module: str) -> torch.Tensor:
+        v = self._moment(param_name, "exp_avg_sq", module)
+        if self.bias_correction and "betas" in self.state.hyper.get(param_name, {}):
+            step = float(self.state.states[param_name].get("step", torch.tensor(0.0)))
+            beta2 = float(self.state.hyper[param_name]["betas"][1])
+            if step > 0:
+                v = v / (1.0 - beta2**step)
+        return v
+
+    def bind(self, specs, device: torch.device | str = "cpu") -> None:
+        """Validate and precompute scales for the collector's modules (see ``ModuleSpec``)."""
+        self._bias = {}
+        for s in specs:
+            self._bind_weight(s, device)
+            if s.has_bias:
+                v = self._adam_v(s.bias_name, s.name)
+                self._bias[s.name] = (v + self.eps).rsqrt().to(device)
+
+    def scale_bias(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Normalize bias gradients ``[..., O]``."""
+        return grad * self._bias[name]
+
+    def settings(self) -> dict:
+        """JSON-ready settings stored in ``info.json["normalizer"]`` (no arrays)."""
+        return {"kind": self.kind, "eps": self.eps, "bias_correction": self.bias_correction}
+
+    def _bind_weight(self, spec, device) -> None:
+        raise NotImplementedError
+
+
+class AdamNormalizer(_Normalizer):
+    """Elementwise ``G / sqrt(v + eps)``; needs full per-example gradients before projection."""
+
+    kind = "adam"
+    factored = False
+
+    def bind(self, specs, device="cpu") -> None:
+        self._weight: dict[str, torch.Tensor] = {}
+        super().bind(specs, device)
+
+    def _bind_weight(self, spec, device) -> None:
+        v = self._adam_v(spec.weight_name, spec.name)
+        if spec.transposed:
+            v = v.T
+        self._weight[spec.name] = (v + self.eps).rsqrt().to(device)
+
+    def scale_full(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """Normalize full gradients ``[..., O, I]``."""
+        return grad * self._weight[name]
+
+
+class AdafactorNormalizer(_Normalizer):
+    """Factored ``G / sqrt(r c^T / mean(r))`` applied to hook tensors (``eps`` added to r, c)."""
+
+    kind = "adafactor"
+    factored = True
+
+    def __init__(self, state, model=None, eps: float = 1e-30, bias_correction: bool = True):
+        super().__init__(state, model, eps, bias_correction)
+
+    def bind(self, specs, device="cpu") -> None:
+        self._rows: dict[str, torch.Tensor] = {}
+        self._cols: dict[str, torch.Tensor] = {}
+        super().bind(specs, device)
+
+    def _bind_weight(self, spec, device) -> None:
+        st = self.state.states.get(spec.weight_name, {})
+        if "exp_avg_sq_row" in st and "exp_avg_sq_col" in st:
+            row = self._moment(spec.weight_name, "exp_avg_sq_row", spec.name)
+            col = self._moment(spec.weight_name, "exp_avg_sq_col", spec.name)
+            if spec.transposed:
+                row, col = col, row
+        else:
+            v = self._adam_v(spec.weight_name, spec.name)
+            if spec.transposed:
+                v = v.T
+            row, col = v.mean(dim=1), v.mean(dim=0)
+        row, col = row + self.eps, col + self.eps
+        self._rows[spec.name] = (row.mean().sqrt() * row.rsqrt()).to(device)
+        self._cols[spec.name] = col.rsqrt().to(device)
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row [O], col [I])``: normalized ``G = diag(row) G diag(col)``; the collector
+        applies them to ``g`` and ``a`` (folded into ``L`` and ``R`` when projecting)."""
+        return self._rows[name], self._cols[name]
+
+
+def make_normalizer(kind: str | None, source, model: nn.Module, **kwargs) -> _Normalizer | None:
+    """``"adam"`` / ``"adafactor"`` normalizer from any optimizer-state source; ``None`` -> ``None``."""
+    if kind is None or kind == "none":
+        return None
+    classes = {"adam": AdamNormalizer, "adafactor": AdafactorNormalizer}
+    if kind not in classes:
+        raise ValueError(f"normalizer kind must be one of {sorted(classes)} or None, got {kind!r}")
+    return classes[kind](load_optimizer_state(source, model), **kwargs)

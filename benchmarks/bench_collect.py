@@ -1,0 +1,143 @@
+"""Throughput of hooked ``GradientCollector.collect`` vs a naive per-document backward loop.
+
+The naive loop runs one ``loss.backward()`` per document and then projects each
+module's ``weight.grad`` with the same ``L G R^T`` matrices. Both phases run in
+this process on the same random GPT-NeoX weights and documents. "phase MiB" is
+the peak of the resident set sampled every 2 ms during the phase; the final line
+gives the process's ``resource.getrusage(...).ru_maxrss``.
+
+    .venv/bin/python benchmarks/bench_collect.py --sizes 2x128 4x256 --docs 32 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import threading
+import time
+
+import numpy as np
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from attribution_assets.engine.collector import CollectorConfig, GradientCollector
+from attribution_assets.engine.projection import Projector
+
+
+def build(layers: int, width: int, vocab: int) -> GPTNeoXForCausalLM:
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(
+        vocab_size=vocab,
+        hidden_size=width,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, width // 32),
+        intermediate_size=4 * width,
+        max_position_embeddings=1024,
+    )
+    return GPTNeoXForCausalLM(cfg).float().eval()
+
+
+def make_docs(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    docs = []
+    for length in rng.integers(min_len, max_len + 1, size=n):
+        docs.append((rng.integers(0, vocab, size=length).tolist(), [0] + [1] * (int(length) - 1)))
+    return docs
+
+
+def naive(model, docs, config: CollectorConfig) -> np.ndarray:
+    """One backward per document, then ``L G R^T`` of each hooked module's ``weight.grad``."""
+    collector = GradientCollector(model, config)  # only for module selection and layout
+    proj = Projector(config.projection_dim, config.projection_kind, config.seed)
+    rows = np.zeros((len(docs), collector.dims), np.float32)
+    for i, (ids, mask) in enumerate(docs):
+        model.zero_grad(set_to_none=True)
+        x = torch.tensor([ids])
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+        nll = -logp.gather(-1, x[0, 1:, None]).squeeze(-1)
+        (nll * torch.tensor(mask[1:], dtype=nll.dtype)).sum().backward()
+        for s in collector.specs:
+            rows[i, s.start : s.stop] = proj.project(s.name, s.module.weight.grad).flatten().numpy()
+    return rows
+
+
+def hooked(model, docs, config: CollectorConfig) -> np.ndarray:
+    return GradientCollector(model, config).collect(docs)[0]
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_phase(fn, model, docs, config):
+    """``(seconds, peak RSS MiB during the phase, rows)``."""
+    peak, done = [_rss_mib()], threading.Event()
+
+    def sample():
+        while not done.wait(0.002):
+            peak[0] = max(peak[0], _rss_mib())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    rows = fn(model, docs, config)
+    seconds = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    return seconds, max(peak[0], _rss_mib()), rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", nargs="+", default=["2x128", "4x256"], help="LAYERSxWIDTH")
+    ap.add_argument("--docs", type=int, default=32)
+    ap.add_argument("--min-len", type=int, default=32)
+    ap.add_argument("--max-len", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--projection-dim", type=int, default=16)
+    ap.add_argument(
+        "--max-tokens-per-batch",
+        type=int,
+        default=1024,
+        help="1024 suits CPU caches; CollectorConfig defaults to 4096",
+    )
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    config = CollectorConfig(
+        projection_dim=args.projection_dim, max_tokens_per_batch=args.max_tokens_per_batch
+    )
+    docs = make_docs(args.docs, args.min_len, args.max_len, args.vocab)
+    tokens = sum(len(ids) for ids, _ in docs)
+    print(
+        f"{args.docs} docs, {tokens} tokens, p={args.projection_dim}, "
+        f"torch threads={torch.get_num_threads()}"
+    )
+    header = f"{'model':>8} {'method':>8} {'seconds':>8} {'tokens/s':>10} {'phase MiB':>9} {'speedup':>8}"
+    print(header)
+    print("-" * len(header))
+    for size in args.sizes:
+        layers, width = (int(v) for v in size.split("x"))
+        model = build(layers, width, args.vocab)
+        hooked(model, docs[:2], config)  # warm-up
+        t_naive, rss_naive, ref = run_phase(naive, model, docs, config)
+        t_hook, rss_hook, rows = run_phase(hooked, model, docs, config)
+        err = float(np.abs(rows - ref).max() / np.abs(ref).max())
+        print(
+            f"{size:>8} {'naive':>8} {t_naive:8.2f} {tokens / t_naive:10.0f} {rss_naive:9.0f} {1.0:8.2f}"
+        )
+        print(
+            f"{size:>8} {'hooked':>8} {t_hook:8.2f} {tokens / t_hook:10.0f} {rss_hook:9.0f} "
+            f"{t_naive / t_hook:8.2f}   (max rel. diff vs naive {err:.1e})"
+        )
+    print(
+        f"process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
