@@ -1,0 +1,399 @@
+"""FAISS inner-product indexes over training-gradient vectors (pure NumPy/FAISS).
+
+Conventions: vectors are float32 rows ``[n, d]`` (already preconditioned and
+unit-normalized by the caller when the pipeline asks for it); the metric is
+always inner product, so a higher score means a more supportive document and a
+``Flat`` index returns exactly ``queries @ vectors.T``. Every vector carries a
+string document id.
+
+On-disk layout of an index directory (written to a temporary sibling and
+renamed into place only when complete)::
+
+    index.json          factory, dims, vectors, parts, build_seconds, bytes, metric, nprobe, ...
+    index-00000.faiss   one FAISS index per part (faiss.write_index, always a CPU index)
+    ids-00000.npy       doc ids of that part's rows, unicode array (no pickle)
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from attribution_assets.engine.atomic import atomic_dir
+
+FORMAT_VERSION = 1
+INFO_FILE = "index.json"
+FACTORY_EXAMPLES = ("'Flat', 'SQfp16', 'HNSW32', 'IVF1024,Flat', 'IVF{auto},Flat', "
+                    "'IVF{auto},PQ64', 'IVF{auto},SQfp16', 'OPQ64,IVF{auto},PQ64'")
+Blocks = Callable[[], Iterable[tuple[Sequence[str], np.ndarray]]]
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How to build and search an index.
+
+    factory: FAISS index-factory string; ``{auto}`` in it (``"IVF{auto},Flat"``) becomes
+        the number of lists ``round(4 * sqrt(N))``, at most ``(training rows) // 39`` so
+        every list gets FAISS's minimum of 39 training points.
+    train_sample: at most this many rows, drawn uniformly without replacement (seeded),
+        train indexes that need training (IVF, PQ, SQ8, OPQ, ...).
+    nprobe: IVF lists visited per query. Measured recall@10 vs ``Flat`` on clustered
+        gradient-like unit vectors: 5k x 256, 128 lists: 0.951 / 0.972 / 0.989 at nprobe
+        8 / 16 / 32; 100k x 2048, 1265 lists: 0.993 at 8, 1.000 at 16 and 32. 32 keeps a
+        margin above 0.95 on small, coarse indexes (docs/index-benchmark.md).
+    hnsw_ef_search: HNSW candidate-list size at query time.
+    shard_groups: start a new part (one FAISS index) every this many input blocks.
+    max_vectors_per_index: start a new part when one reaches this many vectors.
+    use_gpu: "auto" uses FAISS GPU when ``faiss.get_num_gpus() > 0``; True asks for it
+        (warns and uses the CPU when none is usable); False never. Saved indexes are CPU.
+    add_batch: rows per ``index.add`` call.
+    """
+
+    factory: str = "Flat"
+    train_sample: int = 65_536
+    seed: int = 0
+    nprobe: int = 32
+    hnsw_ef_search: int = 128
+    shard_groups: int | None = None
+    max_vectors_per_index: int | None = None
+    use_gpu: bool | str = "auto"
+    add_batch: int = 32_768
+
+    def __post_init__(self):
+        if self.use_gpu not in ("auto", True, False):
+            raise ValueError(f"use_gpu must be 'auto', True or False, got {self.use_gpu!r}")
+        for name in ("train_sample", "nprobe", "hnsw_ef_search", "add_batch", "shard_groups",
+                     "max_vectors_per_index"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class IndexInfo:
+    """What ``build_index`` wrote (also the content of ``index.json``, less ``path``)."""
+
+    path: str
+    factory: str
+    factory_requested: str
+    dims: int
+    vectors: int
+    parts: int
+    part_files: list[dict]
+    build_seconds: float
+    bytes: int
+    metric: str
+    nprobe: int | None
+    hnsw_ef_search: int | None
+    trained_on: int
+    gpu: bool
+
+
+def auto_nlist(n_vectors: int, n_train: int) -> int:
+    """IVF list count for ``{auto}``: ``round(4 * sqrt(N))`` bounded by ``n_train // 39``."""
+    return max(1, min(round(4 * math.sqrt(n_vectors)), n_train // 39))
+
+
+def _make_index(factory: str, dims: int) -> faiss.Index:
+    try:
+        return faiss.index_factory(dims, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        reason = re.split(r"\.cpp:\d+: ", str(err).strip().splitlines()[-1])[-1]
+        raise ValueError(
+            f"invalid FAISS factory string {factory!r} for dims={dims}: {reason}. "
+            f"Valid examples: {FACTORY_EXAMPLES}"
+        ) from err
+
+
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """Turn off FAISS's polysemous PQ training: it only permutes code ids for Hamming
+    filtering (unused here), leaves inner-product results unchanged, and takes minutes."""
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(ivf if ivf is not None else index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if hasattr(inner, "do_polysemous_training"):
+        inner.do_polysemous_training = False
+
+
+class _Device:
+    """Moves indexes to GPU 0 when asked and possible; keeps the GPU resources alive."""
+
+    def __init__(self, use_gpu: bool | str):
+        usable = use_gpu is not False and hasattr(faiss, "StandardGpuResources")
+        self.res = faiss.StandardGpuResources() if usable and faiss.get_num_gpus() > 0 else None
+        if use_gpu is True and self.res is None:
+            warnings.warn("use_gpu=True but FAISS sees no GPU; building on the CPU", stacklevel=3)
+
+    def put(self, index: faiss.Index) -> tuple[faiss.Index, bool]:
+        """Return ``(index, on_gpu)``; index types without a GPU version stay on the CPU."""
+        if self.res is None:
+            return index, False
+        try:
+            return faiss.index_cpu_to_gpu(self.res, 0, index), True
+        except (RuntimeError, AttributeError) as err:
+            warnings.warn(f"no FAISS GPU version of this index ({err}); using the CPU",
+                          stacklevel=3)
+            return index, False
+
+
+def _check_block(i: int, ids: Sequence[str], block: np.ndarray, dims: int) -> None:
+    if block.ndim != 2:
+        raise ValueError(f"block {i}: expected a 2-D array [n, d], got shape {block.shape}")
+    if block.shape[1] != dims:
+        raise ValueError(f"block {i}: dims mismatch: block has {block.shape[1]} dims, "
+                         f"the index has {dims}")
+    if len(ids) != block.shape[0]:
+        raise ValueError(f"block {i}: {len(ids)} ids for {block.shape[0]} rows")
+    if not all(isinstance(x, str) for x in ids):
+        raise TypeError(f"block {i}: document ids must be str")
+
+
+def _sample(blocks: Iterable, dims: int, size: int, seed: int) -> tuple[np.ndarray, int]:
+    """One streaming pass: ``(rows [min(N, size), d] float32, N)``, a seeded uniform sample.
+
+    Priority sampling: each row gets a random key and the ``size`` smallest keys win. Only
+    rows below the current cut-off are gathered (memory-mapped blocks are read sparsely)
+    and candidates are compacted once they reach ``2 * size`` rows, the peak memory.
+    """
+    rng = np.random.default_rng(seed)
+    keys, pos, rows = [np.empty(0)], [np.empty(0, np.int64)], [np.empty((0, dims), np.float32)]
+    total, held, bound = 0, 0, np.inf
+
+    def compact():
+        k, p, r = np.concatenate(keys), np.concatenate(pos), np.concatenate(rows)
+        keep = np.argpartition(k, size - 1)[:size] if len(k) > size else slice(None)
+        keys[:], pos[:], rows[:] = [k[keep]], [p[keep]], [r[keep]]
+        return len(keys[0]), (keys[0].max() if len(keys[0]) == size else np.inf)
+
+    for i, (ids, block) in enumerate(blocks):
+        _check_block(i, ids, block, dims)
+        new_keys = rng.random(block.shape[0])
+        take = np.flatnonzero(new_keys < bound)
+        keys.append(new_keys[take])
+        pos.append(take + total)
+        rows.append(np.asarray(block[take], dtype=np.float32))
+        total, held = total + block.shape[0], held + len(take)
+        if held >= 2 * size:
+            held, bound = compact()
+    compact()
+    return np.ascontiguousarray(rows[0][np.argsort(pos[0])]), total
+
+
+def _chunks(blocks: Iterable, dims: int, config: IndexConfig) -> Iterator[tuple]:
+    """Yield ``(new_part, ids list[str], rows [m, d] float32)``, ``m <= add_batch``."""
+    cap, groups = config.max_vectors_per_index, config.shard_groups
+    in_part, pending = 0, False
+    for i, (ids, block) in enumerate(blocks):
+        _check_block(i, ids, block, dims)
+        pending = pending or (i > 0 and groups is not None and i % groups == 0)
+        start = 0
+        while start < block.shape[0]:
+            new_part = pending or (cap is not None and in_part == cap)
+            if new_part:
+                pending, in_part = False, 0
+            stop = min(block.shape[0], start + config.add_batch)
+            if cap is not None:
+                stop = min(stop, start + cap - in_part)
+            rows = np.ascontiguousarray(block[start:stop], dtype=np.float32)
+            if not np.isfinite(rows).all():
+                raise ValueError(f"block {i}: rows {start}..{stop} contain NaN or Inf")
+            yield new_part, list(ids[start:stop]), rows
+            in_part, start = in_part + stop - start, stop
+
+
+def _write_part(index: faiss.Index, on_gpu: bool, ids: list[str], tmp: Path, n: int) -> dict:
+    cpu = faiss.index_gpu_to_cpu(index) if on_gpu else index
+    name, ids_name = f"index-{n:05d}.faiss", f"ids-{n:05d}.npy"
+    faiss.write_index(cpu, str(tmp / name))
+    np.save(tmp / ids_name, np.asarray(ids, dtype=str), allow_pickle=False)
+    return {"index": name, "ids": ids_name, "vectors": int(cpu.ntotal),
+            "bytes": (tmp / name).stat().st_size}
+
+
+def build_index(blocks: Blocks, config: IndexConfig, out_dir) -> IndexInfo:
+    """Build the index of every row of ``blocks()`` and write it to ``out_dir``.
+
+    blocks: a callable returning a fresh iterable of ``(ids list[str], block [n, d])``
+        pairs, e.g. one per gradient shard (memory-mapped arrays are fine; float16 is cast
+        per chunk). It is called once for indexes that need no training (Flat, HNSW,
+        SQfp16) and twice otherwise (a sampling pass, then the adding pass).
+    Parts: all parts share one trained template, so their scores are comparable. The
+    directory appears atomically: an existing ``out_dir`` is replaced only on success.
+    """
+    if not callable(blocks):
+        raise TypeError("blocks must be a callable returning a fresh iterable of (ids, block)")
+    t0 = time.perf_counter()
+    device = _Device(config.use_gpu)
+    it = iter(blocks())
+    first = next(it, None)
+    if first is None:
+        raise ValueError("empty index: blocks() yielded no vectors")
+    dims = int(np.shape(first[1])[-1])
+    factory, trained_on, source = config.factory, 0, itertools.chain([first], it)
+    template = _make_index(factory.replace("{auto}", "1"), dims)
+    if not template.is_trained:
+        sample, total = _sample(source, dims, config.train_sample, config.seed)
+        if total == 0:
+            raise ValueError("empty index: blocks() yielded no vectors")
+        factory = factory.replace("{auto}", str(auto_nlist(total, len(sample))))
+        template = _make_index(factory, dims)
+        _skip_polysemous_training(template)
+        index, on_gpu = device.put(template)
+        try:
+            index.train(sample)
+        except RuntimeError as err:
+            raise ValueError(f"training {factory!r} on {len(sample)} rows failed: {err}") from err
+        template = faiss.index_gpu_to_cpu(index) if on_gpu else index
+        trained_on, source = len(sample), blocks()
+    with atomic_dir(out_dir) as tmp:
+        parts, ids, index, on_gpu = [], [], None, False
+        for new_part, chunk_ids, rows in _chunks(source, dims, config):
+            if new_part and index is not None:
+                parts.append(_write_part(index, on_gpu, ids, tmp, len(parts)))
+                ids, index = [], None
+            if index is None:
+                index, on_gpu = device.put(faiss.clone_index(template))
+            index.add(rows)
+            ids.extend(chunk_ids)
+        if index is None:
+            raise ValueError("empty index: blocks() yielded no vectors")
+        parts.append(_write_part(index, on_gpu, ids, tmp, len(parts)))
+        is_ivf = faiss.try_extract_index_ivf(template) is not None
+        info = IndexInfo(
+            path=str(Path(out_dir)), factory=factory, factory_requested=config.factory,
+            dims=dims, vectors=sum(p["vectors"] for p in parts), parts=len(parts),
+            part_files=parts, build_seconds=round(time.perf_counter() - t0, 3),
+            bytes=sum(p["bytes"] for p in parts), metric="inner_product",
+            nprobe=config.nprobe if is_ivf else None,
+            hnsw_ef_search=None if is_ivf or "HNSW" not in factory else config.hnsw_ef_search,
+            trained_on=trained_on, gpu=on_gpu,
+        )
+        meta = {"format_version": FORMAT_VERSION, "faiss_version": faiss.__version__,
+                **{k: v for k, v in asdict(info).items() if k != "path"}}
+        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=2))
+    return info
+
+
+def _read_index(path: Path, mmap: bool) -> faiss.Index:
+    """Read one part; with ``mmap`` try zero-copy mapping, then IVF-list mapping, then RAM.
+
+    ``IO_FLAG_MMAP_IFC`` maps flat codes, HNSW storage and IVF lists (faiss >= 1.9);
+    ``IO_FLAG_MMAP`` maps IVF inverted lists only. Index types supporting neither are
+    read into memory, with a warning.
+    """
+    if not mmap:
+        return faiss.read_index(str(path))
+    flags = [getattr(faiss, "IO_FLAG_MMAP_IFC", None), faiss.IO_FLAG_MMAP]
+    for flag in (f for f in flags if f is not None):
+        try:
+            return faiss.read_index(str(path), flag | faiss.IO_FLAG_READ_ONLY)
+        except RuntimeError:
+            continue
+    warnings.warn(f"{path.name}: this index type cannot be memory-mapped; reading it into RAM",
+                  stacklevel=3)
+    return faiss.read_index(str(path))
+
+
+class FaissIndex:
+    """A loaded (possibly multi-part) index; ``search`` merges parts by score."""
+
+    def __init__(self, parts: list[faiss.Index], ids: list[np.ndarray], info: dict):
+        self.parts, self.ids, self.info = parts, ids, info
+        self.dims = int(info["dims"])
+        self.ntotal = sum(int(p.ntotal) for p in parts)
+        if self.ntotal == 0:
+            raise ValueError("empty index: it holds no vectors")
+
+    def __len__(self) -> int:
+        return self.ntotal
+
+    @classmethod
+    def load(cls, path, mmap: bool = True, nprobe: int | None = None,
+             ef_search: int | None = None) -> FaissIndex:
+        """Load a directory written by ``build_index``.
+
+        mmap: memory-map the parts and doc ids read-only (see ``_read_index``) so an index
+            larger than RAM can be searched. nprobe / ef_search override the built values.
+        """
+        path = Path(path)
+        if not (path / INFO_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not an index directory (no {INFO_FILE})")
+        info = json.loads((path / INFO_FILE).read_text())
+        nprobe = nprobe or info.get("nprobe")
+        ef_search = ef_search or info.get("hnsw_ef_search")
+        parts, ids = [], []
+        for part in info["part_files"]:
+            index = _read_index(path / part["index"], mmap)
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and nprobe:
+                ivf.nprobe = min(int(nprobe), ivf.nlist)
+            if ivf is None and ef_search:
+                hnsw = faiss.downcast_index(index)
+                if isinstance(hnsw, faiss.IndexHNSW):
+                    hnsw.hnsw.efSearch = int(ef_search)
+            parts.append(index)
+            ids.append(np.load(path / part["ids"], mmap_mode="r" if mmap else None,
+                               allow_pickle=False))
+        return cls(parts, ids, info)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        """Top-``k`` documents by inner product for each query row.
+
+        queries: ``[q, d]``. Returns ``(doc_ids [q][k'], scores [q, k'] float32)`` with
+        ``k' = min(k, len(self))``, best first, ties broken by doc id. An approximate index
+        that finds fewer than ``k'`` hits pads with doc id ``""`` and score ``-inf``.
+        """
+        queries = np.asarray(queries)
+        if queries.ndim != 2:
+            raise ValueError(f"queries must be 2-D [q, d], got shape {queries.shape}")
+        if queries.shape[1] != self.dims:
+            raise ValueError(f"dims mismatch: queries have {queries.shape[1]} dims, "
+                             f"the index has {self.dims}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, self.ntotal)
+        scores, names = [], []
+        for index, ids in zip(self.parts, self.ids):
+            dist, label = index.search(queries, min(k, int(index.ntotal)))
+            hit = label >= 0
+            scores.append(np.where(hit, dist, -np.inf).astype(np.float32))
+            names.append(np.where(hit, ids[np.where(hit, label, 0)], ""))
+        scores, names = np.concatenate(scores, axis=1), np.concatenate(names, axis=1)
+        order = np.lexsort((names, -scores), axis=-1)[:, :k]
+        top = np.take_along_axis(names, order, axis=1)
+        return top.tolist(), np.take_along_axis(scores, order, axis=1)
+
+
+def recall_at_k(approx_ids: Sequence[Sequence[str]], exact_ids: Sequence[Sequence[str]],
+                k: int) -> float:
+    """Mean over queries of ``|approx[:k] ∩ exact[:k]| / |exact[:k]|``."""
+    if len(approx_ids) != len(exact_ids) or not len(exact_ids):
+        raise ValueError(f"need the same non-zero number of queries, got {len(approx_ids)} "
+                         f"approximate and {len(exact_ids)} exact")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    hits = [len(set(a[:k]) & set(e[:k])) / max(1, len(e[:k]))
+            for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits))
+
+
+def self_recall(index: FaissIndex, sample_vectors: np.ndarray, sample_ids: Sequence[str],
+                k: int = 10) -> float:
+    """Fraction of indexed rows ``sample_vectors [s, d]`` whose own id is in their top-k."""
+    if len(sample_ids) != len(sample_vectors) or not len(sample_ids):
+        raise ValueError(f"need the same non-zero number of vectors and ids, got "
+                         f"{len(sample_vectors)} and {len(sample_ids)}")
+    found, _ = index.search(sample_vectors, k)
+    return float(np.mean([sid in row for sid, row in zip(sample_ids, found)]))

@@ -1,0 +1,282 @@
+"""FAISS index engine: exactness of Flat, sharding, recall of approximate indexes, I/O."""
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+
+from attribution_assets.engine.index import (
+    FaissIndex,
+    IndexConfig,
+    _sample,
+    auto_nlist,
+    build_index,
+    recall_at_k,
+    self_recall,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """FAISS's OpenMP barriers spin badly on shared, busy cores; one thread is faster here."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def random_unit(n, d, seed=0):
+    return unit(np.random.default_rng(seed).standard_normal((n, d)))
+
+
+def clustered_unit(n, d, seed=0, clusters=32, rank=32, noise=2.0):
+    """Gradient-like unit vectors: topic centre + low-rank variation + isotropic noise."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, d)) / np.sqrt(d)
+    basis = rng.standard_normal((rank, d)) / np.sqrt(d)
+    scale = 1 / np.sqrt(np.arange(1, rank + 1))
+    x = centers[rng.integers(0, clusters, n)]
+    x = x + (rng.standard_normal((n, rank)) * scale / np.linalg.norm(scale)) @ basis
+    return unit(x + noise * rng.standard_normal((n, d)) / np.sqrt(d))
+
+
+def blocks_of(x, ids, size):
+    return lambda: ((ids[s:s + size], x[s:s + size]) for s in range(0, len(x), size))
+
+
+def ids_for(n):
+    return [f"doc-{i:05d}" for i in range(n)]
+
+
+def brute_force(x, ids, q, k):
+    scores = q @ x.T
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return [[ids[j] for j in row] for row in top], np.take_along_axis(scores, top, axis=1)
+
+
+@pytest.fixture(scope="module")
+def flat_data():
+    x, q = random_unit(2000, 64, seed=1), random_unit(25, 64, seed=2)
+    return x, ids_for(len(x)), q
+
+
+def test_flat_equals_numpy_brute_force(tmp_path, flat_data):
+    x, ids, q = flat_data
+    info = build_index(blocks_of(x, ids, 500), IndexConfig(factory="Flat"), tmp_path / "ix")
+    assert (info.factory, info.dims, info.vectors, info.parts) == ("Flat", 64, 2000, 1)
+    found, scores = FaissIndex.load(tmp_path / "ix").search(q, 10)
+    want_ids, want_scores = brute_force(x, ids, q, 10)
+    assert found == want_ids
+    assert scores.dtype == np.float32 and scores.shape == (25, 10)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("config, parts", [
+    (IndexConfig(shard_groups=1), 4),
+    (IndexConfig(shard_groups=3), 2),
+    (IndexConfig(max_vectors_per_index=700, add_batch=256), 3),
+])
+def test_sharded_flat_equals_single_flat(tmp_path, flat_data, config, parts):
+    x, ids, q = flat_data
+    build_index(blocks_of(x, ids, 500), IndexConfig(), tmp_path / "one")
+    info = build_index(blocks_of(x, ids, 500), config, tmp_path / "many")
+    assert info.parts == parts and info.vectors == 2000
+    assert sum(p["vectors"] for p in info.part_files) == 2000
+    one_ids, one_scores = FaissIndex.load(tmp_path / "one").search(q, 10)
+    many_ids, many_scores = FaissIndex.load(tmp_path / "many").search(q, 10)
+    assert many_ids == one_ids
+    np.testing.assert_array_equal(many_scores, one_scores)
+
+
+def test_ivf_recall_with_default_nprobe(tmp_path):
+    x = clustered_unit(5200, 256, seed=3)
+    x, q, ids = x[:5000], x[5000:], ids_for(5000)
+    info = build_index(blocks_of(x, ids, 1000), IndexConfig(factory="IVF{auto},Flat"),
+                       tmp_path / "ivf")
+    assert info.factory == f"IVF{auto_nlist(5000, 5000)},Flat" == "IVF128,Flat"
+    assert info.nprobe == IndexConfig().nprobe and info.trained_on == 5000
+    approx, _ = FaissIndex.load(tmp_path / "ivf").search(q, 10)
+    exact, _ = brute_force(x, ids, q, 10)
+    assert recall_at_k(approx, exact, 10) >= 0.95
+
+
+@pytest.mark.parametrize("factory, min_recall", [
+    ("HNSW16", 0.9), ("IVF{auto},PQ16x4", 0.3), ("PQ16x4", 0.3), ("SQfp16", 0.99),
+    ("IVF{auto},SQfp16", 0.9),
+])
+def test_approximate_indexes_save_load_search(tmp_path, factory, min_recall):
+    x = clustered_unit(3050, 64, seed=4)
+    x, q, ids = x[:3000], x[3000:], ids_for(3000)
+    build_index(blocks_of(x, ids, 1000), IndexConfig(factory=factory, shard_groups=2),
+                tmp_path / "ix")
+    index = FaissIndex.load(tmp_path / "ix", mmap=True)
+    assert len(index) == 3000 and len(index.parts) == 2
+    approx, scores = index.search(q, 10)
+    assert scores.shape == (50, 10) and np.all(np.diff(scores, axis=1) <= 0)
+    assert all(d in set(ids) for row in approx for d in row)
+    assert recall_at_k(approx, brute_force(x, ids, q, 10)[0], 10) >= min_recall
+    in_ram_ids, in_ram_scores = FaissIndex.load(tmp_path / "ix", mmap=False).search(q, 10)
+    assert in_ram_ids == approx
+    np.testing.assert_array_equal(in_ram_scores, scores)
+
+
+def test_hnsw_ef_search_and_nprobe_are_applied(tmp_path):
+    x, ids = clustered_unit(2000, 32, seed=5), ids_for(2000)
+    build_index(blocks_of(x, ids, 2000), IndexConfig(factory="HNSW8", hnsw_ef_search=77),
+                tmp_path / "h")
+    hnsw = FaissIndex.load(tmp_path / "h").parts[0]
+    assert faiss.downcast_index(hnsw).hnsw.efSearch == 77
+    build_index(blocks_of(x, ids, 2000), IndexConfig(factory="IVF{auto},Flat", nprobe=5),
+                tmp_path / "i")
+    assert faiss.extract_index_ivf(FaissIndex.load(tmp_path / "i").parts[0]).nprobe == 5
+    loaded = FaissIndex.load(tmp_path / "i", nprobe=9)
+    assert faiss.extract_index_ivf(loaded.parts[0]).nprobe == 9
+
+
+def test_train_sample_bounds_auto_nlist(tmp_path):
+    x, ids = clustered_unit(3000, 32, seed=6), ids_for(3000)
+    config = IndexConfig(factory="IVF{auto},Flat", train_sample=780, seed=1)
+    info = build_index(blocks_of(x, ids, 700), config, tmp_path / "a")
+    assert info.trained_on == 780 and info.factory == "IVF20,Flat"
+    again = build_index(blocks_of(x, ids, 700), config, tmp_path / "b")
+    assert (tmp_path / "a/index-00000.faiss").read_bytes() == \
+        (tmp_path / "b/index-00000.faiss").read_bytes()
+    assert again.factory == info.factory
+
+
+def test_training_sample_is_a_seeded_subset():
+    x = random_unit(5000, 8, seed=9)
+    blocks = [(ids_for(5000)[s:s + 97], x[s:s + 97]) for s in range(0, 5000, 97)]
+    rows, total = _sample(blocks, 8, 300, seed=3)
+    again, _ = _sample(blocks, 8, 300, seed=3)
+    assert total == 5000 and rows.shape == (300, 8) and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows, again)
+    where = [int(np.flatnonzero((x == r).all(axis=1))[0]) for r in rows]
+    assert where == sorted(set(where))
+    assert not np.array_equal(rows, _sample(blocks, 8, 300, seed=4)[0])
+    assert _sample(blocks[:2], 8, 300, seed=3)[0].shape == (194, 8)
+
+
+def test_missing_hits_are_padded(tmp_path):
+    x, ids = clustered_unit(2000, 32, seed=10), ids_for(2000)
+    build_index(blocks_of(x, ids, 2000), IndexConfig(factory="IVF{auto},Flat", nprobe=1),
+                tmp_path / "ix")
+    found, scores = FaissIndex.load(tmp_path / "ix").search(x[:3], 1000)
+    assert scores.shape == (3, 1000) and found[0][0] == ids[0]
+    assert "" in found[0] and scores[0, -1] == -np.inf
+    real = [d for d in found[0] if d]
+    assert len(set(real)) == len(real) and np.isfinite(scores[0, :len(real)]).all()
+
+
+def test_self_recall_of_flat_is_one(tmp_path, flat_data):
+    x, ids, _ = flat_data
+    build_index(blocks_of(x, ids, 300), IndexConfig(shard_groups=2), tmp_path / "ix")
+    index = FaissIndex.load(tmp_path / "ix")
+    assert self_recall(index, x[::7], ids[::7], k=10) == 1.0
+
+
+def test_ids_round_trip_and_float16_blocks(tmp_path):
+    x = random_unit(300, 16, seed=7)
+    ids = [f"übung/{i}" + "x" * (i % 13) for i in range(300)]
+    build_index(blocks_of(x.astype(np.float16), ids, 64), IndexConfig(shard_groups=2),
+                tmp_path / "ix")
+    index = FaissIndex.load(tmp_path / "ix")
+    assert [str(i) for part in index.ids for i in part] == ids
+    found, _ = index.search(x[:40], 1)
+    assert [row[0] for row in found] == ids[:40]
+    meta = json.loads((tmp_path / "ix/index.json").read_text())
+    assert meta["metric"] == "inner_product" and meta["vectors"] == 300
+    assert meta["bytes"] == sum((tmp_path / "ix" / p["index"]).stat().st_size
+                                for p in meta["part_files"])
+
+
+def test_k_larger_than_index_and_ties_by_id(tmp_path):
+    x = np.tile(random_unit(1, 8, seed=8), (5, 1))
+    ids = ["e", "c", "a", "d", "b"]
+    build_index(blocks_of(x, ids, 2), IndexConfig(shard_groups=1), tmp_path / "ix")
+    found, scores = FaissIndex.load(tmp_path / "ix").search(x[:1], 50)
+    assert found == [["a", "b", "c", "d", "e"]] and scores.shape == (1, 5)
+
+
+def failing_blocks(x, ids):
+    def blocks():
+        yield ids[:100], x[:100]
+        raise OSError("shard unreadable")
+    return blocks
+
+
+def test_failed_build_leaves_no_directory(tmp_path, flat_data):
+    x, ids, _ = flat_data
+    with pytest.raises(OSError, match="shard unreadable"):
+        build_index(failing_blocks(x, ids), IndexConfig(), tmp_path / "ix")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_index_replaced_only_on_success(tmp_path, flat_data):
+    x, ids, _ = flat_data
+    out = tmp_path / "ix"
+    build_index(blocks_of(x[:500], ids[:500], 100), IndexConfig(), out)
+    with pytest.raises(OSError):
+        build_index(failing_blocks(x, ids), IndexConfig(), out)
+    assert len(FaissIndex.load(out)) == 500 and [p.name for p in tmp_path.iterdir()] == ["ix"]
+    build_index(blocks_of(x, ids, 1000), IndexConfig(shard_groups=1), out)
+    assert len(FaissIndex.load(out)) == 2000 and [p.name for p in tmp_path.iterdir()] == ["ix"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ids-00000.npy", "ids-00001.npy", "index-00000.faiss", "index-00001.faiss",
+        "index.json"]
+
+
+def test_error_messages(tmp_path, flat_data):
+    x, ids, q = flat_data
+    with pytest.raises(ValueError, match="block 1: dims mismatch: block has 32 dims, the index "
+                                         "has 64"):
+        build_index(lambda: [(ids[:5], x[:5]), (ids[5:10], x[5:10, :32])], IndexConfig(),
+                    tmp_path / "a")
+    with pytest.raises(ValueError, match="empty index"):
+        build_index(lambda: [], IndexConfig(), tmp_path / "a")
+    with pytest.raises(ValueError, match="empty index"):
+        build_index(lambda: [([], x[:0])], IndexConfig(factory="IVF{auto},Flat"), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"'Bogus42'.*could not parse.*IVF\{auto\},Flat"):
+        build_index(blocks_of(x, ids, 500), IndexConfig(factory="Bogus42"), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"'IVF8,PQ7' for dims=64.*multiple of"):
+        build_index(blocks_of(x, ids, 500), IndexConfig(factory="IVF8,PQ7"), tmp_path / "a")
+    with pytest.raises(ValueError, match="3 ids for 5 rows"):
+        build_index(lambda: [(ids[:3], x[:5])], IndexConfig(), tmp_path / "a")
+    bad = x[:5].copy()
+    bad[2, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(lambda: [(ids[:5], bad)], IndexConfig(), tmp_path / "a")
+    with pytest.raises(TypeError, match="callable"):
+        build_index(iter([(ids, x)]), IndexConfig(), tmp_path / "a")
+    with pytest.raises(ValueError, match="use_gpu"):
+        IndexConfig(use_gpu="yes")
+    with pytest.raises(FileNotFoundError, match="not an index directory"):
+        FaissIndex.load(tmp_path / "missing")
+    assert not (tmp_path / "a").exists()
+    build_index(blocks_of(x, ids, 500), IndexConfig(), tmp_path / "ok")
+    index = FaissIndex.load(tmp_path / "ok")
+    with pytest.raises(ValueError, match="queries have 63 dims, the index has 64"):
+        index.search(q[:, :63], 5)
+    with pytest.raises(ValueError, match="2-D"):
+        index.search(q[0], 5)
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="a GPU is present")
+def test_use_gpu_without_gpu_falls_back_to_cpu(tmp_path, flat_data):
+    x, ids, q = flat_data
+    with pytest.warns(UserWarning, match="no GPU"):
+        info = build_index(blocks_of(x, ids, 500), IndexConfig(use_gpu=True), tmp_path / "ix")
+    assert info.gpu is False
+    assert FaissIndex.load(tmp_path / "ix").search(q, 3)[0] == brute_force(x, ids, q, 3)[0]
+
+
+def test_recall_at_k():
+    assert recall_at_k([["a", "b", "x"]], [["a", "b", "c"]], 3) == pytest.approx(2 / 3)
+    assert recall_at_k([["a"], ["z"]], [["a"], ["b"]], 1) == 0.5
+    with pytest.raises(ValueError, match="same non-zero number"):
+        recall_at_k([["a"]], [], 1)
