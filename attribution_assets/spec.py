@@ -160,7 +160,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
         queries=DataSpec(prompt_column="prompt", completion_column="completion",
                          id_column="query_id", gold_column="gold_doc_ids", max_length=64),
         shard_size=shard_size,
-        gradients=gradients or GradientSpec(projection_dim=16, normalizer="adafactor"),
+        gradients=gradients or GradientSpec(projection_dim=32, normalizer="adafactor"),
         scoring=scoring or ScoringSpec(top_k=0),
         demo=DemoSpec(people=people, **demo_kwargs),
     )

@@ -40,9 +40,9 @@ def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
     finite = bool(np.isfinite(store.array).all())
     config = workflow.collector_config(spec.gradients)
-    settings_ok = (store.info["projection"]["dim"] == config.projection_dim
-                   and store.info["projection"]["seed"] == config.seed
-                   and store.info.get("config_hash") == config.config_hash())
+    normalizer = store.info.get("normalizer")
+    settings_ok = ((normalizer or {}).get("kind") == config.normalizer
+                   and store.info.get("config_hash") == config.config_hash(normalizer))
     return [
         dg.AssetCheckResult(asset_key=asset_key, check_name="finite", passed=finite,
                             metadata={"path": str(store.path / "gradients.npy")}),
