@@ -7,7 +7,7 @@ from pathlib import Path
 import dagster as dg
 
 from .defs.common import key
-from .engine import database
+from .engine import database, fact_tracing
 from .spec import PipelineSpec
 
 SHOWN = {
@@ -44,6 +44,11 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
         step = max(1, len(all_ids) // n_queries)
         for query_id in all_ids[::step][:n_queries]:
             lines += ["", format_top_k(db, query_id, k)]
+        ranks = fact_tracing.gold_ranks(db)
+        if ranks:
+            m = fact_tracing.recall_and_mrr(ranks)
+            lines += ["", f"Fact tracing over {m['queries']} queries: a gold document is ranked first for "
+                          f"{m['recall@1']:.0%}, in the top 10 for {m['recall@10']:.0%}; MRR {m['mrr']:.3f}."]
         lines += ["", "Your own SQL: duckdb -readonly " + str(db),
                   "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
     return "\n".join(lines)

@@ -51,11 +51,24 @@ class ModelResource(dg.ConfigurableResource):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32."""
+    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32.
+
+    ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
+    resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
+    stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
+    """
 
     device: str = "auto"
-    precision: str = "float32"
+    precision: str = "auto"
     allow_tf32: bool = False
+
+    def cast(self, model):
+        """Cast ``model`` to ``precision`` (no-op for ``auto``)."""
+        if self.precision == "auto":
+            return model
+        if self.precision not in models.DTYPES:
+            raise ValueError(f"Unknown precision {self.precision!r}; choose auto or one of {sorted(models.DTYPES)}.")
+        return model.to(models.DTYPES[self.precision])
 
     def torch_device(self):
         import torch

@@ -189,5 +189,6 @@ def load_model(spec: PipelineSpec, context: dg.AssetExecutionContext):
     """``(model, tokenizer)`` on the compute resource's device."""
     storage = context.resources.storage
     default = storage.path(spec.name, "model") if spec.is_demo else None
-    device = context.resources.compute.torch_device()
-    return getattr(context.resources, model_resource_key(spec)).load(device, default)
+    compute = context.resources.compute
+    model, tokenizer = getattr(context.resources, model_resource_key(spec)).load(compute.torch_device(), default)
+    return compute.cast(model), tokenizer

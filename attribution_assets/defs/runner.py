@@ -37,8 +37,12 @@ def persistent_instance(home: str | os.PathLike | None = None) -> dg.DagsterInst
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
                          stages: Sequence[tuple[tuple[str, ...], bool]] = STAGES,
-                         log: Callable[[str], None] = print) -> list:
-    """Run each stage's assets that exist in ``defs``; raise if a run fails."""
+                         log: Callable[[str], None] = print, log_level: str = "INFO") -> list:
+    """Run each stage's assets that exist in ``defs``; raise if a run fails.
+
+    ``log_level`` filters Dagster's console logger (``DEBUG`` shows every event).
+    """
+    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     graph = defs.resolve_asset_graph()
     present = graph.get_all_asset_keys()
     results = []
@@ -53,6 +57,6 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
             log(f"materializing {spec.name}: {label}")
             result = dg.materialize(
                 defs.assets, selection=keys, instance=instance, resources=defs.resources,
-                partition_key=partition, raise_on_error=True)
+                partition_key=partition, raise_on_error=True, run_config=run_config)
             results.append(result)
     return results
