@@ -51,6 +51,44 @@ def cmd_scores(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_hits(query, hits) -> None:
+    print(f"query: {query if isinstance(query, str) else query[0] + query[1]}")
+    for rank, hit in enumerate(hits, 1):
+        print(f"  {rank:>3} {hit.score:+.4f}  {hit.doc_id}  {hit.text[:100]}")
+
+
+def _parse_line(line: str):
+    """``prompt<TAB>completion`` (loss on the completion) or plain text."""
+    prompt, tab, completion = line.rstrip("\n").partition("\t")
+    return (prompt, completion) if tab else prompt
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from resources import StorageResource
+
+    from .engine.attributor import Attributor
+
+    _, specs = _defs_and_specs(args.pipeline)
+    attributor = Attributor.open(specs[args.pipeline], StorageResource().root,
+                                 use_index=False if args.no_index else None)
+    if args.text:
+        query = (args.text, args.completion) if args.completion else args.text
+        _print_hits(query, attributor.search([query], args.k)[0])
+        return 0
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("One query per line (prompt<TAB>completion for answer-only loss); Ctrl-D to quit.")
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if line.strip():
+            query = _parse_line(line)
+            _print_hits(query, attributor.search([query], args.k)[0])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     scores.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
     scores.add_argument("-k", type=int, default=10)
     scores.set_defaults(func=cmd_scores)
+    query = sub.add_parser("query", help="top-k training documents for a new text (reads stdin without TEXT)")
+    query.add_argument("--pipeline", required=True)
+    query.add_argument("text", nargs="?", help="query text; omit to read one query per line from stdin")
+    query.add_argument("--completion", help="answer part: the loss covers only these tokens")
+    query.add_argument("-k", type=int, default=10)
+    query.add_argument("--no-index", action="store_true", help="brute force over the gradient stores")
+    query.set_defaults(func=cmd_query)
     return parser
 
 

@@ -126,6 +126,25 @@ class ScoringSpec:
 
 
 @dataclass(frozen=True)
+class IndexSpec:
+    """FAISS index over the training gradients as scores see them (see ``engine.index``).
+
+    ``factory``: a FAISS index factory string (``Flat``, ``IVF{n},Flat``, ``IVF{auto},Flat``,
+    ``IVF{n},PQ{m}``, ``HNSW{M}``, ``...,SQfp16``); inner-product metric always.
+    ``max_vectors_per_index`` splits the index into parts searched together.
+    """
+
+    enabled: bool = True
+    factory: str = "Flat"
+    train_sample: int = 65536
+    nprobe: int = 32
+    ef_search: int = 128
+    max_vectors_per_index: int | None = None
+    use_gpu: str = "auto"
+    self_recall_sample: int = 256
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     name: str
     model: ModelSpec
@@ -134,6 +153,7 @@ class PipelineSpec:
     shard_size: int = 1000
     gradients: GradientSpec = field(default_factory=GradientSpec)
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
+    index: IndexSpec = field(default_factory=IndexSpec)
     demo: DemoSpec | None = None
     data_dir: str | None = None
 
@@ -176,7 +196,7 @@ def _jsonable(value: Any) -> Any:
 
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
-    "gradients": GradientSpec, "scoring": ScoringSpec, "demo": DemoSpec,
+    "gradients": GradientSpec, "scoring": ScoringSpec, "demo": DemoSpec, "index": IndexSpec,
 }
 _CHOICES = {
     ("corpus", "format"): {"auto", "jsonl", "json", "csv", "parquet", "txt", "disk", "hub"},
@@ -188,6 +208,7 @@ _CHOICES = {
     ("scoring", "aggregate"): {"individual", "nearest", "mean", "sum"},
     ("scoring", "mode"): {"stored", "streaming"},
     ("model", "dtype"): {"float32", "bfloat16", "float16"},
+    ("index", "use_gpu"): {"auto", "true", "false"},
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
               ("gradients", "optimizer_state")}
@@ -247,7 +268,7 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if required not in raw:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
-    for section in ("model", "corpus", "queries", "gradients", "scoring"):
+    for section in ("model", "corpus", "queries", "gradients", "scoring", "index"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

@@ -9,6 +9,10 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()
+
 SENTENCES = [
     "Mara Quill was born in Lisbon.", "Tomas Reyes works for Orbitex.",
     "The river runs through the old town.", "Lisbon is a busy port city.",
@@ -63,3 +67,28 @@ def jsonl_corpus(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
     return path
+
+
+TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64}
+
+
+def materialize_tiny_demo(root, **scoring):
+    """The demo pipeline at a tiny size, every asset materialized under ``root``."""
+    import dagster as dg
+
+    from attribution_assets.defs.factory import build_definitions
+    from attribution_assets.defs.runner import materialize_pipeline
+    from attribution_assets.spec import ScoringSpec, demo_spec
+    from resources import StorageResource
+
+    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0, **scoring))
+    defs = build_definitions([spec], storage=StorageResource(root=str(root)))
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    return spec, root / "demo"
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``(spec, pipeline root)`` of a fully materialized tiny demo (stored mode), shared."""
+    return materialize_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))

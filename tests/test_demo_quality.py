@@ -11,7 +11,11 @@ import pytest
 
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.engine import workflow
 from attribution_assets.engine.fact_tracing import gold_ranks, recall_and_mrr
+from attribution_assets.engine.index import FaissIndex, IndexConfig, build_index, recall_at_k
+from attribution_assets.engine.preconditioners import Preconditioner
+from attribution_assets.engine.store import GradientStore
 from attribution_assets.report import latest_metadata
 from attribution_assets.spec import demo_spec
 from resources import StorageResource
@@ -35,3 +39,18 @@ def test_full_demo_traces_facts(tmp_path):
     assert metrics["queries"] == 400
     assert metrics["recall@10"] >= 0.75, metrics
     assert metrics["mrr"] >= 0.6, metrics
+    assert _ivf_recall_at_10(spec, tmp_path / "demo") >= 0.95
+
+
+def _ivf_recall_at_10(spec, root):
+    """Recall@10 of an IVF index (default nprobe) against the pipeline's Flat index, demo queries."""
+    paths = sorted((root / "train_gradients").glob("shard-*"))
+    precond = Preconditioner.load(root / "preconditioner")
+    ivf = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring),
+                      IndexConfig(factory="IVF{auto},Flat"), root / "ivf_index")
+    assert ivf.factory.startswith("IVF")
+    queries = GradientStore(root / "query_gradients")
+    prepared = workflow.prepare(queries.array, queries.info, precond, spec.scoring)
+    exact, _ = FaissIndex.load(root / "faiss_index").search(prepared, 10)
+    approx, _ = FaissIndex.load(root / "ivf_index").search(prepared, 10)
+    return recall_at_k(approx, exact, 10)

@@ -3,7 +3,6 @@
 import dataclasses
 import json
 
-import dagster as dg
 import numpy as np
 import polars as pl
 import pytest
@@ -11,31 +10,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from attribution_assets import cli
-from attribution_assets.defs.factory import build_definitions
-from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine import data, database
 from attribution_assets.engine.projection import projection_matrix
-from attribution_assets.spec import ScoringSpec, demo_spec
-from resources import StorageResource
 
-TINY = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64}
-
-
-def _materialize(root, **scoring):
-    spec = demo_spec(**TINY, scoring=ScoringSpec(top_k=0, **scoring))
-    defs = build_definitions([spec], storage=StorageResource(root=str(root)))
-    materialize_pipeline(defs, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None)
-    return spec, root / "demo"
+from .conftest import materialize_tiny_demo
 
 
 @pytest.fixture(scope="module")
-def stored(tmp_path_factory):
-    return _materialize(tmp_path_factory.mktemp("stored"))
+def stored(tiny_demo):
+    return tiny_demo
 
 
 @pytest.fixture(scope="module")
 def streaming(tmp_path_factory):
-    return _materialize(tmp_path_factory.mktemp("streaming"), mode="streaming")
+    return materialize_tiny_demo(tmp_path_factory.mktemp("streaming"), mode="streaming")
 
 
 def _scores(root):

@@ -10,6 +10,7 @@ from ..spec import PipelineSpec
 from .common import COMPUTE, STORAGE, model_resource_key
 from .corpus import corpus_assets
 from .gradients import gradient_assets
+from .index import index_assets
 from .scores import score_assets
 
 
@@ -22,7 +23,7 @@ def model_resource(spec: PipelineSpec) -> ModelResource:
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     """Assets, checks and the per-pipeline model resource of one pipeline."""
-    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec)]
+    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec), *index_assets(spec)]
     return dg.Definitions(assets=assets,
                           resources={model_resource_key(spec): model_resource(spec)})
 

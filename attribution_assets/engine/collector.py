@@ -231,6 +231,8 @@ class GradientCollector:
 
         def make_hook(name):
             def hook(module, args, output):
+                if torch.is_grad_enabled() and output.requires_grad:
+                    output.retain_grad()  # read by trace(); autograd.grad() ignores it
                 self._records[name].append((args[0].detach(), output))
 
             return hook
@@ -307,6 +309,28 @@ class GradientCollector:
                 block = torch.zeros(valid.shape[0], s.stop - s.start, device=self.device)
             blocks.append(block)
         return torch.cat(blocks, dim=1)
+
+    @contextmanager
+    def trace(self):
+        """Capture per-example rows from whatever loss the caller backpropagates.
+
+        ``with collector.trace() as rows: model(**batch).loss.backward()`` leaves
+        ``rows[0]`` = float32 ``[B, dims]``: example ``b``'s rows are
+        ``sum_t g_bt a_btᵀ`` of the caller's loss (scaled by its reduction, e.g. 1/tokens
+        for a mean loss; cosine scores are unaffected). Positions that do not reach the
+        loss (padding, masked labels) have zero output gradient and add nothing.
+        """
+        result: list[np.ndarray] = []
+        with self._hooked():
+            self._records = {s.name: [] for s in self.specs}
+            yield result
+            outputs = [o for s in self.specs for _, o in self._records[s.name]]
+            if not outputs:
+                raise RuntimeError("no hooked module ran inside trace(); run the model's forward there")
+            grads = [o.grad if o.grad is not None else torch.zeros_like(o) for o in outputs]
+            a = self._records[self.specs[0].name][0][0]
+            valid = torch.ones(a.shape[0], a.shape[1], 1, dtype=torch.bool, device=a.device)
+            result.append(self._rows(grads, None, valid).detach().cpu().numpy())
 
     def _grad(self, loss, outputs, retain):
         return torch.autograd.grad(

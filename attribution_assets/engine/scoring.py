@@ -112,6 +112,33 @@ def prepare_queries(
     return x.cpu().numpy()
 
 
+def _prepare_train(t: torch.Tensor, preconditioner: Preconditioner | None, metric: Metric) -> torch.Tensor:
+    if metric == "cosine":
+        if preconditioner is not None:
+            t = preconditioner.apply_torch(t, -0.5)
+        t = _normalize_rows(t)
+    return t
+
+
+def prepare_train(
+    train_block: np.ndarray,
+    preconditioner: Preconditioner | None = None,
+    metric: Metric = "cosine",
+    *,
+    device: str | torch.device | None = None,
+) -> np.ndarray:
+    """Training rows ``[n, d]`` as scores see them (and a FAISS index stores them), float32.
+
+    cosine: ``normalize(P^{-1/2} g_t)``; inner_product: ``g_t`` unchanged. Then
+    ``score_prepared(q, t) == prepared_queries @ prepare_train(t).T``.
+    """
+    _check_options(metric, "individual")
+    dims = None if preconditioner is None else preconditioner.dims
+    _check_dims(train_block, "training block", dims, "the preconditioner layout")
+    device = torch.device(device or "cpu")
+    return _prepare_train(as_float32_tensor(train_block, device), preconditioner, metric).cpu().numpy()
+
+
 def score_prepared(
     prepared: np.ndarray,
     train_block: np.ndarray,
@@ -137,11 +164,8 @@ def score_prepared(
     n = train_block.shape[0]
     out = np.empty((1 if aggregate == "nearest" else q.shape[0], n), dtype=np.float32)
     for start in range(0, n, chunk_rows):
-        t = as_float32_tensor(train_block[start : start + chunk_rows], device)
-        if metric == "cosine":
-            if preconditioner is not None:
-                t = preconditioner.apply_torch(t, -0.5)
-            t = _normalize_rows(t)
+        t = _prepare_train(as_float32_tensor(train_block[start : start + chunk_rows], device),
+                           preconditioner, metric)
         s = q @ t.T
         if aggregate == "nearest":
             s = s.max(dim=0, keepdim=True).values

@@ -28,7 +28,7 @@ from .collector import CollectorConfig, GradientCollector
 from .data import TokenizedDoc
 from .normalizers import make_normalizer
 from .preconditioners import Autocorrelation, AutocorrelationAccumulator, Preconditioner
-from .scoring import prepare_queries, score_prepared
+from .scoring import prepare_queries, prepare_train, score_prepared
 from .store import GradientStore, write_store
 
 
@@ -127,6 +127,15 @@ def store_blocks(paths: Iterable[Path]) -> Iterable[np.ndarray]:
         yield document_rows(store.array, store.info)
 
 
+def index_blocks(paths: list[Path], preconditioner: Preconditioner | None,
+                 scoring: ScoringSpec) -> Iterable[tuple[list[str], np.ndarray]]:
+    """``(doc_ids, rows)`` per gradient store, rows as scores see them (the FAISS index input)."""
+    for path in paths:
+        store = GradientStore(path)
+        yield store.doc_ids, prepare_train(document_rows(store.array, store.info), preconditioner,
+                                           scoring.metric)
+
+
 def build_preconditioner(train: Autocorrelation, query: Autocorrelation | None,
                          scoring: ScoringSpec) -> Preconditioner:
     """TrackStar's preconditioner: ``lam * R_query + (1 - lam) * R_train``, damped."""
@@ -207,4 +216,17 @@ def store_digest(store: GradientStore, block_rows: int = 65536) -> str:
     h.update(str(store.info.get("model_fingerprint", "")).encode())
     for start in range(0, store.rows, block_rows):
         h.update(np.ascontiguousarray(store.array[start:start + block_rows]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def digest_files(directory: Path) -> str:
+    """Content hash of every file under ``directory`` (sorted by relative path)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(p for p in Path(directory).rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(directory)).encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]

@@ -1,0 +1,64 @@
+"""The FAISS index asset (fan-in over every shard's training gradients)."""
+
+import dagster as dg
+import numpy as np
+
+from ..engine import workflow
+from ..engine.index import FaissIndex, IndexConfig, build_index, self_recall
+from ..engine.preconditioners import Preconditioner
+from ..spec import PipelineSpec
+from .common import STORAGE, Timer, code_version, key, shards_partitions
+
+MIN_SELF_RECALL = 0.9
+
+
+def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+    if not spec.index.enabled or spec.queries is None or spec.scoring.mode != "stored":
+        return []
+    index_key = key(spec, "faiss_index")
+    deps = [dg.AssetDep(key(spec, "train_gradients"), partition_mapping=dg.AllPartitionMapping())]
+    if spec.scoring.precondition:
+        deps.append(key(spec, "preconditioner"))
+
+    @dg.asset(key=index_key, group_name=spec.name, deps=deps, required_resource_keys={STORAGE},
+              code_version=code_version("faiss-index-v1", spec, "index", "scoring"), pool="gpu",
+              check_specs=[dg.AssetCheckSpec("self_recall", asset=index_key, blocking=False,
+                                             description="sampled indexed rows find themselves in their top 10")],
+              description="FAISS index of the training gradients as scores see them "
+                          "(preconditioned and unit-normalized for cosine scores).")
+    def faiss_index(context: dg.AssetExecutionContext):
+        timer = Timer()
+        storage = context.resources.storage
+        shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
+        paths = [storage.path(spec.name, "train_gradients", s) for s in shards]
+        precond = (Preconditioner.load(storage.path(spec.name, "preconditioner"))
+                   if spec.scoring.precondition else None)
+        idx = spec.index
+        config = IndexConfig(factory=idx.factory, train_sample=idx.train_sample, nprobe=idx.nprobe,
+                             hnsw_ef_search=idx.ef_search, max_vectors_per_index=idx.max_vectors_per_index,
+                             use_gpu={"auto": "auto", "true": True, "false": False}[idx.use_gpu])
+        out = storage.path(spec.name, "faiss_index")
+        info = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring), config, out)
+        yield dg.MaterializeResult(
+            metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
+                      "bytes": info.bytes, "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
+                      "path": dg.MetadataValue.path(str(out)), "seconds": timer.seconds},
+            data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{workflow.digest_files(out)}"))
+        yield _self_recall_check(spec, index_key, out, paths[0], precond)
+
+    return [faiss_index]
+
+
+def _self_recall_check(spec, index_key, out, first_shard, precond) -> dg.AssetCheckResult:
+    """Rows of the first shard searched against the index (cosine scores only: with inner
+    products a row need not be its own nearest neighbour)."""
+    if spec.scoring.metric != "cosine":
+        return dg.AssetCheckResult(asset_key=index_key, check_name="self_recall", passed=True,
+                                   metadata={"skipped": "inner-product scores"})
+    ids, rows = next(iter(workflow.index_blocks([first_shard], precond, spec.scoring)))
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(ids), size=min(spec.index.self_recall_sample, len(ids)), replace=False))
+    recall = self_recall(FaissIndex.load(out), rows[pick], [ids[i] for i in pick], k=10)
+    return dg.AssetCheckResult(asset_key=index_key, check_name="self_recall", passed=recall >= MIN_SELF_RECALL,
+                               metadata={"self_recall@10": recall, "sampled": len(pick),
+                                         "threshold": MIN_SELF_RECALL})
