@@ -155,7 +155,7 @@ class PipelineSpec:
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     index: IndexSpec = field(default_factory=IndexSpec)
     demo: DemoSpec | None = None
-    data_dir: str | None = None
+    schedule: str | None = None
 
     @property
     def is_demo(self) -> bool:
@@ -279,8 +279,8 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
     if not isinstance(shard_size, int) or shard_size < 1:
         raise PipelineSpecError(f"{where}: `shard_size` must be a positive integer, got {shard_size!r}.")
     kwargs["shard_size"] = shard_size
-    if raw.get("data_dir"):
-        kwargs["data_dir"] = _resolve_path(str(raw["data_dir"]), base_dir)
+    if raw.get("schedule") is not None:
+        kwargs["schedule"] = str(raw["schedule"])
     return PipelineSpec(**kwargs)
 
 

@@ -112,10 +112,20 @@ def test_empty_and_short_documents_are_skipped_and_counted(tiny_tokenizer):
 
 
 def test_shards_cover_every_document_exactly_once():
-    shards = data.assign_shards(2503, 1000)
+    ids = [f"d{i}" for i in range(2503)]
+    shards = data.assign_shards(ids, 1000)
     assert len(shards) == 2503
     assert sorted(set(shards)) == ["shard-00000", "shard-00001", "shard-00002"]
     assert shards.count("shard-00002") == 503
+
+
+def test_new_documents_never_change_existing_shards():
+    old = data.assign_shards([f"d{i}" for i in range(5)], 2)
+    previous = dict(zip([f"d{i}" for i in range(5)], old))
+    ids = ["n0"] + [f"d{i}" for i in range(5)] + ["n1", "n2"]
+    new = data.assign_shards(ids, 2, previous)
+    assert new[1:6] == old
+    assert [new[0], new[6], new[7]] == ["shard-00003", "shard-00003", "shard-00004"]
 
 
 def test_tokenized_parquet_round_trip(tmp_path, tiny_tokenizer):

@@ -7,6 +7,7 @@ import dagster as dg
 
 from ..engine import data, pipeline_io
 from ..spec import PipelineSpec
+from .automation import rebuild_condition
 from .common import (
     COMPUTE,
     STORAGE,
@@ -26,6 +27,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=key(spec, "corpus"), group_name=group, required_resource_keys={STORAGE},
               code_version=code_version("corpus-v1", spec, "corpus", "shard_size", "demo"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               description="Training documents with stable ids, assigned to shards; registers shard partitions.")
     def corpus(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -50,6 +52,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=key(spec, "query_set"), group_name=group, required_resource_keys={STORAGE},
               code_version=code_version("queries-v1", spec, "queries", "demo"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               description="Query texts (prompt/completion where given) with gold document ids where known.")
     def query_set(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -76,6 +79,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=key(spec, "tokenized_shards"), group_name=group, partitions_def=partitions,
               deps=[key(spec, "corpus"), tokenizer_dep], required_resource_keys=resource_keys,
               code_version=code_version("tokenize-v1", spec, "corpus", "model"),
+              automation_condition=rebuild_condition(ignore=(key(spec, "corpus"),)),
               description="Token ids, loss masks and lengths of one shard (Parquet).")
     def tokenized_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -101,6 +105,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=key(spec, "tokenized_queries"), group_name=group,
               deps=[key(spec, "query_set"), tokenizer_dep], required_resource_keys=resource_keys,
               code_version=code_version("tokenize-queries-v1", spec, "queries", "model"),
+              automation_condition=rebuild_condition(),
               description="Token ids and loss masks of the queries (loss on the completion where given).")
     def tokenized_queries(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -125,6 +130,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=key(spec, "tokenizer"), group_name=spec.name, deps=[key(spec, "corpus")],
               required_resource_keys={STORAGE}, code_version=code_version("demo-tokenizer-v1", spec, "demo"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               description="Byte-level BPE tokenizer trained on the demo corpus with `tokenizers`.")
     def tokenizer(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -140,6 +146,7 @@ def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=key(spec, "model"), group_name=spec.name,
               deps=[key(spec, "corpus"), key(spec, "tokenizer"), key(spec, "query_set")],
               required_resource_keys={STORAGE, COMPUTE}, code_version=code_version("demo-model-v1", spec, "demo"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               description="Small GPT-NeoX trained on the demo corpus (with its AdamW state for normalization).")
     def model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -160,6 +167,7 @@ def _user_model_asset(spec: PipelineSpec, model_key: str) -> dg.AssetsDefinition
     @dg.asset(key=key(spec, "model"), group_name=spec.name,
               required_resource_keys={STORAGE, COMPUTE, model_key},
               code_version=code_version("model-v1", spec, "model"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               description="The pipeline's causal LM, loaded and fingerprinted (weights stay where they are).")
     def model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()

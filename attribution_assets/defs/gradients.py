@@ -8,6 +8,7 @@ import numpy as np
 from ..engine import data, workflow
 from ..engine.store import GradientStore
 from ..spec import PipelineSpec
+from .automation import rebuild_condition
 from .common import (
     COMPUTE,
     STORAGE,
@@ -84,6 +85,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
                   deps=[key(spec, "tokenized_shards"), key(spec, "model")], required_resource_keys=resources,
                   code_version=version, pool="gpu", check_specs=_check_specs(train_key),
+                  automation_condition=rebuild_condition(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json.")
         def train_gradients(context: dg.AssetExecutionContext):
             timer = Timer()
@@ -106,7 +108,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
         @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), key(spec, "model")],
                   required_resource_keys=resources, code_version=version, pool="gpu",
-                  check_specs=_check_specs(query_key),
+                  check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
         def query_gradients(context: dg.AssetExecutionContext):
             timer = Timer()

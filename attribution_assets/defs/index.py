@@ -7,6 +7,7 @@ from ..engine import workflow
 from ..engine.index import FaissIndex, IndexConfig, build_index, self_recall
 from ..engine.preconditioners import Preconditioner
 from ..spec import PipelineSpec
+from .automation import rebuild_condition
 from .common import STORAGE, Timer, code_version, key, shards_partitions
 
 MIN_SELF_RECALL = 0.9
@@ -21,7 +22,8 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         deps.append(key(spec, "preconditioner"))
 
     @dg.asset(key=index_key, group_name=spec.name, deps=deps, required_resource_keys={STORAGE},
-              code_version=code_version("faiss-index-v1", spec, "index", "scoring"), pool="gpu",
+              code_version=code_version("faiss-index-v1", spec, "index", "gradients", "scoring"), pool="gpu",
+              automation_condition=rebuild_condition(ignore=(key(spec, "train_gradients"),)),
               check_specs=[dg.AssetCheckSpec("self_recall", asset=index_key, blocking=False,
                                              description="sampled indexed rows find themselves in their top 10")],
               description="FAISS index of the training gradients as scores see them "

@@ -18,7 +18,7 @@ DAGSTER_YAML = """telemetry:
 STAGES: list[tuple[tuple[str, ...], bool]] = [
     (("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"), False),
     (("tokenized_shards", "train_gradients"), True),
-    (("preconditioner", "faiss_index"), False),
+    (("train_autocorrelation", "preconditioner", "faiss_index"), False),
     (("scores",), True),
     (("attribution_db",), False),
 ]

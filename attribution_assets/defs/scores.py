@@ -6,6 +6,7 @@ from ..engine import data, database, workflow
 from ..engine.preconditioners import Preconditioner, check_preconditioner
 from ..engine.store import GradientStore, check_compatible
 from ..spec import PipelineSpec
+from .automation import rebuild_condition
 from .common import (
     COMPUTE,
     STORAGE,
@@ -41,39 +42,61 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             array, info, _ = workflow.collect(collector, docs)
             yield array, info, [d.doc_id for d in docs]
 
-    @dg.asset(key=precond_key, group_name=spec.name, required_resource_keys=resources,
-              deps=[dg.AssetDep(train_source, partition_mapping=ALL), key(spec, "query_gradients")],
-              code_version=score_version, pool="gpu" if streaming else None,
-              check_specs=[dg.AssetCheckSpec("positive_definite", asset=precond_key, blocking=True,
-                                             description="symmetric, finite, positive definite after damping")],
-              description="TrackStar autocorrelation of training (and query) gradients, per module, "
-                          "mixed and damped; streamed shard by shard.")
-    def preconditioner(context: dg.AssetExecutionContext):
+    autocorr_key = key(spec, "train_autocorrelation")
+
+    @dg.asset(key=autocorr_key, group_name=spec.name, required_resource_keys=resources,
+              deps=[dg.AssetDep(train_source, partition_mapping=ALL)],
+              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients"),
+              pool="gpu" if streaming else None, automation_condition=rebuild_condition(on_deps_updated=False),
+              description="Per-module autocorrelation (1/n) sum g g^T of the training gradients, streamed "
+                          "shard by shard; rebuilt on schedule or on demand, not once per new shard.")
+    def train_autocorrelation(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
         storage = context.resources.storage
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
-        queries = GradientStore(storage.path(spec.name, "query_gradients"))
-        layout = queries.info["modules"]
         if streaming:
-            train = workflow.accumulate((workflow.document_rows(array, info)
-                                         for array, info, _ in streamed_blocks(context, shards)), layout)
+            blocks = streamed_blocks(context, shards)
+            first_array, first_info, _ = next(blocks)
+            layout = first_info["modules"]
+            rows = (workflow.document_rows(a, i) for a, i, _ in blocks)
+            train = workflow.accumulate([workflow.document_rows(first_array, first_info), *rows], layout)
         else:
             paths = [storage.path(spec.name, "train_gradients", s) for s in shards]
-            for path in paths:
-                check_compatible(GradientStore(path), queries)
+            layout = GradientStore(paths[0]).info["modules"]
+            for path in paths[1:]:
+                check_compatible(GradientStore(path), GradientStore(paths[0]))
             train = workflow.accumulate(workflow.store_blocks(paths), layout)
-        query = workflow.accumulate([workflow.document_rows(queries.array, queries.info)], layout)
+        out = storage.path(spec.name, "train_autocorrelation")
+        workflow.save_autocorrelation(out, train)
+        return dg.MaterializeResult(
+            metadata={"shards": len(shards), "n_train": train.n, "modules": len(layout),
+                      "path": dg.MetadataValue.path(str(out)), "seconds": timer.seconds},
+            data_version=dg.DataVersion(workflow.digest_files(out)))
+
+    @dg.asset(key=precond_key, group_name=spec.name, required_resource_keys={STORAGE},
+              deps=[autocorr_key, key(spec, "query_gradients")],
+              code_version=code_version("preconditioner-v2", spec, "gradients", "scoring"),
+              automation_condition=rebuild_condition(),
+              check_specs=[dg.AssetCheckSpec("positive_definite", asset=precond_key, blocking=True,
+                                             description="symmetric, finite, positive definite after damping")],
+              description="TrackStar preconditioner: lambda R_query + (1 - lambda) R_train per module, "
+                          "damped, float64 eigendecomposition.")
+    def preconditioner(context: dg.AssetExecutionContext):
+        timer = Timer()
+        storage = context.resources.storage
+        train = workflow.load_autocorrelation(storage.path(spec.name, "train_autocorrelation"))
+        queries = GradientStore(storage.path(spec.name, "query_gradients"))
+        query = workflow.accumulate([workflow.document_rows(queries.array, queries.info)], queries.info["modules"])
         result = workflow.build_preconditioner(train, query, spec.scoring)
         out = storage.path(spec.name, "preconditioner")
         result.save(out)
         report = check_preconditioner(Preconditioner.load(out))
         yield dg.MaterializeResult(
-            metadata={"shards": len(shards), "n_train": train.n, "n_query": query.n,
+            metadata={"n_train": train.n, "n_query": query.n,
                       "lambda": float(result.lam) if result.lam is not None else "off",
-                      "damping": spec.scoring.damping, "modules": len(layout), "dims": result.dims,
+                      "damping": spec.scoring.damping, "modules": len(result.layout), "dims": result.dims,
                       "path": dg.MetadataValue.path(str(out)), "seconds": timer.seconds},
-            data_version=dg.DataVersion(digest([str(train.n), str(query.n), str(result.settings())]
-                                               + [result.matrices[m.name].tobytes() for m in result.layout])))
+            data_version=dg.DataVersion(workflow.digest_files(out)))
         yield dg.AssetCheckResult(asset_key=precond_key, check_name="positive_definite", passed=report["ok"],
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
 
@@ -82,7 +105,7 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=scores_key, group_name=spec.name, partitions_def=shards_partitions(spec),
               deps=[train_source, key(spec, "query_gradients")] + ([precond_key] if spec.scoring.precondition else []),
               required_resource_keys=resources, code_version=score_version,
-              pool="gpu" if streaming else None,
+              pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query).")
     def scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
@@ -115,7 +138,7 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=db_key, group_name=spec.name, required_resource_keys={STORAGE},
               deps=[dg.AssetDep(scores_key, partition_mapping=ALL),
                     dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL), key(spec, "query_set")],
-              code_version="duckdb-views-v1",
+              code_version="duckdb-views-v1", automation_condition=rebuild_condition(on_deps_updated=False),
               check_specs=[dg.AssetCheckSpec("schema", asset=db_key, blocking=False,
                                              description="views answer with the documented columns")],
               description="DuckDB file of views (scores, documents, queries, top_influences) over the Parquet files.")
@@ -130,4 +153,4 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         yield dg.AssetCheckResult(asset_key=db_key, check_name="schema",
                                   passed=columns.get("scores") == ["query_id", "doc_id", "shard", "score"])
 
-    return [preconditioner, scores, attribution_db]
+    return [train_autocorrelation, preconditioner, scores, attribution_db]

@@ -272,9 +272,21 @@ def shard_key(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def assign_shards(n_docs: int, shard_size: int) -> list[str]:
-    """Shard key of each document position: a shard holds ``shard_size`` consecutive documents."""
-    return [shard_key(i // shard_size) for i in range(n_docs)]
+def assign_shards(doc_ids: list[str], shard_size: int, previous: dict[str, str] | None = None) -> list[str]:
+    """Shard key of each document, append-only: a document keeps the shard it had in
+    ``previous`` (doc id -> shard); new documents fill new shards of ``shard_size``
+    documents after the highest existing one, so new data never changes an old shard."""
+    previous = previous or {}
+    used = [int(s.rsplit("-", 1)[1]) for s in previous.values()]
+    next_index = max(used) + 1 if used else 0
+    shards, fresh = [], 0
+    for doc_id in doc_ids:
+        if doc_id in previous:
+            shards.append(previous[doc_id])
+        else:
+            shards.append(shard_key(next_index + fresh // shard_size))
+            fresh += 1
+    return shards
 
 
 def write_tokenized(path: Path, docs: list[TokenizedDoc], extra: dict[str, list] | None = None) -> None:

@@ -48,8 +48,13 @@ def _demo_corpus(spec: PipelineSpec):
 
 
 def write_documents(path: Path, docs: list[dict[str, Any]], shard_size: int) -> list[str]:
-    """Write the corpus table atomically; return the sorted shard keys."""
-    shards = data.assign_shards(len(docs), shard_size)
+    """Write the corpus table atomically; return the sorted shard keys.
+
+    Shards are append-only across rewrites (see :func:`data.assign_shards`)."""
+    previous = {}
+    if Path(path).exists():
+        previous = dict(pl.read_parquet(path, columns=["doc_id", "shard"]).iter_rows())
+    shards = data.assign_shards([d["doc_id"] for d in docs], shard_size, previous)
     frame = pl.DataFrame({
         "doc_id": [d["doc_id"] for d in docs], "source_row": [d["source_row"] for d in docs],
         "shard": shards, "content": [d["content"] for d in docs], "text": [d["text"] for d in docs],

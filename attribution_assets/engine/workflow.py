@@ -120,6 +120,33 @@ def accumulate(blocks: Iterable[np.ndarray], layout: list[dict]) -> Autocorrelat
     return acc.finalize()
 
 
+def save_autocorrelation(path: Path, autocorrelation: Autocorrelation) -> None:
+    """Per-module float64 matrices (safetensors) + layout and ``n`` (JSON), written atomically."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from .atomic import atomic_dir
+
+    with atomic_dir(path) as tmp:
+        save_file({m.name: autocorrelation.matrices[m.name] for m in autocorrelation.layout},
+                  str(tmp / "autocorrelation.safetensors"))
+        (tmp / "autocorrelation.json").write_text(json.dumps(
+            {"n": autocorrelation.n, "layout": [m._asdict() for m in autocorrelation.layout]}))
+
+
+def load_autocorrelation(path: Path) -> Autocorrelation:
+    import json
+
+    from safetensors.numpy import load_file
+
+    from .preconditioners import normalize_layout
+
+    meta = json.loads((Path(path) / "autocorrelation.json").read_text())
+    matrices = load_file(str(Path(path) / "autocorrelation.safetensors"))
+    return Autocorrelation(normalize_layout(meta["layout"]), matrices, int(meta["n"]))
+
+
 def store_blocks(paths: Iterable[Path]) -> Iterable[np.ndarray]:
     """Document rows of each gradient store, one shard at a time (memory-mapped)."""
     for path in paths:

@@ -1,0 +1,112 @@
+"""LDS metrics on hand-computed arrays, and a tiny retraining run end to end."""
+
+import numpy as np
+import pytest
+import torch
+
+from attribution_assets.engine import lds
+from attribution_assets.engine.data import TokenizedDoc
+from attribution_assets.engine.demo_corpus import DemoCorpusConfig, generate_demo_corpus
+from attribution_assets.engine.demo_model import DemoModelConfig, train_demo_tokenizer
+
+TINY = DemoModelConfig(layers=2, hidden=32, heads=2, intermediate=64, epochs=6, batch_size=16,
+                       warmup_steps=5, lr=1e-2, log_every=1000)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_subsets_deterministic_and_sized():
+    masks = lds.lds_subsets(10, 4, 0.5, seed=3)
+    assert masks.shape == (4, 10) and masks.dtype == bool
+    assert (masks.sum(axis=1) == 5).all()
+    assert (masks == lds.lds_subsets(10, 4, 0.5, seed=3)).all()
+    assert not (masks == lds.lds_subsets(10, 4, 0.5, seed=4)).all()
+    with pytest.raises(ValueError):
+        lds.lds_subsets(10, 4, 1.0)
+
+
+def test_lds_sign_and_hand_example():
+    # one query, three documents; doc 0 helps (score 2), doc 2 hurts (score -1)
+    scores = np.array([[2.0, 0.0, -1.0]])
+    masks = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]], dtype=bool)
+    # predicted effect per subset: 2, 0, -1, 1 -> ranks 4, 2, 1, 3
+    consistent = np.array([[1.0], [3.0], [4.0], [2.0]])  # keeping helpful docs lowers the loss
+    assert lds.linear_datamodeling_score(scores, masks, consistent)[0] == pytest.approx(1.0)
+    assert lds.linear_datamodeling_score(scores, masks, -consistent)[0] == pytest.approx(-1.0)
+    # one swapped pair of ranks: rho = 1 - 6 * 2 / (4 * 15) = 0.8
+    swapped = np.array([[1.0], [4.0], [3.0], [2.0]])
+    assert lds.linear_datamodeling_score(scores, masks, swapped)[0] == pytest.approx(0.8)
+    with pytest.raises(ValueError):
+        lds.linear_datamodeling_score(scores, masks, consistent.T)
+
+
+def test_spearman_constant_is_nan_and_noise_ceiling():
+    x = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])
+    rho = lds.per_query_spearman(x, x)
+    assert rho[0] == pytest.approx(1.0) and np.isnan(rho[1])
+    assert lds.noise_ceiling(x, x) == pytest.approx(1.0)  # NaN queries are left out
+    assert lds.noise_ceiling(x[:, :1], -x[:, :1]) == pytest.approx(-1.0)
+
+
+def test_bootstrap_ci():
+    assert lds.bootstrap_ci(np.full(5, 0.3)) == pytest.approx((0.3, 0.3, 0.3))
+    values = np.array([0.0, 1.0, np.nan] * 20)
+    mean, lo, hi = lds.bootstrap_ci(values, n=500, seed=1)
+    assert mean == pytest.approx(0.5) and lo < 0.5 < hi and hi - lo < 0.5
+    assert (mean, lo, hi) == lds.bootstrap_ci(values, n=500, seed=1)
+    assert np.isnan(lds.bootstrap_ci(np.array([np.nan]))[0])
+
+
+def test_lds_table_columns():
+    rng = np.random.default_rng(0)
+    masks = lds.lds_subsets(6, 5, 0.5, 0)
+    losses = rng.random((5, 2))
+    frame, markdown = lds.lds_table({"a": rng.random((2, 6))}, masks, losses, losses)
+    assert frame.columns == ["method", "lds", "ci_low", "ci_high", "queries", "subsets"]
+    assert frame["method"].to_list() == ["a", "noise ceiling (seed a vs b)"]
+    assert frame["lds"][1] == pytest.approx(1.0) and "| a |" in markdown
+
+
+@pytest.fixture(scope="module")
+def tiny_demo():
+    corpus = generate_demo_corpus(DemoCorpusConfig(people=6, seed=0))
+    texts = [d["text"] for d in corpus.documents]
+    tokenizer = train_demo_tokenizer(texts, vocab_size=300)
+    return texts, tokenizer
+
+
+def as_docs(tokenizer, texts):
+    """Whole-text loss docs (every token but the first), with eos as in training."""
+    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    return [TokenizedDoc(str(i), x, [0] + [1] * (len(x) - 1), t)
+            for i, (x, t) in enumerate(zip(ids, texts))]
+
+
+@pytest.mark.slow
+def test_retrain_end_to_end(tiny_demo, tmp_path):
+    texts, tokenizer = tiny_demo
+    n = len(texts)
+    masks = lds.lds_subsets(n, 4, 0.5, seed=0)
+    probes = as_docs(tokenizer, texts)
+    losses = np.stack([lds.retrain_partition(tokenizer, texts, masks[k], TINY, probes,
+                                             tmp_path / f"s{k}", seed=0) for k in range(2)])
+    assert losses.shape == (2, n) and np.isfinite(losses).all()
+    assert (lds.read_partition_losses([tmp_path / "s0", tmp_path / "s1"]) == losses).all()
+    assert not (tmp_path / "s0" / "model").exists()
+    # same subset and seed -> identical losses (deterministic retraining)
+    again = lds.retrain_partition(tokenizer, texts, masks[0], TINY, probes, tmp_path / "again",
+                                  seed=0, keep_model=True)
+    assert (again == losses[0]).all() and (tmp_path / "again" / "model").is_dir()
+    # weight-0 documents are really left out: their loss is higher than the kept ones'
+    for k in range(2):
+        kept, removed = losses[k, masks[k]].mean(), losses[k, ~masks[k]].mean()
+        assert removed > kept * 1.1, (k, kept, removed)
+    # and they lose more than in the other subset, where half of them were kept
+    only_0 = masks[0] & ~masks[1]
+    assert losses[0, only_0].mean() < losses[1, only_0].mean()
