@@ -30,8 +30,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 ui: $(STAMP)
-	@mkdir -p $(DAGSTER_HOME)
-	@test -f $(DAGSTER_HOME)/dagster.yaml || printf 'telemetry:\n  enabled: false\n' > $(DAGSTER_HOME)/dagster.yaml
+	$(PY) -c "from attribution_assets.defs.runner import persistent_instance; persistent_instance()"
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:

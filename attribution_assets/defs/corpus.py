@@ -80,27 +80,31 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               deps=[key(spec, "corpus"), tokenizer_dep], required_resource_keys=resource_keys,
               code_version=code_version("tokenize-v1", spec, "corpus", "model"),
               automation_condition=rebuild_condition(ignore=(key(spec, "corpus"),)),
+              backfill_policy=dg.BackfillPolicy.single_run(),
               description="Token ids, loss masks and lengths of one shard (Parquet).")
     def tokenized_shards(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        timer = Timer()
         storage = context.resources.storage
-        shard = context.partition_key
-        docs = pipeline_io.read_documents(storage.path(spec.name, "corpus") / "documents.parquet", shard)
-        if not docs:
-            raise ValueError(f"Shard {shard} has no documents in the corpus; rematerialize `corpus` "
-                             "so that stale shard partitions are removed.")
+        storage.ensure_writable()
         tokenizer = load_tokenizer(spec, context)
-        rows, stats = data.tokenize_documents(docs, tokenizer, spec.corpus,
-                                              add_eos=pipeline_io.add_eos(spec.corpus, True))
-        if not rows:
-            raise data.DataError(f"Every document of {shard} was empty or shorter than 2 tokens "
-                                 f"({stats.skipped_empty} empty, {stats.skipped_short} short).")
-        out = storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet"
-        data.write_tokenized(out, rows, extra={"shard": [shard] * len(rows)})
-        return dg.MaterializeResult(
-            metadata={**stats.as_metadata(), "path": dg.MetadataValue.path(str(out)),
-                      "seconds": timer.seconds},
-            data_version=dg.DataVersion(digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}" for r in rows)))
+        versions = {}
+        for shard in context.partition_keys:
+            timer = Timer()
+            docs = pipeline_io.read_documents(storage.path(spec.name, "corpus") / "documents.parquet", shard)
+            if not docs:
+                raise ValueError(f"Shard {shard} has no documents in the corpus; rematerialize `corpus` "
+                                 "so that stale shard partitions are removed.")
+            rows, stats = data.tokenize_documents(docs, tokenizer, spec.corpus,
+                                                  add_eos=pipeline_io.add_eos(spec.corpus, True))
+            if not rows:
+                raise data.DataError(f"Every document of {shard} was empty or shorter than 2 tokens "
+                                     f"({stats.skipped_empty} empty, {stats.skipped_short} short).")
+            out = storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet"
+            data.write_tokenized(out, rows, extra={"shard": [shard] * len(rows)})
+            versions[shard] = digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}" for r in rows)
+            context.add_asset_metadata({**stats.as_metadata(), "path": dg.MetadataValue.path(str(out)),
+                                        "seconds": timer.seconds}, partition_key=shard)
+        single = next(iter(versions.values())) if len(versions) == 1 else None
+        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
 
     @dg.asset(key=key(spec, "tokenized_queries"), group_name=group,
               deps=[key(spec, "query_set"), tokenizer_dep], required_resource_keys=resource_keys,

@@ -72,12 +72,11 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     version = code_version("gradients-v1", spec, "gradients")
     assets = []
 
-    def _collect(context, docs, out):
+    def _collector(context):
         storage = context.resources.storage
+        storage.ensure_writable()
         model, _ = load_model(spec, context)
-        collector = workflow.make_collector(model, spec, model_dir(spec, storage))
-        store, stats = workflow.collect_shard(collector, docs, out, model_fingerprint(spec, storage))
-        return store, stats
+        return workflow.make_collector(model, spec, model_dir(spec, storage))
 
     if spec.scoring.mode == "stored":
         train_key = key(spec, "train_gradients")
@@ -85,21 +84,36 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
                   deps=[key(spec, "tokenized_shards"), key(spec, "model")], required_resource_keys=resources,
                   code_version=version, pool="gpu", check_specs=_check_specs(train_key),
-                  automation_condition=rebuild_condition(),
-                  description="Per-document (or per-token) projected gradients of one shard: .npy + info.json.")
+                  automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
+                  description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
+                              "A run over several shards loads the model once.")
         def train_gradients(context: dg.AssetExecutionContext):
-            timer = Timer()
             storage = context.resources.storage
-            shard = context.partition_key
-            docs = data.read_tokenized(storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet")
-            out = storage.path(spec.name, "train_gradients", shard)
-            store, stats = _collect(context, docs, out)
+            collector = _collector(context)
+            fingerprint = model_fingerprint(spec, storage)
+            checks: dict[str, list] = {name: [] for name in CHECKS}
+            versions = {}
+            for shard in context.partition_keys:
+                timer = Timer()
+                docs = data.read_tokenized(storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet")
+                out = storage.path(spec.name, "train_gradients", shard)
+                store, stats = workflow.collect_shard(collector, docs, out, fingerprint)
+                versions[shard] = workflow.store_digest(store)
+                context.add_asset_metadata(
+                    {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
+                     "path": dg.MetadataValue.path(str(out)), "total_seconds": timer.seconds,
+                     "config_hash": store.info["config_hash"]}, partition_key=shard)
+                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                    checks[result.check_name].append((shard, result))
+            single = len(versions) == 1
             yield dg.MaterializeResult(
-                metadata={**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
-                          "path": dg.MetadataValue.path(str(out)), "total_seconds": timer.seconds,
-                          "config_hash": store.info["config_hash"]},
-                data_version=dg.DataVersion(workflow.store_digest(store)))
-            yield from store_checks(store, _expected_rows(docs, spec), spec, train_key)
+                data_version=dg.DataVersion(next(iter(versions.values()))) if single else None)
+            for name, results in checks.items():
+                failed = [shard for shard, r in results if not r.passed]
+                yield dg.AssetCheckResult(
+                    asset_key=train_key, check_name=name, passed=not failed,
+                    metadata={"shards": len(results), "failed_shards": ", ".join(failed) or "none",
+                              **(dict(results[0][1].metadata) if single else {})})
 
         assets.append(train_gradients)
 
@@ -115,7 +129,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             storage = context.resources.storage
             docs = data.read_tokenized(storage.path(spec.name, "tokenized_queries") / "tokens.parquet")
             out = storage.path(spec.name, "query_gradients")
-            store, stats = _collect(context, docs, out)
+            store, stats = workflow.collect_shard(_collector(context), docs, out, model_fingerprint(spec, storage))
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(out), "path": dg.MetadataValue.path(str(out)),
                           "total_seconds": timer.seconds},

@@ -1,5 +1,5 @@
-"""Materialize a pipeline's assets in order (used by the CLI and tests): one run per stage,
-one run per shard partition for partitioned stages."""
+"""Materialize a pipeline's assets in order (used by the CLI and tests): one run per stage;
+a partitioned stage is one run over every shard (a single-run backfill: the model loads once)."""
 
 import os
 from collections.abc import Callable, Sequence
@@ -10,8 +10,15 @@ import dagster as dg
 from ..spec import PipelineSpec
 from .common import key, shards_partitions
 
+#: Telemetry off; two runs and two steps of any pool (``gpu`` included) at once. With one GPU,
+#: lower the gpu pool: ``dagster instance concurrency set gpu 1``.
 DAGSTER_YAML = """telemetry:
   enabled: false
+concurrency:
+  pools:
+    default_limit: 2
+  runs:
+    max_concurrent_runs: 2
 """
 
 #: Stages in dependency order: (asset names, partitioned by shard?)
@@ -50,13 +57,16 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
         keys = [key(spec, n) for n in names if key(spec, n) in present]
         if not keys:
             continue
-        partitions = (instance.get_dynamic_partitions(shards_partitions(spec).name)
-                      if partitioned else [None])
-        for partition in partitions:
-            label = ", ".join(k.path[-1] for k in keys) + (f" [{partition}]" if partition else "")
-            log(f"materializing {spec.name}: {label}")
-            result = dg.materialize(
-                defs.assets, selection=keys, instance=instance, resources=defs.resources,
-                partition_key=partition, raise_on_error=True, run_config=run_config)
-            results.append(result)
+        tags = {}
+        label = ", ".join(k.path[-1] for k in keys)
+        if partitioned:
+            shards = instance.get_dynamic_partitions(shards_partitions(spec).name)
+            if not shards:
+                raise ValueError(f"Pipeline {spec.name!r} has no shard partitions; materialize its corpus first.")
+            tags = {"dagster/asset_partition_range_start": shards[0],
+                    "dagster/asset_partition_range_end": shards[-1]}
+            label += f" [{shards[0]} .. {shards[-1]}, one run]"
+        log(f"materializing {spec.name}: {label}")
+        results.append(dg.materialize(defs.assets, selection=keys, instance=instance, resources=defs.resources,
+                                      tags=tags, raise_on_error=True, run_config=run_config))
     return results

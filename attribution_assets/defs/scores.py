@@ -106,32 +106,40 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               deps=[train_source, key(spec, "query_gradients")] + ([precond_key] if spec.scoring.precondition else []),
               required_resource_keys=resources, code_version=score_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
+              backfill_policy=dg.BackfillPolicy.single_run(),
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query).")
     def scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        timer = Timer()
         storage = context.resources.storage
-        shard = context.partition_key
         queries = GradientStore(storage.path(spec.name, "query_gradients"))
         precond = Preconditioner.load(storage.path(spec.name, "preconditioner")) if spec.scoring.precondition \
             else None
         prepared = workflow.prepare(queries.array, queries.info, precond, spec.scoring)
-        if streaming:
-            ((array, info, doc_ids),) = streamed_blocks(context, [shard])
-        else:
-            store = GradientStore(storage.path(spec.name, "train_gradients", shard))
-            check_compatible(store, queries)
-            array, info, doc_ids = store.array, store.info, store.doc_ids
-        matrix = workflow.score_block(prepared, workflow.document_rows(array, info), precond, spec.scoring)
         query_ids = workflow.score_query_ids(queries.doc_ids, spec.scoring.aggregate)
-        out = storage.path(spec.name, "scores", shard)
-        n = workflow.write_scores(out / "scores.parquet", matrix, query_ids, doc_ids, shard, spec.scoring.top_k)
-        if info.get("per_token"):
-            tokens = workflow.score_block(prepared, array, precond, spec.scoring)
-            workflow.write_token_scores(out / "token_scores.parquet", tokens, query_ids, doc_ids, info, shard)
-        return dg.MaterializeResult(
-            metadata={"rows": n, "queries": len(query_ids), "documents": len(doc_ids),
-                      "path": dg.MetadataValue.path(str(out / "scores.parquet")), "seconds": timer.seconds},
-            data_version=dg.DataVersion(digest([matrix.tobytes()])))
+        shards = context.partition_keys
+        if streaming:
+            sources = streamed_blocks(context, shards)
+        else:
+            sources = ((s.array, s.info, s.doc_ids) for s in
+                       (GradientStore(storage.path(spec.name, "train_gradients", shard)) for shard in shards))
+        versions = {}
+        for shard, (array, info, doc_ids) in zip(shards, sources):
+            timer = Timer()
+            if not streaming:
+                check_compatible(info, queries)
+            matrix = workflow.score_block(prepared, workflow.document_rows(array, info), precond, spec.scoring)
+            out = storage.path(spec.name, "scores", shard)
+            n = workflow.write_scores(out / "scores.parquet", matrix, query_ids, doc_ids, shard,
+                                      spec.scoring.top_k)
+            if info.get("per_token"):
+                tokens = workflow.score_block(prepared, array, precond, spec.scoring)
+                workflow.write_token_scores(out / "token_scores.parquet", tokens, query_ids, doc_ids, info, shard)
+            versions[shard] = digest([matrix.tobytes()])
+            context.add_asset_metadata(
+                {"rows": n, "queries": len(query_ids), "documents": len(doc_ids),
+                 "path": dg.MetadataValue.path(str(out / "scores.parquet")), "seconds": timer.seconds},
+                partition_key=shard)
+        single = next(iter(versions.values())) if len(versions) == 1 else None
+        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
 
     db_key = key(spec, "attribution_db")
 
