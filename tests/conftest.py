@@ -92,3 +92,23 @@ def materialize_tiny_demo(root, **scoring):
 def tiny_demo(tmp_path_factory):
     """``(spec, pipeline root)`` of a fully materialized tiny demo (stored mode), shared."""
     return materialize_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))
+
+
+def user_pipeline_spec(base, model_dir, name="ops"):
+    """A user pipeline over a corpus directory (one jsonl file), a query file and ``model_dir``."""
+    import yaml
+
+    from attribution_assets.spec import load_pipeline_file
+
+    corpus = base / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    (base / "queries.jsonl").write_text(json.dumps({"prompt": "Mara Quill was born in", "completion": " Lisbon"}))
+    body = {"pipelines": [{"name": name, "model": {"name_or_path": str(model_dir)},
+                           "corpus": {"path": "corpus"}, "shard_size": 4,
+                           "queries": {"path": "queries.jsonl", "prompt_column": "prompt",
+                                       "completion_column": "completion"},
+                           "gradients": {"projection_dim": 4}}]}
+    (base / "pipelines.yaml").write_text(yaml.safe_dump(body))
+    (spec,) = load_pipeline_file(base / "pipelines.yaml")
+    return spec

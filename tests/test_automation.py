@@ -5,15 +5,13 @@ import json
 
 import dagster as dg
 import pytest
-import yaml
 
 from attribution_assets.defs.automation import directory_state
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.runner import materialize_pipeline
-from attribution_assets.spec import load_pipeline_file
 from resources import StorageResource
 
-from .conftest import SENTENCES
+from .conftest import user_pipeline_spec
 
 TRAIN_SIDE = {"tokenized_shards", "train_gradients", "train_autocorrelation"}
 
@@ -28,17 +26,8 @@ def _requested(result) -> dict[str, set]:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("ops")
+    spec = user_pipeline_spec(base, tiny_model_dir)
     corpus = base / "corpus"
-    corpus.mkdir()
-    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
-    (base / "queries.jsonl").write_text(json.dumps({"prompt": "Mara Quill was born in", "completion": " Lisbon"}))
-    body = {"pipelines": [{"name": "ops", "model": {"name_or_path": str(tiny_model_dir)},
-                           "corpus": {"path": "corpus"}, "shard_size": 4,
-                           "queries": {"path": "queries.jsonl", "prompt_column": "prompt",
-                                       "completion_column": "completion"},
-                           "gradients": {"projection_dim": 4}}]}
-    (base / "pipelines.yaml").write_text(yaml.safe_dump(body))
-    (spec,) = load_pipeline_file(base / "pipelines.yaml")
     storage = StorageResource(root=str(base / "storage"))
     instance = dg.DagsterInstance.ephemeral()
     defs = build_definitions([spec], storage=storage)

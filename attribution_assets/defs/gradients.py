@@ -115,7 +115,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                     metadata={"shards": len(results), "failed_shards": ", ".join(failed) or "none",
                               **(dict(results[0][1].metadata) if single else {})})
 
-        assets.append(train_gradients)
+        assets += [train_gradients, _files_intact_check(spec, train_key)]
 
     if spec.queries is not None:
         query_key = key(spec, "query_gradients")
@@ -138,3 +138,27 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
         assets.append(query_gradients)
     return assets
+
+
+def _files_intact_check(spec: PipelineSpec, train_key: dg.AssetKey) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=train_key, name="files_intact", required_resource_keys={STORAGE}, blocking=True,
+                    description="every materialized shard's gradients.npy opens and matches its info.json "
+                                "(header and size only, cheap; values are checked when a shard is written)")
+    def files_intact(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        storage = context.resources.storage
+        problems, checked = [], 0
+        for shard in context.instance.get_dynamic_partitions(shards_partitions(spec).name):
+            path = storage.path(spec.name, "train_gradients", shard)
+            if not path.exists():
+                continue
+            checked += 1
+            try:
+                GradientStore(path)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{shard}: {exc}")
+        return dg.AssetCheckResult(
+            passed=not problems, metadata={"checked_shards": checked,
+                                           "problems": dg.MetadataValue.md("\n".join(f"- {p}" for p in problems))},
+            description="; ".join(problems) if problems else f"{checked} shards intact")
+
+    return files_intact
