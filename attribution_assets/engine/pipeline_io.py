@@ -132,7 +132,3 @@ def write_model_record(path: Path, spec: PipelineSpec, model) -> dict[str, Any]:
     }
     write_text_atomic(path, json.dumps(record, indent=2))
     return record
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
