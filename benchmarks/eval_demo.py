@@ -1,0 +1,123 @@
+"""Fact tracing and linear datamodeling score (LDS) on the materialized demo; prints tables.
+
+Reads ``<storage>/demo`` (``make demo`` first; nothing there is modified) and writes
+tables and LDS retrain partitions under ``--out``. Retrains are incremental: a
+(subset, seed) whose ``query_losses.json`` exists is not retrained.
+
+    .venv/bin/python benchmarks/eval_demo.py --k 32            # ~40 s per retrain, x2 seeds
+    .venv/bin/python benchmarks/eval_demo.py --k 8 --workers 2 --epochs 20
+    .venv/bin/python benchmarks/eval_demo.py --skip-lds        # fact tracing only (~1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+from attribution_assets.engine import evaluation, lds
+from attribution_assets.engine.data import read_tokenized
+from attribution_assets.engine.demo_model import DemoModelConfig
+from attribution_assets.engine.models import load_model
+from attribution_assets.spec import demo_spec
+
+
+def _retrain_job(args: tuple) -> float:
+    model_dir, texts, keep, config, queries, out, seed = args
+    from transformers import AutoTokenizer
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lds.retrain_partition(tokenizer, texts, keep, config, queries, out, seed=seed)
+    return time.perf_counter() - started
+
+
+def _config(args) -> DemoModelConfig:
+    overrides = {**demo_spec().demo.model_overrides(), **({"epochs": args.epochs} if args.epochs else {})}
+    return DemoModelConfig(**overrides)
+
+
+def retrain(demo: Path, out: Path, queries, args) -> tuple[np.ndarray, dict[int, list[Path]]]:
+    """Run the missing (subset, seed) retrains; return the masks and partition folders."""
+    texts = pl.read_parquet(demo / "corpus" / "documents.parquet")["text"].to_list()
+    config = _config(args)
+    masks = lds.lds_subsets(len(texts), args.k, args.fraction, args.subset_seed)
+    seeds = (config.seed, config.seed + 1)
+    root = out / "lds" / f"e{config.epochs}-f{args.fraction}-s{args.subset_seed}"
+    jobs, dirs = [], {s: [root / f"subset-{k:03d}-seed-{s}" for k in range(args.k)] for s in seeds}
+    for seed in seeds:
+        for k, folder in enumerate(dirs[seed]):
+            if not (folder / "query_losses.json").exists():
+                jobs.append((str(demo / "model"), texts, masks[k], config, queries, folder, seed))
+    print(f"LDS: {args.k} subsets x {len(seeds)} seeds, {len(jobs)} retrains to run "
+          f"({config.epochs} epochs, {args.workers} workers)", flush=True)
+    started = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        for i, seconds in enumerate(pool.map(_retrain_job, jobs)):
+            print(f"  retrain {i + 1}/{len(jobs)}: {seconds:.1f} s", flush=True)
+    print(f"retrain wall time {time.perf_counter() - started:.0f} s for {len(jobs)} retrains", flush=True)
+    return masks, dirs
+
+
+def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: list[str],
+               masks: np.ndarray, dirs: dict[int, list[Path]], args) -> None:
+    """LDS per method (score columns reordered to the training order) and the noise ceiling."""
+    corpus_ids = pl.read_parquet(demo / "corpus" / "documents.parquet")["doc_id"].to_list()
+    position = {d: i for i, d in enumerate(doc_ids)}
+    order = np.array([position[d] for d in corpus_ids])
+    seed_a, seed_b = sorted(dirs)
+    started = time.perf_counter()
+    frame, markdown = lds.lds_table({n: s[:, order] for n, s in scores.items()}, masks,
+                                    lds.read_partition_losses(dirs[seed_a]),
+                                    lds.read_partition_losses(dirs[seed_b]))
+    epochs = _config(args).epochs
+    evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}")
+    print(f"\nLDS ({args.k} subsets, fraction {args.fraction}, {epochs} epochs, completion-loss "
+          f"query gradients, seeds {seed_a}/{seed_b}):\n{markdown}")
+    print(f"LDS computation {time.perf_counter() - started:.1f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default=os.environ.get("ATTRIBUTION_STORAGE", ".storage"))
+    parser.add_argument("--out", default=".storage/demo-evaluation")
+    parser.add_argument("--k", type=int, default=32, help="LDS subsets")
+    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--subset-seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=None, help="retrain epochs (default: demo's)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for gradients")
+    parser.add_argument("--skip-lds", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    demo, out = Path(args.storage) / "demo", Path(args.out)
+    spec = demo_spec()
+    model = load_model(str(demo / "model"))
+    shards = sorted((demo / "tokenized_shards").iterdir())
+    docs = [d for s in shards for d in read_tokenized(s / "tokens.parquet")]
+    queries = read_tokenized(demo / "tokenized_queries" / "tokens.parquet")
+    qs = pl.read_parquet(demo / "query_set" / "queries.parquet")
+    gold = dict(zip(qs["doc_id"].to_list(), qs["gold_doc_ids"].to_list(), strict=True))
+    print(f"{len(docs)} documents, {len(queries)} queries, p = {spec.gradients.projection_dim}")
+
+    if not args.skip_lds:
+        masks, dirs = retrain(demo, out, queries, args)
+    started = time.perf_counter()
+    result = evaluation.fact_tracing_table(model, spec, demo / "model", docs, queries, gold)
+    evaluation.write_tables(result.frame, result.markdown, out, "fact_tracing")
+    print(f"\nFact tracing (configured: {spec.gradients.normalizer} TrackStar):\n{result.markdown}")
+    print(f"fact tracing wall time {time.perf_counter() - started:.1f} s", flush=True)
+    if not args.skip_lds:
+        lds_report(demo, out, result.scores["completion"], [d.doc_id for d in docs], masks, dirs, args)
+
+
+if __name__ == "__main__":
+    main()
+
