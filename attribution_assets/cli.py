@@ -89,6 +89,47 @@ def cmd_query(args: argparse.Namespace) -> int:
             _print_hits(query, attributor.search([query], args.k)[0])
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from .defs.common import key
+    from .defs.evaluation import lds_partitions
+    from .defs.runner import persistent_instance
+
+    defs, specs = _defs_and_specs(args.pipeline)
+    spec, instance = specs[args.pipeline], persistent_instance()
+    present = defs.resolve_asset_graph().get_all_asset_keys()
+    if key(spec, "fact_tracing") not in present:
+        raise SystemExit(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
+
+    def run(asset: str, partition: str | None = None) -> None:
+        print(f"materializing {spec.name}/{asset}" + (f" [{partition}]" if partition else ""), flush=True)
+        dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance, resources=defs.resources,
+                       partition_key=partition, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+
+    run("fact_tracing")
+    if args.lds:
+        if key(spec, "lds") not in present:
+            raise SystemExit("LDS retrains the model, so it exists for the demo pipeline only.")
+        done = instance.get_materialized_partitions(key(spec, "lds_retrain"))
+        for partition in lds_partitions(spec).get_partition_keys():
+            if partition not in done:
+                run("lds_retrain", partition)
+        run("lds")
+    from .report import latest_metadata
+
+    for asset in ("fact_tracing", "lds") if args.lds else ("fact_tracing",):
+        print(f"\n{asset}:\n{latest_metadata(instance, key(spec, asset))['table']}")
+    return 0
+
+
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from .engine.diagnose import diagnose, format_report
+
+    print(format_report(diagnose(args.model, threshold=args.threshold, device=args.device, dtype=args.dtype)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("-k", type=int, default=10)
     query.add_argument("--no-index", action="store_true", help="brute force over the gradient stores")
     query.set_defaults(func=cmd_query)
+    evaluate = sub.add_parser("evaluate", help="fact tracing vs baselines (and --lds: the LDS retrains)")
+    evaluate.add_argument("--pipeline", required=True)
+    evaluate.add_argument("--lds", action="store_true", help="also retrain on every subset (demo only; slow)")
+    evaluate.set_defaults(func=cmd_evaluate)
+    diag = sub.add_parser("diagnose", help="do per-example gradients change with batching or padding?")
+    diag.add_argument("--model", required=True, help="local model directory or hub id")
+    diag.add_argument("--threshold", type=float, default=0.999)
+    diag.add_argument("--device", default="cpu")
+    diag.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    diag.set_defaults(func=cmd_diagnose)
     return parser
 
 

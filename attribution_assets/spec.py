@@ -145,6 +145,15 @@ class IndexSpec:
 
 
 @dataclass(frozen=True)
+class EvaluationSpec:
+    """Quality evaluation (``engine.evaluation``, ``engine.lds``): LDS subsets for the demo."""
+
+    lds_subsets: int = 32
+    lds_fraction: float = 0.5
+    lds_seed: int = 0
+
+
+@dataclass(frozen=True)
 class PipelineSpec:
     name: str
     model: ModelSpec
@@ -154,6 +163,7 @@ class PipelineSpec:
     gradients: GradientSpec = field(default_factory=GradientSpec)
     scoring: ScoringSpec = field(default_factory=ScoringSpec)
     index: IndexSpec = field(default_factory=IndexSpec)
+    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     demo: DemoSpec | None = None
     schedule: str | None = None
 
@@ -168,7 +178,8 @@ class PipelineSpec:
 
 
 def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
-              scoring: ScoringSpec | None = None, **demo_kwargs: Any) -> PipelineSpec:
+              scoring: ScoringSpec | None = None, evaluation: EvaluationSpec | None = None,
+              **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
     Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus.
@@ -182,6 +193,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
         shard_size=shard_size,
         gradients=gradients or GradientSpec(projection_dim=32, normalizer="adafactor"),
         scoring=scoring or ScoringSpec(top_k=0),
+        evaluation=evaluation or EvaluationSpec(),
         demo=DemoSpec(people=people, **demo_kwargs),
     )
 
@@ -197,6 +209,7 @@ def _jsonable(value: Any) -> Any:
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "demo": DemoSpec, "index": IndexSpec,
+    "evaluation": EvaluationSpec,
 }
 _CHOICES = {
     ("corpus", "format"): {"auto", "jsonl", "json", "csv", "parquet", "txt", "disk", "hub"},
@@ -268,7 +281,7 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if required not in raw:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
-    for section in ("model", "corpus", "queries", "gradients", "scoring", "index"):
+    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

@@ -10,6 +10,7 @@ from ..spec import PipelineSpec
 from .automation import new_data_sensor, rebuild_schedule
 from .common import COMPUTE, STORAGE, model_resource_key
 from .corpus import corpus_assets
+from .evaluation import evaluation_assets
 from .gradients import gradient_assets
 from .index import index_assets
 from .scores import score_assets
@@ -24,7 +25,8 @@ def model_resource(spec: PipelineSpec) -> ModelResource:
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     """Assets, checks and the per-pipeline model resource of one pipeline."""
-    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec), *index_assets(spec)]
+    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec), *index_assets(spec),
+              *evaluation_assets(spec)]
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     return dg.Definitions(assets=assets, sensors=[sensor] if sensor else [],
                           schedules=[schedule] if schedule else [],
