@@ -8,6 +8,7 @@ complete version.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -31,21 +32,24 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
 
 
 def replace_dir(src: Path, final: Path) -> None:
-    """Move directory ``src`` onto ``final``, replacing any existing directory there."""
-    if final.exists():
+    """Move directory ``src`` onto ``final``, replacing any existing directory there.
+
+    Safe against concurrent writers of the same ``final``: the last complete rename wins,
+    and readers only ever see one writer's complete directory.
+    """
+    while True:
+        try:
+            os.replace(src, final)  # atomic; succeeds when ``final`` is absent or empty
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
         trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         try:
             os.replace(final, trash)
-        except FileNotFoundError:  # a concurrent writer moved it first
-            trash = None
-        os.replace(src, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    else:
-        try:
-            os.replace(src, final)
-        except OSError:  # a concurrent writer created ``final`` meanwhile: last writer wins
-            replace_dir(src, final)
+        except FileNotFoundError:  # another writer moved it first: try again
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 @contextlib.contextmanager

@@ -23,13 +23,12 @@ Reads memory-map with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from .atomic import atomic_dir
 
 FORMAT_VERSION = 1
 ARRAY_FILE = "gradients.npy"
@@ -92,22 +91,9 @@ def write_store(
         "model_fingerprint": model_fingerprint,
         "config_hash": info.get("config_hash", ""),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(path) as tmp:
         np.save(tmp / ARRAY_FILE, data, allow_pickle=False)
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=1))
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return GradientStore(path)
 
 
