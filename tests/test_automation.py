@@ -85,3 +85,20 @@ def test_new_file_becomes_new_shards_without_touching_old_ones(pipeline):
     requested = _requested(_evaluate(spec, storage, instance, cursor))
     # Only the new shards' own work; the fan-in over all shards waits for the schedule.
     assert requested == {"tokenized_shards": set(new), "train_gradients": set(new), "scores": set(new)}
+
+
+def test_single_run_backfill_loads_the_model_once(pipeline, monkeypatch):
+    from attribution_assets.engine import models
+
+    spec, storage, instance, cursor, _ = pipeline
+    calls = []
+    real = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: calls.append(a) or real(*a, **k))
+    shards = instance.get_dynamic_partitions("ops_shards")[:2]  # the shards tokenized by the fixture
+    defs = build_definitions([spec], storage=storage)
+    result = dg.materialize(defs.assets, selection=[dg.AssetKey(["ops", "train_gradients"])], instance=instance,
+                            resources=defs.resources, tags={"dagster/asset_partition_range_start": shards[0],
+                                                            "dagster/asset_partition_range_end": shards[-1]})
+    materialized = {e.partition for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
+    assert materialized == set(shards) and len(shards) == 2
+    assert len(calls) == 1, "one model load for every shard of the run"
