@@ -50,6 +50,17 @@ def save_tiny_model(path: Path, tokenizer, seed=0):
     return model
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: tiny matmuls only add contention on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tiny_tokenizer(SENTENCES * 3)

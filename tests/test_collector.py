@@ -8,14 +8,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForC
 from attribution_assets.engine.collector import CollectorConfig, GradientCollector
 from attribution_assets.engine.projection import Projector
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_neox(seed: int = 0) -> GPTNeoXForCausalLM:

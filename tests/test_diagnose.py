@@ -5,13 +5,7 @@ import torch
 
 from attribution_assets.engine import diagnose as dg
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ladder_is_cumulative_and_skips_no_ops():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from attribution_assets.engine import evaluation
 from attribution_assets.engine.data import TokenizedDoc
@@ -12,13 +11,7 @@ from attribution_assets.spec import DataSpec, GradientSpec, ModelSpec, PipelineS
 
 from .conftest import SENTENCES
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_first_gold_ranks_hand_computed():

@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 
 from attribution_assets.engine import lds
 from attribution_assets.engine.data import TokenizedDoc
@@ -13,12 +12,7 @@ TINY = DemoModelConfig(layers=2, hidden=32, heads=2, intermediate=64, epochs=6, 
                        warmup_steps=5, lr=1e-2, log_every=1000)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_subsets_deterministic_and_sized():

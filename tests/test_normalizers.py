@@ -15,13 +15,7 @@ from attribution_assets.engine.normalizers import (
 
 from .test_collector import assert_rows_close, doc_loss, make_docs, reference_row, tiny_neox
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model, optimizer, steps=3):

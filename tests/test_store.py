@@ -4,20 +4,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from attribution_assets.engine.collector import CollectorConfig, collect_to_store
 from attribution_assets.engine.store import GradientStore, check_compatible, write_store
 
 from .test_collector import make_docs, tiny_neox
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def shard(path, **overrides):
