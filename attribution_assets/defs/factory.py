@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from resources import ComputeResource, ModelResource, StorageResource
@@ -38,4 +40,6 @@ def build_definitions(specs: list[PipelineSpec], storage: StorageResource | None
     """All pipelines plus the shared storage and compute resources."""
     shared = dg.Definitions(resources={STORAGE: storage or StorageResource(),
                                        COMPUTE: compute or ComputeResource()})
-    return dg.Definitions.merge(shared, *(pipeline_definitions(s) for s in specs))
+    with warnings.catch_warnings():  # `backfill_policy` on assets is marked beta in Dagster 1.13
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.Definitions.merge(shared, *(pipeline_definitions(s) for s in specs))
