@@ -50,7 +50,7 @@ def save_tiny_model(path: Path, tokenizer, seed=0):
     return model
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def one_thread():
     """One torch thread: tiny matmuls only add contention on a shared 2-core machine."""
     import torch

@@ -29,13 +29,7 @@ from attribution_assets.engine.demo_model import (  # noqa: E402
 TINY = DemoModelConfig(epochs=4, batch_size=16, warmup_steps=5, log_every=10)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train much faster on one thread, above all on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
