@@ -30,7 +30,10 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
         dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds_retrain"])], partition_key=partition, **run)
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds"])], **run)
     lds = pl.read_parquet(tmp_path / "demo" / "evaluation" / "lds.parquet")
-    assert set(table["method"]) | {"noise ceiling (seed a vs b)"} == set(lds["method"])
+    noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)"}
+    assert set(table["method"]) | noise | {"gold documents (reference)"} == set(lds["method"])
+    methods = lds.filter(~pl.col("method").is_in(list(noise) + ["gold documents (reference)"]))
+    assert set(methods["scores"]) == {"all", "top 100", "top 10"}
     assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
 
 

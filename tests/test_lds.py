@@ -45,7 +45,45 @@ def test_spearman_constant_is_nan_and_noise_ceiling():
     rho = lds.per_query_spearman(x, x)
     assert rho[0] == pytest.approx(1.0) and np.isnan(rho[1])
     assert lds.noise_ceiling(x, x) == pytest.approx(1.0)  # NaN queries are left out
-    assert lds.noise_ceiling(x[:, :1], -x[:, :1]) == pytest.approx(-1.0)
+    assert lds.noise_ceiling(x[:, :1], -x[:, :1]) == 0.0  # negative agreement: no signal
+    # agreement 0.25 (mean of 1 and -0.5) -> ceiling 0.5
+    a = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    b = np.array([[1.0, 2.0], [2.0, 3.0], [3.0, 1.0]])
+    assert lds.seed_agreement(a, b) == pytest.approx([1.0, -0.5])
+    assert lds.noise_ceiling(a, b) == pytest.approx(0.5)
+
+
+def test_noise_ceiling_bounds_the_systematic_predictor():
+    """loss = systematic + seed noise with reliability r: the exact systematic effect
+    correlates with one seed's loss at about sqrt(r), the ceiling."""
+    rng = np.random.default_rng(0)
+    systematic = rng.normal(size=(400, 300))
+    losses_a, losses_b = (systematic + rng.normal(size=systematic.shape) for _ in range(2))
+    assert lds.noise_ceiling(losses_a, losses_b) == pytest.approx(np.sqrt(0.5), abs=0.03)
+    oracle = np.nanmean(lds.per_query_spearman(systematic, losses_a))
+    assert oracle == pytest.approx(lds.noise_ceiling(losses_a, losses_b), abs=0.03)
+
+
+def test_keep_top_k_and_gold_indicator():
+    scores = np.array([[0.1, 0.5, -0.2, 0.3], [1.0, 2.0, 3.0, 4.0]])
+    assert (lds.keep_top_k(scores, 2) == [[0.0, 0.5, 0.0, 0.3], [0.0, 0.0, 3.0, 4.0]]).all()
+    assert (lds.keep_top_k(scores, 0) == scores).all() and (lds.keep_top_k(scores, 9) == scores).all()
+    with pytest.raises(ValueError, match="top_k must be >= 0"):
+        lds.keep_top_k(scores, -1)
+    gold = lds.gold_indicator(["q1", "q2", "q3"], ["a", "b", "c"], {"q1": ["c", "a"], "q2": ["x"]})
+    assert (gold == [[1, 0, 1], [0, 0, 0], [0, 0, 0]]).all()
+
+
+def test_top_k_drops_noise_from_the_predicted_effect():
+    # doc 0 drives the loss; docs 1..3 carry small scores unrelated to the loss
+    scores = np.array([[1.0, 0.4, -0.4, 0.4]])
+    masks = np.array([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [0, 0, 1, 1]], dtype=bool)
+    losses = np.array([[1.0], [1.1], [2.0], [2.1]])  # low exactly when doc 0 is kept
+    # all scores: predicted 1.4, 0.6, 0.8, 0.0 -> ranks 4, 2, 3, 1 vs -loss ranks 4, 3, 2, 1
+    assert lds.linear_datamodeling_score(scores, masks, losses)[0] == pytest.approx(0.8)
+    # top 1: predicted 1, 1, 0, 0 -> ties; rho = corr of ranks (3.5, 3.5, 1.5, 1.5) and (4, 3, 2, 1)
+    assert lds.linear_datamodeling_score(scores, masks, losses, top_k=1)[0] == pytest.approx(
+        np.corrcoef([3.5, 3.5, 1.5, 1.5], [4, 3, 2, 1])[0, 1])
 
 
 def test_bootstrap_ci():
@@ -61,10 +99,19 @@ def test_lds_table_columns():
     rng = np.random.default_rng(0)
     masks = lds.lds_subsets(6, 5, 0.5, 0)
     losses = rng.random((5, 2))
-    frame, markdown = lds.lds_table({"a": rng.random((2, 6))}, masks, losses, losses)
-    assert frame.columns == ["method", "lds", "ci_low", "ci_high", "queries", "subsets"]
-    assert frame["method"].to_list() == ["a", "noise ceiling (seed a vs b)"]
-    assert frame["lds"][1] == pytest.approx(1.0) and "| a |" in markdown
+    scores = rng.random((2, 6))
+    frame, markdown = lds.lds_table({"a": scores}, masks, losses, losses, top_k=(0, 2),
+                                    references={"gold": np.eye(2, 6)})
+    assert frame.columns == ["method", "scores", "lds", "ci_low", "ci_high", "queries", "subsets"]
+    assert frame["method"].to_list() == ["a", "a", "gold", "seed agreement (seed a vs b)",
+                                         "noise ceiling (sqrt of agreement)"]
+    assert frame["scores"].to_list() == ["all", "top 2", "all", "-", "-"]
+    expected = np.nanmean(lds.linear_datamodeling_score(scores, masks, losses, top_k=2))
+    assert frame["lds"][1] == pytest.approx(expected)
+    assert frame["lds"][3] == pytest.approx(1.0) and frame["lds"][4] == pytest.approx(1.0)
+    assert "| method | LDS, all scores | LDS, top 2 |" in markdown and "| a | " in markdown
+    with pytest.raises(ValueError, match="top_k"):
+        lds.lds_table({"a": scores}, masks, losses, top_k=(-1,))
 
 
 @pytest.fixture(scope="module")

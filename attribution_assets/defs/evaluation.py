@@ -46,7 +46,7 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=ft_key, group_name=group, required_resource_keys={STORAGE, COMPUTE, model_resource_key(spec)},
               deps=[dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL),
                     key(spec, "tokenized_queries"), key(spec, "query_set"), key(spec, "model")],
-              code_version=code_version("fact-tracing-v1", spec, "gradients", "scoring"), pool="gpu",
+              code_version=code_version("fact-tracing-v2", spec, "gradients", "scoring"), pool="gpu",
               description="Recall@1/10/50 and MRR of BM25, raw dot product, cosine and TrackStar "
                           "(each optimizer normalization), with answer-only and whole-text query loss.")
     def fact_tracing(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
@@ -66,6 +66,7 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             for name, matrix in result.scores["completion"].items():
                 np.save(scores_dir / f"{name}.npy", matrix.astype(np.float32), allow_pickle=False)
             (scores_dir / "doc_ids.json").write_text(json.dumps([d.doc_id for d in docs]))
+            (scores_dir / "query_ids.json").write_text(json.dumps([q.doc_id for q in queries]))
         return dg.MaterializeResult(metadata={
             "table": dg.MetadataValue.md(result.markdown), "documents": len(docs), "queries": len(queries),
             "path": dg.MetadataValue.path(str(out / "fact_tracing.parquet")), "seconds": timer.seconds})
@@ -105,23 +106,34 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                                               "seconds": timer.seconds})
 
     @dg.asset(key=key(spec, "lds"), group_name=group, required_resource_keys={STORAGE},
-              deps=[dg.AssetDep(retrain_key, partition_mapping=ALL), ft_key, key(spec, "corpus")],
-              code_version=code_version("lds-v1", spec, "evaluation"),
-              description="Linear datamodeling score per method (Spearman of predicted vs measured query "
-                          "loss over the subsets), bootstrap 95% CI, and the two-seed noise ceiling.")
+              deps=[dg.AssetDep(retrain_key, partition_mapping=ALL), ft_key, key(spec, "corpus"),
+                    key(spec, "query_set")],
+              code_version=code_version("lds-v2", spec, "evaluation"),
+              description="Linear datamodeling score per method and score variant (all scores, top k), "
+                          "Spearman of predicted vs measured query loss over the subsets, bootstrap 95% CI; "
+                          "the gold documents as a reference predictor; two-seed agreement and noise ceiling.")
     def lds_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
         storage = context.resources.storage
         scores_dir = storage.path(spec.name, "evaluation") / "scores"
+        dirs = {s: [storage.path(spec.name, "lds_retrain", f"subset-{k:03d}-seed-{s}")
+                    for k in range(spec.evaluation.lds_subsets)] for s in (0, 1)}
         position = {d: i for i, d in enumerate(json.loads((scores_dir / "doc_ids.json").read_text()))}
         corpus_ids = [d["doc_id"] for d in
                       pipeline_io.read_documents(storage.path(spec.name, "corpus") / "documents.parquet")]
         order = np.array([position[d] for d in corpus_ids])
         scores = {p.stem: np.load(p, allow_pickle=False)[:, order] for p in sorted(scores_dir.glob("*.npy"))}
-        dirs = {s: [storage.path(spec.name, "lds_retrain", f"subset-{k:03d}-seed-{s}")
-                    for k in range(spec.evaluation.lds_subsets)] for s in (0, 1)}
+        query_ids = json.loads((scores_dir / "query_ids.json").read_text())
+        retrained_on = json.loads((dirs[0][0] / "query_losses.json").read_text())["query_ids"]
+        if retrained_on != query_ids:
+            raise ValueError("the LDS retrains and fact_tracing saw different queries; re-materialize "
+                             "lds_retrain (all partitions) and fact_tracing from the same tokenized_queries")
+        table = pl.read_parquet(storage.path(spec.name, "query_set") / "queries.parquet")
+        gold = dict(zip(table["doc_id"].to_list(), table["gold_doc_ids"].to_list()))
+        references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
         frame, markdown = lds.lds_table(scores, masks(storage), lds.read_partition_losses(dirs[0]),
-                                        lds.read_partition_losses(dirs[1]))
+                                        lds.read_partition_losses(dirs[1]), top_k=spec.evaluation.lds_top_k,
+                                        references=references)
         out = storage.path(spec.name, "evaluation")
         evaluation.write_tables(frame, markdown, out, "lds")
         return dg.MaterializeResult(metadata={"table": dg.MetadataValue.md(markdown),

@@ -15,10 +15,14 @@ Protocol (Park et al. 2023, "TRAK"):
    ``K`` subsets between the predicted effect ``sum_{i kept} score[q, i]`` and the
    measured ``-loss[k, q]``. Sign: a higher score means the document supports the query,
    so keeping it should LOWER the query loss; correlating with the negated loss makes a
-   good method score positive.
-4. :func:`bootstrap_ci` over queries; :func:`noise_ceiling`: the mean per-query
-   Spearman between the losses of two retrain seeds on the same subsets (the best LDS
-   any method can expect given retraining noise).
+   good method score positive. With ``top_k`` only each query's ``top_k`` highest scores
+   enter the sum (the rest count as 0), as in a score table that keeps the top ``k``.
+4. :func:`bootstrap_ci` over queries. Retraining noise: :func:`seed_agreement` is the
+   mean per-query Spearman ``r`` between the losses of two retrain seeds on the same
+   subsets; :func:`noise_ceiling` is ``sqrt(r)``. If each retrain's loss is a systematic
+   effect of the subset plus independent seed noise, ``r`` is the share of the variance
+   that is systematic, and no predictor (which cannot see the noise) can correlate above
+   ``sqrt(r)`` with one retrain's loss (the classical attenuation bound).
 """
 
 from __future__ import annotations
@@ -40,7 +44,6 @@ from .atomic import write_text_atomic
 from .batching import collate
 from .data import TokenizedDoc
 from .demo_model import DemoModelConfig, train_demo_model
-from .evaluation import markdown_table
 
 
 def lds_subsets(n_docs: int, k: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -132,18 +135,49 @@ def per_query_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return out
 
 
-def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray,
-                              losses: np.ndarray) -> np.ndarray:
+def keep_top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
+    """``[q, n]`` copy of ``scores`` with all but each row's ``top_k`` highest set to 0.
+
+    ``top_k = 0`` (or ``>= n``) keeps every score. Ties at the cut are broken by position.
+    """
+    scores = np.asarray(scores)
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 keeps every score), got {top_k}")
+    if top_k == 0 or top_k >= scores.shape[1]:
+        return scores.copy()
+    top = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+    out = np.zeros_like(scores)
+    np.put_along_axis(out, top, np.take_along_axis(scores, top, axis=1), axis=1)
+    return out
+
+
+def gold_indicator(query_ids: Sequence[str], doc_ids: Sequence[str],
+                   gold: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """``[q, n]`` float64: 1 where the document is one of the query's gold documents.
+
+    A reference "method" for LDS: the predicted effect is the number of gold documents kept.
+    """
+    column = {d: j for j, d in enumerate(doc_ids)}
+    out = np.zeros((len(query_ids), len(doc_ids)))
+    for row, qid in enumerate(query_ids):
+        out[row, [column[d] for d in gold.get(qid, ()) if d in column]] = 1.0
+    return out
+
+
+def linear_datamodeling_score(scores: np.ndarray, masks: np.ndarray, losses: np.ndarray,
+                              top_k: int = 0) -> np.ndarray:
     """Per-query LDS ``[q]`` from ``scores [q, n]``, ``masks [K, n]`` and ``losses [K, q]``.
 
-    Predicted effect ``[K, q] = masks @ scores.T`` (sum of the kept documents' scores),
-    correlated with ``-losses`` (see the module docstring for the sign).
+    Predicted effect ``[K, q] = masks @ scores.T`` (sum of the kept documents' scores, only
+    each query's ``top_k`` highest when ``top_k > 0``), correlated with ``-losses`` (see
+    the module docstring for the sign).
     """
     scores, masks, losses = np.asarray(scores), np.asarray(masks), np.asarray(losses)
     if scores.shape[1] != masks.shape[1] or losses.shape != (masks.shape[0], scores.shape[0]):
         raise ValueError(f"shapes do not fit: scores {scores.shape} [q, n], masks {masks.shape} "
                          f"[K, n], losses {losses.shape} [K, q]")
-    predicted = masks.astype(np.float64) @ scores.astype(np.float64).T
+    kept = keep_top_k(scores, top_k).astype(np.float64)
+    predicted = masks.astype(np.float64) @ kept.T
     return per_query_spearman(predicted, -losses)
 
 
@@ -160,28 +194,71 @@ def bootstrap_ci(values: np.ndarray, n: int = 1000, seed: int = 0,
     return float(values.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+def seed_agreement(losses_a: np.ndarray, losses_b: np.ndarray) -> np.ndarray:
+    """``[q]``: per-query Spearman between two retrain seeds' losses ``[K, q]`` on the same subsets."""
+    return per_query_spearman(np.asarray(losses_a), np.asarray(losses_b))
+
+
 def noise_ceiling(losses_a: np.ndarray, losses_b: np.ndarray) -> float:
-    """Mean per-query Spearman between two retrain seeds' losses ``[K, q]`` on the same subsets."""
-    return float(np.nanmean(per_query_spearman(np.asarray(losses_a), np.asarray(losses_b))))
+    """``sqrt(max(0, mean seed agreement))``: the LDS bound set by retraining noise."""
+    return float(np.sqrt(max(0.0, np.nanmean(seed_agreement(losses_a, losses_b)))))
+
+
+def _variant(top_k: int) -> str:
+    return "all" if top_k == 0 else f"top {top_k}"
 
 
 def lds_table(scores_by_method: Mapping[str, np.ndarray], masks: np.ndarray, losses: np.ndarray,
-              losses_seed_b: np.ndarray | None = None, n_boot: int = 1000,
+              losses_seed_b: np.ndarray | None = None, top_k: Sequence[int] = (0,),
+              references: Mapping[str, np.ndarray] | None = None, n_boot: int = 1000,
               seed: int = 0) -> tuple[pl.DataFrame, str]:
-    """Mean LDS with a bootstrap CI per method, plus the noise ceiling row when given.
+    """Mean LDS with a bootstrap 95% CI per method and score variant, plus noise rows.
 
-    Columns: ``method, lds, ci_low, ci_high, queries`` (queries with a defined
-    correlation), ``subsets``. Returns ``(frame, markdown)``.
+    ``top_k``: the variants, 0 = every score, ``k`` = each query's top ``k`` scores.
+    ``references``: ``[q, n]`` predictors scored with every score only (e.g.
+    :func:`gold_indicator`). With ``losses_seed_b``, two more rows: ``seed agreement``
+    (mean per-query Spearman of the two seeds' losses, with its CI) and ``noise ceiling``
+    (its square root, CI bounds likewise).
+
+    Long frame columns: ``method, scores, lds, ci_low, ci_high, queries`` (queries with a
+    defined correlation), ``subsets``. The Markdown is wide: one row per method, one
+    ``LDS (95% CI)`` column per variant. Returns ``(frame, markdown)``.
     """
+    top_k = list(dict.fromkeys(top_k))
+    if not top_k or any(k < 0 for k in top_k):
+        raise ValueError(f"top_k must be a non-empty list of ints >= 0 (0 = every score), got {top_k}")
     rows = []
     for name, scores in scores_by_method.items():
+        for k in top_k:
+            per_query = linear_datamodeling_score(scores, masks, losses, top_k=k)
+            rows.append((name, _variant(k), *bootstrap_ci(per_query, n_boot, seed),
+                         int(np.sum(~np.isnan(per_query)))))
+    for name, scores in (references or {}).items():
         per_query = linear_datamodeling_score(scores, masks, losses)
-        mean, lo, hi = bootstrap_ci(per_query, n_boot, seed)
-        rows.append((name, mean, lo, hi, int(np.sum(~np.isnan(per_query)))))
+        rows.append((name, "all", *bootstrap_ci(per_query, n_boot, seed),
+                     int(np.sum(~np.isnan(per_query)))))
     if losses_seed_b is not None:
-        per_query = per_query_spearman(losses, losses_seed_b)
+        per_query = seed_agreement(losses, losses_seed_b)
         mean, lo, hi = bootstrap_ci(per_query, n_boot, seed)
-        rows.append(("noise ceiling (seed a vs b)", mean, lo, hi, int(np.sum(~np.isnan(per_query)))))
-    frame = pl.DataFrame(rows, schema=["method", "lds", "ci_low", "ci_high", "queries"], orient="row")
+        count = int(np.sum(~np.isnan(per_query)))
+        rows.append(("seed agreement (seed a vs b)", "-", mean, lo, hi, count))
+        root = [float(np.sqrt(max(0.0, v))) for v in (mean, lo, hi)]
+        rows.append(("noise ceiling (sqrt of agreement)", "-", *root, count))
+    frame = pl.DataFrame(rows, schema=["method", "scores", "lds", "ci_low", "ci_high", "queries"],
+                         orient="row", infer_schema_length=None)
     frame = frame.with_columns(pl.lit(masks.shape[0]).alias("subsets"))
-    return frame, markdown_table(frame)
+    return frame, _wide_markdown(frame, [_variant(k) for k in top_k])
+
+
+def _wide_markdown(frame: pl.DataFrame, variants: list[str]) -> str:
+    """One row per method; a ``LDS (95% CI)`` cell per score variant."""
+    cells: dict[str, dict[str, str]] = {}
+    for name, variant, mean, lo, hi in frame.select("method", "scores", "lds", "ci_low",
+                                                    "ci_high").iter_rows():
+        text = "nan" if np.isnan(mean) else f"{mean:.3f} ({lo:.3f} to {hi:.3f})"
+        cells.setdefault(name, {})[variants[0] if variant == "-" else variant] = text
+    header = ["method"] + [f"LDS, {v} scores" if v == "all" else f"LDS, {v}" for v in variants]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join([name] + [row.get(v, "") for v in variants]) + " |"
+              for name, row in cells.items()]
+    return "\n".join(lines) + "\n"
