@@ -6,12 +6,18 @@ tables and LDS retrain partitions under ``--out``. Retrains are incremental: a
 
     .venv/bin/python benchmarks/eval_demo.py --k 32            # ~40 s per retrain, x2 seeds
     .venv/bin/python benchmarks/eval_demo.py --k 8 --workers 2 --epochs 20
-    .venv/bin/python benchmarks/eval_demo.py --skip-lds        # fact tracing only (~1 min)
+    .venv/bin/python benchmarks/eval_demo.py --skip-lds        # fact tracing only
+    .venv/bin/python benchmarks/eval_demo.py --reuse-scores    # LDS from the saved score matrices
+
+The completion-loss score matrices of every method are saved under ``--out/scores``
+(``<method>.npy`` ``[q, n]``, ``doc_ids.json``, ``query_ids.json``), so ``--reuse-scores``
+recomputes the LDS tables without rerunning fact tracing.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -67,16 +73,20 @@ def retrain(demo: Path, out: Path, queries, args) -> tuple[np.ndarray, dict[int,
 
 
 def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: list[str],
-               masks: np.ndarray, dirs: dict[int, list[Path]], args) -> None:
-    """LDS per method (score columns reordered to the training order) and the noise ceiling."""
+               query_ids: list[str], gold: dict, masks: np.ndarray, dirs: dict[int, list[Path]],
+               args) -> None:
+    """LDS per method and score variant (columns reordered to the training order), the gold
+    documents as a reference predictor, and the seed agreement / noise ceiling."""
     corpus_ids = pl.read_parquet(demo / "corpus" / "documents.parquet")["doc_id"].to_list()
     position = {d: i for i, d in enumerate(doc_ids)}
     order = np.array([position[d] for d in corpus_ids])
     seed_a, seed_b = sorted(dirs)
     started = time.perf_counter()
+    references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
     frame, markdown = lds.lds_table({n: s[:, order] for n, s in scores.items()}, masks,
                                     lds.read_partition_losses(dirs[seed_a]),
-                                    lds.read_partition_losses(dirs[seed_b]))
+                                    lds.read_partition_losses(dirs[seed_b]),
+                                    top_k=args.top_k, references=references)
     epochs = _config(args).epochs
     evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}")
     print(f"\nLDS ({args.k} subsets, fraction {args.fraction}, {epochs} epochs, completion-loss "
@@ -84,7 +94,24 @@ def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: li
     print(f"LDS computation {time.perf_counter() - started:.1f} s")
 
 
+def save_scores(folder: Path, scores: dict[str, np.ndarray], doc_ids: list[str], query_ids: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, matrix in scores.items():
+        np.save(folder / f"{name}.npy", matrix.astype(np.float32), allow_pickle=False)
+    (folder / "doc_ids.json").write_text(json.dumps(doc_ids))
+    (folder / "query_ids.json").write_text(json.dumps(query_ids))
+
+
+def load_scores(folder: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
+    if not (folder / "doc_ids.json").is_file():
+        raise SystemExit(f"no saved scores in {folder}: run once without --reuse-scores")
+    scores = {p.stem: np.load(p, allow_pickle=False) for p in sorted(folder.glob("*.npy"))}
+    return (scores, json.loads((folder / "doc_ids.json").read_text()),
+            json.loads((folder / "query_ids.json").read_text()))
+
+
 def main() -> None:
+    spec_defaults = demo_spec().evaluation
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default=os.environ.get("ATTRIBUTION_STORAGE", ".storage"))
     parser.add_argument("--out", default=".storage/demo-evaluation")
@@ -95,6 +122,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for gradients")
     parser.add_argument("--skip-lds", action="store_true")
+    parser.add_argument("--reuse-scores", action="store_true",
+                        help="LDS from the score matrices a previous run saved (no fact tracing)")
+    parser.add_argument("--top-k", type=int, nargs="+", default=list(spec_defaults.lds_top_k),
+                        help="LDS score variants: 0 = every score, k = each query's top k")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     demo, out = Path(args.storage) / "demo", Path(args.out)
@@ -109,15 +140,21 @@ def main() -> None:
 
     if not args.skip_lds:
         masks, dirs = retrain(demo, out, queries, args)
-    started = time.perf_counter()
-    result = evaluation.fact_tracing_table(model, spec, demo / "model", docs, queries, gold)
-    evaluation.write_tables(result.frame, result.markdown, out, "fact_tracing")
-    print(f"\nFact tracing (configured: {spec.gradients.normalizer} TrackStar):\n{result.markdown}")
-    print(f"fact tracing wall time {time.perf_counter() - started:.1f} s", flush=True)
+    query_ids = [q.doc_id for q in queries]
+    if args.reuse_scores:
+        scores, doc_ids, saved_query_ids = load_scores(out / "scores")
+        assert saved_query_ids == query_ids, "saved scores are for other queries"
+    else:
+        started = time.perf_counter()
+        result = evaluation.fact_tracing_table(model, spec, demo / "model", docs, queries, gold)
+        evaluation.write_tables(result.frame, result.markdown, out, "fact_tracing")
+        print(f"\nFact tracing (configured: {spec.gradients.normalizer} TrackStar):\n{result.markdown}")
+        print(f"fact tracing wall time {time.perf_counter() - started:.1f} s", flush=True)
+        scores, doc_ids = result.scores["completion"], [d.doc_id for d in docs]
+        save_scores(out / "scores", scores, doc_ids, query_ids)
     if not args.skip_lds:
-        lds_report(demo, out, result.scores["completion"], [d.doc_id for d in docs], masks, dirs, args)
+        lds_report(demo, out, scores, doc_ids, query_ids, gold, masks, dirs, args)
 
 
 if __name__ == "__main__":
     main()
-

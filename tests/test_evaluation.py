@@ -1,5 +1,7 @@
 """Fact-tracing evaluation: ranks, metrics, BM25, query-loss masks, and a tiny table end to end."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -47,7 +49,7 @@ def test_default_methods_and_configured():
                         gradients=GradientSpec(normalizer="adafactor"))
     names = [m.name for m in evaluation.default_methods(spec)]
     assert names == ["bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
-                     "trackstar (adam)"]
+                     "trackstar (adam)", "preconditioned dot (adafactor)"]
     assert evaluation.configured_name(spec, evaluation.default_methods(spec)) == "trackstar (adafactor)"
     other = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                          gradients=GradientSpec(normalizer="adam"),
@@ -88,3 +90,31 @@ def test_fact_tracing_table_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path)
     assert result.scores["completion"]["dot"].shape == (4, len(docs))
     parquet, md = evaluation.write_tables(frame, result.markdown, tmp_path, "ft")
     assert parquet.exists() and md.read_text() == result.markdown
+
+
+def test_preconditioned_methods_share_one_preconditioner_and_match_brute_force(tiny_model_dir,
+                                                                                tiny_tokenizer):
+    model = load_model(str(tiny_model_dir))
+    docs = [TokenizedDoc(f"d{i}", ids, [0] + [1] * (len(ids) - 1), text)
+            for i, text in enumerate(SENTENCES) for ids in [tiny_tokenizer(text)["input_ids"]]]
+    queries = [dataclasses.replace(d, doc_id=f"q{i}", loss_mask=[0] * (len(d.input_ids) - 2) + [1, 1])
+               for i, d in enumerate(docs[:4])]
+    spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
+                        gradients=GradientSpec(projection_dim=8))
+    cache = evaluation.GradientCache(model, spec, None, docs, queries)
+    ip_method = evaluation.trackstar("none", name="ip", metric="inner_product")
+    ip = evaluation.gradient_scores(ip_method, cache, "completion")
+    cos = evaluation.gradient_scores(evaluation.trackstar("none"), cache, "completion")
+    precond = cache.preconditioner("none", "completion", ip_method.scoring())
+    assert precond is cache.preconditioner("none", "completion", evaluation.trackstar("none").scoring())
+    (train, _), (query, _) = cache.train("none"), cache.query("none", "completion")
+    # ground truth: per module, (R + shift I)^-1 by explicit inversion
+    inverse, root = np.zeros((train.shape[1],) * 2), np.zeros((train.shape[1],) * 2)
+    for m in precond.layout:
+        block = precond.matrices[m.name] + precond.damping_shift(m.name) * np.eye(m.size)
+        inverse[m.start:m.stop, m.start:m.stop] = np.linalg.inv(block)
+        vals, vecs = np.linalg.eigh(block)
+        root[m.start:m.stop, m.start:m.stop] = (vecs / np.sqrt(vals)) @ vecs.T
+    np.testing.assert_allclose(ip, query @ inverse @ train.T, rtol=2e-3, atol=1e-4 * np.abs(ip).max())
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(cos, unit(query @ root) @ unit(train @ root).T, atol=2e-4)

@@ -15,12 +15,15 @@ Methods (:class:`Method`):
 * ``trackstar``: ``cos(R^{-1/2} g_q, R^{-1/2} g_t)`` with the mixed, damped
   autocorrelation ``R`` of ``workflow.build_preconditioner``, with optimizer
   normalization ``none`` / ``adafactor`` / ``adam``.
+* ``preconditioned dot (adafactor)``: ``g_q R^{-1} g_t``, the same preconditioner with
+  inner products and no unit normalization: the additive influence-function form, the
+  natural one for the linear datamodeling score (``lds``).
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
 
 Gradients go through ``workflow.make_collector``/``collect`` (the assets' code path),
 with the pipeline's projection; they are computed once per (normalizer, query loss)
-and shared by all methods. Query loss: ``"completion"`` (the query's ``loss_mask``,
+and shared by all methods, and preconditioners once per (normalizer, query loss). Query loss: ``"completion"`` (the query's ``loss_mask``,
 the answer, as TrackStar does) or ``"full"`` (every query token but the first).
 """
 
@@ -39,6 +42,7 @@ from . import workflow
 from .atomic import atomic_file, write_text_atomic
 from .data import TokenizedDoc
 from .fact_tracing import recall_and_mrr
+from .preconditioners import Preconditioner
 
 QUERY_LOSSES = ("completion", "full")
 
@@ -71,9 +75,14 @@ def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring)
                   **scoring)
 
 
+PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)", metric="inner_product")
+
+
 def default_methods(spec: PipelineSpec) -> list[Method]:
-    """BM25, dot, cosine, TrackStar with each normalizer, and the pipeline's own settings."""
-    methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam")]
+    """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
+    products (``g_q R^-1 g_t``, the influence-function form), and the pipeline's own settings."""
+    methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
+               PRECONDITIONED_DOT]
     s = spec.scoring
     configured = Method("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
                         precondition=s.precondition, mixing=s.mixing, damping=s.damping)
@@ -122,6 +131,7 @@ class GradientCache:
         self.model, self.spec, self.model_dir = model, spec, model_dir
         self.docs, self.queries = list(docs), list(queries)
         self._rows: dict[tuple[str, str], tuple[np.ndarray, dict]] = {}
+        self._preconditioners: dict[tuple, Preconditioner] = {}
         self.seconds: dict[str, float] = {}
 
     def _collect(self, normalizer: str, which: str, docs: list[TokenizedDoc]):
@@ -145,17 +155,23 @@ class GradientCache:
         return self._collect(normalizer, f"query-{query_loss}",
                              with_query_loss(self.queries, query_loss))
 
+    def preconditioner(self, normalizer: str, query_loss: str, scoring: ScoringSpec) -> Preconditioner:
+        """TrackStar's mixed, damped preconditioner, built once per setting (metric aside)."""
+        key = (normalizer, query_loss, scoring.mixing, scoring.damping)
+        if key not in self._preconditioners:
+            (train, info), (query, _) = self.train(normalizer), self.query(normalizer, query_loss)
+            layout = info["modules"]
+            self._preconditioners[key] = workflow.build_preconditioner(
+                workflow.accumulate([train], layout), workflow.accumulate([query], layout), scoring)
+        return self._preconditioners[key]
+
 
 def gradient_scores(method: Method, cache: GradientCache, query_loss: str) -> np.ndarray:
     """``[q, n]`` scores of a gradient method (same functions as the score assets)."""
     train, info = cache.train(method.normalizer)
     query, query_info = cache.query(method.normalizer, query_loss)
     scoring = method.scoring()
-    precond = None
-    if method.precondition:
-        layout = info["modules"]
-        precond = workflow.build_preconditioner(workflow.accumulate([train], layout),
-                                                workflow.accumulate([query], layout), scoring)
+    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if method.precondition else None
     prepared = workflow.prepare(query, query_info, precond, scoring)
     return workflow.score_block(prepared, train, precond, scoring)
 
