@@ -3,18 +3,194 @@
 A crash (or a concurrent writer) never leaves a half-written file or directory
 at the final path: readers see either the previous complete version or the new
 complete version.
+
+Temporary names identify their writer. While writing ``DIR/NAME``:
+
+* the new version is built in ``DIR/.NAME.tmp-{host}-{pid}-{random}``
+  (:func:`atomic_dir`, :func:`atomic_file`);
+* a replaced directory is first moved aside to ``DIR/.NAME.old-{host}-{pid}-{random}``
+  and deleted after the new version is in place (:func:`replace_dir`).
+
+``host`` is the host name reduced to ``[A-Za-z0-9_.-]`` and ``pid`` the writing
+process. A writer that is killed (OOM killer, SIGKILL, ``os._exit``, power loss)
+leaves these hidden siblings behind; ``NAME`` itself is untouched or complete.
+They are removed by :func:`sweep_stale`, which every :func:`atomic_dir` and
+:func:`atomic_file` call runs for its own ``NAME`` before writing: so the leftovers of
+a crash disappear the next time the same path is written from the same host. A
+leftover is removed only once its writer is known dead (same host name, pid gone);
+see :func:`sweep_stale` for the exact rules, including names from before this scheme.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import re
 import shutil
-import tempfile
+import socket
+import stat
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Names that do not carry a writer (written before writers were named) are removed
+# once neither they nor (for directories) their direct entries changed for this long.
+LEGACY_MAX_AGE_S = 24 * 3600
+
+
+def _host() -> str:
+    """This machine's host name, reduced to characters that are safe in a file name."""
+    host = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64]
+    return host or "unknown-host"
+
+
+def _writer_prefix(final: Path, kind: str) -> str:
+    """``.NAME.tmp-HOST-PID-`` (or ``.old-``): the start of this process's temporary names."""
+    return f".{final.name}.{kind}-{_host()}-{os.getpid()}-"
+
+
+def _create_temp(final: Path, directory: bool) -> Path:
+    """Create an empty ``.NAME.tmp-HOST-PID-RANDOM`` directory or file next to ``final``.
+
+    Unlike ``tempfile.mkdtemp``/``mkstemp`` (modes 0700/0600), the mode follows the umask
+    like a plain ``mkdir``/``open``, since the temporary becomes the published artifact.
+    """
+    prefix = _writer_prefix(final, "tmp")
+    for _ in range(100):
+        path = final.parent / f"{prefix}{uuid.uuid4().hex[:8]}"
+        try:
+            if directory:
+                os.mkdir(path)
+            else:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final.parent / prefix))
+
+
+def _parse(name: str, final_name: str) -> tuple[str, int] | None:
+    """``(host, pid)`` of a temporary name of ``final_name``, or None if it carries no writer."""
+    match = re.fullmatch(
+        rf"\.{re.escape(final_name)}\.(?:tmp|old)-(?P<host>[A-Za-z0-9_.-]+)-(?P<pid>[0-9]+)-[A-Za-z0-9_]+",
+        name,
+    )
+    if match is None:
+        return None
+    return match["host"], int(match["pid"])
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when ``pid`` is known not to exist on this host."""
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence/permission check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists (another user's process)
+        return True
+    return True
+
+
+def _newest_mtime(path: Path) -> float:
+    """mtime of ``path`` (not followed), and of its direct entries if it is a real directory."""
+    st = os.lstat(path)
+    newest = st.st_mtime
+    if stat.S_ISDIR(st.st_mode):
+        with os.scandir(path) as entries:
+            for entry in entries:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+    return newest
+
+
+def _is_stale(path: Path, final_name: str, host: str, now: float) -> bool:
+    writer = _parse(path.name, final_name)
+    if writer is not None:
+        writer_host, pid = writer
+        return writer_host == host and not _pid_alive(pid)
+    try:
+        return now - _newest_mtime(path) > LEGACY_MAX_AGE_S
+    except OSError:  # gone already, or unreadable: leave it
+        return False
+
+
+def _remove(path: Path, final: Path) -> bool:
+    """Claim ``path`` by renaming it to a trash name of this process, then delete it.
+
+    The rename makes concurrent sweepers safe (exactly one of them wins it) and a sweeper
+    killed while deleting leaves a name that identifies it, so a later sweep finishes the job.
+    Only the name in ``final.parent`` is renamed or unlinked: a symlink is never followed.
+    """
+    claim = final.parent / f"{_writer_prefix(final, 'old')}{uuid.uuid4().hex[:8]}"
+    try:
+        os.rename(path, claim)
+    except FileNotFoundError:  # another sweeper (or the writer itself) got there first
+        return False
+    except OSError as exc:
+        log.warning("could not remove stale temporary %s: %s", path, exc)
+        return False
+    try:
+        if stat.S_ISDIR(os.lstat(claim).st_mode):
+            shutil.rmtree(claim, ignore_errors=True)
+        else:
+            claim.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("could not remove stale temporary %s (now %s): %s", path, claim, exc)
+    if os.path.lexists(claim):
+        log.warning("could not fully remove stale temporary %s (now %s)", path, claim)
+    return True
+
+
+def sweep_stale(final: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that dead writers of ``final`` left; return the removed paths.
+
+    Candidates are the siblings of ``final`` named ``.NAME.tmp-*`` or ``.NAME.old-*``
+    (``NAME = final.name``); one listing of ``final.parent``. A candidate is removed when:
+
+    * its name carries a writer (``.NAME.tmp-HOST-PID-RANDOM``), ``HOST`` is this host's
+      name and process ``PID`` no longer exists (``os.kill(pid, 0)`` raises
+      ProcessLookupError). Entries of other hosts (a shared filesystem) are never
+      removed, nor those of live processes, including this one and its other threads.
+      A pid reused by an unrelated process keeps the entry until that process ends;
+      host names must tell apart machines (and pid namespaces) that share a filesystem;
+    * its name carries no writer (written before writers were named, e.g.
+      ``.NAME.tmp-k2j4h1xq``, ``.NAME.old-1f3a9c0e`` or the old ``.NAME.tmp-PID``):
+      nobody can tell whether its writer is alive, so it is removed only when neither it
+      nor, for a directory, any of its direct entries was modified for
+      :data:`LEGACY_MAX_AGE_S` (24 h). No writer of this project keeps a file open and
+      unchanged that long.
+
+    Removal renames the candidate to this process's own ``.NAME.old-`` name first, so
+    concurrent sweeps never fail or remove an entry twice, then deletes it: real
+    directories with ``shutil.rmtree`` (which does not follow symlinks inside), files and
+    symlinks with unlink (the link, never its target). Errors are logged, never raised:
+    a sweep never makes a write fail.
+    """
+    final = Path(final)
+    prefixes = (f".{final.name}.tmp-", f".{final.name}.old-")
+    try:
+        with os.scandir(final.parent) as entries:
+            names = [entry.name for entry in entries if entry.name.startswith(prefixes)]
+    except OSError as exc:
+        if not isinstance(exc, FileNotFoundError):
+            log.warning("could not list %s for stale temporaries: %s", final.parent, exc)
+        return []
+    host, now = _host(), time.time()
+    removed = []
+    for name in sorted(names):
+        path = final.parent / name
+        if _is_stale(path, final.name, host, now) and _remove(path, final):
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -22,7 +198,8 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory next to ``final``; on success it replaces ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    sweep_stale(final)
+    tmp = _create_temp(final, directory=True)
     try:
         yield tmp
         replace_dir(tmp, final)
@@ -35,21 +212,29 @@ def replace_dir(src: Path, final: Path) -> None:
     """Move directory ``src`` onto ``final``, replacing any existing directory there.
 
     Safe against concurrent writers of the same ``final``: the last complete rename wins,
-    and readers only ever see one writer's complete directory.
+    and readers only ever see one writer's complete directory. A replaced directory is
+    moved aside to ``.NAME.old-HOST-PID-RANDOM`` and deleted only once ``src`` is in
+    place, so a crash in between leaves ``final`` complete plus a sweepable leftover.
     """
-    while True:
-        try:
-            os.replace(src, final)  # atomic; succeeds when ``final`` is absent or empty
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        try:
-            os.replace(final, trash)
-        except FileNotFoundError:  # another writer moved it first: try again
-            continue
-        shutil.rmtree(trash, ignore_errors=True)
+    final = Path(final)
+    trash: list[Path] = []
+    try:
+        while True:
+            try:
+                os.replace(src, final)  # atomic; succeeds when ``final`` is absent or empty
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+            old = final.parent / f"{_writer_prefix(final, 'old')}{uuid.uuid4().hex[:8]}"
+            try:
+                os.replace(final, old)
+            except FileNotFoundError:  # another writer moved it first: try again
+                continue
+            trash.append(old)
+    finally:
+        for old in trash:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -57,9 +242,8 @@ def atomic_file(final: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to ``final``; on success it is renamed onto ``final``."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
+    sweep_stale(final)
+    tmp = _create_temp(final, directory=False)
     try:
         yield tmp
         os.replace(tmp, final)

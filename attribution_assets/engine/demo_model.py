@@ -18,7 +18,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
+from .atomic import atomic_dir
 from .demo_corpus import DemoCorpus
 
 EOS_TOKEN = "<|endoftext|>"
@@ -178,20 +178,13 @@ def _lr_lambda(config: DemoModelConfig, total_steps: int) -> Callable[[int], flo
 
 
 def _write_atomically(output_dir: Path, write: Callable[[Path], None]) -> None:
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.with_name(f".{output_dir.name}.tmp-{os.getpid()}")
-    old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Fill a fresh temporary sibling with ``write`` and rename it onto ``output_dir``.
+
+    Uses :func:`atomic.atomic_dir`: temporaries name their writer (host, pid) and the
+    leftovers of killed writers are swept before each write.
+    """
+    with atomic_dir(output_dir) as tmp:
         write(tmp)
-        if output_dir.exists():
-            os.replace(output_dir, old)
-        os.replace(tmp, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def train_demo_model(
