@@ -51,16 +51,29 @@ class ModelResource(dg.ConfigurableResource):
 
 
 class ComputeResource(dg.ConfigurableResource):
-    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32.
+    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32, CPU threads.
 
     ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
     resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
     stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
+    ``threads``: CPU threads of torch and FAISS in each step that uses this resource
+    (0 keeps their defaults, one per core). When several steps share a machine (the
+    multiprocess executor, a backfill), set it to cores / concurrent steps: spinning
+    threads that outnumber the cores slow every step down.
     """
 
     device: str = "auto"
     precision: str = "auto"
     allow_tf32: bool = False
+    threads: int = Field(default=0, ge=0)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if self.threads:
+            import faiss
+            import torch
+
+            torch.set_num_threads(self.threads)
+            faiss.omp_set_num_threads(self.threads)
 
     def cast(self, model):
         """Cast ``model`` to ``precision`` (no-op for ``auto``)."""

@@ -73,7 +73,7 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                       "path": dg.MetadataValue.path(str(out)), "seconds": timer.seconds},
             data_version=dg.DataVersion(workflow.digest_files(out)))
 
-    @dg.asset(key=precond_key, group_name=spec.name, required_resource_keys={STORAGE},
+    @dg.asset(key=precond_key, group_name=spec.name, required_resource_keys={STORAGE, COMPUTE},
               deps=[autocorr_key, key(spec, "query_gradients")],
               code_version=code_version("preconditioner-v2", spec, "gradients", "scoring"),
               automation_condition=rebuild_condition(),
