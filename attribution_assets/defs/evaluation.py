@@ -81,7 +81,8 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         e = spec.evaluation
         return lds.lds_subsets(n, e.lds_subsets, e.lds_fraction, e.lds_seed)
 
-    @dg.asset(key=retrain_key, group_name=group, partitions_def=partitions, required_resource_keys={STORAGE},
+    @dg.asset(key=retrain_key, group_name=group, partitions_def=partitions,
+              required_resource_keys={STORAGE, COMPUTE},
               deps=[key(spec, "corpus"), key(spec, "tokenizer"), key(spec, "tokenized_queries")],
               code_version=code_version("lds-retrain-v1", spec, "demo", "evaluation"), pool="gpu",
               description="The demo model retrained on one random half of the corpus (removed documents get "
