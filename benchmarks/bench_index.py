@@ -3,9 +3,11 @@
 Data: clustered unit vectors (topic centre + low-rank variation + isotropic noise,
 normalized), which mimic preconditioned, unit-normalized training gradients: a random
 pair has cosine ~0, a query's top-1 neighbour ~0.3. Queries are held-out rows of the
-same distribution. Recall@k is against the first factory (``Flat``, exact), computed in
-the same process. Every index is built with ``build_index`` from shard-sized blocks,
-loaded with ``FaissIndex.load(mmap=True)`` and searched with ``FaissIndex.search``.
+same distribution; a second, disjoint set of as many rows calibrates the ``auto``
+nprobe / efSearch (as the pipeline's queries do). Recall@k is against the first factory
+(``Flat``, exact), computed in the same process. Every index is built with
+``build_index`` from shard-sized blocks, loaded with ``FaissIndex.load(mmap=True)`` and
+searched with ``FaissIndex.search``.
 
     .venv/bin/python benchmarks/bench_index.py --n 100000 --d 2048
 """
@@ -98,8 +100,8 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
 
     t = time.perf_counter()
-    data = gradient_like(args.n + args.queries, args.d)
-    x, queries = data[:args.n], data[args.n:]
+    data = gradient_like(args.n + 2 * args.queries, args.d)
+    x, queries, calibration = np.split(data, [args.n, args.n + args.queries])
     ids = [f"doc-{i:07d}" for i in range(args.n)]
     print(f"data: {args.n} x {args.d} float32 ({x.nbytes / 2**20:.0f} MiB), "
           f"{args.queries} queries, {time.perf_counter() - t:.1f} s; "
@@ -114,7 +116,7 @@ def main() -> None:
         for factory in args.factories:
             config = IndexConfig(factory=factory, train_sample=args.train_sample)
             with PeakRss() as mem:
-                info = build_index(blocks, config, root / "ix")
+                info = build_index(blocks, config, root / "ix", calibration=calibration)
             index = FaissIndex.load(root / "ix", mmap=True)
             found, _ = index.search(queries, args.k)
             exact = exact or found
@@ -125,6 +127,7 @@ def main() -> None:
                 f"{latency_ms(index, queries, args.k, 64, 4):.2f}",
                 f"{recall_at_k(found, exact, args.k):.3f}",
                 str(info.nprobe or info.hnsw_ef_search or "-"),
+                f"{info.calibration['seconds']:.1f}" if info.calibration else "-",
             ])
             print(f"  {factory}: done", flush=True)
             del index
@@ -133,7 +136,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     head = ["index", "build s", "MiB on disk", "build peak RSS Δ MiB", "ms/query b=1",
-            "ms/query b=64", f"recall@{args.k}", "nprobe/efSearch"]
+            "ms/query b=64", f"recall@{args.k}", "nprobe/efSearch", "calibration s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for row in rows:

@@ -7,6 +7,7 @@ differences across thread counts, not for a real regression.
 """
 
 import dagster as dg
+import numpy as np
 import pytest
 
 from attribution_assets.defs.factory import build_definitions
@@ -40,24 +41,31 @@ def test_full_demo_traces_facts(tmp_path):
     assert metrics["recall@10"] >= 0.75, metrics
     assert metrics["mrr"] >= 0.6, metrics
     queries_recall, documents_recall = _ivf_recall_at_10(spec, tmp_path / "demo")
-    # Measured 0.86 for the demo's queries, 0.96 for training documents as queries
-    # (docs/index-benchmark.md): query gradients lie away from the training clusters.
-    assert queries_recall >= 0.8 and documents_recall >= 0.95, (queries_recall, documents_recall)
+    # Calibration picks nprobe 40-41 of 43 lists here; a fixed 32 gave 0.86 for the demo's
+    # queries (0.96 for documents): their preconditioned gradients lie away from every
+    # training cluster (docs/index-benchmark.md). Measured held-out: 0.97, documents 0.99.
+    assert queries_recall >= 0.95 and documents_recall >= 0.95, (queries_recall, documents_recall)
 
 
 def _ivf_recall_at_10(spec, root):
-    """Recall@10 of an IVF index (default nprobe) against the pipeline's Flat index, for the
-    demo queries and for 200 training documents used as queries."""
+    """Recall@10 against the pipeline's Flat index of an IVF index with the default
+    (``auto``) nprobe calibrated on a random half of the demo's queries, for the other
+    half and for 200 training documents used as queries. A random half, not every other
+    row: the queries cycle through four relations, so even and odd rows differ."""
     paths = sorted((root / "train_gradients").glob("shard-*"))
     precond = Preconditioner.load(root / "preconditioner")
-    ivf = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring),
-                      IndexConfig(factory="IVF{auto},Flat"), root / "ivf_index")
-    assert ivf.factory.startswith("IVF")
     queries = GradientStore(root / "query_gradients")
+    prepared = workflow.prepare(queries.array, queries.info, precond, spec.scoring)
+    calibrate = np.zeros(len(prepared), bool)
+    calibrate[np.random.default_rng(0).permutation(len(prepared))[:len(prepared) // 2]] = True
+    ivf = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring),
+                      IndexConfig(factory="IVF{auto},Flat"), root / "ivf_index",
+                      calibration=prepared[calibrate])
+    assert ivf.factory.startswith("IVF") and ivf.calibration["source"] == "queries"
     documents = next(iter(workflow.index_blocks(paths[:1], precond, spec.scoring)))[1][:200]
     recalls = []
-    for prepared in (workflow.prepare(queries.array, queries.info, precond, spec.scoring), documents):
-        exact, _ = FaissIndex.load(root / "faiss_index").search(prepared, 10)
-        approx, _ = FaissIndex.load(root / "ivf_index").search(prepared, 10)
+    for rows in (prepared[~calibrate], documents):
+        exact, _ = FaissIndex.load(root / "faiss_index").search(rows, 10)
+        approx, _ = FaissIndex.load(root / "ivf_index").search(rows, 10)
         recalls.append(recall_at_k(approx, exact, 10))
     return recalls

@@ -1,4 +1,5 @@
-"""FAISS index engine: exactness of Flat, sharding, recall of approximate indexes, I/O."""
+"""FAISS index engine: exactness of Flat, sharding, recall of approximate indexes and its
+calibration, I/O."""
 
 import json
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from attribution_assets.engine.index import (
+    CONFIDENCE_Z,
     FaissIndex,
     IndexConfig,
     _sample,
@@ -67,8 +69,10 @@ def flat_data():
 
 def test_flat_equals_numpy_brute_force(tmp_path, flat_data):
     x, ids, q = flat_data
-    info = build_index(blocks_of(x, ids, 500), IndexConfig(factory="Flat"), tmp_path / "ix")
+    info = build_index(blocks_of(x, ids, 500), IndexConfig(factory="Flat"), tmp_path / "ix",
+                       calibration=q)
     assert (info.factory, info.dims, info.vectors, info.parts) == ("Flat", 64, 2000, 1)
+    assert (info.nprobe, info.hnsw_ef_search, info.calibration) == (None, None, None)
     found, scores = FaissIndex.load(tmp_path / "ix").search(q, 10)
     want_ids, want_scores = brute_force(x, ids, q, 10)
     assert found == want_ids
@@ -93,16 +97,84 @@ def test_sharded_flat_equals_single_flat(tmp_path, flat_data, config, parts):
     np.testing.assert_array_equal(many_scores, one_scores)
 
 
-def test_ivf_recall_with_default_nprobe(tmp_path):
-    x = clustered_unit(5200, 256, seed=3)
-    x, q, ids = x[:5000], x[5000:], ids_for(5000)
-    info = build_index(blocks_of(x, ids, 1000), IndexConfig(factory="IVF{auto},Flat"),
-                       tmp_path / "ivf")
-    assert info.factory == f"IVF{auto_nlist(5000, 5000)},Flat" == "IVF128,Flat"
-    assert info.nprobe == IndexConfig().nprobe and info.trained_on == 5000
-    approx, _ = FaissIndex.load(tmp_path / "ivf").search(q, 10)
-    exact, _ = brute_force(x, ids, q, 10)
-    assert recall_at_k(approx, exact, 10) >= 0.95
+def recall_lower_bound(found, exact, k=10):
+    """The calibration's criterion: mean recall@k minus CONFIDENCE_Z standard errors."""
+    hits = np.array([len(set(f[:k]) & set(e[:k])) / k for f, e in zip(found, exact)])
+    return hits.mean() - CONFIDENCE_Z * hits.std(ddof=1) / np.sqrt(len(hits))
+
+
+def counting(blocks):
+    """``blocks`` that counts its calls in ``.calls``."""
+    def counted():
+        counted.calls += 1
+        return blocks()
+    counted.calls = 0
+    return counted
+
+
+@pytest.mark.parametrize("factory, param", [("IVF{auto},Flat", "nprobe"), ("HNSW8", "ef_search")])
+def test_auto_search_parameter_is_the_smallest_reaching_the_target(tmp_path, factory, param):
+    x = clustered_unit(2656, 32, seed=11)
+    x, calib, held_out, ids = x[:2000], x[2000:2256], x[2256:], ids_for(2000)
+    blocks = counting(blocks_of(x, ids, 500))
+    info = build_index(blocks, IndexConfig(factory=factory), tmp_path / "ix", calibration=calib)
+    chosen = info.nprobe if param == "nprobe" else info.hnsw_ef_search
+    report = info.calibration
+    assert blocks.calls == (2 if param == "nprobe" else 1)
+    assert {k: report[k] for k in ("target_recall", "k", "queries", "source", "reachable")} == {
+        "target_recall": 0.95, "k": 10, "queries": 256, "source": "queries", "reachable": True}
+    meta = json.loads((tmp_path / "ix/index.json").read_text())
+    assert meta["calibration"] == report and chosen == meta["nprobe" if param == "nprobe" else
+                                                           "hnsw_ef_search"]
+
+    def found(value, queries):
+        return FaissIndex.load(tmp_path / "ix", **{param: value}).search(queries, 10)[0]
+
+    exact = brute_force(x, ids, calib, 10)[0]
+    assert report["lower_bound"] >= 0.95 > recall_lower_bound(found(chosen - 1, calib), exact)
+    assert recall_lower_bound(found(chosen, calib), exact) == pytest.approx(report["lower_bound"],
+                                                                             abs=1e-4)
+    approx, _ = FaissIndex.load(tmp_path / "ix").search(held_out, 10)
+    assert recall_at_k(approx, brute_force(x, ids, held_out, 10)[0], 10) >= 0.95
+
+
+@pytest.mark.parametrize("factory, calls", [("IVF{auto},Flat", 2), ("HNSW16", 2)])
+def test_auto_search_parameter_without_queries_calibrates_on_indexed_rows(tmp_path, factory,
+                                                                          calls):
+    x = clustered_unit(5000, 256, seed=3)
+    ids = ids_for(5000)
+    blocks = counting(blocks_of(x, ids, 1000))
+    info = build_index(blocks, IndexConfig(factory=factory), tmp_path / "ix")
+    assert blocks.calls == calls
+    if factory.startswith("IVF"):
+        assert info.factory == f"IVF{auto_nlist(5000, 5000)},Flat" == "IVF128,Flat"
+        assert info.trained_on == 5000 and 1 < info.nprobe < 128
+    report = info.calibration
+    assert report["source"] == "indexed rows" and report["queries"] == 256
+    assert report["reachable"] and report["lower_bound"] >= 0.95
+    # Indexed rows as queries (every 5th) reach the target too. Held-out queries need not:
+    # an indexed row finds itself, so it is an easier query (docs/index-benchmark.md).
+    docs = x[::5]
+    approx, _ = FaissIndex.load(tmp_path / "ix").search(docs, 10)
+    assert recall_at_k(approx, brute_force(x, ids, docs, 10)[0], 10) >= 0.95
+
+
+def test_unreachable_target_keeps_the_smallest_setting_near_the_best(tmp_path):
+    x = clustered_unit(2256, 32, seed=12)
+    x, calib, ids = x[:2000], x[2000:], ids_for(2000)
+    info = build_index(blocks_of(x, ids, 500), IndexConfig(factory="IVF{auto},PQ8x4"),
+                       tmp_path / "ix", calibration=calib)
+    exact = brute_force(x, ids, calib, 10)[0]
+
+    def recall(nprobe):
+        found, _ = FaissIndex.load(tmp_path / "ix", nprobe=nprobe).search(calib, 10)
+        return recall_at_k(found, exact, 10)
+
+    best = recall(auto_nlist(2000, 2000))
+    report = info.calibration
+    assert report["reachable"] is False and report["recall@k"] < 0.95
+    assert report["recall@k"] == pytest.approx(recall(info.nprobe), abs=1e-4)
+    assert report["recall@k"] >= best - 0.01 > recall(info.nprobe - 1)
 
 
 @pytest.mark.parametrize("factory, min_recall", [
@@ -125,14 +197,16 @@ def test_approximate_indexes_save_load_search(tmp_path, factory, min_recall):
     np.testing.assert_array_equal(in_ram_scores, scores)
 
 
-def test_hnsw_ef_search_and_nprobe_are_applied(tmp_path):
+def test_fixed_hnsw_ef_search_and_nprobe_are_applied_without_calibration(tmp_path):
     x, ids = clustered_unit(2000, 32, seed=5), ids_for(2000)
-    build_index(blocks_of(x, ids, 2000), IndexConfig(factory="HNSW8", hnsw_ef_search=77),
-                tmp_path / "h")
+    info = build_index(blocks_of(x, ids, 2000), IndexConfig(factory="HNSW8", hnsw_ef_search=77),
+                       tmp_path / "h", calibration=x[:50])
+    assert (info.hnsw_ef_search, info.nprobe, info.calibration) == (77, None, None)
     hnsw = FaissIndex.load(tmp_path / "h").parts[0]
     assert faiss.downcast_index(hnsw).hnsw.efSearch == 77
-    build_index(blocks_of(x, ids, 2000), IndexConfig(factory="IVF{auto},Flat", nprobe=5),
-                tmp_path / "i")
+    info = build_index(blocks_of(x, ids, 2000), IndexConfig(factory="IVF{auto},Flat", nprobe=5),
+                       tmp_path / "i", calibration=x[:50])
+    assert (info.nprobe, info.hnsw_ef_search, info.calibration) == (5, None, None)
     assert faiss.extract_index_ivf(FaissIndex.load(tmp_path / "i").parts[0]).nprobe == 5
     loaded = FaissIndex.load(tmp_path / "i", nprobe=9)
     assert faiss.extract_index_ivf(loaded.parts[0]).nprobe == 9
@@ -255,6 +329,20 @@ def test_error_messages(tmp_path, flat_data):
         build_index(iter([(ids, x)]), IndexConfig(), tmp_path / "a")
     with pytest.raises(ValueError, match="use_gpu"):
         IndexConfig(use_gpu="yes")
+    for bad in ("fast", 0, 2.5, True):
+        with pytest.raises(ValueError, match=r"nprobe must be 'auto' \(calibrated .* or an "
+                                             r"integer >= 1, got"):
+            IndexConfig(nprobe=bad)
+    with pytest.raises(ValueError, match="hnsw_ef_search must be 'auto'"):
+        IndexConfig(hnsw_ef_search="big")
+    for bad in (0, 1.5, "0.95", None):
+        with pytest.raises(ValueError, match=r"target_recall must be a number in \(0, 1\]"):
+            IndexConfig(target_recall=bad)
+    with pytest.raises(ValueError, match="calibration_queries must be >= 1"):
+        IndexConfig(calibration_queries=0)
+    with pytest.raises(ValueError, match=r"calibration must be query rows \[m >= 1, 64\]"):
+        build_index(blocks_of(x, ids, 500), IndexConfig(factory="IVF{auto},Flat"), tmp_path / "a",
+                    calibration=q[:, :32])
     with pytest.raises(FileNotFoundError, match="not an index directory"):
         FaissIndex.load(tmp_path / "missing")
     assert not (tmp_path / "a").exists()

@@ -6,10 +6,20 @@ always inner product, so a higher score means a more supportive document and a
 ``Flat`` index returns exactly ``queries @ vectors.T``. Every vector carries a
 string document id.
 
+Search parameters: an IVF index's ``nprobe`` and an HNSW index's ``efSearch`` trade speed
+for recall, and the right value depends on the data and on the queries (a fixed nprobe
+that is ample for clustered data misses badly for queries far from every cluster). With
+``"auto"`` (the default) ``build_index`` calibrates the parameter: it computes the exact
+top-k of up to ``calibration_queries`` query rows (given by the caller, else indexed
+rows) by brute force while adding, then searches the finished index, through
+``FaissIndex.search``, for the smallest value whose recall@k reaches ``target_recall``
+with 95 % confidence, and saves that value as the index's default.
+
 On-disk layout of an index directory (written to a temporary sibling and
 renamed into place only when complete)::
 
-    index.json          factory, dims, vectors, parts, build_seconds, bytes, metric, nprobe, ...
+    index.json          factory, dims, vectors, parts, build_seconds, bytes, metric,
+                        nprobe, hnsw_ef_search, calibration, ...
     index-00000.faiss   one FAISS index per part (faiss.write_index, always a CPU index)
     ids-00000.npy       doc ids of that part's rows, unicode array (no pickle)
 """
@@ -33,6 +43,10 @@ from attribution_assets.engine.atomic import atomic_dir
 
 FORMAT_VERSION = 1
 INFO_FILE = "index.json"
+EMPTY = "empty index: blocks() yielded no vectors"
+CONFIDENCE_Z = 1.645  # calibration: one-sided 95 % lower bound on the mean recall
+UNREACHABLE_SLACK = 0.01  # target out of reach: settle within this of the best recall
+EF_SEARCH_MAX = 4096  # largest HNSW efSearch the calibration tries
 FACTORY_EXAMPLES = ("'Flat', 'SQfp16', 'HNSW32', 'IVF1024,Flat', 'IVF{auto},Flat', "
                     "'IVF{auto},PQ64', 'IVF{auto},SQfp16', 'OPQ64,IVF{auto},PQ64'")
 Blocks = Callable[[], Iterable[tuple[Sequence[str], np.ndarray]]]
@@ -47,11 +61,21 @@ class IndexConfig:
         every list gets FAISS's minimum of 39 training points.
     train_sample: at most this many rows, drawn uniformly without replacement (seeded),
         train indexes that need training (IVF, PQ, SQ8, OPQ, ...).
-    nprobe: IVF lists visited per query. Measured recall@10 vs ``Flat`` on clustered
-        gradient-like unit vectors: 5k x 256, 128 lists: 0.951 / 0.972 / 0.989 at nprobe
-        8 / 16 / 32; 100k x 2048, 1265 lists: 0.993 at 8, 1.000 at 16 and 32. 32 keeps a
-        margin above 0.95 on small, coarse indexes (docs/index-benchmark.md).
-    hnsw_ef_search: HNSW candidate-list size at query time.
+    nprobe: IVF lists visited per query: an int, or ``"auto"`` to calibrate it at build
+        time (the smallest value in ``[1, nlist]`` reaching ``target_recall``). The
+        recall of a fixed nprobe varies with the data: on the demo store (43 lists) the
+        demo's queries need 40 for 0.95, training documents as queries 24-32, held-out
+        synthetic clustered queries 3 of 512 lists (docs/index-benchmark.md).
+    hnsw_ef_search: HNSW candidate-list size at query time: an int, or ``"auto"``
+        (the smallest value in ``[k, EF_SEARCH_MAX]`` reaching ``target_recall``).
+    target_recall: recall@``calibration_k`` against exact search that an ``"auto"``
+        parameter must reach, as a one-sided 95 % lower bound over the calibration
+        queries (mean minus ``CONFIDENCE_Z`` standard errors), so that fresh queries from
+        the same distribution reach it too. When the maximum setting misses it (PQ or
+        SQ codes bound the recall), the smallest setting within ``UNREACHABLE_SLACK`` of
+        the maximum's mean recall is kept and ``calibration["reachable"]`` is False.
+    calibration_k: the k of that recall@k.
+    calibration_queries: at most this many query rows (seeded sample) calibrate.
     shard_groups: start a new part (one FAISS index) every this many input blocks.
     max_vectors_per_index: start a new part when one reaches this many vectors.
     use_gpu: "auto" uses FAISS GPU when ``faiss.get_num_gpus() > 0``; True asks for it
@@ -62,8 +86,11 @@ class IndexConfig:
     factory: str = "Flat"
     train_sample: int = 65_536
     seed: int = 0
-    nprobe: int = 32
-    hnsw_ef_search: int = 128
+    nprobe: int | str = "auto"
+    hnsw_ef_search: int | str = "auto"
+    target_recall: float = 0.95
+    calibration_k: int = 10
+    calibration_queries: int = 256
     shard_groups: int | None = None
     max_vectors_per_index: int | None = None
     use_gpu: bool | str = "auto"
@@ -72,8 +99,18 @@ class IndexConfig:
     def __post_init__(self):
         if self.use_gpu not in ("auto", True, False):
             raise ValueError(f"use_gpu must be 'auto', True or False, got {self.use_gpu!r}")
-        for name in ("train_sample", "nprobe", "hnsw_ef_search", "add_batch", "shard_groups",
-                     "max_vectors_per_index"):
+        for name in ("nprobe", "hnsw_ef_search"):
+            value = getattr(self, name)
+            if value != "auto" and not (isinstance(value, int | np.integer)
+                                        and not isinstance(value, bool) and value >= 1):
+                raise ValueError(f"{name} must be 'auto' (calibrated at build time to reach "
+                                 f"target_recall) or an integer >= 1, got {value!r}")
+        recall = self.target_recall
+        if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1:
+            raise ValueError(f"target_recall must be a number in (0, 1], e.g. 0.95, "
+                             f"got {recall!r}")
+        for name in ("train_sample", "calibration_k", "calibration_queries", "add_batch",
+                     "shard_groups", "max_vectors_per_index"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -81,7 +118,17 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class IndexInfo:
-    """What ``build_index`` wrote (also the content of ``index.json``, less ``path``)."""
+    """What ``build_index`` wrote (also the content of ``index.json``, less ``path``).
+
+    nprobe / hnsw_ef_search: the search defaults saved with the index (None when the index
+    type has no such parameter), calibrated when the config said ``"auto"``.
+    calibration: None, or how the ``"auto"`` value was chosen: ``target_recall``,
+    ``recall@k`` (mean over the calibration queries at the chosen value), ``lower_bound``
+    (that mean minus ``CONFIDENCE_Z`` standard errors), ``k``, ``queries`` (count),
+    ``source`` (``"queries"``: the caller's rows, or ``"indexed rows"``), ``reachable``
+    (False: the target was out of reach, see ``IndexConfig.target_recall``), ``seconds``
+    (exact search plus the calibration searches).
+    """
 
     path: str
     factory: str
@@ -97,6 +144,7 @@ class IndexInfo:
     hnsw_ef_search: int | None
     trained_on: int
     gpu: bool
+    calibration: dict | None
 
 
 def auto_nlist(n_vectors: int, n_train: int) -> int:
@@ -113,6 +161,14 @@ def _make_index(factory: str, dims: int) -> faiss.Index:
             f"invalid FAISS factory string {factory!r} for dims={dims}: {reason}. "
             f"Valid examples: {FACTORY_EXAMPLES}"
         ) from err
+
+
+def _hnsw(index: faiss.Index) -> faiss.IndexHNSW | None:
+    """The HNSW index ``index`` is (also under a pre-transform), else None."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexHNSW) else None
 
 
 def _skip_polysemous_training(index: faiss.Index) -> None:
@@ -221,13 +277,124 @@ def _write_part(index: faiss.Index, on_gpu: bool, ids: list[str], tmp: Path, n: 
             "bytes": (tmp / name).stat().st_size}
 
 
-def build_index(blocks: Blocks, config: IndexConfig, out_dir) -> IndexInfo:
+def _calibration_rows(calibration: np.ndarray | None, sample: np.ndarray,
+                      config: IndexConfig) -> tuple[np.ndarray, str]:
+    """``(rows [m, d] float32, source)``: up to ``calibration_queries`` rows (seeded) of the
+    caller's queries, else of ``sample`` (indexed rows)."""
+    rows, source = (sample, "indexed rows") if calibration is None else (calibration, "queries")
+    if len(rows) > config.calibration_queries:
+        pick = np.random.default_rng(config.seed).choice(len(rows), config.calibration_queries,
+                                                         replace=False)
+        rows = rows[np.sort(pick)]
+    return np.ascontiguousarray(rows, dtype=np.float32), source
+
+
+def _check_calibration(calibration, dims: int) -> np.ndarray:
+    calibration = np.asarray(calibration)
+    if calibration.ndim != 2 or calibration.shape[1] != dims or not len(calibration):
+        raise ValueError(f"calibration must be query rows [m >= 1, {dims}] as search will see "
+                         f"them, got shape {calibration.shape}")
+    if not np.isfinite(calibration).all():
+        raise ValueError("calibration rows contain NaN or Inf")
+    return calibration
+
+
+class _ExactTopK:
+    """Exact inner-product top-k of ``queries [m, d]`` over rows streamed in index order;
+    ``positions [m, min(k, rows seen)]`` are global row numbers (ties in any order)."""
+
+    def __init__(self, queries: np.ndarray, source: str, k: int):
+        self.queries, self.k, self.source = queries, k, source
+        self.scores = np.empty((len(queries), 0), np.float32)
+        self.positions = np.empty((len(queries), 0), np.int64)
+        self.seen, self.seconds = 0, 0.0
+
+    def add(self, rows: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        scores = np.concatenate([self.scores, self.queries @ rows.T], axis=1)
+        positions = np.concatenate([self.positions, np.broadcast_to(
+            np.arange(self.seen, self.seen + len(rows)), (len(self.queries), len(rows)))], axis=1)
+        if scores.shape[1] > self.k:
+            top = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
+            scores = np.take_along_axis(scores, top, axis=1)
+            positions = np.take_along_axis(positions, top, axis=1)
+        self.scores, self.positions = scores, positions
+        self.seen += len(rows)
+        self.seconds += time.perf_counter() - t0
+
+
+def _smallest_setting(measure: Callable[[int], tuple[float, float]], lo: int, hi: int,
+                      target: float) -> tuple[int, tuple[float, float], bool]:
+    """Smallest ``v`` in ``[lo, hi]`` whose ``measure(v) = (recall, lower bound)`` has a lower
+    bound reaching ``target``, taking recall to grow with ``v``: doubling from ``lo``, then
+    bisection. If ``hi`` misses the target: the smallest ``v`` whose recall is within
+    ``UNREACHABLE_SLACK`` of ``hi``'s. Returns ``(v, measure(v), reachable)``."""
+    seen: dict[int, tuple[float, float]] = {}
+
+    def at(v: int) -> tuple[float, float]:
+        if v not in seen:
+            seen[v] = measure(v)
+        return seen[v]
+
+    below, v = lo - 1, lo
+    while at(v)[1] < target and v < hi:
+        below, v = v, min(hi, 2 * v)
+    reachable = at(v)[1] >= target
+    goal = target if reachable else at(hi)[0] - UNREACHABLE_SLACK
+    if not reachable:
+        below = lo - 1
+
+    def passes(u: int) -> bool:
+        return at(u)[1 if reachable else 0] >= goal
+
+    while v - below > 1:
+        mid = (below + v) // 2
+        below, v = (below, mid) if passes(mid) else (mid, v)
+    return v, at(v), reachable
+
+
+def _calibrate(index: FaissIndex, param: str, exact: _ExactTopK,
+               target: float) -> tuple[int, dict]:
+    """The smallest ``nprobe`` / ``ef_search`` (``param``) of ``index`` whose recall@k
+    against ``exact`` reaches ``target`` (``_smallest_setting``), and its report."""
+    t0 = time.perf_counter()
+    offsets = np.cumsum([0] + [len(ids) for ids in index.ids])
+    part = np.searchsorted(offsets, exact.positions, side="right") - 1
+    truth = [{str(index.ids[p][i]) for p, i in zip(parts, rows)}
+             for parts, rows in zip(part, exact.positions - offsets[part])]
+    k = exact.positions.shape[1]
+
+    def measure(value: int) -> tuple[float, float]:
+        index.set_search_params(**{param: value})
+        found, _ = index.search(exact.queries, k)
+        hits = np.array([len(want.intersection(row)) / k for row, want in zip(found, truth)])
+        spread = hits.std(ddof=1) / math.sqrt(len(hits)) if len(hits) > 1 else 0.0
+        return float(hits.mean()), float(hits.mean() - CONFIDENCE_Z * spread)
+
+    if param == "nprobe":
+        lo, hi = 1, faiss.extract_index_ivf(index.parts[0]).nlist
+    else:
+        lo, hi = k, max(k, min(EF_SEARCH_MAX, len(index)))
+    value, (recall, bound), reachable = _smallest_setting(measure, lo, hi, target)
+    return value, {"target_recall": target, "recall@k": round(recall, 4),
+                   "lower_bound": round(bound, 4), "k": k, "queries": len(truth),
+                   "source": exact.source, "reachable": reachable,
+                   "seconds": round(exact.seconds + time.perf_counter() - t0, 3)}
+
+
+def build_index(blocks: Blocks, config: IndexConfig, out_dir,
+                calibration: np.ndarray | None = None) -> IndexInfo:
     """Build the index of every row of ``blocks()`` and write it to ``out_dir``.
 
     blocks: a callable returning a fresh iterable of ``(ids list[str], block [n, d])``
         pairs, e.g. one per gradient shard (memory-mapped arrays are fine; float16 is cast
-        per chunk). It is called once for indexes that need no training (Flat, HNSW,
-        SQfp16) and twice otherwise (a sampling pass, then the adding pass).
+        per chunk). It is called once for indexes that need no training (Flat, SQfp16,
+        HNSW with a fixed efSearch or with ``calibration``) and twice otherwise (a
+        sampling pass, then the adding pass).
+    calibration: optional query rows ``[m, d]``, prepared as search will see them, for an
+        ``"auto"`` nprobe / efSearch (``IndexConfig``); without them, indexed rows (from
+        the training or an extra sampling pass) calibrate. Ignored by other indexes. The
+        exact ground truth is computed during the adding pass.
     Parts: all parts share one trained template, so their scores are comparable. The
     directory appears atomically: an existing ``out_dir`` is replaced only on success.
     """
@@ -238,14 +405,20 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir) -> IndexInfo:
     it = iter(blocks())
     first = next(it, None)
     if first is None:
-        raise ValueError("empty index: blocks() yielded no vectors")
+        raise ValueError(EMPTY)
     dims = int(np.shape(first[1])[-1])
+    if calibration is not None:
+        calibration = _check_calibration(calibration, dims)
     factory, trained_on, source = config.factory, 0, itertools.chain([first], it)
     template = _make_index(factory.replace("{auto}", "1"), dims)
+    is_ivf, is_hnsw = faiss.try_extract_index_ivf(template) is not None, _hnsw(template) is not None
+    param = ("nprobe" if is_ivf and config.nprobe == "auto" else
+             "ef_search" if is_hnsw and config.hnsw_ef_search == "auto" else None)
+    sample = None
     if not template.is_trained:
         sample, total = _sample(source, dims, config.train_sample, config.seed)
         if total == 0:
-            raise ValueError("empty index: blocks() yielded no vectors")
+            raise ValueError(EMPTY)
         factory = factory.replace("{auto}", str(auto_nlist(total, len(sample))))
         template = _make_index(factory, dims)
         _skip_polysemous_training(template)
@@ -256,6 +429,15 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir) -> IndexInfo:
             raise ValueError(f"training {factory!r} on {len(sample)} rows failed: {err}") from err
         template = faiss.index_gpu_to_cpu(index) if on_gpu else index
         trained_on, source = len(sample), blocks()
+    exact = None
+    if param is not None:
+        if calibration is None and sample is None:
+            sample, total = _sample(source, dims, config.calibration_queries, config.seed)
+            if total == 0:
+                raise ValueError(EMPTY)
+            source = blocks()
+        exact = _ExactTopK(*_calibration_rows(calibration, sample, config),
+                           k=config.calibration_k)
     with atomic_dir(out_dir) as tmp:
         parts, ids, index, on_gpu = [], [], None, False
         for new_part, chunk_ids, rows in _chunks(source, dims, config):
@@ -266,18 +448,26 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir) -> IndexInfo:
                 index, on_gpu = device.put(faiss.clone_index(template))
             index.add(rows)
             ids.extend(chunk_ids)
+            if exact is not None:
+                exact.add(rows)
         if index is None:
-            raise ValueError("empty index: blocks() yielded no vectors")
+            raise ValueError(EMPTY)
         parts.append(_write_part(index, on_gpu, ids, tmp, len(parts)))
-        is_ivf = faiss.try_extract_index_ivf(template) is not None
+        del index, ids  # free RAM: the calibration below searches the written parts
+        search = {"nprobe": config.nprobe if is_ivf else None,
+                  "ef_search": config.hnsw_ef_search if is_hnsw else None}
+        report = None
+        if exact is not None:
+            written = {"dims": dims, "part_files": parts}
+            search[param], report = _calibrate(FaissIndex._open(tmp, written, mmap=True), param,
+                                               exact, config.target_recall)
         info = IndexInfo(
             path=str(Path(out_dir)), factory=factory, factory_requested=config.factory,
             dims=dims, vectors=sum(p["vectors"] for p in parts), parts=len(parts),
             part_files=parts, build_seconds=round(time.perf_counter() - t0, 3),
             bytes=sum(p["bytes"] for p in parts), metric="inner_product",
-            nprobe=config.nprobe if is_ivf else None,
-            hnsw_ef_search=None if is_ivf or "HNSW" not in factory else config.hnsw_ef_search,
-            trained_on=trained_on, gpu=on_gpu,
+            nprobe=search["nprobe"], hnsw_ef_search=search["ef_search"],
+            trained_on=trained_on, gpu=on_gpu, calibration=report,
         )
         meta = {"format_version": FORMAT_VERSION, "faiss_version": faiss.__version__,
                 **{k: v for k, v in asdict(info).items() if k != "path"}}
@@ -324,28 +514,38 @@ class FaissIndex:
         """Load a directory written by ``build_index``.
 
         mmap: memory-map the parts and doc ids read-only (see ``_read_index``) so an index
-            larger than RAM can be searched. nprobe / ef_search override the built values.
+            larger than RAM can be searched. nprobe / ef_search override the saved values
+            (``index.json``; calibrated ones when the build config said ``"auto"``).
         """
         path = Path(path)
         if not (path / INFO_FILE).is_file():
             raise FileNotFoundError(f"{path} is not an index directory (no {INFO_FILE})")
         info = json.loads((path / INFO_FILE).read_text())
-        nprobe = nprobe or info.get("nprobe")
-        ef_search = ef_search or info.get("hnsw_ef_search")
+        index = cls._open(path, info, mmap)
+        index.set_search_params(nprobe or info.get("nprobe"),
+                                ef_search or info.get("hnsw_ef_search"))
+        return index
+
+    @classmethod
+    def _open(cls, path: Path, info: dict, mmap: bool) -> FaissIndex:
+        """The parts listed in ``info["part_files"]`` under ``path``, FAISS defaults kept."""
         parts, ids = [], []
         for part in info["part_files"]:
-            index = _read_index(path / part["index"], mmap)
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None and nprobe:
-                ivf.nprobe = min(int(nprobe), ivf.nlist)
-            if ivf is None and ef_search:
-                hnsw = faiss.downcast_index(index)
-                if isinstance(hnsw, faiss.IndexHNSW):
-                    hnsw.hnsw.efSearch = int(ef_search)
-            parts.append(index)
+            parts.append(_read_index(path / part["index"], mmap))
             ids.append(np.load(path / part["ids"], mmap_mode="r" if mmap else None,
                                allow_pickle=False))
         return cls(parts, ids, info)
+
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
+        """Set every part's IVF ``nprobe`` (capped at its list count) and HNSW ``efSearch``;
+        None leaves a value as it is, and index types without the parameter ignore it."""
+        for index in self.parts:
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and nprobe:
+                ivf.nprobe = min(int(nprobe), ivf.nlist)
+            hnsw = _hnsw(index)
+            if hnsw is not None and ef_search:
+                hnsw.hnsw.efSearch = int(ef_search)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         """Top-``k`` documents by inner product for each query row.
