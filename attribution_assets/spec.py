@@ -132,25 +132,50 @@ class IndexSpec:
     ``factory``: a FAISS index factory string (``Flat``, ``IVF{n},Flat``, ``IVF{auto},Flat``,
     ``IVF{n},PQ{m}``, ``HNSW{M}``, ``...,SQfp16``); inner-product metric always.
     ``max_vectors_per_index`` splits the index into parts searched together.
+    ``nprobe`` (IVF) / ``ef_search`` (HNSW): an integer, or ``auto`` to choose the smallest
+    value whose recall@10 against exact search reaches ``target_recall`` on the pipeline's
+    own queries, measured when the index is built.
     """
 
     enabled: bool = True
     factory: str = "Flat"
     train_sample: int = 65536
-    nprobe: int = 32
-    ef_search: int = 128
+    nprobe: int | str = "auto"
+    ef_search: int | str = "auto"
+    target_recall: float = 0.95
     max_vectors_per_index: int | None = None
     use_gpu: str = "auto"
     self_recall_sample: int = 256
 
+    def __post_init__(self):
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be `auto` (calibrated to target_recall when the index is "
+                                 f"built) or an integer >= 1, got {value!r}")
+        recall = self.target_recall
+        if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1:
+            raise ValueError(f"target_recall must be a number in (0, 1], e.g. 0.95, got {recall!r}")
+
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Quality evaluation (``engine.evaluation``, ``engine.lds``): LDS subsets for the demo."""
+    """Quality evaluation (``engine.evaluation``, ``engine.lds``): LDS subsets for the demo.
+
+    ``lds_top_k``: the LDS is reported for each of these score variants: 0 = every
+    document's score enters the predicted effect; ``k`` = only each query's ``k`` highest
+    (100 is what a score table keeps by default, 10 the recall@10 cut).
+    """
 
     lds_subsets: int = 32
     lds_fraction: float = 0.5
     lds_seed: int = 0
+    lds_top_k: tuple[int, ...] = (0, 100, 10)
+
+    def __post_init__(self):
+        if not self.lds_top_k or any(not isinstance(k, int) or k < 0 for k in self.lds_top_k):
+            raise ValueError(f"lds_top_k must be a non-empty list of integers >= 0 (0 = every score), "
+                             f"got {list(self.lds_top_k)}")
 
 
 @dataclass(frozen=True)
@@ -245,11 +270,11 @@ def _build_section(where: str, section: str, raw: Any, base_dir: Path) -> Any:
                 f"{where}: `{section}.{key}` is {value!r}; choose one of {sorted(allowed)}.")
         if (section, key) in _PATH_KEYS and isinstance(value, str):
             values[key] = _resolve_path(value, base_dir)
-        if key in ("include", "exclude") and isinstance(value, list):
+        if key in ("include", "exclude", "lds_top_k") and isinstance(value, list):
             values[key] = tuple(value)
     try:
         return cls(**values)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise PipelineSpecError(f"{where}: invalid `{section}`: {exc}") from None
 
 

@@ -49,3 +49,37 @@ def test_config_hash_tracks_sections():
 def test_malformed_yaml_names_problem(tmp_path, body, message):
     with pytest.raises(PipelineSpecError, match=message):
         load_pipeline_file(_write(tmp_path, body))
+
+
+def _with_index(index):
+    return {"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                           "index": index}]}
+
+
+def test_index_search_parameters_auto_or_integer(tmp_path):
+    (spec,) = load_pipeline_file(_write(tmp_path, "pipelines:\n- {name: p, model: {name_or_path: m}, "
+                                                  "corpus: {path: x}, index: {nprobe: auto, ef_search: 48}}\n"))
+    assert (spec.index.nprobe, spec.index.ef_search, spec.index.target_recall) == ("auto", 48, 0.95)
+    (spec,) = load_pipeline_file(_write(tmp_path, _with_index({"nprobe": 48, "target_recall": 0.99})))
+    assert (spec.index.nprobe, spec.index.ef_search, spec.index.target_recall) == (48, "auto", 0.99)
+
+
+@pytest.mark.parametrize("index, message", [
+    ({"nprobe": "fast"}, r"invalid `index`: nprobe must be `auto` .* or an integer >= 1, got 'fast'"),
+    ({"nprobe": 0}, r"nprobe must be `auto`"),
+    ({"ef_search": 12.5}, r"ef_search must be `auto`"),
+    ({"target_recall": 1.5}, r"invalid `index`: target_recall must be a number in \(0, 1\], e.g. 0.95, got 1.5"),
+])
+def test_bad_index_search_parameters_name_the_fix(tmp_path, index, message):
+    with pytest.raises(PipelineSpecError, match=message):
+        load_pipeline_file(_write(tmp_path, _with_index(index)))
+
+
+def test_lds_top_k_from_yaml(tmp_path):
+    body = {"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                           "evaluation": {"lds_top_k": [0, 50]}}]}
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.evaluation.lds_top_k == (0, 50)
+    body["pipelines"][0]["evaluation"]["lds_top_k"] = [10, -1]
+    with pytest.raises(PipelineSpecError, match=r"invalid `evaluation`: lds_top_k must be .* integers >= 0"):
+        load_pipeline_file(_write(tmp_path, body))
