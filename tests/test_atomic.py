@@ -158,8 +158,9 @@ with atomic.atomic_dir({str(final)!r}) as tmp:
     (tmp / "v").write_text("2")
 """
     (pid,) = _run(script)
-    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".index.old-")]
-    assert old.name.startswith(f".index.old-{HOST}-{pid}-") and (old / "v").read_text() == "1"
+    # the old version sits at the writer's temporary (exchanged in place) or its .old- name
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith((".index.old-", ".index.tmp-"))]
+    assert old.name.split("-", 1)[1].startswith(f"{HOST}-{pid}-") and (old / "v").read_text() == "1"
     assert (final / "v").read_text() == "2", "the new version is in place before the old is deleted"
     assert sweep_stale(final) == [old]
     assert _siblings(final) == ["index"]
@@ -357,3 +358,46 @@ def test_failed_write_removes_its_temporary_and_keeps_the_previous_version(tmp_p
         raise RuntimeError("boom")
     assert (final / "v").read_text() == "1"
     assert _siblings(final) == ["d"]
+
+
+def test_replace_dir_never_leaves_final_missing_for_readers(tmp_path):
+    """Readers polling ``final`` while writers keep replacing it always find a complete copy
+    (atomic exchange; on systems without it the fallback leaves a short gap)."""
+    final = tmp_path / "store"
+    with atomic_dir(final) as tmp:
+        (tmp / "data").write_text("0" * 1000)
+    if not atomic._exchange(final, final):  # renameat2 unsupported here: nothing to test
+        pytest.skip("renameat2(RENAME_EXCHANGE) is not available")
+    stop, misses = threading.Event(), []
+
+    def read():
+        while not stop.is_set():
+            try:
+                assert len((final / "data").read_text()) == 1000
+            except FileNotFoundError:
+                misses.append(1)
+
+    def write(n):
+        for _ in range(n):
+            with atomic_dir(final) as tmp:
+                (tmp / "data").write_text("1" * 1000)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    writers = [threading.Thread(target=write, args=(100,)) for _ in range(3)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    reader.join()
+    assert not misses and _siblings(final) == ["store"]
+
+
+def test_fallback_without_exchange_replaces_and_cleans_up(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_exchange", lambda src, final: False)
+    final = tmp_path / "store"
+    for version in ("1", "2"):
+        with atomic_dir(final) as tmp:
+            (tmp / "v").write_text(version)
+    assert (final / "v").read_text() == "2" and _siblings(final) == ["store"]

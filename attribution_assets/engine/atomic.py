@@ -8,8 +8,10 @@ Temporary names identify their writer. While writing ``DIR/NAME``:
 
 * the new version is built in ``DIR/.NAME.tmp-{host}-{pid}-{random}``
   (:func:`atomic_dir`, :func:`atomic_file`);
-* a replaced directory is first moved aside to ``DIR/.NAME.old-{host}-{pid}-{random}``
-  and deleted after the new version is in place (:func:`replace_dir`).
+* a replaced directory is exchanged atomically with the new one on Linux, so it ends up
+  at the temporary name and is deleted from there; elsewhere it is first moved aside to
+  ``DIR/.NAME.old-{host}-{pid}-{random}`` and deleted after the new version is in place
+  (:func:`replace_dir`).
 
 ``host`` is the host name reduced to ``[A-Za-z0-9_.-]`` and ``pid`` the writing
 process. A writer that is killed (OOM killer, SIGKILL, ``os._exit``, power loss)
@@ -24,7 +26,9 @@ see :func:`sweep_stale` for the exact rules, including names from before this sc
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import logging
 import os
 import re
@@ -208,15 +212,50 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(src: Path, final: Path) -> bool:
+    """Atomically swap two existing paths with Linux ``renameat2(RENAME_EXCHANGE)``.
+
+    Returns False where that is unavailable (another OS, old libc or kernel, a filesystem
+    without support) or ``final`` does not exist; the caller then falls back to renames.
+    """
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(final), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(final))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def replace_dir(src: Path, final: Path) -> None:
     """Move directory ``src`` onto ``final``, replacing any existing directory there.
 
-    Safe against concurrent writers of the same ``final``: the last complete rename wins,
-    and readers only ever see one writer's complete directory. A replaced directory is
-    moved aside to ``.NAME.old-HOST-PID-RANDOM`` and deleted only once ``src`` is in
-    place, so a crash in between leaves ``final`` complete plus a sweepable leftover.
+    On Linux the two are exchanged atomically (``renameat2(RENAME_EXCHANGE)``), so readers
+    of ``final`` always find a complete directory, even during a concurrent rewrite; the
+    old version, now at ``src``, is deleted afterwards. Elsewhere the old version is first
+    moved aside to ``.NAME.old-HOST-PID-RANDOM``, leaving ``final`` briefly absent, and
+    deleted once ``src`` is in place. Either way concurrent writers are safe (the last
+    complete rename wins, readers see one writer's complete directory) and a crash leaves
+    ``final`` complete plus a sweepable leftover.
     """
     final = Path(final)
+    if _exchange(src, final):
+        shutil.rmtree(src, ignore_errors=True)
+        return
     trash: list[Path] = []
     try:
         while True:
