@@ -173,7 +173,8 @@ class EvaluationSpec:
     lds_top_k: tuple[int, ...] = (0, 100, 10)
 
     def __post_init__(self):
-        if not self.lds_top_k or any(not isinstance(k, int) or k < 0 for k in self.lds_top_k):
+        if not self.lds_top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
+                                     for k in self.lds_top_k):
             raise ValueError(f"lds_top_k must be a non-empty list of integers >= 0 (0 = every score), "
                              f"got {list(self.lds_top_k)}")
 

@@ -28,6 +28,7 @@ import polars as pl
 import torch
 
 from attribution_assets.engine import evaluation, lds
+from attribution_assets.engine.atomic import atomic_dir
 from attribution_assets.engine.data import read_tokenized
 from attribution_assets.engine.demo_model import DemoModelConfig
 from attribution_assets.engine.models import load_model
@@ -84,9 +85,9 @@ def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: li
     started = time.perf_counter()
     references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
     frame, markdown = lds.lds_table({n: s[:, order] for n, s in scores.items()}, masks,
-                                    lds.read_partition_losses(dirs[seed_a]),
-                                    lds.read_partition_losses(dirs[seed_b]),
-                                    top_k=args.top_k, references=references)
+                                    lds.read_partition_losses(dirs[seed_a], query_ids),
+                                    lds.read_partition_losses(dirs[seed_b], query_ids),
+                                    top_k=args.top_k, references=references, baseline="dot")
     epochs = _config(args).epochs
     evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}")
     print(f"\nLDS ({args.k} subsets, fraction {args.fraction}, {epochs} epochs, completion-loss "
@@ -95,11 +96,12 @@ def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: li
 
 
 def save_scores(folder: Path, scores: dict[str, np.ndarray], doc_ids: list[str], query_ids: list[str]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, matrix in scores.items():
-        np.save(folder / f"{name}.npy", matrix.astype(np.float32), allow_pickle=False)
-    (folder / "doc_ids.json").write_text(json.dumps(doc_ids))
-    (folder / "query_ids.json").write_text(json.dumps(query_ids))
+    """Replace ``folder`` atomically with one ``<method>.npy`` per method and the id lists."""
+    with atomic_dir(folder) as tmp:
+        for name, matrix in scores.items():
+            np.save(tmp / f"{name}.npy", matrix.astype(np.float32), allow_pickle=False)
+        (tmp / "doc_ids.json").write_text(json.dumps(doc_ids))
+        (tmp / "query_ids.json").write_text(json.dumps(query_ids))
 
 
 def load_scores(folder: Path) -> tuple[dict[str, np.ndarray], list[str], list[str]]:

@@ -34,6 +34,8 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     assert set(table["method"]) | noise | {"gold documents (reference)"} == set(lds["method"])
     methods = lds.filter(~pl.col("method").is_in(list(noise) + ["gold documents (reference)"]))
     assert set(methods["scores"]) == {"all", "top 100", "top 10"}
+    assert set(methods["target"]) == {"seed a", "seed b"}
+    assert lds.filter(pl.col("method") == "dot")["ratio"].to_list() == [1.0] * 6
     assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
 
 

@@ -68,7 +68,9 @@ def test_keep_top_k_and_gold_indicator():
     scores = np.array([[0.1, 0.5, -0.2, 0.3], [1.0, 2.0, 3.0, 4.0]])
     assert (lds.keep_top_k(scores, 2) == [[0.0, 0.5, 0.0, 0.3], [0.0, 0.0, 3.0, 4.0]]).all()
     assert (lds.keep_top_k(scores, 0) == scores).all() and (lds.keep_top_k(scores, 9) == scores).all()
-    with pytest.raises(ValueError, match="top_k must be >= 0"):
+    ties = np.array([[1.0, 1.0, 1.0, 0.5]])
+    assert (lds.keep_top_k(ties, 2) == [[1.0, 1.0, 0.0, 0.0]]).all()  # ties go to the lower index
+    with pytest.raises(ValueError, match="top_k must be an integer >= 0"):
         lds.keep_top_k(scores, -1)
     gold = lds.gold_indicator(["q1", "q2", "q3"], ["a", "b", "c"], {"q1": ["c", "a"], "q2": ["x"]})
     assert (gold == [[1, 0, 1], [0, 0, 0], [0, 0, 0]]).all()
@@ -98,20 +100,51 @@ def test_bootstrap_ci():
 def test_lds_table_columns():
     rng = np.random.default_rng(0)
     masks = lds.lds_subsets(6, 5, 0.5, 0)
-    losses = rng.random((5, 2))
-    scores = rng.random((2, 6))
-    frame, markdown = lds.lds_table({"a": scores}, masks, losses, losses, top_k=(0, 2),
-                                    references={"gold": np.eye(2, 6)})
-    assert frame.columns == ["method", "scores", "lds", "ci_low", "ci_high", "queries", "subsets"]
-    assert frame["method"].to_list() == ["a", "a", "gold", "seed agreement (seed a vs b)",
-                                         "noise ceiling (sqrt of agreement)"]
-    assert frame["scores"].to_list() == ["all", "top 2", "all", "-", "-"]
-    expected = np.nanmean(lds.linear_datamodeling_score(scores, masks, losses, top_k=2))
-    assert frame["lds"][1] == pytest.approx(expected)
-    assert frame["lds"][3] == pytest.approx(1.0) and frame["lds"][4] == pytest.approx(1.0)
-    assert "| method | LDS, all scores | LDS, top 2 |" in markdown and "| a | " in markdown
+    losses, losses_b = rng.random((5, 2)), rng.random((5, 2))
+    scores = {"a": rng.random((2, 6)), "dot": rng.random((2, 6))}
+    frame, markdown = lds.lds_table(scores, masks, losses, losses_b, top_k=(0, 2),
+                                    references={"gold": np.eye(2, 6)}, baseline="dot")
+    assert frame.columns == lds.COLUMNS + ["subsets"]
+    seed_a = frame.filter(frame["target"] == "seed a")
+    assert seed_a["method"].to_list() == ["a", "a", "dot", "dot", "gold"]
+    assert seed_a["scores"].to_list() == ["all", "top 2", "all", "top 2", "all"]
+    assert frame.filter(frame["target"] == "seed b").height == 5
+    expected = lds.linear_datamodeling_score(scores["a"], masks, losses_b, top_k=2)
+    row = frame.filter((frame["method"] == "a") & (frame["scores"] == "top 2") & (frame["target"] == "seed b"))
+    assert row["lds"][0] == pytest.approx(np.nanmean(expected))
+    dot_rows = frame.filter(frame["method"] == "dot")
+    assert np.allclose(dot_rows["ratio"].to_numpy(), 1.0)  # the baseline against itself
+    noise = frame.filter(frame["target"] == "-")
+    assert noise["method"].to_list() == ["seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)"]
+    agreement = np.nanmean(lds.seed_agreement(losses, losses_b))
+    assert noise["lds"].to_list() == pytest.approx([agreement, np.sqrt(max(agreement, 0))])
+    assert "| method | all scores | top 2 |" in markdown and "Ratio to dot" in markdown
     with pytest.raises(ValueError, match="top_k"):
-        lds.lds_table({"a": scores}, masks, losses, top_k=(-1,))
+        lds.lds_table(scores, masks, losses, top_k=(-1,))
+    with pytest.raises(ValueError, match="baseline 'bm25'"):
+        lds.lds_table(scores, masks, losses, baseline="bm25")
+
+
+def test_ratio_ci_paired_bootstrap():
+    values, baseline = np.array([0.2, 0.4, np.nan, 0.6]), np.array([0.1, 0.2, 0.3, 0.3])
+    ratio, lo, hi = lds.ratio_ci(values, baseline, n=500)
+    assert ratio == pytest.approx(1.2 / 0.6)  # the NaN query is dropped from both
+    assert lo <= ratio <= hi
+    same, lo, hi = lds.ratio_ci(2 * baseline, baseline, n=200)
+    assert (same, lo, hi) == pytest.approx((2.0, 2.0, 2.0))  # paired: every resample gives 2
+
+
+def test_partition_losses_must_share_the_queries(tmp_path):
+    import json
+
+    for name, ids in (("p0", ["q1", "q2"]), ("p1", ["q2", "q1"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "query_losses.json").write_text(json.dumps({"query_ids": ids, "losses": [1.0, 2.0]}))
+    assert lds.read_partition_losses([tmp_path / "p0"], ["q1", "q2"]).shape == (1, 2)
+    with pytest.raises(ValueError, match="p1: retrained against other queries"):
+        lds.read_partition_losses([tmp_path / "p0", tmp_path / "p1"])
+    with pytest.raises(ValueError, match="p0: retrained against other queries"):
+        lds.read_partition_losses([tmp_path / "p0"], ["q2", "q1"])
 
 
 @pytest.fixture(scope="module")

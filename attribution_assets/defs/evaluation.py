@@ -47,8 +47,9 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               deps=[dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL),
                     key(spec, "tokenized_queries"), key(spec, "query_set"), key(spec, "model")],
               code_version=code_version("fact-tracing-v2", spec, "gradients", "scoring"), pool="gpu",
-              description="Recall@1/10/50 and MRR of BM25, raw dot product, cosine and TrackStar "
-                          "(each optimizer normalization), with answer-only and whole-text query loss.")
+              description="Recall@1/10/50 and MRR of BM25, raw dot product, cosine, TrackStar (each "
+                          "optimizer normalization) and the preconditioned dot product, with answer-only "
+                          "and whole-text query loss.")
     def fact_tracing(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         timer = Timer()
         storage = context.resources.storage
@@ -125,16 +126,13 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         order = np.array([position[d] for d in corpus_ids])
         scores = {p.stem: np.load(p, allow_pickle=False)[:, order] for p in sorted(scores_dir.glob("*.npy"))}
         query_ids = json.loads((scores_dir / "query_ids.json").read_text())
-        retrained_on = json.loads((dirs[0][0] / "query_losses.json").read_text())["query_ids"]
-        if retrained_on != query_ids:
-            raise ValueError("the LDS retrains and fact_tracing saw different queries; re-materialize "
-                             "lds_retrain (all partitions) and fact_tracing from the same tokenized_queries")
         table = pl.read_parquet(storage.path(spec.name, "query_set") / "queries.parquet")
         gold = dict(zip(table["doc_id"].to_list(), table["gold_doc_ids"].to_list()))
         references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
-        frame, markdown = lds.lds_table(scores, masks(storage), lds.read_partition_losses(dirs[0]),
-                                        lds.read_partition_losses(dirs[1]), top_k=spec.evaluation.lds_top_k,
-                                        references=references)
+        frame, markdown = lds.lds_table(scores, masks(storage), lds.read_partition_losses(dirs[0], query_ids),
+                                        lds.read_partition_losses(dirs[1], query_ids),
+                                        top_k=spec.evaluation.lds_top_k, references=references,
+                                        baseline="dot" if "dot" in scores else None)
         out = storage.path(spec.name, "evaluation")
         evaluation.write_tables(frame, markdown, out, "lds")
         return dg.MaterializeResult(metadata={"table": dg.MetadataValue.md(markdown),

@@ -16,8 +16,9 @@ Methods (:class:`Method`):
   autocorrelation ``R`` of ``workflow.build_preconditioner``, with optimizer
   normalization ``none`` / ``adafactor`` / ``adam``.
 * ``preconditioned dot (adafactor)``: ``g_q R^{-1} g_t``, the same preconditioner with
-  inner products and no unit normalization: the additive influence-function form, the
-  natural one for the linear datamodeling score (``lds``).
+  inner products and no unit normalization: additive like an influence function, the
+  form the linear datamodeling score (``lds``) sums, though ``R`` is the (mixed)
+  gradient autocorrelation, not the Hessian: influence-like.
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
 
@@ -80,7 +81,7 @@ PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)
 
 def default_methods(spec: PipelineSpec) -> list[Method]:
     """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
-    products (``g_q R^-1 g_t``, the influence-function form), and the pipeline's own settings."""
+    products (``g_q R^-1 g_t``, influence-like), and the pipeline's own settings."""
     methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
                PRECONDITIONED_DOT]
     s = spec.scoring

@@ -117,10 +117,24 @@ def retrain_partition(tokenizer, texts: Sequence[str], keep: np.ndarray, config:
     return losses
 
 
-def read_partition_losses(paths: Sequence[str | Path]) -> np.ndarray:
-    """``[K, q]`` losses from the ``query_losses.json`` of each partition folder, in order."""
-    return np.array([json.loads((Path(p) / "query_losses.json").read_text())["losses"]
-                     for p in paths], dtype=np.float64)
+def read_partition_losses(paths: Sequence[str | Path],
+                          query_ids: Sequence[str] | None = None) -> np.ndarray:
+    """``[K, q]`` losses from the ``query_losses.json`` of each partition folder, in order.
+
+    Every partition must have been retrained against the same queries, in the same order,
+    as ``query_ids`` (default: the first partition's); a mismatch raises ValueError.
+    """
+    records = [json.loads((Path(p) / "query_losses.json").read_text()) for p in paths]
+    if not records:
+        raise ValueError("no LDS partitions given")
+    expected = list(query_ids) if query_ids is not None else records[0]["query_ids"]
+    for path, record in zip(paths, records):
+        if record["query_ids"] != expected:
+            raise ValueError(f"{path}: retrained against other queries than the scores "
+                             f"({len(record['query_ids'])} vs {len(expected)} query ids, or another "
+                             "order); re-materialize every lds_retrain partition and fact_tracing from "
+                             "the same tokenized_queries")
+    return np.array([r["losses"] for r in records], dtype=np.float64)
 
 
 def per_query_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -138,14 +152,15 @@ def per_query_spearman(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 def keep_top_k(scores: np.ndarray, top_k: int) -> np.ndarray:
     """``[q, n]`` copy of ``scores`` with all but each row's ``top_k`` highest set to 0.
 
-    ``top_k = 0`` (or ``>= n``) keeps every score. Ties at the cut are broken by position.
+    ``top_k = 0`` (or ``>= n``) keeps every score. Ties at the cut go to the lower column
+    index (a stable sort, as the score tables' top k).
     """
     scores = np.asarray(scores)
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 keeps every score), got {top_k}")
+    if isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every score), got {top_k!r}")
     if top_k == 0 or top_k >= scores.shape[1]:
         return scores.copy()
-    top = np.argpartition(-scores, top_k - 1, axis=1)[:, :top_k]
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
     out = np.zeros_like(scores)
     np.put_along_axis(out, top, np.take_along_axis(scores, top, axis=1), axis=1)
     return out
@@ -204,61 +219,109 @@ def noise_ceiling(losses_a: np.ndarray, losses_b: np.ndarray) -> float:
     return float(np.sqrt(max(0.0, np.nanmean(seed_agreement(losses_a, losses_b)))))
 
 
+def ratio_ci(values: np.ndarray, baseline: np.ndarray, n: int = 1000, seed: int = 0,
+             level: float = 0.95) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: ``mean(values) / mean(baseline)`` over the queries where both
+    are defined, with a paired percentile bootstrap CI (the same resampled queries for both)."""
+    values, baseline = np.asarray(values, np.float64), np.asarray(baseline, np.float64)
+    both = ~np.isnan(values) & ~np.isnan(baseline)
+    values, baseline = values[both], baseline[both]
+    if values.size == 0 or baseline.mean() == 0:
+        return float("nan"), float("nan"), float("nan")
+    picks = np.random.default_rng(seed).integers(0, values.size, size=(n, values.size))
+    ratios = values[picks].mean(axis=1) / baseline[picks].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    return (float(values.mean() / baseline.mean()), float(np.percentile(ratios, tail)),
+            float(np.percentile(ratios, 100 - tail)))
+
+
 def _variant(top_k: int) -> str:
     return "all" if top_k == 0 else f"top {top_k}"
 
 
+COLUMNS = ["method", "scores", "target", "lds", "ci_low", "ci_high", "ratio", "ratio_low",
+           "ratio_high", "queries"]
+
+
 def lds_table(scores_by_method: Mapping[str, np.ndarray], masks: np.ndarray, losses: np.ndarray,
               losses_seed_b: np.ndarray | None = None, top_k: Sequence[int] = (0,),
-              references: Mapping[str, np.ndarray] | None = None, n_boot: int = 1000,
-              seed: int = 0) -> tuple[pl.DataFrame, str]:
-    """Mean LDS with a bootstrap 95% CI per method and score variant, plus noise rows.
+              references: Mapping[str, np.ndarray] | None = None, baseline: str | None = None,
+              n_boot: int = 1000, seed: int = 0) -> tuple[pl.DataFrame, str]:
+    """Mean LDS with a bootstrap 95% CI per method, score variant and retrain seed.
 
-    ``top_k``: the variants, 0 = every score, ``k`` = each query's top ``k`` scores.
-    ``references``: ``[q, n]`` predictors scored with every score only (e.g.
-    :func:`gold_indicator`). With ``losses_seed_b``, two more rows: ``seed agreement``
-    (mean per-query Spearman of the two seeds' losses, with its CI) and ``noise ceiling``
-    (its square root, CI bounds likewise).
+    ``losses`` ``[K, q]`` are the retrains with the attributed model's seed (``target``
+    "seed a"), ``losses_seed_b`` another seed on the same subsets ("seed b"): scores come
+    from the seed-a model, so LDS against seed b shows that they predict the subset's
+    effect, not seed a's own noise. ``top_k``: the variants, 0 = every score, ``k`` = each
+    query's top ``k``. ``references``: ``[q, n]`` predictors scored with every score only
+    (e.g. :func:`gold_indicator`). ``baseline``: a method name; every row gets
+    ``ratio`` = its LDS / the baseline's (same variant and target) with a paired bootstrap
+    CI (:func:`ratio_ci`). With ``losses_seed_b``, two rows more: ``seed agreement`` and
+    ``noise ceiling`` (its square root; see the module docstring for what it bounds).
 
-    Long frame columns: ``method, scores, lds, ci_low, ci_high, queries`` (queries with a
-    defined correlation), ``subsets``. The Markdown is wide: one row per method, one
-    ``LDS (95% CI)`` column per variant. Returns ``(frame, markdown)``.
+    Long frame columns: ``method, scores, target, lds, ci_low, ci_high, ratio, ratio_low,
+    ratio_high, queries`` (queries with a defined correlation), ``subsets``. The Markdown
+    has one wide table per target (a method per row, a variant per column), the ratios to
+    the baseline, and the noise figures. Returns ``(frame, markdown)``.
     """
     top_k = list(dict.fromkeys(top_k))
-    if not top_k or any(k < 0 for k in top_k):
+    if not top_k or any(isinstance(k, bool) or k < 0 for k in top_k):
         raise ValueError(f"top_k must be a non-empty list of ints >= 0 (0 = every score), got {top_k}")
+    if baseline is not None and baseline not in scores_by_method:
+        raise ValueError(f"baseline {baseline!r} is not one of the methods {sorted(scores_by_method)}")
+    targets = {"seed a": losses} | ({"seed b": losses_seed_b} if losses_seed_b is not None else {})
+    predictors = [(name, s, k) for name, s in scores_by_method.items() for k in top_k]
+    predictors += [(name, s, 0) for name, s in (references or {}).items()]
     rows = []
-    for name, scores in scores_by_method.items():
-        for k in top_k:
-            per_query = linear_datamodeling_score(scores, masks, losses, top_k=k)
-            rows.append((name, _variant(k), *bootstrap_ci(per_query, n_boot, seed),
-                         int(np.sum(~np.isnan(per_query)))))
-    for name, scores in (references or {}).items():
-        per_query = linear_datamodeling_score(scores, masks, losses)
-        rows.append((name, "all", *bootstrap_ci(per_query, n_boot, seed),
-                     int(np.sum(~np.isnan(per_query)))))
+    for target, target_losses in targets.items():
+        per_query = {(name, k): linear_datamodeling_score(s, masks, target_losses, top_k=k)
+                     for name, s, k in predictors}
+        for name, _, k in predictors:
+            values = per_query[(name, k)]
+            base = per_query.get((baseline, k))
+            ratio = ratio_ci(values, base, n_boot, seed) if base is not None else (np.nan,) * 3
+            rows.append((name, _variant(k), target, *bootstrap_ci(values, n_boot, seed), *ratio,
+                         int(np.sum(~np.isnan(values)))))
     if losses_seed_b is not None:
-        per_query = seed_agreement(losses, losses_seed_b)
-        mean, lo, hi = bootstrap_ci(per_query, n_boot, seed)
-        count = int(np.sum(~np.isnan(per_query)))
-        rows.append(("seed agreement (seed a vs b)", "-", mean, lo, hi, count))
+        values = seed_agreement(losses, losses_seed_b)
+        mean, lo, hi = bootstrap_ci(values, n_boot, seed)
+        count = int(np.sum(~np.isnan(values)))
+        nan3 = (np.nan,) * 3
+        rows.append(("seed agreement (seed a vs b)", "-", "-", mean, lo, hi, *nan3, count))
         root = [float(np.sqrt(max(0.0, v))) for v in (mean, lo, hi)]
-        rows.append(("noise ceiling (sqrt of agreement)", "-", *root, count))
-    frame = pl.DataFrame(rows, schema=["method", "scores", "lds", "ci_low", "ci_high", "queries"],
-                         orient="row", infer_schema_length=None)
+        rows.append(("noise ceiling (sqrt of agreement)", "-", "-", *root, *nan3, count))
+    frame = pl.DataFrame(rows, schema=COLUMNS, orient="row", infer_schema_length=None)
     frame = frame.with_columns(pl.lit(masks.shape[0]).alias("subsets"))
-    return frame, _wide_markdown(frame, [_variant(k) for k in top_k])
+    return frame, _markdown(frame, [_variant(k) for k in top_k], baseline)
 
 
-def _wide_markdown(frame: pl.DataFrame, variants: list[str]) -> str:
-    """One row per method; a ``LDS (95% CI)`` cell per score variant."""
+def _cell(mean: float, lo: float, hi: float, suffix: str = "") -> str:
+    return "" if np.isnan(mean) else f"{mean:.3f}{suffix} ({lo:.3f} to {hi:.3f})"
+
+
+def _wide(frame: pl.DataFrame, variants: list[str], columns: tuple[str, str, str], suffix: str,
+          title: str) -> list[str]:
     cells: dict[str, dict[str, str]] = {}
-    for name, variant, mean, lo, hi in frame.select("method", "scores", "lds", "ci_low",
-                                                    "ci_high").iter_rows():
-        text = "nan" if np.isnan(mean) else f"{mean:.3f} ({lo:.3f} to {hi:.3f})"
-        cells.setdefault(name, {})[variants[0] if variant == "-" else variant] = text
-    header = ["method"] + [f"LDS, {v} scores" if v == "all" else f"LDS, {v}" for v in variants]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in frame.iter_rows(named=True):
+        cells.setdefault(row["method"], {})[row["scores"]] = _cell(*(row[c] for c in columns), suffix)
+    header = ["method"] + [f"{v} scores" if v == "all" else v for v in variants]
+    lines = [title, "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join([name] + [row.get(v, "") for v in variants]) + " |"
-              for name, row in cells.items()]
-    return "\n".join(lines) + "\n"
+              for name, row in cells.items() if any(row.values())]
+    return lines + [""]
+
+
+def _markdown(frame: pl.DataFrame, variants: list[str], baseline: str | None) -> str:
+    """Wide tables: LDS per target, ratios to the baseline (seed a), then the noise figures."""
+    lines = []
+    for target in ("seed a", "seed b"):
+        part = frame.filter(pl.col("target") == target)
+        if part.height:
+            lines += _wide(part, variants, ("lds", "ci_low", "ci_high"), "",
+                           f"LDS (95% CI) against the {target} retrains:")
+            if baseline is not None and target == "seed a":
+                lines += _wide(part, variants, ("ratio", "ratio_low", "ratio_high"), "x",
+                               f"Ratio to {baseline} against the seed a retrains (paired bootstrap 95% CI):")
+    for row in frame.filter(pl.col("target") == "-").iter_rows(named=True):
+        lines.append(f"* {row['method']}: {_cell(row['lds'], row['ci_low'], row['ci_high'])}")
+    return "\n".join(lines).rstrip() + "\n"
