@@ -368,3 +368,34 @@ def test_recall_at_k():
     assert recall_at_k([["a"], ["z"]], [["a"], ["b"]], 1) == 0.5
     with pytest.raises(ValueError, match="same non-zero number"):
         recall_at_k([["a"]], [], 1)
+
+
+def test_faiss_index_asset_calibrates_on_the_pipeline_queries(tiny_demo, tmp_path):
+    import dataclasses
+    import json
+    import shutil
+
+    import dagster as dg
+
+    from attribution_assets.defs.common import shards_partitions
+    from attribution_assets.defs.factory import build_definitions
+    from resources import StorageResource
+
+    spec, root = tiny_demo
+    shutil.copytree(root, tmp_path / "demo")  # leave the shared tiny demo's Flat index alone
+    ivf = dataclasses.replace(spec, index=dataclasses.replace(spec.index, factory="IVF{auto},Flat"))
+    index_key = dg.AssetKey(["demo", "faiss_index"])
+    defs = build_definitions([ivf], storage=StorageResource(root=str(tmp_path)))
+    assert dg.AssetKey(["demo", "query_gradients"]) in defs.resolve_assets_def(index_key).asset_deps[index_key]
+    flat_defs = build_definitions([spec], storage=StorageResource(root=str(tmp_path)))
+    flat_deps = flat_defs.resolve_assets_def(index_key).asset_deps[index_key]
+    assert dg.AssetKey(["demo", "query_gradients"]) not in flat_deps  # nothing to calibrate
+    instance = dg.DagsterInstance.ephemeral()
+    shards = sorted(p.name for p in (tmp_path / "demo" / "train_gradients").iterdir())
+    instance.add_dynamic_partitions(shards_partitions(ivf).name, shards)
+    result = dg.materialize(defs.assets, selection=[index_key], instance=instance, resources=defs.resources)
+    metadata = result.asset_materializations_for_node("demo__faiss_index")[0].metadata
+    saved = json.loads((tmp_path / "demo" / "faiss_index" / "index.json").read_text())
+    assert saved["factory"].startswith("IVF") and saved["calibration"]["source"] == "queries"
+    assert metadata["nprobe"].value == saved["nprobe"] >= 1
+    assert saved["calibration"]["lower_bound"] >= 0.95 or not saved["calibration"]["reachable"]

@@ -20,8 +20,10 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     if not spec.index.enabled or spec.queries is None or spec.scoring.mode != "stored":
         return []
     index_key = key(spec, "faiss_index")
-    deps = [dg.AssetDep(key(spec, "train_gradients"), partition_mapping=dg.AllPartitionMapping()),
-            key(spec, "query_gradients")]
+    calibrated = _calibrated(spec)
+    deps = [dg.AssetDep(key(spec, "train_gradients"), partition_mapping=dg.AllPartitionMapping())]
+    if calibrated:  # an `auto` nprobe / efSearch is measured on the pipeline's queries
+        deps.append(key(spec, "query_gradients"))
     if spec.scoring.precondition:
         deps.append(key(spec, "preconditioner"))
 
@@ -46,9 +48,8 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                              max_vectors_per_index=idx.max_vectors_per_index,
                              use_gpu={"auto": "auto", "true": True, "false": False}[idx.use_gpu])
         out = storage.path(spec.name, "faiss_index")
-        probed = "IVF" in idx.factory or "HNSW" in idx.factory  # the factories with nprobe / efSearch
         queries = (_calibration_queries(spec, storage.path(spec.name, "query_gradients"), precond, config)
-                   if probed else None)
+                   if calibrated else None)
         info = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring), config, out,
                            calibration=queries)
         yield dg.MaterializeResult(
@@ -62,11 +63,21 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     return [faiss_index]
 
 
+def _calibrated(spec: PipelineSpec) -> bool:
+    """Whether the index's search parameter is ``auto``: an IVF nprobe or an HNSW efSearch."""
+    idx = spec.index
+    return ("IVF" in idx.factory and idx.nprobe == "auto") or ("HNSW" in idx.factory and idx.ef_search == "auto")
+
+
 def _calibration_queries(spec, path, precond, config: IndexConfig) -> np.ndarray:
     """Up to ``config.calibration_queries`` query rows (seeded sample) prepared as the Attributor
     searches them (one row per query), for calibrating an ``auto`` nprobe / efSearch."""
     store = GradientStore(path)
     rows = workflow.document_rows(store.array, store.info)
+    if not len(rows):
+        raise ValueError(f"{path} holds no query rows, but index.nprobe / index.ef_search `auto` is "
+                         "calibrated on the pipeline's queries: add queries and re-materialize "
+                         "query_gradients, or set the parameter to an integer")
     size = min(config.calibration_queries, len(rows))
     pick = np.sort(np.random.default_rng(config.seed).choice(len(rows), size, replace=False))
     return workflow.prepare(rows[pick], {"per_token": False}, precond,
