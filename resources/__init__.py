@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from attribution_assets.engine import models
 
@@ -56,8 +56,9 @@ class ComputeResource(dg.ConfigurableResource):
     ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
     resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
     stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
-    ``threads``: CPU threads of torch and FAISS in each step that uses this resource
-    (0 keeps their defaults, one per core). When several steps share a machine (the
+    ``threads``: CPU threads of torch, FAISS and NumPy's BLAS (through ``threadpoolctl``)
+    in each step that uses this resource, restored when the step ends (0 keeps the
+    libraries' defaults, one per core). When several steps share a machine (the
     multiprocess executor, a backfill), set it to cores / concurrent steps: spinning
     threads that outnumber the cores slow every step down.
     """
@@ -66,14 +67,26 @@ class ComputeResource(dg.ConfigurableResource):
     precision: str = "auto"
     allow_tf32: bool = False
     threads: int = Field(default=0, ge=0)
+    _restore: list = PrivateAttr(default_factory=list)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if self.threads:
-            import faiss
-            import torch
+        if not self.threads:
+            return
+        import faiss
+        import torch
+        from threadpoolctl import threadpool_limits
 
-            torch.set_num_threads(self.threads)
-            faiss.omp_set_num_threads(self.threads)
+        torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+        blas = threadpool_limits(limits=self.threads, user_api="blas")
+        torch.set_num_threads(self.threads)
+        faiss.omp_set_num_threads(self.threads)
+        self._restore[:] = [lambda: torch.set_num_threads(torch_threads),
+                            lambda: faiss.omp_set_num_threads(faiss_threads), blas.restore_original_limits]
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for restore in self._restore:
+            restore()
+        self._restore.clear()
 
     def cast(self, model):
         """Cast ``model`` to ``precision`` (no-op for ``auto``)."""
