@@ -1,5 +1,6 @@
 """Atomic writes: writer-named temporaries, and sweeping what killed writers leave behind."""
 
+import errno
 import os
 import stat
 import subprocess
@@ -368,14 +369,17 @@ def test_replace_dir_never_leaves_final_missing_for_readers(tmp_path):
         (tmp / "data").write_text("0" * 1000)
     if not atomic._exchange(final, final):  # renameat2 unsupported here: nothing to test
         pytest.skip("renameat2(RENAME_EXCHANGE) is not available")
-    stop, misses = threading.Event(), []
+    stop, misses, errors = threading.Event(), [], []
 
     def read():
         while not stop.is_set():
             try:
-                assert len((final / "data").read_text()) == 1000
+                if len((final / "data").read_text()) != 1000:
+                    errors.append("incomplete")
             except FileNotFoundError:
                 misses.append(1)
+            except Exception as exc:  # noqa: BLE001 - reported by the assert below
+                errors.append(repr(exc))
 
     def write(n):
         for _ in range(n):
@@ -391,7 +395,7 @@ def test_replace_dir_never_leaves_final_missing_for_readers(tmp_path):
         w.join()
     stop.set()
     reader.join()
-    assert not misses and _siblings(final) == ["store"]
+    assert not misses and not errors and _siblings(final) == ["store"]
 
 
 def test_fallback_without_exchange_replaces_and_cleans_up(tmp_path, monkeypatch):
@@ -401,3 +405,21 @@ def test_fallback_without_exchange_replaces_and_cleans_up(tmp_path, monkeypatch)
         with atomic_dir(final) as tmp:
             (tmp / "v").write_text(version)
     assert (final / "v").read_text() == "2" and _siblings(final) == ["store"]
+
+
+def test_failed_fallback_replace_keeps_the_previous_version(tmp_path, monkeypatch):
+    final = tmp_path / "store"
+    with atomic_dir(final) as tmp:
+        (tmp / "v").write_text("1")
+    monkeypatch.setattr(atomic, "_exchange", lambda src, final: False)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".store.tmp-") and Path(dst) == final:
+            raise OSError(errno.EIO, "simulated I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"), atomic_dir(final) as tmp:
+        (tmp / "v").write_text("2")
+    assert (final / "v").read_text() == "1" and _siblings(final) == ["store"]

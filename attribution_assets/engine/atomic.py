@@ -14,8 +14,9 @@ Temporary names identify their writer. While writing ``DIR/NAME``:
   (:func:`replace_dir`).
 
 ``host`` is the host name reduced to ``[A-Za-z0-9_.-]`` and ``pid`` the writing
-process. A writer that is killed (OOM killer, SIGKILL, ``os._exit``, power loss)
-leaves these hidden siblings behind; ``NAME`` itself is untouched or complete.
+process. A writer that is killed (OOM killer, SIGKILL, ``os._exit``) leaves these
+hidden siblings behind; ``NAME`` itself is untouched or complete. (Nothing is fsynced:
+after a power loss the filesystem's own journaling decides what survives.)
 They are removed by :func:`sweep_stale`, which every :func:`atomic_dir` and
 :func:`atomic_file` call runs for its own ``NAME`` before writing: so the leftovers of
 a crash disappear the next time the same path is written from the same host. A
@@ -253,15 +254,15 @@ def replace_dir(src: Path, final: Path) -> None:
     ``final`` complete plus a sweepable leftover.
     """
     final = Path(final)
-    if _exchange(src, final):
-        shutil.rmtree(src, ignore_errors=True)
+    if final.is_dir() and not final.is_symlink() and _exchange(src, final):
+        shutil.rmtree(src, ignore_errors=True)  # ``src`` now holds the old version
         return
     trash: list[Path] = []
     try:
         while True:
             try:
                 os.replace(src, final)  # atomic; succeeds when ``final`` is absent or empty
-                return
+                break
             except OSError as exc:
                 if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                     raise
@@ -271,6 +272,11 @@ def replace_dir(src: Path, final: Path) -> None:
             except FileNotFoundError:  # another writer moved it first: try again
                 continue
             trash.append(old)
+    except BaseException:
+        if trash and not final.exists():  # put the last complete version back
+            with contextlib.suppress(OSError):
+                os.replace(trash.pop(), final)
+        raise
     finally:
         for old in trash:
             shutil.rmtree(old, ignore_errors=True)
