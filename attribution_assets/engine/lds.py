@@ -229,10 +229,13 @@ def ratio_ci(values: np.ndarray, baseline: np.ndarray, n: int = 1000, seed: int 
     if values.size == 0 or baseline.mean() == 0:
         return float("nan"), float("nan"), float("nan")
     picks = np.random.default_rng(seed).integers(0, values.size, size=(n, values.size))
-    ratios = values[picks].mean(axis=1) / baseline[picks].mean(axis=1)
-    tail = (1 - level) / 2 * 100
-    return (float(values.mean() / baseline.mean()), float(np.percentile(ratios, tail)),
-            float(np.percentile(ratios, 100 - tail)))
+    denominators = baseline[picks].mean(axis=1)
+    keep = denominators != 0  # a resample whose baseline mean is 0 has no ratio
+    ratios = values[picks[keep]].mean(axis=1) / denominators[keep]
+    ratio, tail = float(values.mean() / baseline.mean()), (1 - level) / 2 * 100
+    if ratios.size == 0:
+        return ratio, float("nan"), float("nan")
+    return ratio, float(np.percentile(ratios, tail)), float(np.percentile(ratios, 100 - tail))
 
 
 def _variant(top_k: int) -> str:
