@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from attribution_assets.engine.index import (
-    CONFIDENCE_Z,
     FaissIndex,
     IndexConfig,
     _sample,
@@ -17,6 +16,7 @@ from attribution_assets.engine.index import (
     recall_at_k,
     self_recall,
 )
+from attribution_assets.engine.index_calibration import CONFIDENCE_Z
 
 
 @pytest.fixture(autouse=True, scope="module")

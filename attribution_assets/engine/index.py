@@ -9,11 +9,8 @@ string document id.
 Search parameters: an IVF index's ``nprobe`` and an HNSW index's ``efSearch`` trade speed
 for recall, and the right value depends on the data and on the queries (a fixed nprobe
 that is ample for clustered data misses badly for queries far from every cluster). With
-``"auto"`` (the default) ``build_index`` calibrates the parameter: it computes the exact
-top-k of up to ``calibration_queries`` query rows (given by the caller, else indexed
-rows) by brute force while adding, then searches the finished index, through
-``FaissIndex.search``, for the smallest value whose recall@k reaches ``target_recall``
-with 95 % confidence, and saves that value as the index's default.
+``"auto"`` (the default) ``build_index`` calibrates the parameter to reach
+``target_recall`` and saves it as the index's default; see ``engine.index_calibration``.
 
 On-disk layout of an index directory (written to a temporary sibling and
 renamed into place only when complete)::
@@ -40,13 +37,16 @@ import faiss
 import numpy as np
 
 from attribution_assets.engine.atomic import atomic_dir
+from attribution_assets.engine.index_calibration import (
+    ExactTopK,
+    calibrate,
+    calibration_rows,
+    check_calibration,
+)
 
 FORMAT_VERSION = 1
 INFO_FILE = "index.json"
 EMPTY = "empty index: blocks() yielded no vectors"
-CONFIDENCE_Z = 1.645  # calibration: one-sided 95 % lower bound on the mean recall
-UNREACHABLE_SLACK = 0.01  # target out of reach: settle within this of the best recall
-EF_SEARCH_MAX = 4096  # largest HNSW efSearch the calibration tries
 FACTORY_EXAMPLES = ("'Flat', 'SQfp16', 'HNSW32', 'IVF1024,Flat', 'IVF{auto},Flat', "
                     "'IVF{auto},PQ64', 'IVF{auto},SQfp16', 'OPQ64,IVF{auto},PQ64'")
 Blocks = Callable[[], Iterable[tuple[Sequence[str], np.ndarray]]]
@@ -62,18 +62,15 @@ class IndexConfig:
     train_sample: at most this many rows, drawn uniformly without replacement (seeded),
         train indexes that need training (IVF, PQ, SQ8, OPQ, ...).
     nprobe: IVF lists visited per query: an int, or ``"auto"`` to calibrate it at build
-        time (the smallest value in ``[1, nlist]`` reaching ``target_recall``). The
-        recall of a fixed nprobe varies with the data: on the demo store (43 lists) the
-        demo's queries need 40 for 0.95, training documents as queries 24-32, held-out
-        synthetic clustered queries 3 of 512 lists (docs/index-benchmark.md).
+        time within ``[1, nlist]``. The recall of a fixed nprobe varies with the data: on
+        the demo store (43 lists) the demo's queries need 40 for 0.95, training documents
+        as queries 24-32, held-out synthetic clustered queries 3 of 512 lists
+        (docs/index-benchmark.md).
     hnsw_ef_search: HNSW candidate-list size at query time: an int, or ``"auto"``
-        (the smallest value in ``[k, EF_SEARCH_MAX]`` reaching ``target_recall``).
+        (calibrated within ``[k, index_calibration.EF_SEARCH_MAX]``).
     target_recall: recall@``calibration_k`` against exact search that an ``"auto"``
         parameter must reach, as a one-sided 95 % lower bound over the calibration
-        queries (mean minus ``CONFIDENCE_Z`` standard errors), so that fresh queries from
-        the same distribution reach it too. When the maximum setting misses it (PQ or
-        SQ codes bound the recall), the smallest setting within ``UNREACHABLE_SLACK`` of
-        the maximum's mean recall is kept and ``calibration["reachable"]`` is False.
+        queries; the criterion and the unreachable case are in ``engine.index_calibration``.
     calibration_k: the k of that recall@k.
     calibration_queries: at most this many query rows (seeded sample) calibrate.
     shard_groups: start a new part (one FAISS index) every this many input blocks.
@@ -126,8 +123,8 @@ class IndexInfo:
     ``recall@k`` (mean over the calibration queries at the chosen value), ``lower_bound``
     (that mean minus ``CONFIDENCE_Z`` standard errors), ``k``, ``queries`` (count),
     ``source`` (``"queries"``: the caller's rows, or ``"indexed rows"``), ``reachable``
-    (False: the target was out of reach, see ``IndexConfig.target_recall``), ``seconds``
-    (exact search plus the calibration searches).
+    (False: the target was out of reach), ``seconds`` (exact search plus the calibration
+    searches); see ``engine.index_calibration``.
     """
 
     path: str
@@ -277,111 +274,6 @@ def _write_part(index: faiss.Index, on_gpu: bool, ids: list[str], tmp: Path, n: 
             "bytes": (tmp / name).stat().st_size}
 
 
-def _calibration_rows(calibration: np.ndarray | None, sample: np.ndarray,
-                      config: IndexConfig) -> tuple[np.ndarray, str]:
-    """``(rows [m, d] float32, source)``: up to ``calibration_queries`` rows (seeded) of the
-    caller's queries, else of ``sample`` (indexed rows)."""
-    rows, source = (sample, "indexed rows") if calibration is None else (calibration, "queries")
-    if len(rows) > config.calibration_queries:
-        pick = np.random.default_rng(config.seed).choice(len(rows), config.calibration_queries,
-                                                         replace=False)
-        rows = rows[np.sort(pick)]
-    return np.ascontiguousarray(rows, dtype=np.float32), source
-
-
-def _check_calibration(calibration, dims: int) -> np.ndarray:
-    calibration = np.asarray(calibration)
-    if calibration.ndim != 2 or calibration.shape[1] != dims or not len(calibration):
-        raise ValueError(f"calibration must be query rows [m >= 1, {dims}] as search will see "
-                         f"them, got shape {calibration.shape}")
-    if not np.isfinite(calibration).all():
-        raise ValueError("calibration rows contain NaN or Inf")
-    return calibration
-
-
-class _ExactTopK:
-    """Exact inner-product top-k of ``queries [m, d]`` over rows streamed in index order;
-    ``positions [m, min(k, rows seen)]`` are global row numbers (ties in any order)."""
-
-    def __init__(self, queries: np.ndarray, source: str, k: int):
-        self.queries, self.k, self.source = queries, k, source
-        self.scores = np.empty((len(queries), 0), np.float32)
-        self.positions = np.empty((len(queries), 0), np.int64)
-        self.seen, self.seconds = 0, 0.0
-
-    def add(self, rows: np.ndarray) -> None:
-        t0 = time.perf_counter()
-        scores = np.concatenate([self.scores, self.queries @ rows.T], axis=1)
-        positions = np.concatenate([self.positions, np.broadcast_to(
-            np.arange(self.seen, self.seen + len(rows)), (len(self.queries), len(rows)))], axis=1)
-        if scores.shape[1] > self.k:
-            top = np.argpartition(-scores, self.k - 1, axis=1)[:, :self.k]
-            scores = np.take_along_axis(scores, top, axis=1)
-            positions = np.take_along_axis(positions, top, axis=1)
-        self.scores, self.positions = scores, positions
-        self.seen += len(rows)
-        self.seconds += time.perf_counter() - t0
-
-
-def _smallest_setting(measure: Callable[[int], tuple[float, float]], lo: int, hi: int,
-                      target: float) -> tuple[int, tuple[float, float], bool]:
-    """Smallest ``v`` in ``[lo, hi]`` whose ``measure(v) = (recall, lower bound)`` has a lower
-    bound reaching ``target``, taking recall to grow with ``v``: doubling from ``lo``, then
-    bisection. If ``hi`` misses the target: the smallest ``v`` whose recall is within
-    ``UNREACHABLE_SLACK`` of ``hi``'s. Returns ``(v, measure(v), reachable)``."""
-    seen: dict[int, tuple[float, float]] = {}
-
-    def at(v: int) -> tuple[float, float]:
-        if v not in seen:
-            seen[v] = measure(v)
-        return seen[v]
-
-    below, v = lo - 1, lo
-    while at(v)[1] < target and v < hi:
-        below, v = v, min(hi, 2 * v)
-    reachable = at(v)[1] >= target
-    goal = target if reachable else at(hi)[0] - UNREACHABLE_SLACK
-    if not reachable:
-        below = lo - 1
-
-    def passes(u: int) -> bool:
-        return at(u)[1 if reachable else 0] >= goal
-
-    while v - below > 1:
-        mid = (below + v) // 2
-        below, v = (below, mid) if passes(mid) else (mid, v)
-    return v, at(v), reachable
-
-
-def _calibrate(index: FaissIndex, param: str, exact: _ExactTopK,
-               target: float) -> tuple[int, dict]:
-    """The smallest ``nprobe`` / ``ef_search`` (``param``) of ``index`` whose recall@k
-    against ``exact`` reaches ``target`` (``_smallest_setting``), and its report."""
-    t0 = time.perf_counter()
-    offsets = np.cumsum([0] + [len(ids) for ids in index.ids])
-    part = np.searchsorted(offsets, exact.positions, side="right") - 1
-    truth = [{str(index.ids[p][i]) for p, i in zip(parts, rows)}
-             for parts, rows in zip(part, exact.positions - offsets[part])]
-    k = exact.positions.shape[1]
-
-    def measure(value: int) -> tuple[float, float]:
-        index.set_search_params(**{param: value})
-        found, _ = index.search(exact.queries, k)
-        hits = np.array([len(want.intersection(row)) / k for row, want in zip(found, truth)])
-        spread = hits.std(ddof=1) / math.sqrt(len(hits)) if len(hits) > 1 else 0.0
-        return float(hits.mean()), float(hits.mean() - CONFIDENCE_Z * spread)
-
-    if param == "nprobe":
-        lo, hi = 1, faiss.extract_index_ivf(index.parts[0]).nlist
-    else:
-        lo, hi = k, max(k, min(EF_SEARCH_MAX, len(index)))
-    value, (recall, bound), reachable = _smallest_setting(measure, lo, hi, target)
-    return value, {"target_recall": target, "recall@k": round(recall, 4),
-                   "lower_bound": round(bound, 4), "k": k, "queries": len(truth),
-                   "source": exact.source, "reachable": reachable,
-                   "seconds": round(exact.seconds + time.perf_counter() - t0, 3)}
-
-
 def build_index(blocks: Blocks, config: IndexConfig, out_dir,
                 calibration: np.ndarray | None = None) -> IndexInfo:
     """Build the index of every row of ``blocks()`` and write it to ``out_dir``.
@@ -408,7 +300,7 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir,
         raise ValueError(EMPTY)
     dims = int(np.shape(first[1])[-1])
     if calibration is not None:
-        calibration = _check_calibration(calibration, dims)
+        calibration = check_calibration(calibration, dims)
     factory, trained_on, source = config.factory, 0, itertools.chain([first], it)
     template = _make_index(factory.replace("{auto}", "1"), dims)
     is_ivf, is_hnsw = faiss.try_extract_index_ivf(template) is not None, _hnsw(template) is not None
@@ -436,8 +328,8 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir,
             if total == 0:
                 raise ValueError(EMPTY)
             source = blocks()
-        exact = _ExactTopK(*_calibration_rows(calibration, sample, config),
-                           k=config.calibration_k)
+        exact = ExactTopK(*calibration_rows(calibration, sample, config),
+                          k=config.calibration_k)
     with atomic_dir(out_dir) as tmp:
         parts, ids, index, on_gpu = [], [], None, False
         for new_part, chunk_ids, rows in _chunks(source, dims, config):
@@ -459,8 +351,8 @@ def build_index(blocks: Blocks, config: IndexConfig, out_dir,
         report = None
         if exact is not None:
             written = {"dims": dims, "part_files": parts}
-            search[param], report = _calibrate(FaissIndex._open(tmp, written, mmap=True), param,
-                                               exact, config.target_recall)
+            search[param], report = calibrate(FaissIndex._open(tmp, written, mmap=True), param,
+                                              exact, config.target_recall)
         info = IndexInfo(
             path=str(Path(out_dir)), factory=factory, factory_requested=config.factory,
             dims=dims, vectors=sum(p["vectors"] for p in parts), parts=len(parts),
