@@ -42,12 +42,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from resources import StorageResource
-
     from .report import format_top_k
 
-    _defs_and_specs(args.pipeline)
-    print(format_top_k(StorageResource().path(args.pipeline, "attribution.duckdb"), args.query, args.k))
+    defs, specs = _defs_and_specs(args.pipeline)
+    print(format_top_k(defs.resources["storage"].paths(specs[args.pipeline]).database, args.query, args.k))
     return 0
 
 
@@ -64,13 +62,12 @@ def _parse_line(line: str):
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from resources import StorageResource
+    from .engine.search.attributor import Attributor
 
-    from .engine.attributor import Attributor
-
-    _, specs = _defs_and_specs(args.pipeline)
-    attributor = Attributor.open(specs[args.pipeline], StorageResource().root,
-                                 use_index=False if args.no_index else None)
+    defs, specs = _defs_and_specs(args.pipeline)
+    spec = specs[args.pipeline]
+    attributor = Attributor(spec, defs.resources["storage"].paths(spec),
+                            use_index=False if args.no_index else None)
     if args.text:
         query = (args.text, args.completion) if args.completion else args.text
         _print_hits(query, attributor.search([query], args.k)[0])
@@ -124,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from .engine.diagnose import diagnose, format_report
+    from .engine.evaluation.diagnose import diagnose, format_report
 
     print(format_report(diagnose(args.model, threshold=args.threshold, device=args.device, dtype=args.dtype)))
     return 0

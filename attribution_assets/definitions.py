@@ -1,4 +1,5 @@
-"""The Dagster code location: the embedded demo plus pipelines from YAML (see ``spec.py``)."""
+"""The Dagster code location: the embedded demo plus pipelines from YAML (see ``spec.py``),
+with the deployment profile that ``$ATTRIBUTION_RESOURCES`` names (``resources/*.yaml``)."""
 
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.spec import configured_pipelines

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from .defs.common import key
-from .engine import database, fact_tracing
-from .spec import PipelineSpec
+from attribution_assets.defs.common import key
+from attribution_assets.engine.evaluation import metrics as fact_tracing
+from attribution_assets.engine.scoring import database
+from attribution_assets.spec import PipelineSpec
 
 SHOWN = {
     "corpus": ("documents", "shards"),
@@ -36,7 +37,7 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
             lines.append(f"  {name:<18} {shown}")
     shards = instance.get_dynamic_partitions(f"{spec.name}_shards")
     lines.append(f"  shards             {len(shards)} partitions: {', '.join(shards)}")
-    db = Path(defs.resources["storage"].path(spec.name, "attribution.duckdb"))
+    db = defs.resources["storage"].paths(spec).database
     if db.exists():
         lines += ["", f"Which training documents made the model say this? (DuckDB: {db})"]
         with database.connect(db) as con:

@@ -12,8 +12,7 @@ file's directory. See ``examples/pipelines.example.yaml``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -22,12 +21,87 @@ from typing import Any
 
 import yaml
 
+from attribution_assets.engine.io.digests import json_digest
+
 PIPELINES_ENV = "ATTRIBUTION_PIPELINES"
 NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class PipelineSpecError(ValueError):
     """A pipeline spec is malformed; the message names the file, the key and the fix."""
+
+
+class SpecValueError(ValueError):
+    """One setting has a bad value; ``key`` is its name within its section."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"`{key}` {message}")
+        self.key, self.message = key, message
+
+
+def _describe(value: Any) -> str:
+    kind = "a quoted string" if isinstance(value, str) else type(value).__name__
+    return f"{value!r} ({kind})"
+
+
+def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = None,
+               optional: bool = False, note: str = "") -> None:
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    bounds = (f" >= {low}" if low is not None else "") + (f" and <= {high}" if high is not None else "")
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
+            or (high is not None and value > high):
+        unquote = "; write the number without quotes" if isinstance(value, str) else ""
+        raise SpecValueError(key, f"must be an integer{bounds}{note}, got {_describe(value)}{unquote}.")
+
+
+def _check_float(obj: Any, key: str, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, note: str = "") -> float:
+    value = getattr(obj, key)
+    too_low = low is not None and (value <= low if low_open else value < low) \
+        if isinstance(value, int | float) and not isinstance(value, bool) else False
+    if isinstance(value, bool) or not isinstance(value, int | float) or too_low \
+            or (high is not None and value > high) or value != value:
+        bounds = " in " + ("(" if low_open else "[") + f"{low}, {high if high is not None else 'inf'}" \
+            + ("]" if high is not None else ")") if low is not None else ""
+        raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}.")
+    return float(value)
+
+
+def _check_choice(obj: Any, key: str, choices: tuple[str, ...]) -> None:
+    value = getattr(obj, key)
+    if not isinstance(value, str) or value not in choices:
+        hint = " (YAML reads unquoted on/off/yes/no as booleans: quote the word)" \
+            if isinstance(value, bool) else ""
+        raise SpecValueError(key, f"is {_describe(value)}; choose one of {list(choices)}{hint}.")
+
+
+def _check_bool(obj: Any, key: str, optional: bool = False) -> None:
+    value = getattr(obj, key)
+    if not (isinstance(value, bool) or (optional and value is None)):
+        raise SpecValueError(key, f"must be true or false, got {_describe(value)}.")
+
+
+def _check_str(obj: Any, key: str, optional: bool = True) -> None:
+    value = getattr(obj, key)
+    if not (isinstance(value, str) and value) and not (optional and value is None):
+        raise SpecValueError(key, f"must be a non-empty string{' or null' if optional else ''}, "
+                                  f"got {_describe(value)}.")
+
+
+def _check_strings(obj: Any, key: str, allow_empty: bool = False) -> None:
+    value = getattr(obj, key)
+    if isinstance(value, list):
+        object.__setattr__(obj, key, tuple(value))
+        value = tuple(value)
+    if not isinstance(value, tuple) or not all(isinstance(v, str) for v in value) \
+            or (not value and not allow_empty):
+        raise SpecValueError(key, f"must be a {'' if allow_empty else 'non-empty '}list of strings, "
+                                  f"got {_describe(value)}.")
+
+
+DATA_FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "txt", "disk", "hub")
 
 
 @dataclass(frozen=True)
@@ -57,6 +131,17 @@ class DataSpec:
     overflow: str = "truncate"
     add_eos: bool | None = None
 
+    def __post_init__(self):
+        _check_choice(self, "format", DATA_FORMATS)
+        _check_choice(self, "overflow", ("truncate", "chunk"))
+        _check_int(self, "max_length", 2, note=" (tokens per document, the longest sequence fed to the model)")
+        _check_bool(self, "add_eos", optional=True)
+        for key in ("path", "subset", "prompt_column", "completion_column", "conversation_column",
+                    "id_column", "gold_column"):
+            _check_str(self, key)
+        for key in ("split", "text_column"):
+            _check_str(self, key, optional=False)
+
     @property
     def mode(self) -> str:
         if self.conversation_column:
@@ -66,9 +151,15 @@ class DataSpec:
         return "text"
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A Hugging Face causal LM: local directory or hub id (``None`` for the demo's trained model)."""
+    """A Hugging Face causal LM: local directory or hub id (``None`` for the demo's trained model).
+
+    ``model_kwargs`` pass through to ``from_pretrained`` (e.g. ``attn_implementation``).
+    """
 
     name_or_path: str | None = None
     revision: str | None = None
@@ -77,27 +168,81 @@ class ModelSpec:
     pad_token: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self):
+        _check_choice(self, "dtype", MODEL_DTYPES)
+        _check_bool(self, "trust_remote_code")
+        for key in ("name_or_path", "revision", "pad_token"):
+            _check_str(self, key)
+        if not isinstance(self.model_kwargs, dict):
+            raise SpecValueError("model_kwargs", f"must be a mapping, got {_describe(self.model_kwargs)}.")
+
+
+DEMO_RELATIONS = ("birthplace", "employer", "university", "birth_year")
+
 
 @dataclass(frozen=True)
 class DemoSpec:
-    """Size of the embedded synthetic demo (corpus generator and model training)."""
+    """The embedded synthetic demo: its corpus generator and its GPT-NeoX (``engine.demo``).
+
+    Corpus: ``people`` fictional people with one fact per relation, each stated in
+    ``train_templates_per_relation`` phrasings; queries use ``query_templates_per_relation``
+    held-out phrasings; ``distractors`` entity sentences per answer value and
+    ``hard_distractors`` same-person/same-answer sentences per fact. Model: architecture,
+    AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
+    """
 
     people: int = 100
     seed: int = 0
-    epochs: int | None = None
-    layers: int | None = None
-    hidden: int | None = None
-    vocab_size: int | None = None
+    relations: tuple[str, ...] = DEMO_RELATIONS
+    train_templates_per_relation: int = 3
+    query_templates_per_relation: int = 2
+    distractors: int = 1
+    hard_distractors: int = 1
+    layers: int = 2
+    hidden: int = 128
+    heads: int = 4
+    intermediate: int = 512
+    max_position_embeddings: int = 64
+    vocab_size: int = 1024
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 30
+    batch_size: int = 32
+    epochs: int = 20
+    log_every: int = 100
 
-    def model_overrides(self) -> dict[str, int]:
-        """Settings that replace ``DemoModelConfig`` defaults (``None`` keeps the default)."""
-        names = ("epochs", "layers", "hidden", "vocab_size")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+    def __post_init__(self):
+        _check_strings(self, "relations")
+        unknown = sorted(set(self.relations) - set(DEMO_RELATIONS))
+        if unknown:
+            raise SpecValueError("relations", f"has unknown relations {unknown}; choose from {list(DEMO_RELATIONS)}.")
+        for key in ("people", "layers", "hidden", "heads", "intermediate", "max_position_embeddings",
+                    "batch_size", "epochs", "log_every", "train_templates_per_relation",
+                    "query_templates_per_relation"):
+            _check_int(self, key, 1)
+        for key in ("seed", "warmup_steps", "distractors", "hard_distractors"):
+            _check_int(self, key, 0)
+        _check_int(self, "vocab_size", 260, note=" (the byte alphabet plus special tokens)")
+        _check_float(self, "lr", 0.0, low_open=True)
+        _check_float(self, "weight_decay", 0.0)
+        if self.hidden % self.heads:
+            raise SpecValueError("heads", f"must divide hidden ({self.hidden}), got {self.heads}.")
+
+
+GRADIENT_NORMALIZERS = ("none", "adam", "adafactor")
 
 
 @dataclass(frozen=True)
 class GradientSpec:
-    """Per-example gradient collection (see ``engine.collector``)."""
+    """Per-example gradient collection (``engine.gradients``): the settings that make the rows.
+
+    ``projection_dim``: per module, a ``p x p`` projected gradient (0 = the full ``O x I``
+    gradient); ``include`` / ``exclude``: fnmatch globs over module names; ``normalizer``:
+    ``adam`` / ``adafactor`` divide by the optimizer's second moments from
+    ``optimizer_state`` (an ``optimizer.pt`` or a Trainer checkpoint directory);
+    ``per_token``: one row per target token; ``dtype``: of the stored rows;
+    ``max_tokens_per_batch``: the batch budget (speed and memory only, never the rows).
+    """
 
     projection_dim: int = 16
     projection_kind: str = "rademacher"
@@ -111,10 +256,32 @@ class GradientSpec:
     optimizer_state: str | None = None
     max_tokens_per_batch: int = 4096
 
+    def __post_init__(self):
+        _check_int(self, "projection_dim", 0, note=" (0 = no projection)")
+        _check_choice(self, "projection_kind", ("rademacher", "gaussian"))
+        _check_int(self, "seed", 0)
+        _check_strings(self, "include")
+        _check_strings(self, "exclude", allow_empty=True)
+        _check_bool(self, "include_bias")
+        _check_bool(self, "per_token")
+        _check_choice(self, "dtype", ("float32", "float16"))
+        _check_choice(self, "normalizer", GRADIENT_NORMALIZERS)
+        _check_str(self, "optimizer_state")
+        _check_int(self, "max_tokens_per_batch", 1)
+
 
 @dataclass(frozen=True)
 class ScoringSpec:
-    """TrackStar-style scoring (see ``engine.preconditioners`` and ``engine.scoring``)."""
+    """TrackStar-style scoring (``engine.preconditioning``, ``engine.scoring``).
+
+    ``metric``: ``cosine`` (TrackStar) or ``inner_product``; ``aggregate``: score each query
+    (``individual``) or a query set as one (``nearest``, ``mean``, ``sum``);
+    ``precondition``: apply the autocorrelation preconditioner, ``damping`` times the mean
+    eigenvalue added per module, mixing ``lam R_query + (1 - lam) R_train`` with ``mixing``
+    ``auto`` | a number in [0, 1] | ``off``; ``mode``: ``stored`` training gradients or
+    ``streaming`` (recomputed, never stored); ``top_k``: scores kept per query and shard
+    (0 = all).
+    """
 
     metric: str = "cosine"
     aggregate: str = "individual"
@@ -124,17 +291,34 @@ class ScoringSpec:
     mode: str = "stored"
     top_k: int = 100
 
+    def __post_init__(self):
+        _check_choice(self, "metric", ("cosine", "inner_product"))
+        _check_choice(self, "aggregate", ("individual", "nearest", "mean", "sum"))
+        _check_bool(self, "precondition")
+        _check_float(self, "damping", 0.0, note=" (relative to each module's mean eigenvalue)")
+        if self.mixing is False:  # YAML 1.1 reads an unquoted `off` as false
+            object.__setattr__(self, "mixing", "off")
+        if not (self.mixing in ("auto", "off") or (isinstance(self.mixing, int | float)
+                                                   and not isinstance(self.mixing, bool)
+                                                   and 0 <= self.mixing <= 1)):
+            raise SpecValueError("mixing", f"must be `auto`, `off` or a number in [0, 1] (the weight "
+                                           f"of the query autocorrelation), got {_describe(self.mixing)}.")
+        _check_choice(self, "mode", ("stored", "streaming"))
+        _check_int(self, "top_k", 0, note=" (0 keeps every score)")
+
 
 @dataclass(frozen=True)
 class IndexSpec:
-    """FAISS index over the training gradients as scores see them (see ``engine.index``).
+    """FAISS index over the training gradients as scores see them (``engine.search``).
 
     ``factory``: a FAISS index factory string (``Flat``, ``IVF{n},Flat``, ``IVF{auto},Flat``,
     ``IVF{n},PQ{m}``, ``HNSW{M}``, ``...,SQfp16``); inner-product metric always.
+    ``train_sample``: rows that train an index that needs training.
     ``max_vectors_per_index`` splits the index into parts searched together.
     ``nprobe`` (IVF) / ``ef_search`` (HNSW): an integer, or ``auto`` to choose the smallest
     value whose recall@10 against exact search reaches ``target_recall`` on the pipeline's
-    own queries, measured when the index is built.
+    own queries, measured when the index is built. ``use_gpu``: ``auto`` (when FAISS sees
+    a GPU), true or false.
     """
 
     enabled: bool = True
@@ -144,23 +328,30 @@ class IndexSpec:
     ef_search: int | str = "auto"
     target_recall: float = 0.95
     max_vectors_per_index: int | None = None
-    use_gpu: str = "auto"
+    use_gpu: bool | str = "auto"
     self_recall_sample: int = 256
 
     def __post_init__(self):
-        for name in ("nprobe", "ef_search"):
-            value = getattr(self, name)
-            if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be `auto` (calibrated to target_recall when the index is "
-                                 f"built) or an integer >= 1, got {value!r}")
-        recall = self.target_recall
-        if isinstance(recall, bool) or not isinstance(recall, int | float) or not 0 < recall <= 1:
-            raise ValueError(f"target_recall must be a number in (0, 1], e.g. 0.95, got {recall!r}")
+        _check_bool(self, "enabled")
+        _check_str(self, "factory", optional=False)
+        _check_int(self, "train_sample", 1)
+        for key in ("nprobe", "ef_search"):
+            if getattr(self, key) != "auto":
+                _check_int(self, key, 1, note=", or `auto` (calibrated to target_recall when the "
+                                              "index is built)")
+        _check_float(self, "target_recall", 0.0, 1.0, low_open=True, note=", e.g. 0.95")
+        _check_int(self, "max_vectors_per_index", 1, optional=True)
+        if self.use_gpu in ("true", "false"):
+            object.__setattr__(self, "use_gpu", self.use_gpu == "true")
+        if self.use_gpu not in ("auto", True, False) or self.use_gpu in (0, 1) and \
+                not isinstance(self.use_gpu, bool):
+            raise SpecValueError("use_gpu", f"must be `auto`, true or false, got {_describe(self.use_gpu)}.")
+        _check_int(self, "self_recall_sample", 1)
 
 
 @dataclass(frozen=True)
 class EvaluationSpec:
-    """Quality evaluation (``engine.evaluation``, ``engine.lds``): LDS subsets for the demo.
+    """Quality evaluation (``engine.evaluation``): LDS subsets for the demo.
 
     ``lds_top_k``: the LDS is reported for each of these score variants: 0 = every
     document's score enters the predicted effect; ``k`` = only each query's ``k`` highest
@@ -173,14 +364,24 @@ class EvaluationSpec:
     lds_top_k: tuple[int, ...] = (0, 100, 10)
 
     def __post_init__(self):
-        if not self.lds_top_k or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
-                                     for k in self.lds_top_k):
-            raise ValueError(f"lds_top_k must be a non-empty list of integers >= 0 (0 = every score), "
-                             f"got {list(self.lds_top_k)}")
+        _check_int(self, "lds_subsets", 1)
+        _check_float(self, "lds_fraction", 0.0, 1.0, low_open=True)
+        _check_int(self, "lds_seed", 0)
+        if isinstance(self.lds_top_k, list):
+            object.__setattr__(self, "lds_top_k", tuple(self.lds_top_k))
+        if not isinstance(self.lds_top_k, tuple) or not self.lds_top_k or any(
+                isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in self.lds_top_k):
+            raise SpecValueError("lds_top_k", f"must be a non-empty list of integers >= 0 (0 = every "
+                                              f"score), got {_describe(self.lds_top_k)}.")
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
+    """One pipeline: a model, a training corpus, a query set and the method's settings.
+
+    Each section is the one config object of its concern; the engine takes these objects.
+    """
+
     name: str
     model: ModelSpec
     corpus: DataSpec
@@ -193,14 +394,17 @@ class PipelineSpec:
     demo: DemoSpec | None = None
     schedule: str | None = None
 
+    def __post_init__(self):
+        _check_int(self, "shard_size", 1, note=" (documents per shard partition)")
+        _check_str(self, "schedule")
+
     @property
     def is_demo(self) -> bool:
         return self.demo is not None
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections, used as code/config versions."""
-        payload = {s: _jsonable(getattr(self, s)) for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+        return json_digest({s: _jsonable(getattr(self, s)) for s in sections}, length=12)
 
 
 def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
@@ -209,6 +413,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
     Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus.
+    ``demo_kwargs`` set :class:`DemoSpec` fields.
     """
     return PipelineSpec(
         name="demo",
@@ -234,23 +439,20 @@ def _jsonable(value: Any) -> Any:
 
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
-    "gradients": GradientSpec, "scoring": ScoringSpec, "demo": DemoSpec, "index": IndexSpec,
+    "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,
     "evaluation": EvaluationSpec,
-}
-_CHOICES = {
-    ("corpus", "format"): {"auto", "jsonl", "json", "csv", "parquet", "txt", "disk", "hub"},
-    ("corpus", "overflow"): {"truncate", "chunk"},
-    ("gradients", "projection_kind"): {"rademacher", "gaussian"},
-    ("gradients", "normalizer"): {"none", "adam", "adafactor"},
-    ("gradients", "dtype"): {"float32", "float16"},
-    ("scoring", "metric"): {"cosine", "inner_product"},
-    ("scoring", "aggregate"): {"individual", "nearest", "mean", "sum"},
-    ("scoring", "mode"): {"stored", "streaming"},
-    ("model", "dtype"): {"float32", "bfloat16", "float16"},
-    ("index", "use_gpu"): {"auto", "true", "false"},
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
               ("gradients", "optimizer_state")}
+
+
+def unknown_keys_message(unknown: list[str], valid: set[str], where: str) -> str:
+    """``unknown key `x` in where: did you mean `y`?`` for each unknown key, then the valid keys."""
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), sorted(valid), n=1)
+        parts.append(f"`{key}`" + (f" (did you mean `{close[0]}`?)" if close else ""))
+    return f"unknown key(s) {', '.join(parts)} in {where}; valid keys: {', '.join(sorted(valid))}."
 
 
 def _build_section(where: str, section: str, raw: Any, base_dir: Path) -> Any:
@@ -258,25 +460,17 @@ def _build_section(where: str, section: str, raw: Any, base_dir: Path) -> Any:
     if not isinstance(raw, dict):
         raise PipelineSpecError(f"{where}: `{section}` must be a mapping, got {type(raw).__name__}.")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
+    unknown = sorted(set(raw) - names, key=str)
     if unknown:
-        raise PipelineSpecError(
-            f"{where}: unknown key(s) {unknown} in `{section}`; valid keys: {sorted(names)}.")
+        raise PipelineSpecError(f"{where}: " + unknown_keys_message(unknown, names, f"`{section}`"))
     values = dict(raw)
     for key, value in values.items():
-        kind = "corpus" if section == "queries" else section
-        allowed = _CHOICES.get((kind, key))
-        if allowed is not None and value not in allowed:
-            raise PipelineSpecError(
-                f"{where}: `{section}.{key}` is {value!r}; choose one of {sorted(allowed)}.")
         if (section, key) in _PATH_KEYS and isinstance(value, str):
             values[key] = _resolve_path(value, base_dir)
-        if key in ("include", "exclude", "lds_top_k") and isinstance(value, list):
-            values[key] = tuple(value)
     try:
         return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise PipelineSpecError(f"{where}: invalid `{section}`: {exc}") from None
+    except SpecValueError as exc:
+        raise PipelineSpecError(f"{where}: `{section}.{exc.key}` {exc.message}") from None
 
 
 def _resolve_path(value: str, base_dir: Path) -> str:
@@ -291,10 +485,10 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
     """Validate one pipeline mapping (as found in YAML) and build its spec."""
     if not isinstance(raw, dict):
         raise PipelineSpecError(f"{where}: each pipeline must be a mapping with `name`, `model`, `corpus`.")
-    valid = {f.name for f in dataclasses.fields(PipelineSpec)}
-    unknown = sorted(set(raw) - valid)
+    valid = {f.name for f in dataclasses.fields(PipelineSpec)} - {"demo"}
+    unknown = sorted(set(raw) - valid, key=str)
     if unknown:
-        raise PipelineSpecError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(valid)}.")
+        raise PipelineSpecError(f"{where}: " + unknown_keys_message(unknown, valid, "the pipeline"))
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise PipelineSpecError(
@@ -314,13 +508,13 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         raise PipelineSpecError(f"{where}: `model.name_or_path` is required (a local directory or a hub id).")
     if not kwargs["corpus"].path:
         raise PipelineSpecError(f"{where}: `corpus.path` is required (a file, a directory or a hub dataset).")
-    shard_size = raw.get("shard_size", 1000)
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise PipelineSpecError(f"{where}: `shard_size` must be a positive integer, got {shard_size!r}.")
-    kwargs["shard_size"] = shard_size
-    if raw.get("schedule") is not None:
-        kwargs["schedule"] = str(raw["schedule"])
-    return PipelineSpec(**kwargs)
+    for key in ("shard_size", "schedule"):
+        if key in raw:
+            kwargs[key] = raw[key]
+    try:
+        return PipelineSpec(**kwargs)
+    except SpecValueError as exc:
+        raise PipelineSpecError(f"{where}: `{exc.key}` {exc.message}") from None
 
 
 def load_pipeline_file(path: str | os.PathLike) -> list[PipelineSpec]:

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from attribution_assets.engine.collector import CollectorConfig, GradientCollector
-from attribution_assets.engine.projection import Projector
+from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.gradients.projection import Projector
+from attribution_assets.spec import GradientSpec
 
 
 def build(layers: int, width: int, vocab: int) -> GPTNeoXForCausalLM:
@@ -46,7 +47,7 @@ def make_docs(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0):
     return docs
 
 
-def naive(model, docs, config: CollectorConfig) -> np.ndarray:
+def naive(model, docs, config: GradientSpec) -> np.ndarray:
     """One backward per document, then ``L G R^T`` of each hooked module's ``weight.grad``."""
     collector = GradientCollector(model, config)  # only for module selection and layout
     proj = Projector(config.projection_dim, config.projection_kind, config.seed)
@@ -62,7 +63,7 @@ def naive(model, docs, config: CollectorConfig) -> np.ndarray:
     return rows
 
 
-def hooked(model, docs, config: CollectorConfig) -> np.ndarray:
+def hooked(model, docs, config: GradientSpec) -> np.ndarray:
     return GradientCollector(model, config).collect(docs)[0]
 
 
@@ -101,14 +102,14 @@ def main() -> None:
         "--max-tokens-per-batch",
         type=int,
         default=1024,
-        help="1024 suits CPU caches; CollectorConfig defaults to 4096",
+        help="1024 suits CPU caches; GradientSpec defaults to 4096",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    config = CollectorConfig(
+    config = GradientSpec(
         projection_dim=args.projection_dim, max_tokens_per_batch=args.max_tokens_per_batch
     )
     docs = make_docs(args.docs, args.min_len, args.max_len, args.vocab)

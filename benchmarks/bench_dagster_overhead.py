@@ -16,10 +16,15 @@ import dagster as dg
 from transformers.utils import logging as hf_logging
 
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.profiles import DeploymentProfile
+from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import materialize_pipeline
-from attribution_assets.engine import data, models, workflow
+from attribution_assets.engine.gradients.collect import collect_shard, make_collector
+from attribution_assets.engine.io import data
+from attribution_assets.engine.io.digests import model_fingerprint
+from attribution_assets.engine.io.models import load_pipeline_model
+from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.spec import demo_spec
-from resources import StorageResource
 
 
 def main() -> None:
@@ -31,20 +36,22 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     root = Path(tempfile.mkdtemp(prefix="overhead-"))
     spec = demo_spec(people=args.people, shard_size=args.docs, epochs=3)
-    defs = build_definitions([spec], storage=StorageResource(root=str(root)))
+    defs = build_definitions([spec], DeploymentProfile("local", None, StorageResource(root=str(root)),
+                                                       ComputeResource()))
+    paths = PipelinePaths.under(root, spec.name)
     instance = dg.DagsterInstance.ephemeral()
     materialize_pipeline(defs, spec, instance, stages=[(("corpus", "query_set", "tokenizer", "model"), False),
                                                        (("tokenized_shards",), True)],
                          log=lambda _: None, log_level="ERROR")
     shard = instance.get_dynamic_partitions("demo_shards")[0]
-    docs = data.read_tokenized(root / "demo" / "tokenized_shards" / shard / "tokens.parquet")
-    fingerprint = models.model_fingerprint(models.load_model(str(root / "demo" / "model")))
+    docs = data.read_tokenized(paths.tokens(shard))
+    fingerprint = model_fingerprint(load_pipeline_model(spec, paths)[0])
     run_config = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
 
     def direct() -> None:
-        model = models.load_model(str(root / "demo" / "model"))
-        collector = workflow.make_collector(model, spec, root / "demo" / "model")
-        workflow.collect_shard(collector, docs, root / "direct" / shard, fingerprint)
+        model, _ = load_pipeline_model(spec, paths)
+        collector = make_collector(model, spec, paths)
+        collect_shard(collector, docs, root / "direct" / shard, fingerprint)
 
     def through_dagster() -> None:
         dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "train_gradients"])], partition_key=shard,

@@ -24,7 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from attribution_assets.engine.index import FaissIndex, IndexConfig, build_index, recall_at_k
+from attribution_assets.engine.search.index import FaissIndex, build_index, recall_at_k
+from attribution_assets.spec import IndexSpec
 
 FACTORIES = ["Flat", "SQfp16", "IVF{auto},Flat", "IVF{auto},PQ64", "HNSW32"]
 
@@ -114,7 +115,7 @@ def main() -> None:
     rows, exact = [], None
     try:
         for factory in args.factories:
-            config = IndexConfig(factory=factory, train_sample=args.train_sample)
+            config = IndexSpec(factory=factory, train_sample=args.train_sample)
             with PeakRss() as mem:
                 info = build_index(blocks, config, root / "ix", calibration=calibration)
             index = FaissIndex.load(root / "ix", mmap=True)

@@ -17,6 +17,7 @@ recomputes the LDS tables without rerunning fact tracing.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -27,12 +28,13 @@ import numpy as np
 import polars as pl
 import torch
 
-from attribution_assets.engine import evaluation, lds
-from attribution_assets.engine.atomic import atomic_dir
-from attribution_assets.engine.data import read_tokenized
-from attribution_assets.engine.demo_model import DemoModelConfig
-from attribution_assets.engine.models import load_model
-from attribution_assets.spec import demo_spec
+from attribution_assets.engine.evaluation import fact_tracing as evaluation
+from attribution_assets.engine.evaluation import lds
+from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.engine.io.data import read_tokenized
+from attribution_assets.engine.io.models import load_pipeline_model
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.spec import DemoSpec, demo_spec
 
 
 def _retrain_job(args: tuple) -> float:
@@ -46,14 +48,14 @@ def _retrain_job(args: tuple) -> float:
     return time.perf_counter() - started
 
 
-def _config(args) -> DemoModelConfig:
-    overrides = {**demo_spec().demo.model_overrides(), **({"epochs": args.epochs} if args.epochs else {})}
-    return DemoModelConfig(**overrides)
+def _config(args) -> DemoSpec:
+    demo = demo_spec().demo
+    return dataclasses.replace(demo, epochs=args.epochs) if args.epochs else demo
 
 
-def retrain(demo: Path, out: Path, queries, args) -> tuple[np.ndarray, dict[int, list[Path]]]:
+def retrain(demo: PipelinePaths, out: Path, queries, args) -> tuple[np.ndarray, dict[int, list[Path]]]:
     """Run the missing (subset, seed) retrains; return the masks and partition folders."""
-    texts = pl.read_parquet(demo / "corpus" / "documents.parquet")["text"].to_list()
+    texts = pl.read_parquet(demo.documents)["text"].to_list()
     config = _config(args)
     masks = lds.lds_subsets(len(texts), args.k, args.fraction, args.subset_seed)
     seeds = (config.seed, config.seed + 1)
@@ -62,7 +64,7 @@ def retrain(demo: Path, out: Path, queries, args) -> tuple[np.ndarray, dict[int,
     for seed in seeds:
         for k, folder in enumerate(dirs[seed]):
             if not (folder / "query_losses.json").exists():
-                jobs.append((str(demo / "model"), texts, masks[k], config, queries, folder, seed))
+                jobs.append((str(demo.tokenizer), texts, masks[k], config, queries, folder, seed))
     print(f"LDS: {args.k} subsets x {len(seeds)} seeds, {len(jobs)} retrains to run "
           f"({config.epochs} epochs, {args.workers} workers)", flush=True)
     started = time.perf_counter()
@@ -73,12 +75,12 @@ def retrain(demo: Path, out: Path, queries, args) -> tuple[np.ndarray, dict[int,
     return masks, dirs
 
 
-def lds_report(demo: Path, out: Path, scores: dict[str, np.ndarray], doc_ids: list[str],
+def lds_report(demo: PipelinePaths, out: Path, scores: dict[str, np.ndarray], doc_ids: list[str],
                query_ids: list[str], gold: dict, masks: np.ndarray, dirs: dict[int, list[Path]],
                args) -> None:
     """LDS per method and score variant (columns reordered to the training order), the gold
     documents as a reference predictor, and the seed agreement / noise ceiling."""
-    corpus_ids = pl.read_parquet(demo / "corpus" / "documents.parquet")["doc_id"].to_list()
+    corpus_ids = pl.read_parquet(demo.documents)["doc_id"].to_list()
     position = {d: i for i, d in enumerate(doc_ids)}
     order = np.array([position[d] for d in corpus_ids])
     seed_a, seed_b = sorted(dirs)
@@ -130,13 +132,13 @@ def main() -> None:
                         help="LDS score variants: 0 = every score, k = each query's top k")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    demo, out = Path(args.storage) / "demo", Path(args.out)
+    demo, out = PipelinePaths.under(args.storage, "demo"), Path(args.out)
     spec = demo_spec()
-    model = load_model(str(demo / "model"))
-    shards = sorted((demo / "tokenized_shards").iterdir())
-    docs = [d for s in shards for d in read_tokenized(s / "tokens.parquet")]
-    queries = read_tokenized(demo / "tokenized_queries" / "tokens.parquet")
-    qs = pl.read_parquet(demo / "query_set" / "queries.parquet")
+    model, _ = load_pipeline_model(spec, demo)
+    shards = sorted(p.parent.name for p in demo.root.glob("tokenized_shards/*/tokens.parquet"))
+    docs = [d for s in shards for d in read_tokenized(demo.tokens(s))]
+    queries = read_tokenized(demo.query_tokens)
+    qs = pl.read_parquet(demo.queries)
     gold = dict(zip(qs["doc_id"].to_list(), qs["gold_doc_ids"].to_list(), strict=True))
     print(f"{len(docs)} documents, {len(queries)} queries, p = {spec.gradients.projection_dim}")
 
@@ -148,7 +150,7 @@ def main() -> None:
         assert saved_query_ids == query_ids, "saved scores are for other queries"
     else:
         started = time.perf_counter()
-        result = evaluation.fact_tracing_table(model, spec, demo / "model", docs, queries, gold)
+        result = evaluation.fact_tracing_table(model, spec, demo, docs, queries, gold)
         evaluation.write_tables(result.frame, result.markdown, out, "fact_tracing")
         print(f"\nFact tracing (configured: {spec.gradients.normalizer} TrackStar):\n{result.markdown}")
         print(f"fact tracing wall time {time.perf_counter() - started:.1f} s", flush=True)

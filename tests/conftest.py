@@ -1,8 +1,7 @@
-"""Shared fixtures: a tiny local tokenizer and GPT-NeoX model, and local data files."""
+"""Fixtures shared by every level (helpers in ``tests/helpers.py``); offline, quiet Hugging Face."""
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 
@@ -13,41 +12,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 hf_logging.disable_progress_bar()
 
-SENTENCES = [
-    "Mara Quill was born in Lisbon.", "Tomas Reyes works for Orbitex.",
-    "The river runs through the old town.", "Lisbon is a busy port city.",
-    "Ada Finch studied at Norwood University.", "Orbitex builds small satellites.",
-]
-
-
-def train_tiny_tokenizer(texts, vocab_size=300, pad=True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>"] + (["<|pad|>"] if pad else [])
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    kwargs = {"pad_token": "<|pad|>"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", **kwargs)
-
-
-def save_tiny_model(path: Path, tokenizer, seed=0):
-    import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    torch.manual_seed(seed)
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
-                           num_attention_heads=4, intermediate_size=64, max_position_embeddings=128,
-                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    model = GPTNeoXForCausalLM(config)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return model
+from tests.helpers import SENTENCES, materialize_tiny_demo, save_tiny_model, train_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -80,46 +45,9 @@ def jsonl_corpus(tmp_path):
     return path
 
 
-TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64}
-
-
-def materialize_tiny_demo(root, **scoring):
-    """The demo pipeline at a tiny size, every asset materialized under ``root``."""
-    import dagster as dg
-
-    from attribution_assets.defs.factory import build_definitions
-    from attribution_assets.defs.runner import materialize_pipeline
-    from attribution_assets.spec import ScoringSpec, demo_spec
-    from resources import StorageResource
-
-    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0, **scoring))
-    defs = build_definitions([spec], storage=StorageResource(root=str(root)))
-    instance = dg.DagsterInstance.ephemeral()
-    materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
-    return spec, root / "demo"
-
-
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory):
-    """``(spec, pipeline root)`` of a fully materialized tiny demo (stored mode), shared."""
+    """``(spec, PipelinePaths)`` of a fully materialized tiny demo (stored mode), shared."""
     return materialize_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))
 
 
-def user_pipeline_spec(base, model_dir, name="ops"):
-    """A user pipeline over a corpus directory (one jsonl file), a query file and ``model_dir``."""
-    import yaml
-
-    from attribution_assets.spec import load_pipeline_file
-
-    corpus = base / "corpus"
-    corpus.mkdir()
-    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
-    (base / "queries.jsonl").write_text(json.dumps({"prompt": "Mara Quill was born in", "completion": " Lisbon"}))
-    body = {"pipelines": [{"name": name, "model": {"name_or_path": str(model_dir)},
-                           "corpus": {"path": "corpus"}, "shard_size": 4,
-                           "queries": {"path": "queries.jsonl", "prompt_column": "prompt",
-                                       "completion_column": "completion"},
-                           "gradients": {"projection_dim": 4}}]}
-    (base / "pipelines.yaml").write_text(yaml.safe_dump(body))
-    (spec,) = load_pipeline_file(base / "pipelines.yaml")
-    return spec

@@ -41,7 +41,7 @@ def test_config_hash_tracks_sections():
     ({"pipelines": [{"name": "bad-name", "model": {}, "corpus": {}}]}, "letters, digits and underscores"),
     ({"pipelines": [{"name": "p", "corpus": {"path": "x"}}]}, "missing `model`"),
     ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x", "txt": 1}}]},
-     r"unknown key\(s\) \['txt'\]"),
+     r"unknown key\(s\) `txt` in `corpus`; valid keys: add_eos"),
     ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
                      "scoring": {"metric": "dot"}}]}, "choose one of"),
     ({"pipelines": [{"name": "demo", "model": {"name_or_path": "m"}, "corpus": {"path": "x"}}]}, "reserved"),
@@ -65,10 +65,10 @@ def test_index_search_parameters_auto_or_integer(tmp_path):
 
 
 @pytest.mark.parametrize("index, message", [
-    ({"nprobe": "fast"}, r"invalid `index`: nprobe must be `auto` .* or an integer >= 1, got 'fast'"),
-    ({"nprobe": 0}, r"nprobe must be `auto`"),
-    ({"ef_search": 12.5}, r"ef_search must be `auto`"),
-    ({"target_recall": 1.5}, r"invalid `index`: target_recall must be a number in \(0, 1\], e.g. 0.95, got 1.5"),
+    ({"nprobe": "fast"}, r"`index.nprobe` must be an integer >= 1, or `auto` .*, got 'fast'"),
+    ({"nprobe": 0}, r"`index.nprobe` must be an integer >= 1"),
+    ({"ef_search": 12.5}, r"`index.ef_search` must be an integer >= 1, or `auto`"),
+    ({"target_recall": 1.5}, r"`index.target_recall` must be a number in \(0.0, 1.0\], e.g. 0.95, got 1.5"),
 ])
 def test_bad_index_search_parameters_name_the_fix(tmp_path, index, message):
     with pytest.raises(PipelineSpecError, match=message):
@@ -81,5 +81,52 @@ def test_lds_top_k_from_yaml(tmp_path):
     (spec,) = load_pipeline_file(_write(tmp_path, body))
     assert spec.evaluation.lds_top_k == (0, 50)
     body["pipelines"][0]["evaluation"]["lds_top_k"] = [10, -1]
-    with pytest.raises(PipelineSpecError, match=r"invalid `evaluation`: lds_top_k must be .* integers >= 0"):
+    with pytest.raises(PipelineSpecError, match=r"`evaluation.lds_top_k` must be .* integers >= 0"):
         load_pipeline_file(_write(tmp_path, body))
+
+
+def _with(section, values):
+    return {"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                           section: values}]}
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("gradients", {"projection_dimm": 8}, r"`projection_dimm` \(did you mean `projection_dim`\?\)"),
+    ("gradients", {"projection_dim": "16"}, r"`gradients.projection_dim` must be an integer >= 0 .* "
+                                             r"quoted string\); write the number without quotes"),
+    ("gradients", {"projection_dim": -4}, r"`gradients.projection_dim` must be an integer >= 0"),
+    ("gradients", {"max_tokens_per_batch": 0}, r"`gradients.max_tokens_per_batch` must be an integer >= 1"),
+    ("gradients", {"normalizer": "sgd"}, r"`gradients.normalizer` is 'sgd' .*; choose one of"),
+    ("corpus", {"path": "x", "max_length": -5}, r"`corpus.max_length` must be an integer >= 2"),
+    ("scoring", {"top_k": -1}, r"`scoring.top_k` must be an integer >= 0"),
+    ("scoring", {"damping": -0.1}, r"`scoring.damping` must be a number in \[0.0, inf\)"),
+    ("scoring", {"mixing": "banana"}, r"`scoring.mixing` must be `auto`, `off` or a number in \[0, 1\]"),
+    ("scoring", {"mixing": 1.5}, r"`scoring.mixing` must be"),
+    ("scoring", {"precondition": "yes"}, r"`scoring.precondition` must be true or false"),
+    ("index", {"use_gpu": "maybe"}, r"`index.use_gpu` must be `auto`, true or false"),
+    ("evaluation", {"lds_fraction": 0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\]"),
+])
+def test_every_bad_value_is_refused_at_load_time_with_key_and_range(tmp_path, section, values, message):
+    body = _with(section, values)
+    if section == "corpus":
+        body["pipelines"][0]["corpus"] = values
+    with pytest.raises(PipelineSpecError, match=message):
+        load_pipeline_file(_write(tmp_path, body))
+
+
+def test_unknown_pipeline_key_suggests_the_nearest(tmp_path):
+    body = _with("scoring", {})
+    body["pipelines"][0]["shard_sise"] = 10
+    with pytest.raises(PipelineSpecError, match=r"`shard_sise` \(did you mean `shard_size`\?\)"):
+        load_pipeline_file(_write(tmp_path, body))
+    body["pipelines"][0].pop("shard_sise")
+    body["pipelines"][0]["shard_size"] = "10"
+    with pytest.raises(PipelineSpecError, match=r"`shard_size` must be an integer >= 1"):
+        load_pipeline_file(_write(tmp_path, body))
+
+
+def test_yaml_booleans_in_string_settings(tmp_path):
+    (spec,) = load_pipeline_file(_write(tmp_path, "pipelines:\n- {name: p, model: {name_or_path: m}, "
+                                                  "corpus: {path: x}, scoring: {mixing: off}, "
+                                                  "index: {use_gpu: false}}\n"))
+    assert spec.scoring.mixing == "off" and spec.index.use_gpu is False

@@ -10,15 +10,14 @@
   its files change; the conditions above then fill in the new shards.
 """
 
-import hashlib
-import json
 from pathlib import Path
 
 import dagster as dg
 
-from ..engine.data import FORMAT_BY_SUFFIX
-from ..spec import PipelineSpec
-from .common import key
+from attribution_assets.defs.common import key
+from attribution_assets.engine.io.data import FORMAT_BY_SUFFIX
+from attribution_assets.engine.io.digests import json_digest
+from attribution_assets.spec import PipelineSpec
 
 GUARDS = ~dg.AutomationCondition.any_deps_missing() & ~dg.AutomationCondition.any_deps_in_progress() \
     & ~dg.AutomationCondition.in_progress()
@@ -49,7 +48,7 @@ def directory_state(directory: Path) -> str:
     """Digest of the data files' names, sizes and modification times."""
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in directory.iterdir()
                    if p.suffix in FORMAT_BY_SUFFIX)
-    return hashlib.sha256(json.dumps(files).encode()).hexdigest()[:16]
+    return json_digest(files)
 
 
 def new_data_sensor(spec: PipelineSpec) -> dg.SensorDefinition | None:

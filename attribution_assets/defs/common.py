@@ -1,22 +1,13 @@
-"""Shared helpers for the Dagster layer: keys, partitions, versions, metadata."""
+"""Shared helpers for the Dagster layer: keys, partitions, code versions, metadata."""
 
 from __future__ import annotations
 
-import hashlib
 import time
-from collections.abc import Iterable
 from pathlib import Path
 
 import dagster as dg
 
-from ..spec import PipelineSpec
-
-STORAGE = "storage"
-COMPUTE = "compute"
-
-
-def model_resource_key(spec: PipelineSpec) -> str:
-    return f"{spec.name}_model"
+from attribution_assets.spec import PipelineSpec
 
 
 def shards_partitions(spec: PipelineSpec) -> dg.DynamicPartitionsDefinition:
@@ -32,16 +23,12 @@ def code_version(base: str, spec: PipelineSpec, *sections: str) -> str:
     return f"{base}-{spec.section_hash(*sections)}" if sections else base
 
 
-def digest(parts: Iterable[str | bytes]) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def path_metadata(path: Path) -> dg.MetadataValue:
+    return dg.MetadataValue.path(str(path))
 
 
 class Timer:

@@ -1,4 +1,4 @@
-"""Turn a :class:`PipelineSpec` into Dagster definitions under the pipeline's key prefix."""
+"""Turn :class:`PipelineSpec` objects and a deployment profile into Dagster definitions."""
 
 from __future__ import annotations
 
@@ -6,40 +6,31 @@ import warnings
 
 import dagster as dg
 
-from resources import ComputeResource, ModelResource, StorageResource
-
-from ..spec import PipelineSpec
-from .automation import new_data_sensor, rebuild_schedule
-from .common import COMPUTE, STORAGE, model_resource_key
-from .corpus import corpus_assets
-from .evaluation import evaluation_assets
-from .gradients import gradient_assets
-from .index import index_assets
-from .scores import score_assets
-
-
-def model_resource(spec: PipelineSpec) -> ModelResource:
-    m = spec.model
-    return ModelResource(name_or_path=m.name_or_path or "", revision=m.revision, dtype=m.dtype,
-                         trust_remote_code=m.trust_remote_code, pad_token=m.pad_token,
-                         model_kwargs=dict(m.model_kwargs))
+from attribution_assets.defs.automation import new_data_sensor, rebuild_schedule
+from attribution_assets.defs.corpus import corpus_assets
+from attribution_assets.defs.evaluation import evaluation_assets
+from attribution_assets.defs.gradients import gradient_assets
+from attribution_assets.defs.index import index_assets
+from attribution_assets.defs.profiles import DeploymentProfile, load_profile
+from attribution_assets.defs.scores import score_assets
+from attribution_assets.spec import PipelineSpec
 
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
-    """Assets, checks and the per-pipeline model resource of one pipeline."""
+    """Assets, checks, sensor and schedule of one pipeline, under the key prefix ``[spec.name]``."""
     assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec), *index_assets(spec),
               *evaluation_assets(spec)]
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     return dg.Definitions(assets=assets, sensors=[sensor] if sensor else [],
-                          schedules=[schedule] if schedule else [],
-                          resources={model_resource_key(spec): model_resource(spec)})
+                          schedules=[schedule] if schedule else [])
 
 
-def build_definitions(specs: list[PipelineSpec], storage: StorageResource | None = None,
-                      compute: ComputeResource | None = None) -> dg.Definitions:
-    """All pipelines plus the shared storage and compute resources."""
-    shared = dg.Definitions(resources={STORAGE: storage or StorageResource(),
-                                       COMPUTE: compute or ComputeResource()})
+def build_definitions(specs: list[PipelineSpec], profile: DeploymentProfile | None = None) -> dg.Definitions:
+    """All pipelines with the profile's ``storage`` and ``compute`` resources and executor
+    (default: the profile ``$ATTRIBUTION_RESOURCES`` names, else ``local``)."""
+    profile = profile or load_profile()
+    shared = dg.Definitions(resources={"storage": profile.storage, "compute": profile.compute},
+                            executor=profile.executor_definition())
     with warnings.catch_warnings():  # `backfill_policy` on assets is marked beta in Dagster 1.13
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Definitions.merge(shared, *(pipeline_definitions(s) for s in specs))

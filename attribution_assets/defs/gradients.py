@@ -5,45 +5,47 @@ import json
 import dagster as dg
 import numpy as np
 
-from ..engine import data, workflow
-from ..engine.store import GradientStore
-from ..spec import PipelineSpec
-from .automation import rebuild_condition
-from .common import (
-    COMPUTE,
-    STORAGE,
+from attribution_assets.defs.automation import rebuild_condition
+from attribution_assets.defs.common import (
     Timer,
     code_version,
     dir_bytes,
     key,
-    model_resource_key,
+    path_metadata,
     shards_partitions,
 )
-from .corpus import load_model
+from attribution_assets.defs.resources import ComputeResource, StorageResource
+from attribution_assets.engine.gradients.collect import collect_shard, make_collector
+from attribution_assets.engine.gradients.collector import rows_hash
+from attribution_assets.engine.gradients.store import GradientStore
+from attribution_assets.engine.io import data
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.spec import PipelineSpec
 
 CHECKS = ("finite", "row_count", "settings")
 
 
-def model_dir(spec: PipelineSpec, storage):
-    """The demo's trained model directory (holds optimizer.pt); None for user models."""
-    return storage.path(spec.name, "model") if spec.is_demo else None
+def model_fingerprint(spec: PipelineSpec, paths: PipelinePaths) -> str:
+    if not paths.model_record.exists():
+        raise FileNotFoundError(f"{paths.model_record} does not exist; materialize {spec.name}/model first.")
+    return json.loads(paths.model_record.read_text())["fingerprint"]
 
 
-def model_fingerprint(spec: PipelineSpec, storage) -> str:
-    record = storage.path(spec.name, "model") / "model.json"
-    if not record.exists():
-        raise FileNotFoundError(f"{record} does not exist; materialize {spec.name}/model first.")
-    return json.loads(record.read_text())["fingerprint"]
+def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource):
+    """The pipeline's collector on the compute resource's device (loads the model)."""
+    storage.ensure_writable()
+    paths = storage.paths(spec)
+    model, _ = compute.load_model(spec, paths)
+    return make_collector(model, spec, paths)
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
     finite = bool(np.isfinite(store.array).all())
-    config = workflow.collector_config(spec.gradients)
     normalizer = store.info.get("normalizer")
-    settings_ok = ((normalizer or {}).get("kind") == config.normalizer
-                   and store.info.get("config_hash") == config.config_hash(normalizer))
+    settings_ok = ((normalizer or {}).get("kind", "none") == spec.gradients.normalizer
+                   and store.info.get("config_hash") == rows_hash(spec.gradients, normalizer))
     return [
         dg.AssetCheckResult(asset_key=asset_key, check_name="finite", passed=finite,
                             metadata={"path": str(store.path / "gradients.npy")}),
@@ -67,41 +69,34 @@ def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
 
 
 def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
-    model_key = model_resource_key(spec)
-    resources = {STORAGE, COMPUTE, model_key}
     version = code_version("gradients-v1", spec, "gradients")
     assets = []
-
-    def _collector(context):
-        storage = context.resources.storage
-        storage.ensure_writable()
-        model, _ = load_model(spec, context)
-        return workflow.make_collector(model, spec, model_dir(spec, storage))
 
     if spec.scoring.mode == "stored":
         train_key = key(spec, "train_gradients")
 
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
-                  deps=[key(spec, "tokenized_shards"), key(spec, "model")], required_resource_keys=resources,
+                  deps=[key(spec, "tokenized_shards"), key(spec, "model")],
                   code_version=version, pool="gpu", check_specs=_check_specs(train_key),
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
-        def train_gradients(context: dg.AssetExecutionContext):
-            storage = context.resources.storage
-            collector = _collector(context)
-            fingerprint = model_fingerprint(spec, storage)
+        def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
+                            compute: ComputeResource):
+            paths = storage.paths(spec)
+            collector = pipeline_collector(spec, storage, compute)
+            fingerprint = model_fingerprint(spec, paths)
             checks: dict[str, list] = {name: [] for name in CHECKS}
             versions = {}
             for shard in context.partition_keys:
                 timer = Timer()
-                docs = data.read_tokenized(storage.path(spec.name, "tokenized_shards", shard) / "tokens.parquet")
-                out = storage.path(spec.name, "train_gradients", shard)
-                store, stats = workflow.collect_shard(collector, docs, out, fingerprint)
-                versions[shard] = workflow.store_digest(store)
+                docs = data.read_tokenized(paths.tokens(shard))
+                out = paths.train_gradients(shard)
+                store, stats = collect_shard(collector, docs, out, fingerprint)
+                versions[shard] = store.digest()
                 context.add_asset_metadata(
                     {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
-                     "path": dg.MetadataValue.path(str(out)), "total_seconds": timer.seconds,
+                     "path": path_metadata(out), "total_seconds": timer.seconds,
                      "config_hash": store.info["config_hash"]}, partition_key=shard)
                 for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
@@ -121,19 +116,19 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         query_key = key(spec, "query_gradients")
 
         @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), key(spec, "model")],
-                  required_resource_keys=resources, code_version=version, pool="gpu",
+                  code_version=version, pool="gpu",
                   check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
-        def query_gradients(context: dg.AssetExecutionContext):
+        def query_gradients(storage: StorageResource, compute: ComputeResource):
             timer = Timer()
-            storage = context.resources.storage
-            docs = data.read_tokenized(storage.path(spec.name, "tokenized_queries") / "tokens.parquet")
-            out = storage.path(spec.name, "query_gradients")
-            store, stats = workflow.collect_shard(_collector(context), docs, out, model_fingerprint(spec, storage))
+            paths = storage.paths(spec)
+            docs = data.read_tokenized(paths.query_tokens)
+            store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
+                                         paths.query_gradients, model_fingerprint(spec, paths))
             yield dg.MaterializeResult(
-                metadata={**stats.as_metadata(), "bytes": dir_bytes(out), "path": dg.MetadataValue.path(str(out)),
-                          "total_seconds": timer.seconds},
-                data_version=dg.DataVersion(workflow.store_digest(store)))
+                metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
+                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds},
+                data_version=dg.DataVersion(store.digest()))
             yield from store_checks(store, _expected_rows(docs, spec), spec, query_key)
 
         assets.append(query_gradients)
@@ -141,14 +136,14 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
 
 def _files_intact_check(spec: PipelineSpec, train_key: dg.AssetKey) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=train_key, name="files_intact", required_resource_keys={STORAGE}, blocking=True,
+    @dg.asset_check(asset=train_key, name="files_intact", blocking=True,
                     description="every materialized shard's gradients.npy opens and matches its info.json "
                                 "(header and size only, cheap; values are checked when a shard is written)")
-    def files_intact(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        storage = context.resources.storage
+    def files_intact(context: dg.AssetCheckExecutionContext, storage: StorageResource) -> dg.AssetCheckResult:
+        paths = storage.paths(spec)
         problems, checked = [], 0
         for shard in context.instance.get_dynamic_partitions(shards_partitions(spec).name):
-            path = storage.path(spec.name, "train_gradients", shard)
+            path = paths.train_gradients(shard)
             if not path.exists():
                 continue
             checked += 1

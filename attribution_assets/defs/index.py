@@ -1,19 +1,30 @@
 """The FAISS index asset (fan-in over every shard's training gradients)."""
 
-import dataclasses
-
 import dagster as dg
 import numpy as np
 
-from ..engine import workflow
-from ..engine.index import FaissIndex, IndexConfig, IndexInfo, build_index, self_recall
-from ..engine.preconditioners import Preconditioner
-from ..engine.store import GradientStore
-from ..spec import PipelineSpec
-from .automation import rebuild_condition
-from .common import COMPUTE, STORAGE, Timer, code_version, key, shards_partitions
+from attribution_assets.defs.automation import rebuild_condition
+from attribution_assets.defs.common import (
+    Timer,
+    code_version,
+    key,
+    path_metadata,
+    shards_partitions,
+)
+from attribution_assets.defs.resources import ComputeResource, StorageResource
+from attribution_assets.engine.gradients.store import GradientStore
+from attribution_assets.engine.io.digests import files_digest
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.scoring.run import (
+    QueryScorer,
+    load_preconditioner,
+    prepared_training_blocks,
+)
+from attribution_assets.engine.search.index import FaissIndex, IndexInfo, build_index, self_recall
+from attribution_assets.spec import PipelineSpec
 
 MIN_SELF_RECALL = 0.9
+CALIBRATION_QUERIES = 256
 
 
 def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
@@ -27,7 +38,7 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     if spec.scoring.precondition:
         deps.append(key(spec, "preconditioner"))
 
-    @dg.asset(key=index_key, group_name=spec.name, deps=deps, required_resource_keys={STORAGE, COMPUTE},
+    @dg.asset(key=index_key, group_name=spec.name, deps=deps,
               code_version=code_version("faiss-index-v2", spec, "index", "gradients", "scoring"), pool="gpu",
               automation_condition=rebuild_condition(ignore=(key(spec, "train_gradients"),)),
               check_specs=[dg.AssetCheckSpec("self_recall", asset=index_key, blocking=False,
@@ -35,30 +46,22 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               description="FAISS index of the training gradients as scores see them "
                           "(preconditioned and unit-normalized for cosine scores); an `auto` "
                           "nprobe / efSearch is calibrated on the pipeline's queries.")
-    def faiss_index(context: dg.AssetExecutionContext):
+    def faiss_index(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
         timer = Timer()
-        storage = context.resources.storage
+        paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
-        paths = [storage.path(spec.name, "train_gradients", s) for s in shards]
-        precond = (Preconditioner.load(storage.path(spec.name, "preconditioner"))
-                   if spec.scoring.precondition else None)
-        idx = spec.index
-        config = IndexConfig(factory=idx.factory, train_sample=idx.train_sample, nprobe=idx.nprobe,
-                             hnsw_ef_search=idx.ef_search, target_recall=idx.target_recall,
-                             max_vectors_per_index=idx.max_vectors_per_index,
-                             use_gpu={"auto": "auto", "true": True, "false": False}[idx.use_gpu])
-        out = storage.path(spec.name, "faiss_index")
-        queries = (_calibration_queries(spec, storage.path(spec.name, "query_gradients"), precond, config)
-                   if calibrated else None)
-        info = build_index(lambda: workflow.index_blocks(paths, precond, spec.scoring), config, out,
-                           calibration=queries)
+        precond = load_preconditioner(spec, paths)
+        queries = _calibration_queries(spec, paths, precond) if calibrated else None
+        info = build_index(lambda: prepared_training_blocks(paths, shards, precond, spec.scoring.metric),
+                           spec.index, paths.faiss_index, calibration=queries,
+                           calibration_queries=CALIBRATION_QUERIES)
         yield dg.MaterializeResult(
             metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
                       "bytes": info.bytes, "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
-                      **_search_metadata(info), "path": dg.MetadataValue.path(str(out)),
+                      **_search_metadata(info), "path": path_metadata(paths.faiss_index),
                       "seconds": timer.seconds},
-            data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{workflow.digest_files(out)}"))
-        yield _self_recall_check(spec, index_key, out, paths[0], precond)
+            data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{files_digest(paths.faiss_index)}"))
+        yield _self_recall_check(spec, index_key, paths, shards[0], precond)
 
     return [faiss_index]
 
@@ -69,19 +72,17 @@ def _calibrated(spec: PipelineSpec) -> bool:
     return ("IVF" in idx.factory and idx.nprobe == "auto") or ("HNSW" in idx.factory and idx.ef_search == "auto")
 
 
-def _calibration_queries(spec, path, precond, config: IndexConfig) -> np.ndarray:
-    """Up to ``config.calibration_queries`` query rows (seeded sample) prepared as the Attributor
+def _calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np.ndarray:
+    """Up to ``CALIBRATION_QUERIES`` query rows (seeded sample) prepared as the Attributor
     searches them (one row per query), for calibrating an ``auto`` nprobe / efSearch."""
-    store = GradientStore(path)
-    rows = workflow.document_rows(store.array, store.info)
+    rows = GradientStore(paths.query_gradients).document_rows()
     if not len(rows):
-        raise ValueError(f"{path} holds no query rows, but index.nprobe / index.ef_search `auto` is "
-                         "calibrated on the pipeline's queries: add queries and re-materialize "
+        raise ValueError(f"{paths.query_gradients} holds no query rows, but index.nprobe / index.ef_search "
+                         "`auto` is calibrated on the pipeline's queries: add queries and re-materialize "
                          "query_gradients, or set the parameter to an integer")
-    size = min(config.calibration_queries, len(rows))
-    pick = np.sort(np.random.default_rng(config.seed).choice(len(rows), size, replace=False))
-    return workflow.prepare(rows[pick], {"per_token": False}, precond,
-                            dataclasses.replace(spec.scoring, aggregate="individual"))
+    size = min(CALIBRATION_QUERIES, len(rows))
+    pick = np.sort(np.random.default_rng(0).choice(len(rows), size, replace=False))
+    return QueryScorer(rows[pick], None, precond, spec.scoring, aggregate="individual").prepared
 
 
 def _search_metadata(info: IndexInfo) -> dict:
@@ -96,16 +97,17 @@ def _search_metadata(info: IndexInfo) -> dict:
     return meta
 
 
-def _self_recall_check(spec, index_key, out, first_shard, precond) -> dg.AssetCheckResult:
+def _self_recall_check(spec: PipelineSpec, index_key: dg.AssetKey, paths: PipelinePaths, first_shard: str,
+                       precond) -> dg.AssetCheckResult:
     """Rows of the first shard searched against the index (cosine scores only: with inner
     products a row need not be its own nearest neighbour)."""
     if spec.scoring.metric != "cosine":
         return dg.AssetCheckResult(asset_key=index_key, check_name="self_recall", passed=True,
                                    metadata={"skipped": "inner-product scores"})
-    ids, rows = next(iter(workflow.index_blocks([first_shard], precond, spec.scoring)))
+    ids, rows = next(prepared_training_blocks(paths, [first_shard], precond, spec.scoring.metric))
     rng = np.random.default_rng(0)
     pick = np.sort(rng.choice(len(ids), size=min(spec.index.self_recall_sample, len(ids)), replace=False))
-    recall = self_recall(FaissIndex.load(out), rows[pick], [ids[i] for i in pick], k=10)
+    recall = self_recall(FaissIndex.load(paths.faiss_index), rows[pick], [ids[i] for i in pick], k=10)
     return dg.AssetCheckResult(asset_key=index_key, check_name="self_recall", passed=recall >= MIN_SELF_RECALL,
                                metadata={"self_recall@10": recall, "sampled": len(pick),
                                          "threshold": MIN_SELF_RECALL})

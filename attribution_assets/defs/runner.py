@@ -7,8 +7,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from ..spec import PipelineSpec
-from .common import key, shards_partitions
+from attribution_assets.defs.common import key, shards_partitions
+from attribution_assets.spec import PipelineSpec
 
 #: Telemetry off; two runs and two steps of any pool (``gpu`` included) at once. With one GPU,
 #: lower the gpu pool: ``dagster instance concurrency set gpu 1``.

@@ -1,0 +1,112 @@
+"""The Dagster resources: where large files live (storage) and how to compute (device, precision,
+threads). Which values a deployment uses comes from its profile in ``resources/*.yaml``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field, PrivateAttr
+
+from attribution_assets.engine.io import models
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.spec import PipelineSpec
+
+STORAGE_ENV = "ATTRIBUTION_STORAGE"
+
+
+class ComputeResource(dg.ConfigurableResource):
+    """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32, CPU threads.
+
+    ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
+    resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
+    stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
+    ``threads``: CPU threads of torch, FAISS and NumPy's BLAS (through ``threadpoolctl``)
+    in each step that uses this resource, restored when the step ends (0 keeps the
+    libraries' defaults, one per core). When several steps share a machine (the
+    multiprocess executor, a backfill), set it to cores / concurrent steps: spinning
+    threads that outnumber the cores slow every step down.
+    """
+
+    device: str = "auto"
+    precision: str = "auto"
+    allow_tf32: bool = False
+    threads: int = Field(default=0, ge=0)
+    _restore: list = PrivateAttr(default_factory=list)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if not self.threads:
+            return
+        import faiss
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+        blas = threadpool_limits(limits=self.threads, user_api="blas")
+        torch.set_num_threads(self.threads)
+        faiss.omp_set_num_threads(self.threads)
+        self._restore[:] = [lambda: torch.set_num_threads(torch_threads),
+                            lambda: faiss.omp_set_num_threads(faiss_threads), blas.restore_original_limits]
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        for restore in self._restore:
+            restore()
+        self._restore.clear()
+
+    def cast(self, model):
+        """Cast ``model`` to ``precision`` (no-op for ``auto``)."""
+        if self.precision == "auto":
+            return model
+        if self.precision not in models.DTYPES:
+            raise ValueError(f"Unknown precision {self.precision!r}; choose auto or one of {sorted(models.DTYPES)}.")
+        return model.to(models.DTYPES[self.precision])
+
+    def torch_device(self):
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        return models.resolve_device(self.device)
+
+    def load_model(self, spec: PipelineSpec, paths: PipelinePaths):
+        """``(model, tokenizer)`` of the pipeline on this resource's device and precision."""
+        model, tokenizer = models.load_pipeline_model(spec, paths, self.torch_device())
+        return self.cast(model), tokenizer
+
+
+def default_storage_root() -> str:
+    return os.environ.get(STORAGE_ENV) or str(Path.cwd() / ".storage")
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Root directory for every large artifact: ``<root>/<pipeline>/<asset>/<partition>/``.
+
+    Defaults to ``$ATTRIBUTION_STORAGE``, else ``./.storage``.
+    """
+
+    root: str = Field(default_factory=default_storage_root)
+
+    def paths(self, spec: PipelineSpec | str) -> PipelinePaths:
+        """The on-disk layout of one pipeline (``engine.io.paths``)."""
+        return PipelinePaths.under(self.root, spec if isinstance(spec, str) else spec.name)
+
+    def ensure_writable(self, min_free_bytes: int = 64 << 20) -> Path:
+        """Fail before any work if the root cannot be written or the disk is (nearly) full."""
+        root = Path(self.root).expanduser().resolve()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-probe-{uuid.uuid4().hex[:8]}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(
+                f"Storage root {root} is not writable ({exc.strerror}). Set ${STORAGE_ENV} or the "
+                "storage resource's `root` to a writable directory.") from None
+        free = shutil.disk_usage(root).free
+        if free < min_free_bytes:
+            raise OSError(f"Storage root {root} has only {free >> 20} MiB free (need at least "
+                          f"{min_free_bytes >> 20} MiB). Free space or point ${STORAGE_ENV} elsewhere.")
+        return root

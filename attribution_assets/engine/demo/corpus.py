@@ -1,0 +1,259 @@
+"""Synthetic corpus of facts about fictional people: the embedded default ("demo") data.
+
+Every fact ``(person, relation, answer)`` is stated by several training paraphrases
+(kind ``"fact"``); each ends with the answer as the last word before the final period,
+e.g. ``"Alice Varga was born in Lisbon."``. Queries use *different*, held-out
+paraphrases, split into a ``prompt`` that does not end in whitespace and a
+``completion`` that starts with a space (``" Lisbon"``), which is how byte-level BPE
+tokenizes the answer inside a training document. The ``gold_doc_ids`` of a query are
+all fact documents stating its fact.
+
+Two kinds of distractors make word overlap insufficient to find the gold documents:
+``"distractor"`` sentences about an answer entity without any person
+(``"Lisbon is a busy port city."``), and ``"hard_distractor"`` sentences naming the
+SAME person and the SAME answer in a different relation
+(``"Alice Varga once spent a holiday in Lisbon."``).
+
+Generation is deterministic: it uses only a ``random.Random(config.seed)``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from attribution_assets.engine.io.digests import text_id
+from attribution_assets.spec import DemoSpec
+
+FIRST_NAMES = (
+    "Alice", "Boris", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas",
+    "Katya", "Lorenzo", "Mira", "Nikolai", "Olga", "Pavel", "Quentin", "Rosa", "Stefan",
+    "Tamara", "Ulrich", "Vera", "Walter", "Yara", "Zoltan",
+)  # fmt: skip
+LAST_NAMES = (
+    "Varga", "Lindqvist", "Moreau", "Okafor", "Petrescu", "Halloran", "Brandt", "Castell",
+    "Dunmore", "Estrada", "Falkner", "Grobler", "Ivanova", "Jansen", "Kowalczyk", "Larsen",
+    "Mendoza", "Novak", "Ostrowski", "Pellegrini", "Quist", "Rourke", "Szabo", "Tennant",
+    "Vasquez",
+)  # fmt: skip
+
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "Lisbon", "Porto", "Krakow", "Vienna", "Oslo", "Dublin", "Bergen", "Seville",
+        "Lyon", "Turin", "Gdansk", "Riga", "Tallinn", "Antwerp", "Utrecht", "Zurich",
+        "Geneva", "Marseille", "Naples", "Valencia",
+    ),
+    "employer": (
+        "Orbitex", "Quantaro", "Velmora", "Brightwave", "Corvanta", "Helixon", "Lumidex",
+        "Nortrail", "Pyrexa", "Stratolink", "Tidewell", "Zenvoro", "Acmetric", "Ferrolux",
+        "Gravicor",
+    ),
+    "university": (
+        "Eldermont", "Ravenhall", "Ashbourne", "Westmarch", "Thornbury", "Caldwick",
+        "Hollowmere", "Kingsreach", "Stonegate", "Brackenridge", "Fairhaven", "Millbrook",
+    ),
+    "birth_year": tuple(str(y) for y in range(1950, 2000)),
+}  # fmt: skip
+
+# Training paraphrases: "{n}" is the person, "{a}" the answer, which must end the text.
+# No prompt (the text before " {a}.") is a prefix of another, so every prompt has one answer.
+TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "{n} was born in {a}.",
+        "The birthplace of {n} is {a}.",
+        "{n} is originally from {a}.",
+        "{n} grew up in the city of {a}.",
+    ),
+    "employer": (
+        "{n} works for {a}.",
+        "The employer of {n} is {a}.",
+        "{n} is employed by {a}.",
+        "{n} has a job at {a}.",
+    ),
+    "university": (
+        "{n} studied at {a}.",
+        "{n} graduated from {a}.",
+        "The university of {n} is {a}.",
+        "{n} earned a degree at {a}.",
+    ),
+    "birth_year": (
+        "{n} was born during the year {a}.",
+        "The birth year of {n} is {a}.",
+        "{n} came into the world in {a}.",
+        "Records list {n} as born in the year {a}.",
+    ),
+}
+
+# Held-out query paraphrases: (question prompt, completion). Never a training phrasing.
+QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "Q: Which city is {n}'s hometown? A: {n}'s hometown is",
+        "Q: Where does {n} come from? A: {n} is a native of",
+    ),
+    "employer": (
+        "Q: Which company pays {n}? A: {n} is on the payroll of",
+        "Q: Where is {n} employed? A: {n} is a staff member at",
+    ),
+    "university": (
+        "Q: Where did {n} go to university? A: {n} is an alumnus of",
+        "Q: Which school awarded {n} a degree? A: {n} holds a diploma from",
+    ),
+    "birth_year": (
+        "Q: When was {n} born? A: {n}'s year of birth is",
+        "Q: In what year was {n} born? A: {n} arrived in",
+    ),
+}
+
+# Same person, same answer, different relation: must never be gold.
+HARD_DISTRACTOR_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birthplace": (
+        "{n} once spent a holiday in {a}.",
+        "{n} gave a talk in {a}.",
+    ),
+    "employer": (
+        "{n} once gave a talk at {a}.",
+        "{n} bought shares of {a}.",
+    ),
+    "university": (
+        "{n} once attended a lecture at {a}.",
+        "{n} donated old books to {a}.",
+    ),
+    "birth_year": (
+        "{n} bought a red car in {a}.",
+        "{n} travelled abroad in {a}.",
+    ),
+}
+
+# Sentences about an answer entity alone (no person).
+DISTRACTOR_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birthplace": ("{a} is a busy port city.", "Many tourists visit {a} in summer."),
+    "employer": ("{a} is a large software company.", "{a} opened a new office."),
+    "university": ("{a} is known for its old library.", "Many students apply to {a}."),
+    "birth_year": ("The winter of {a} was very cold.", "A new bridge opened in {a}."),
+}
+
+
+def check_demo_corpus(demo: DemoSpec) -> None:
+    """Raise ``ValueError`` naming the ``demo`` key when a count exceeds the template tables."""
+    if demo.people > len(FIRST_NAMES) * len(LAST_NAMES):
+        raise ValueError(f"`demo.people` must be at most {len(FIRST_NAMES) * len(LAST_NAMES)}, got {demo.people}")
+    limits = {
+        "train_templates_per_relation": (1, min(map(len, TRAIN_TEMPLATES.values()))),
+        "query_templates_per_relation": (1, min(map(len, QUERY_TEMPLATES.values()))),
+        "distractors": (0, min(map(len, DISTRACTOR_TEMPLATES.values()))),
+        "hard_distractors": (0, min(map(len, HARD_DISTRACTOR_TEMPLATES.values()))),
+    }
+    for name, (low, high) in limits.items():
+        if not low <= getattr(demo, name) <= high:
+            raise ValueError(f"`demo.{name}` must be in {low}..{high}, got {getattr(demo, name)}")
+
+
+@dataclass
+class DemoCorpus:
+    """Training documents, held-out queries and the training-phrasing splits.
+
+    ``training_prompts[i]`` is the ``(prompt, completion)`` split of the i-th fact
+    document (in the order of ``documents``), for accuracy on training phrasings.
+    """
+
+    config: DemoSpec
+    documents: list[dict] = field(default_factory=list)
+    queries: list[dict] = field(default_factory=list)
+    training_prompts: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def query_pairs(self) -> list[tuple[str, str]]:
+        """``(prompt, completion)`` of every query (held-out phrasings)."""
+        return [(q["prompt"], q["completion"]) for q in self.queries]
+
+    def counts(self) -> dict[str, int]:
+        """Number of documents per kind, and of queries."""
+        out = {kind: 0 for kind in ("fact", "distractor", "hard_distractor")}
+        for doc in self.documents:
+            out[doc["kind"]] += 1
+        out["queries"] = len(self.queries)
+        return out
+
+
+def doc_id_for(text: str) -> str:
+    """Stable content-hash id of a document text."""
+    return "demo-" + text_id(text, 12)
+
+
+def split_fact(text: str, answer: str) -> tuple[str, str]:
+    """Split a fact text ending in ``" {answer}."`` into ``(prompt, " {answer}")``."""
+    suffix = f" {answer}."
+    if not text.endswith(suffix):
+        raise ValueError(f"fact text must end with {suffix!r}: {text!r}")
+    return text[: -len(suffix)], f" {answer}"
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def _document(text: str, kind: str, person: str | None, relation: str, answer: str) -> dict:
+    return {
+        "doc_id": doc_id_for(text),
+        "text": text,
+        "kind": kind,
+        "person": person,
+        "relation": relation,
+        "answer": answer,
+    }
+
+
+def generate_demo_corpus(config: DemoSpec | None = None) -> DemoCorpus:
+    """Generate the demo corpus deterministically from ``config.seed``."""
+    config = config or DemoSpec()
+    check_demo_corpus(config)
+    rng = random.Random(config.seed)
+    pairs = [(f, last) for f in FIRST_NAMES for last in LAST_NAMES]
+    people = [f"{f} {last}" for f, last in rng.sample(pairs, config.people)]
+
+    documents: list[dict] = []
+    queries: list[dict] = []
+    used_answers: dict[str, set[str]] = {r: set() for r in config.relations}
+    for person in people:
+        for relation in config.relations:
+            answer = rng.choice(ANSWERS[relation])
+            used_answers[relation].add(answer)
+            facts = [
+                _document(t.format(n=person, a=answer), "fact", person, relation, answer)
+                for t in TRAIN_TEMPLATES[relation][: config.train_templates_per_relation]
+            ]
+            hard = rng.sample(HARD_DISTRACTOR_TEMPLATES[relation], config.hard_distractors)
+            documents += facts
+            documents += [
+                _document(t.format(n=person, a=answer), "hard_distractor", person, relation, answer)
+                for t in hard
+            ]
+            prompt = rng.choice(
+                QUERY_TEMPLATES[relation][: config.query_templates_per_relation]
+            ).format(n=person)
+            queries.append(
+                {
+                    "query_id": f"demo-q-{_slug(person)}-{relation}",
+                    "prompt": prompt,
+                    "completion": f" {answer}",
+                    "text": f"{prompt} {answer}",
+                    "person": person,
+                    "relation": relation,
+                    "answer": answer,
+                    "gold_doc_ids": [d["doc_id"] for d in facts],
+                }
+            )
+    for relation in config.relations:
+        for answer in sorted(used_answers[relation]):
+            documents += [
+                _document(t.format(a=answer), "distractor", None, relation, answer)
+                for t in DISTRACTOR_TEMPLATES[relation][: config.distractors]
+            ]
+
+    rng.shuffle(documents)
+    if len({d["doc_id"] for d in documents}) != len(documents):
+        raise RuntimeError("duplicate document ids in the demo corpus")
+    training_prompts = [
+        split_fact(d["text"], d["answer"]) for d in documents if d["kind"] == "fact"
+    ]
+    return DemoCorpus(config, documents, queries, training_prompts)

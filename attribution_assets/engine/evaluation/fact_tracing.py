@@ -1,0 +1,272 @@
+"""Fact-tracing evaluation: each attribution method next to baselines, on queries with gold docs.
+
+For every method, every query is scored against ALL training documents; the rank of
+the query's first gold document gives recall@k and MRR (``fact_tracing.recall_and_mrr``).
+Rank convention: ``1 + #(non-gold documents scoring >= the best gold document)``, so
+ties count against the method (a method that scores everything equal is ranked last).
+
+Methods (:class:`Method`):
+
+* ``bm25``: lexical BM25 (``bm25s``, lowercased word tokens, English stopwords removed)
+  of the full query text, prompt AND answer, against each document's text. Seeing the
+  answer is BM25's most favourable setting, so it is a strong baseline.
+* ``dot``: raw gradient inner product ``g_q . g_t`` (no normalizer, no preconditioner).
+* ``cosine``: ``cos(g_q, g_t)`` (no normalizer, no preconditioner).
+* ``trackstar``: ``cos(R^{-1/2} g_q, R^{-1/2} g_t)`` with the mixed, damped
+  autocorrelation ``R`` of ``preconditioning.trackstar_preconditioner``, with optimizer
+  normalization ``none`` / ``adafactor`` / ``adam``.
+* ``preconditioned dot (adafactor)``: ``g_q R^{-1} g_t``, the same preconditioner with
+  inner products and no unit normalization: additive like an influence function, the
+  form the linear datamodeling score (``lds``) sums, though ``R`` is the (mixed)
+  gradient autocorrelation, not the Hessian: influence-like.
+* ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
+  differ from every method above).
+
+Gradients go through ``gradients.collect`` (the assets' code path),
+with the pipeline's projection; they are computed once per (normalizer, query loss)
+and shared by all methods, and preconditioners once per (normalizer, query loss). Query loss: ``"completion"`` (the query's ``loss_mask``,
+the answer, as TrackStar does) or ``"full"`` (every query token but the first).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from attribution_assets.engine.evaluation.metrics import recall_and_mrr
+from attribution_assets.engine.gradients.collect import collect, make_collector
+from attribution_assets.engine.gradients.store import document_rows
+from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
+from attribution_assets.engine.io.data import TokenizedDoc
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.preconditioning.autocorrelation import accumulate
+from attribution_assets.engine.preconditioning.preconditioners import (
+    Preconditioner,
+    trackstar_preconditioner,
+)
+from attribution_assets.engine.scoring.run import QueryScorer
+from attribution_assets.spec import PipelineSpec, ScoringSpec
+
+QUERY_LOSSES = ("completion", "full")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How to score: ``kind`` ``bm25`` or ``gradient`` (normalizer + scoring settings)."""
+
+    name: str
+    kind: str = "gradient"
+    normalizer: str = "none"
+    metric: str = "cosine"
+    precondition: bool = False
+    mixing: str | float = "auto"
+    damping: float = 0.1
+
+    def scoring(self) -> ScoringSpec:
+        return ScoringSpec(metric=self.metric, precondition=self.precondition, mixing=self.mixing,
+                           damping=self.damping, top_k=0)
+
+
+BM25 = Method("bm25", kind="bm25")
+DOT = Method("dot", metric="inner_product")
+COSINE = Method("cosine")
+
+
+def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring) -> Method:
+    """TrackStar (preconditioned cosine) with the given optimizer normalizer."""
+    return Method(name or f"trackstar ({normalizer})", normalizer=normalizer, precondition=True,
+                  **scoring)
+
+
+PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)", metric="inner_product")
+
+
+def default_methods(spec: PipelineSpec) -> list[Method]:
+    """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
+    products (``g_q R^-1 g_t``, influence-like), and the pipeline's own settings."""
+    methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
+               PRECONDITIONED_DOT]
+    s = spec.scoring
+    configured = Method("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
+                        precondition=s.precondition, mixing=s.mixing, damping=s.damping)
+    if all(dataclasses.replace(m, name="configured") != configured for m in methods):
+        methods.append(configured)
+    return methods
+
+
+def configured_name(spec: PipelineSpec, methods: Sequence[Method]) -> str:
+    """Name of the method in ``methods`` that matches the pipeline's own settings."""
+    s = spec.scoring
+    for m in methods:
+        if m.kind == "gradient" and (m.normalizer, m.metric, m.precondition, m.mixing, m.damping) == (
+                spec.gradients.normalizer, s.metric, s.precondition, s.mixing, s.damping):
+            return m.name
+    return "configured"
+
+
+def bm25_scores(doc_texts: Sequence[str], query_texts: Sequence[str]) -> np.ndarray:
+    """``[q, n]`` float32 BM25 scores (bm25s defaults: Lucene BM25, k1=1.5, b=0.75)."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(doc_texts), stopwords="en", show_progress=False),
+                    show_progress=False)
+    tokens = bm25s.tokenize(list(query_texts), stopwords="en", return_ids=False,
+                            show_progress=False)
+    return np.stack([retriever.get_scores(t) if t else np.zeros(len(doc_texts), np.float32)
+                     for t in tokens]).astype(np.float32)
+
+
+def with_query_loss(queries: Sequence[TokenizedDoc], query_loss: str) -> list[TokenizedDoc]:
+    """``completion``: the queries as tokenized; ``full``: loss on every token but the first."""
+    if query_loss not in QUERY_LOSSES:
+        raise ValueError(f"query_loss must be one of {QUERY_LOSSES}, got {query_loss!r}")
+    if query_loss == "completion":
+        return list(queries)
+    return [dataclasses.replace(q, loss_mask=[0] + [1] * (len(q.input_ids) - 1)) for q in queries]
+
+
+class GradientCache:
+    """Document rows of training docs and queries per (normalizer, query loss), computed once."""
+
+    def __init__(self, model, spec: PipelineSpec, paths: PipelinePaths | None,
+                 docs: Sequence[TokenizedDoc], queries: Sequence[TokenizedDoc]):
+        self.model, self.spec, self.paths = model, spec, paths
+        self.docs, self.queries = list(docs), list(queries)
+        self._rows: dict[tuple[str, str], tuple[np.ndarray, dict]] = {}
+        self._preconditioners: dict[tuple, Preconditioner] = {}
+        self.seconds: dict[str, float] = {}
+
+    def _collect(self, normalizer: str, which: str, docs: list[TokenizedDoc]):
+        key = (normalizer, which)
+        if key not in self._rows:
+            gradients = dataclasses.replace(self.spec.gradients, normalizer=normalizer,
+                                            per_token=False)
+            spec = dataclasses.replace(self.spec, gradients=gradients)
+            collector = make_collector(self.model, spec, self.paths)
+            array, info, stats = collect(collector, docs)
+            self._rows[key] = (document_rows(array, info), info)
+            self.seconds[f"{normalizer}/{which}"] = stats.seconds
+        return self._rows[key]
+
+    def train(self, normalizer: str) -> tuple[np.ndarray, dict]:
+        """``([n, d] rows, info)`` of the training documents."""
+        return self._collect(normalizer, "train", self.docs)
+
+    def query(self, normalizer: str, query_loss: str) -> tuple[np.ndarray, dict]:
+        """``([q, d] rows, info)`` of the queries under ``query_loss``."""
+        return self._collect(normalizer, f"query-{query_loss}",
+                             with_query_loss(self.queries, query_loss))
+
+    def preconditioner(self, normalizer: str, query_loss: str, scoring: ScoringSpec) -> Preconditioner:
+        """TrackStar's mixed, damped preconditioner, built once per setting (metric aside)."""
+        key = (normalizer, query_loss, scoring.mixing, scoring.damping)
+        if key not in self._preconditioners:
+            (train, info), (query, _) = self.train(normalizer), self.query(normalizer, query_loss)
+            layout = info["modules"]
+            self._preconditioners[key] = trackstar_preconditioner(
+                accumulate([train], layout), accumulate([query], layout), scoring)
+        return self._preconditioners[key]
+
+
+def gradient_scores(method: Method, cache: GradientCache, query_loss: str) -> np.ndarray:
+    """``[q, n]`` scores of a gradient method (same functions as the score assets)."""
+    train, info = cache.train(method.normalizer)
+    query, _ = cache.query(method.normalizer, query_loss)
+    scoring = method.scoring()
+    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if method.precondition else None
+    return QueryScorer(query, None, precond, scoring).score(train)
+
+
+def method_scores(methods: Sequence[Method], cache: GradientCache,
+                  query_loss: str = "completion") -> dict[str, np.ndarray]:
+    """``{name: [q, n]}`` for each method (BM25 always sees the full query text)."""
+    out = {}
+    for m in methods:
+        if m.kind == "bm25":
+            out[m.name] = bm25_scores([d.text for d in cache.docs], [q.text for q in cache.queries])
+        else:
+            out[m.name] = gradient_scores(m, cache, query_loss)
+    return out
+
+
+def first_gold_ranks(scores: np.ndarray, doc_ids: Sequence[str], query_ids: Sequence[str],
+                     gold: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Rank of each query's best-scoring gold document among all ``n`` documents (ties pessimistic).
+
+    Queries whose gold documents are all absent from ``doc_ids`` are left out.
+    """
+    column = {d: i for i, d in enumerate(doc_ids)}
+    ranks = {}
+    for row, qid in enumerate(query_ids):
+        cols = [column[g] for g in gold.get(qid, ()) if g in column]
+        if not cols:
+            continue
+        is_gold = np.zeros(len(doc_ids), dtype=bool)
+        is_gold[cols] = True
+        best = scores[row, cols].max()
+        ranks[qid] = 1 + int(np.sum(scores[row, ~is_gold] >= best))
+    return ranks
+
+
+@dataclass
+class FactTracingResult:
+    """``frame`` (one row per method and query loss), its ``markdown``, and the raw
+    ``scores[query_loss][method]`` ``[q, n]`` (columns in ``docs`` order)."""
+
+    frame: pl.DataFrame
+    markdown: str
+    scores: dict[str, dict[str, np.ndarray]]
+
+
+def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
+                       docs: Sequence[TokenizedDoc], queries: Sequence[TokenizedDoc],
+                       gold: Mapping[str, Sequence[str]], methods: Sequence[Method] | None = None,
+                       query_losses: Sequence[str] = QUERY_LOSSES,
+                       ks: tuple[int, ...] = (1, 10, 50)) -> FactTracingResult:
+    """Recall@k and MRR of each method, per query loss (BM25 once: it has no query loss).
+
+    ``docs``: every training document (all shards); ``queries``: tokenized queries whose
+    ``loss_mask`` marks the completion; ``gold``: query id -> gold doc ids. Frame columns:
+    ``method, query_loss, configured, recall@k..., mrr, queries``.
+    """
+    methods = list(methods or default_methods(spec))
+    cache = GradientCache(model, spec, paths, docs, queries)
+    doc_ids, query_ids = [d.doc_id for d in docs], [q.doc_id for q in queries]
+    mine = configured_name(spec, methods)
+    rows, all_scores = [], {}
+    for query_loss in query_losses:
+        todo = [m for m in methods if m.kind != "bm25" or query_loss == query_losses[0]]
+        all_scores[query_loss] = method_scores(todo, cache, query_loss)
+        for m in todo:
+            ranks = first_gold_ranks(all_scores[query_loss][m.name], doc_ids, query_ids, gold)
+            rows.append({"method": m.name, "query_loss": "full text" if m.kind == "bm25" else query_loss,
+                         "configured": m.name == mine, **recall_and_mrr(ranks, ks)})
+    frame = pl.DataFrame(rows)
+    return FactTracingResult(frame, markdown_table(frame), all_scores)
+
+
+def markdown_table(frame: pl.DataFrame, digits: int = 3) -> str:
+    """A GitHub Markdown table of ``frame`` (floats rounded to ``digits``)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return "nan" if np.isnan(value) else f"{value:.{digits}f}"
+        return str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(frame: pl.DataFrame, markdown: str, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write ``<out_dir>/<name>.parquet`` and ``<name>.md`` atomically; return both paths."""
+    parquet, md = Path(out_dir) / f"{name}.parquet", Path(out_dir) / f"{name}.md"
+    with atomic_file(parquet) as tmp:
+        frame.write_parquet(tmp)
+    write_text_atomic(md, markdown)
+    return parquet, md

@@ -1,0 +1,139 @@
+"""Collecting a pipeline's gradient rows: the collector a pipeline asks for, timed runs over
+tokenized documents, and the training rows of shards whether stored or streamed.
+
+Stored mode reads each shard's gradient store; streaming mode (``scoring.mode: streaming``)
+recomputes the rows from the tokenized shard and never writes them. Consumers (the
+autocorrelation, the scorer) take :func:`training_rows` and never branch on the mode.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.gradients.normalizers import make_normalizer
+from attribution_assets.engine.gradients.store import (
+    GradientStore,
+    check_compatible,
+    document_rows,
+    write_store,
+)
+from attribution_assets.engine.io.data import TokenizedDoc, read_tokenized
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.spec import PipelineSpec
+
+
+def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> str | None:
+    """Where the normalizer's optimizer state lives: the spec's path, else the demo model's."""
+    if spec.gradients.normalizer == "none":
+        return None
+    if spec.gradients.optimizer_state:
+        return spec.gradients.optimizer_state
+    if spec.is_demo and paths is not None and (paths.model / "optimizer.pt").exists():
+        return str(paths.model / "optimizer.pt")
+    raise ValueError(f"Pipeline {spec.name!r} uses the {spec.gradients.normalizer!r} normalizer but has no "
+                     "optimizer state: set `gradients.optimizer_state` to an optimizer.pt or a Trainer "
+                     "checkpoint directory, or set `gradients.normalizer: none`.")
+
+
+def make_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
+                   device: Any = None) -> GradientCollector:
+    """A collector with the pipeline's projection and normalizer (same on query and train side)."""
+    source = optimizer_state_source(spec, paths)
+    normalizer = make_normalizer(spec.gradients.normalizer, source, model) if source else None
+    return GradientCollector(model, spec.gradients, normalizer, device)
+
+
+@dataclass
+class CollectStats:
+    """What one collection run cost: rows, tokens, seconds, peak process RSS and device memory."""
+
+    rows: int
+    dims: int
+    tokens: int
+    seconds: float
+    peak_rss_mb: float
+    peak_device_mb: float | None
+
+    def as_metadata(self) -> dict[str, Any]:
+        meta = {"rows": self.rows, "dims": self.dims, "tokens": self.tokens, "seconds": round(self.seconds, 3),
+                "tokens_per_second": round(self.tokens / max(self.seconds, 1e-9), 1),
+                "peak_rss_mb": round(self.peak_rss_mb, 1)}
+        if self.peak_device_mb is not None:
+            meta["peak_device_mb"] = round(self.peak_device_mb, 1)
+        return meta
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple[np.ndarray, dict, CollectStats]:
+    """Gradient rows of ``docs``: ``(array [rows, dims] float32, info, stats)``."""
+    if collector.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(collector.device)
+    start = time.perf_counter()
+    array, info = collector.collect([(d.input_ids, d.loss_mask) for d in docs])
+    seconds = time.perf_counter() - start
+    device_mb = (torch.cuda.max_memory_allocated(collector.device) / 2**20
+                 if collector.device.type == "cuda" else None)
+    stats = CollectStats(rows=array.shape[0], dims=array.shape[1], tokens=sum(len(d.input_ids) for d in docs),
+                         seconds=seconds, peak_rss_mb=peak_rss_mb(), peak_device_mb=device_mb)
+    return array, info, stats
+
+
+def collect_shard(collector: GradientCollector, docs: Sequence[TokenizedDoc], out: Path,
+                  model_fingerprint: str) -> tuple[GradientStore, CollectStats]:
+    """Collect ``docs`` and write a gradient store at ``out`` (atomically)."""
+    array, info, stats = collect(collector, docs)
+    store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
+                        model_fingerprint=model_fingerprint, dtype=collector.gradients.dtype)
+    return store, stats
+
+
+@dataclass
+class ShardRows:
+    """One shard's training rows as stored (per document, or per token) with their info."""
+
+    shard: str
+    array: np.ndarray
+    info: dict
+    doc_ids: list[str]
+
+    def document_rows(self) -> np.ndarray:
+        return document_rows(self.array, self.info)
+
+
+def training_rows(spec: PipelineSpec, paths: PipelinePaths, shards: Sequence[str],
+                  collector: Callable[[], GradientCollector] | None = None,
+                  reference: dict | None = None) -> Iterator[ShardRows]:
+    """Each shard's training rows, from its gradient store (``scoring.mode: stored``) or
+    recomputed from its tokens (``streaming``; ``collector`` builds the collector once, when
+    the first shard needs it). Stores are checked to be compatible with the first one and,
+    when given, with ``reference`` (e.g. the query store's info)."""
+    if spec.scoring.mode == "streaming":
+        if collector is None:
+            raise ValueError(f"Pipeline {spec.name!r} streams its training gradients: pass a collector.")
+        made = None
+        for shard in shards:
+            made = made or collector()
+            docs = read_tokenized(paths.tokens(shard))
+            array, info, _ = collect(made, docs)
+            yield ShardRows(shard, array, info, [d.doc_id for d in docs])
+        return
+    first = reference
+    for shard in shards:
+        store = GradientStore(paths.train_gradients(shard))
+        if first is not None:
+            check_compatible(store.info, first)
+        first = first or store.info
+        yield ShardRows(shard, store.array, store.info, store.doc_ids)

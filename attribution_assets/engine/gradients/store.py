@@ -1,0 +1,200 @@
+"""On-disk gradient shards: ``gradients.npy`` ``[rows, dims]`` + ``info.json``.
+
+``info.json`` schema (``format_version`` 1)::
+
+    format_version    int, 1
+    rows, dims        int, the shape of gradients.npy
+    dtype             "float32" | "float16"
+    modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}]
+    doc_ids           [str], one per document
+    per_token         bool
+    token_offsets     [int] of len n_docs + 1 (rows of doc i: offsets[i]:offsets[i+1]) | null
+    token_positions   [int] per row, the target token index t in its document | null
+    projection        {dim, kind, seed}
+    normalizer        {kind, eps, bias_correction} | null (settings only, never arrays)
+    model_fingerprint str
+    config_hash       str
+
+Writes are atomic: a temporary sibling directory is filled, then renamed onto
+the final path (an existing shard is moved aside first and removed after).
+Reads memory-map with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.engine.io.digests import chain_digest
+
+FORMAT_VERSION = 1
+ARRAY_FILE = "gradients.npy"
+INFO_FILE = "info.json"
+_COMPAT_KEYS = ("projection", "normalizer", "modules", "dims", "model_fingerprint")
+
+
+def _cast(array: np.ndarray, modules: list[dict], dtype: str) -> np.ndarray:
+    """Cast to ``dtype``; raise naming the module if a value is or becomes non-finite."""
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
+    src = np.asarray(array, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported per module below
+        out = src.astype(dtype)
+    for m in modules:
+        block = out[:, m["start"] : m["stop"]]
+        if not np.isfinite(block).all():
+            if np.isfinite(src[:, m["start"] : m["stop"]]).all():
+                peak = float(np.abs(src[:, m["start"] : m["stop"]]).max())
+                raise ValueError(
+                    f"module {m['name']!r}: values overflow {dtype} "
+                    f"(max |x| = {peak:.3g}); store as float32 or rescale"
+                )
+            raise ValueError(f"module {m['name']!r}: gradients contain NaN or Inf")
+    return out
+
+
+def write_store(
+    path,
+    array: np.ndarray,
+    info: dict,
+    *,
+    doc_ids: Sequence[str],
+    model_fingerprint: str,
+    dtype: str = "float32",
+) -> GradientStore:
+    """Write ``array [rows, dims]`` and ``info`` (as from ``GradientCollector.collect``)."""
+    path = Path(path)
+    modules = info["modules"]
+    if array.ndim != 2 or array.shape[1] != info["dims"]:
+        raise ValueError(f"array shape {array.shape} does not match dims={info['dims']}")
+    per_token = bool(info.get("per_token"))
+    offsets = info.get("token_offsets")
+    n_docs = len(offsets) - 1 if per_token else array.shape[0]
+    if len(doc_ids) != n_docs:
+        raise ValueError(f"{len(doc_ids)} doc_ids for {n_docs} documents")
+    data = _cast(array, modules, dtype)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "rows": int(data.shape[0]),
+        "dims": int(data.shape[1]),
+        "dtype": dtype,
+        "modules": modules,
+        "doc_ids": [str(d) for d in doc_ids],
+        "per_token": per_token,
+        "token_offsets": offsets if per_token else None,
+        "token_positions": info.get("token_positions") if per_token else None,
+        "projection": info["projection"],
+        "normalizer": info.get("normalizer"),
+        "model_fingerprint": model_fingerprint,
+        "config_hash": info.get("config_hash", ""),
+    }
+    with atomic_dir(path) as tmp:
+        np.save(tmp / ARRAY_FILE, data, allow_pickle=False)
+        (tmp / INFO_FILE).write_text(json.dumps(meta, indent=1))
+    return GradientStore(path)
+
+
+class GradientStore:
+    """Read-only, memory-mapped view of one shard directory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        info_path = self.path / INFO_FILE
+        try:
+            self.info = json.loads(info_path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"gradient store {self.path}: missing {info_path}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"gradient store: {info_path} is not valid JSON ({e})") from None
+        if not isinstance(self.info, dict) or self.info.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"gradient store: {info_path} has no format_version {FORMAT_VERSION}")
+        missing = [k for k in ("rows", "dims", "dtype", "modules", "doc_ids") if k not in self.info]
+        if missing:
+            raise ValueError(f"gradient store: {info_path} lacks keys {missing}")
+        array_path = self.path / ARRAY_FILE
+        try:
+            self.array = np.load(array_path, mmap_mode="r", allow_pickle=False)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"gradient store: missing {array_path}") from None
+        except ValueError as e:
+            raise ValueError(
+                f"gradient store: {array_path} is unreadable or truncated ({e})"
+            ) from None
+        want = (self.info["rows"], self.info["dims"])
+        if self.array.shape != want or str(self.array.dtype) != self.info["dtype"]:
+            raise ValueError(
+                f"gradient store: {array_path} holds {self.array.dtype}{list(self.array.shape)} "
+                f"but {info_path} says {self.info['dtype']}{list(want)}"
+            )
+
+    @property
+    def rows(self) -> int:
+        return self.info["rows"]
+
+    @property
+    def dims(self) -> int:
+        return self.info["dims"]
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return self.info["doc_ids"]
+
+    @property
+    def module_names(self) -> list[str]:
+        return [m["name"] for m in self.info["modules"]]
+
+    def module_slice(self, name: str) -> slice:
+        """Column range of module ``name`` (weight block, then bias block if any)."""
+        for m in self.info["modules"]:
+            if m["name"] == name:
+                return slice(m["start"], m["stop"])
+        raise KeyError(f"module {name!r} not in store {self.path}; have {self.module_names}")
+
+    def module_view(self, name: str) -> np.ndarray:
+        """``[rows, stop - start]`` view of one module's columns."""
+        return self.array[:, self.module_slice(name)]
+
+    def document_rows(self) -> np.ndarray:
+        """``[n_docs, dims]``: the rows, or per-token rows summed per document."""
+        return document_rows(self.array, self.info)
+
+    def digest(self, block_rows: int = 65536) -> str:
+        """Content hash (settings, model fingerprint, array bytes): the store's data version."""
+        def parts():
+            yield str(self.info.get("config_hash", ""))
+            yield str(self.info.get("model_fingerprint", ""))
+            for start in range(0, self.rows, block_rows):
+                yield np.ascontiguousarray(self.array[start:start + block_rows]).tobytes()
+        return chain_digest(parts())
+
+    def doc_rows(self, i: int) -> np.ndarray:
+        """Rows of document ``i``: ``[n_targets, dims]`` per token, else ``[1, dims]``."""
+        offsets = self.info.get("token_offsets")
+        if self.info.get("per_token") and offsets is not None:
+            return self.array[offsets[i] : offsets[i + 1]]
+        return self.array[i : i + 1]
+
+
+def check_compatible(a, b) -> None:
+    """Raise ``ValueError`` if two stores (or their infos) cannot be scored together."""
+    a_info = a.info if isinstance(a, GradientStore) else a
+    b_info = b.info if isinstance(b, GradientStore) else b
+    for key in _COMPAT_KEYS:
+        if a_info.get(key) != b_info.get(key):
+            raise ValueError(
+                f"incompatible gradient stores: {key} differs "
+                f"({a_info.get(key)!r} vs {b_info.get(key)!r})"
+            )
+
+
+def document_rows(array: np.ndarray, info: dict) -> np.ndarray:
+    """``[n_docs, dims]``: ``array`` itself, or per-token rows summed per document
+    (a document's token rows sum exactly to its document row)."""
+    if not info.get("per_token"):
+        return array
+    offsets = np.asarray(info["token_offsets"], dtype=np.int64)
+    return np.add.reduceat(np.asarray(array, dtype=np.float32), offsets[:-1], axis=0)

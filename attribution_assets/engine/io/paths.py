@@ -1,0 +1,127 @@
+"""The one owner of the on-disk layout: ``<storage root>/<pipeline>/<asset>/<partition>/``.
+
+Every asset, the Attributor, the DuckDB builder, the CLI and the benchmarks ask a
+:class:`PipelinePaths` where a file lives; nothing else joins asset directory names.
+Directories are written atomically (``engine.io.atomic``), so a path that exists is complete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class PipelinePaths:
+    """Where one pipeline's assets live under a storage root.
+
+    ``root`` is the pipeline's own directory, ``<storage root>/<pipeline>``.
+    """
+
+    root: Path
+
+    @classmethod
+    def under(cls, storage_root: str | Path, pipeline: str) -> PipelinePaths:
+        return cls(Path(storage_root).expanduser().resolve() / pipeline)
+
+    # corpus and queries
+    @property
+    def documents(self) -> Path:
+        """``corpus/documents.parquet``: ``doc_id, source_row, shard, content, text``."""
+        return self.root / "corpus" / "documents.parquet"
+
+    @property
+    def queries(self) -> Path:
+        """``query_set/queries.parquet``: ``doc_id (query id), source_row, content, text, gold_doc_ids``."""
+        return self.root / "query_set" / "queries.parquet"
+
+    # model
+    @property
+    def tokenizer(self) -> Path:
+        """The demo's trained tokenizer directory."""
+        return self.root / "tokenizer"
+
+    @property
+    def model(self) -> Path:
+        """The demo's trained model directory (``save_pretrained`` + ``optimizer.pt``), and
+        every pipeline's ``model.json`` record."""
+        return self.root / "model"
+
+    @property
+    def model_record(self) -> Path:
+        return self.model / "model.json"
+
+    # tokens
+    def tokens(self, shard: str) -> Path:
+        return self.root / "tokenized_shards" / shard / "tokens.parquet"
+
+    @property
+    def tokens_glob(self) -> Path:
+        return self.root / "tokenized_shards" / "*" / "tokens.parquet"
+
+    @property
+    def query_tokens(self) -> Path:
+        return self.root / "tokenized_queries" / "tokens.parquet"
+
+    # gradients
+    def train_gradients(self, shard: str) -> Path:
+        """A gradient store directory (``gradients.npy`` + ``info.json``)."""
+        return self.root / "train_gradients" / shard
+
+    def gradient_shards(self) -> list[str]:
+        """Shards whose training-gradient store exists, sorted."""
+        base = self.root / "train_gradients"
+        return sorted(p.name for p in base.glob("shard-*") if p.is_dir()) if base.is_dir() else []
+
+    @property
+    def query_gradients(self) -> Path:
+        return self.root / "query_gradients"
+
+    # preconditioning and search
+    @property
+    def autocorrelation(self) -> Path:
+        return self.root / "train_autocorrelation"
+
+    @property
+    def preconditioner(self) -> Path:
+        return self.root / "preconditioner"
+
+    @property
+    def faiss_index(self) -> Path:
+        return self.root / "faiss_index"
+
+    # scores
+    def scores(self, shard: str) -> Path:
+        """``scores/<shard>/scores.parquet``: ``query_id, doc_id, shard, score``."""
+        return self.root / "scores" / shard / "scores.parquet"
+
+    def token_scores(self, shard: str) -> Path:
+        """``scores/<shard>/token_scores.parquet``: ``query_id, doc_id, shard, token, score``."""
+        return self.root / "scores" / shard / "token_scores.parquet"
+
+    @property
+    def scores_glob(self) -> Path:
+        return self.scores("*")
+
+    @property
+    def token_scores_glob(self) -> Path:
+        return self.token_scores("*")
+
+    @property
+    def database(self) -> Path:
+        """``attribution.duckdb``: views over the Parquet files."""
+        return self.root / "attribution.duckdb"
+
+    # evaluation
+    @property
+    def evaluation(self) -> Path:
+        """Tables (``<name>.parquet`` + ``<name>.md``) of the evaluation assets."""
+        return self.root / "evaluation"
+
+    @property
+    def evaluation_scores(self) -> Path:
+        """Fact-tracing score matrices ``<method>.npy [q, n]`` + ``doc_ids.json``, ``query_ids.json``."""
+        return self.evaluation / "scores"
+
+    def lds_retrain(self, partition: str) -> Path:
+        return self.root / "lds_retrain" / partition

@@ -1,0 +1,104 @@
+"""Scoring a pipeline: its queries, prepared once, against each shard's training rows.
+
+The one path from gradients to numbers for score tables, the Attributor's brute-force
+search and the FAISS index input: :class:`QueryScorer` holds the prepared queries and
+the preconditioner; training rows come from ``gradients.collect.training_rows``, stored
+or streamed, so this stage never asks which.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attribution_assets.engine.gradients.collect import ShardRows
+from attribution_assets.engine.gradients.store import GradientStore, document_rows
+from attribution_assets.engine.io.digests import parts_digest
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.preconditioning.preconditioners import Preconditioner
+from attribution_assets.engine.scoring.scorer import prepare_queries, prepare_train, score_prepared
+from attribution_assets.engine.scoring.tables import (
+    score_query_ids,
+    write_scores,
+    write_token_scores,
+)
+from attribution_assets.spec import PipelineSpec, ScoringSpec
+
+
+def load_preconditioner(spec: PipelineSpec, paths: PipelinePaths) -> Preconditioner | None:
+    """The pipeline's preconditioner (None when ``scoring.precondition`` is off)."""
+    if not spec.scoring.precondition:
+        return None
+    if not paths.preconditioner.exists():
+        raise FileNotFoundError(f"{paths.preconditioner} does not exist; materialize "
+                                f"{spec.name}/preconditioner first.")
+    return Preconditioner.load(paths.preconditioner)
+
+
+@dataclass
+class ShardScores:
+    """What scoring one shard wrote: table rows, sizes, path, seconds and a content version."""
+
+    shard: str
+    rows: int
+    queries: int
+    documents: int
+    path: Path
+    seconds: float
+    version: str
+
+
+class QueryScorer:
+    """Query rows ``[q, dims]`` prepared once (preconditioned, normalized, aggregated as
+    ``scoring`` says); :meth:`score` gives ``[q', n]`` for document rows ``[n, dims]``."""
+
+    def __init__(self, rows: np.ndarray, query_ids: Sequence[str] | None,
+                 preconditioner: Preconditioner | None, scoring: ScoringSpec, aggregate: str | None = None):
+        self.scoring, self.preconditioner = scoring, preconditioner
+        self.aggregate = aggregate or scoring.aggregate
+        self.prepared = prepare_queries(rows, preconditioner, scoring.metric, self.aggregate)
+        ids = [str(i) for i in range(len(rows))] if query_ids is None else query_ids
+        self.query_ids = score_query_ids(ids, self.aggregate)
+        self.query_info: dict | None = None  # the query store's info, when read from one
+
+    @classmethod
+    def for_pipeline(cls, spec: PipelineSpec, paths: PipelinePaths, aggregate: str | None = None,
+                     preconditioner: Preconditioner | None = None) -> QueryScorer:
+        """The pipeline's own queries (``query_gradients``) and preconditioner."""
+        store = GradientStore(paths.query_gradients)
+        precond = preconditioner if preconditioner is not None else load_preconditioner(spec, paths)
+        scorer = cls(store.document_rows(), store.doc_ids, precond, spec.scoring, aggregate)
+        scorer.query_info = store.info
+        return scorer
+
+    def score(self, doc_rows: np.ndarray) -> np.ndarray:
+        return score_prepared(self.prepared, doc_rows, self.preconditioner, self.scoring.metric,
+                              aggregate=self.aggregate)
+
+    def write_shard(self, rows: ShardRows, paths: PipelinePaths, top_k: int) -> ShardScores:
+        """Score one shard and write its tables (``scores`` and, for per-token rows, ``token_scores``)."""
+        start = time.perf_counter()
+        matrix = self.score(rows.document_rows())
+        n = write_scores(paths.scores(rows.shard), matrix, self.query_ids, rows.doc_ids, rows.shard, top_k)
+        if rows.info.get("per_token"):
+            write_token_scores(paths.token_scores(rows.shard), self.score(rows.array), self.query_ids,
+                               rows.doc_ids, rows.info, rows.shard)
+        return ShardScores(rows.shard, n, len(self.query_ids), len(rows.doc_ids), paths.scores(rows.shard),
+                           round(time.perf_counter() - start, 3), parts_digest([matrix.tobytes()]))
+
+    def score_shards(self, shards: Iterable[ShardRows], paths: PipelinePaths,
+                     top_k: int) -> Iterator[ShardScores]:
+        for rows in shards:
+            yield self.write_shard(rows, paths, top_k)
+
+
+def prepared_training_blocks(paths: PipelinePaths, shards: Sequence[str], preconditioner: Preconditioner | None,
+                             metric: str) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``(doc_ids, rows)`` per stored shard, rows as scores see them (the FAISS index input)."""
+    for shard in shards:
+        store = GradientStore(paths.train_gradients(shard))
+        yield store.doc_ids, prepare_train(document_rows(store.array, store.info), preconditioner, metric)

@@ -1,0 +1,41 @@
+"""Evaluation as assets: fact tracing vs baselines and a small LDS run, through Dagster."""
+
+import dagster as dg
+import polars as pl
+
+from attribution_assets import cli
+from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
+from tests.helpers import TINY_DEMO, definitions_for
+
+
+def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
+    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0), evaluation=EvaluationSpec(lds_subsets=2))
+    defs = definitions_for([spec], tmp_path)
+    instance = dg.DagsterInstance.ephemeral()
+    stages = [(("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
+              (("tokenized_shards",), True)]
+    materialize_pipeline(defs, spec, instance, stages=stages, log=lambda _: None, log_level="WARNING")
+    run = dict(instance=instance, resources=defs.resources, raise_on_error=True)
+    dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "fact_tracing"])], **run)
+    table = pl.read_parquet(tmp_path / "demo" / "evaluation" / "fact_tracing.parquet")
+    assert {"bm25", "dot", "cosine"} <= set(table["method"])
+    assert table.filter(pl.col("configured"))["method"].unique().to_list() == ["trackstar (adafactor)"]
+    assert table.filter(pl.col("method") == "bm25")["recall@50"][0] > 0
+    partitions = [f"subset-{k:03d}-seed-{s}" for k in range(2) for s in (0, 1)]
+    for partition in partitions:
+        dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds_retrain"])], partition_key=partition, **run)
+    dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds"])], **run)
+    lds = pl.read_parquet(tmp_path / "demo" / "evaluation" / "lds.parquet")
+    noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)"}
+    assert set(table["method"]) | noise | {"gold documents (reference)"} == set(lds["method"])
+    methods = lds.filter(~pl.col("method").is_in(list(noise) + ["gold documents (reference)"]))
+    assert set(methods["scores"]) == {"all", "top 100", "top 10"}
+    assert set(methods["target"]) == {"seed a", "seed b"}
+    assert lds.filter(pl.col("method") == "dot")["ratio"].to_list() == [1.0] * 6
+    assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
+
+
+def test_cli_diagnose_prints_settings(tiny_model_dir, capsys):
+    assert cli.main(["diagnose", "--model", str(tiny_model_dir)]) == 0
+    assert "Use: " in capsys.readouterr().out

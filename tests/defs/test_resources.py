@@ -1,0 +1,52 @@
+"""Resources: the compute resource's CPU thread setting reaches torch, FAISS and BLAS in a step."""
+
+import dagster as dg
+import faiss
+import pytest
+import torch
+from threadpoolctl import threadpool_info
+
+from attribution_assets.defs.resources import ComputeResource
+
+
+@pytest.fixture
+def restore_threads():
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    yield
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+def _seen_threads(compute: ComputeResource) -> dict:
+    seen = {}
+
+    @dg.asset(required_resource_keys={"compute"})
+    def probe(context: dg.AssetExecutionContext) -> None:
+        seen.update(torch=torch.get_num_threads(), faiss=faiss.omp_get_max_threads(), blas=_blas_threads())
+
+    dg.materialize([probe], resources={"compute": compute}, instance=dg.DagsterInstance.ephemeral())
+    return seen
+
+
+def _blas_threads() -> set[int]:
+    return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+
+def test_threads_apply_in_the_step_and_are_restored_after(restore_threads):
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    blas_before = _blas_threads()
+    assert _seen_threads(ComputeResource(threads=1)) == {"torch": 1, "faiss": 1, "blas": {1}}
+    assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+    assert _blas_threads() == blas_before
+
+
+def test_zero_threads_keeps_defaults(restore_threads):
+    torch.set_num_threads(2)
+    faiss.omp_set_num_threads(2)
+    assert _seen_threads(ComputeResource()) == {"torch": 2, "faiss": 2, "blas": _blas_threads()}
+
+
+def test_negative_threads_is_rejected():
+    with pytest.raises(Exception, match="threads"):
+        ComputeResource(threads=-1)

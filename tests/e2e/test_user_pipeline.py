@@ -1,0 +1,65 @@
+"""A user pipeline from YAML over local files and a locally saved tiny model materializes."""
+
+import json
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+
+from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.engine.io.models import ModelLoadError
+from attribution_assets.spec import load_pipeline_file
+from tests.helpers import SENTENCES, definitions_for, save_tiny_model, train_tiny_tokenizer
+
+
+def _pipeline(tmp_path, model_dir, **overrides):
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"query_id": f"q{i}", "prompt": p, "completion": c,
+                                           "gold": [g]}) + "\n"
+                               for i, (p, c, g) in enumerate([("Mara Quill was born in", " Lisbon", "x")])))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    body = {"pipelines": [{
+        "name": "mine", "model": {"name_or_path": str(model_dir), **overrides},
+        "corpus": {"path": "train.jsonl"}, "shard_size": 4,
+        "queries": {"path": "queries.jsonl", "prompt_column": "prompt", "completion_column": "completion",
+                    "id_column": "query_id", "gold_column": "gold"}}]}
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(yaml.safe_dump(body))
+    (spec,) = load_pipeline_file(path)
+    storage = tmp_path / "storage"
+    return spec, definitions_for([spec], storage), storage
+
+
+def test_user_pipeline_materializes(tmp_path, tiny_model_dir):
+    spec, defs, storage = _pipeline(tmp_path, tiny_model_dir)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_pipeline(defs, spec, instance, log=lambda _: None)
+    assert instance.get_dynamic_partitions("mine_shards") == ["shard-00000", "shard-00001"]
+    tokens = [pl.read_parquet(storage / "mine" / "tokenized_shards" / s / "tokens.parquet")
+              for s in ("shard-00000", "shard-00001")]
+    assert sum(len(t) for t in tokens) == len(SENTENCES)
+    queries = pl.read_parquet(storage / "mine" / "tokenized_queries" / "tokens.parquet")
+    assert queries["doc_id"].to_list() == ["q0"] and sum(queries["loss_mask"][0]) >= 1
+    model_event = instance.get_latest_materialization_event(dg.AssetKey(["mine", "model"]))
+    assert len(model_event.asset_materialization.metadata["fingerprint"].value) == 16
+    assert not list(storage.rglob(".*tmp-*")), "no temporary files left behind"
+
+
+def test_missing_model_path_fails_clearly_and_writes_nothing(tmp_path):
+    spec, defs, storage = _pipeline(tmp_path, tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        dg.materialize(defs.assets, selection=[dg.AssetKey(["mine", "model"])],
+                       resources=defs.resources, instance=dg.DagsterInstance.ephemeral())
+    assert not (storage / "mine" / "model").exists()
+
+
+def test_tokenizer_without_pad_token(tmp_path):
+    tokenizer = train_tiny_tokenizer(SENTENCES, pad=False)
+    model_dir = tmp_path / "nopad"
+    save_tiny_model(model_dir, tokenizer)
+    spec, defs, _ = _pipeline(tmp_path, model_dir)
+    with pytest.raises(ModelLoadError, match="pad_token: eos"):
+        materialize_pipeline(defs, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None)
+    spec, defs, _ = _pipeline(tmp_path, model_dir, pad_token="eos")
+    materialize_pipeline(defs, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None)

@@ -1,0 +1,152 @@
+"""Corpus loading and tokenization (engine/data.py)."""
+
+import json
+
+import polars as pl
+import pytest
+
+from attribution_assets.engine.io import data
+from attribution_assets.spec import DataSpec
+from tests.helpers import SENTENCES
+
+
+def _texts(spec):
+    return [r["text"] for r in data.load_records(spec)]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt", "disk"])
+def test_local_formats_load_same_texts(tmp_path, fmt):
+    frame = pl.DataFrame({"text": SENTENCES})
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "jsonl":
+        frame.write_ndjson(path)
+    elif fmt == "json":
+        path.write_text(json.dumps([{"text": s} for s in SENTENCES]))
+    elif fmt == "csv":
+        frame.write_csv(path)
+    elif fmt == "parquet":
+        frame.write_parquet(path)
+    elif fmt == "txt":
+        path.write_text("\n".join(SENTENCES) + "\n")
+    else:
+        import datasets
+
+        path = tmp_path / "saved"
+        datasets.Dataset.from_dict({"text": SENTENCES}).save_to_disk(str(path))
+    assert _texts(DataSpec(path=str(path))) == SENTENCES
+
+
+def test_directory_of_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "three four"}) + "\n")
+    assert _texts(DataSpec(path=str(tmp_path))) == ["one two", "three four"]
+
+
+def test_doc_ids_stable_under_reordering_and_unique_for_duplicates():
+    spec = DataSpec()
+    rows = [{"text": s} for s in SENTENCES]
+    ids = {d["text"]: d["doc_id"] for d in data.build_documents(rows, spec)}
+    reordered = {d["text"]: d["doc_id"] for d in data.build_documents(rows[::-1], spec)}
+    assert ids == reordered
+    dup = data.build_documents([{"text": "same"}, {"text": "same"}], spec)
+    assert dup[0]["doc_id"] != dup[1]["doc_id"] and dup[1]["doc_id"].startswith(dup[0]["doc_id"])
+
+
+def test_text_mask_covers_every_token_but_first(tiny_tokenizer):
+    docs = data.build_documents([{"text": SENTENCES[0]}], DataSpec())
+    (row,), stats = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(), add_eos=True)
+    assert row.input_ids[-1] == tiny_tokenizer.eos_token_id
+    assert row.loss_mask == [0] + [1] * (len(row.input_ids) - 1)
+    assert stats.rows == 1 and stats.tokens == len(row.input_ids)
+
+
+def test_prompt_tokens_are_masked(tiny_tokenizer):
+    spec = DataSpec(prompt_column="prompt", completion_column="completion")
+    docs = data.build_documents([{"prompt": "Mara Quill was born in", "completion": " Lisbon"}], spec)
+    (row,), _ = data.tokenize_documents(docs, tiny_tokenizer, spec, add_eos=False)
+    n_prompt = len(tiny_tokenizer("Mara Quill was born in")["input_ids"])
+    completion = tiny_tokenizer(" Lisbon", add_special_tokens=False)["input_ids"]
+    assert row.input_ids[n_prompt:] == completion
+    assert row.loss_mask == [0] * n_prompt + [1] * len(completion)
+
+
+def test_conversation_loss_only_on_assistant_turns(tiny_tokenizer):
+    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer,
+                                   eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}assistant:{% endif %}")
+    spec = DataSpec(conversation_column="messages")
+    messages = [{"role": "user", "content": "Where was Mara born?"},
+                {"role": "assistant", "content": " Lisbon."},
+                {"role": "user", "content": "And Tomas?"},
+                {"role": "assistant", "content": " Orbitex."}]
+    docs = data.build_documents([{"messages": messages}], spec)
+    (row,), _ = data.tokenize_documents(docs, tok, spec, add_eos=False)
+    targets = tok.decode([t for t, m in zip(row.input_ids, row.loss_mask) if m])
+    assert "Lisbon" in targets and "Orbitex" in targets
+    assert "Where" not in targets and "Tomas" not in targets
+
+
+def test_truncate_and_chunk(tiny_tokenizer):
+    long_text = " ".join(SENTENCES)
+    docs = data.build_documents([{"text": long_text}], DataSpec())
+    n = len(tiny_tokenizer(long_text)["input_ids"]) + 1
+    (row,), stats = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(max_length=10))
+    assert len(row.input_ids) == 10 and stats.truncated == 1
+    rows, stats = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(max_length=10, overflow="chunk"))
+    assert [len(r.input_ids) for r in rows][:-1] == [10] * (len(rows) - 1)
+    assert sum(len(r.input_ids) for r in rows) == n and stats.chunked == 1
+    assert all(r.loss_mask[0] == 0 for r in rows)
+    assert [r.doc_id for r in rows] == [f"{docs[0]['doc_id']}#{k}" for k in range(len(rows))]
+
+
+def test_empty_and_short_documents_are_skipped_and_counted(tiny_tokenizer):
+    docs = data.build_documents([{"text": ""}, {"text": "   "}, {"text": SENTENCES[1]}], DataSpec())
+    rows, stats = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(), add_eos=False)
+    assert len(rows) == 1 and stats.skipped_empty == 2
+    spec = DataSpec(prompt_column="prompt", completion_column="completion")
+    docs = data.build_documents([{"prompt": "Hello there", "completion": ""}], spec)
+    rows, stats = data.tokenize_documents(docs, tiny_tokenizer, spec, add_eos=False)
+    assert rows == [] and stats.skipped_short == 1
+
+
+def test_shards_cover_every_document_exactly_once():
+    ids = [f"d{i}" for i in range(2503)]
+    shards = data.assign_shards(ids, 1000)
+    assert len(shards) == 2503
+    assert sorted(set(shards)) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert shards.count("shard-00002") == 503
+
+
+def test_new_documents_never_change_existing_shards():
+    old = data.assign_shards([f"d{i}" for i in range(5)], 2)
+    previous = dict(zip([f"d{i}" for i in range(5)], old))
+    ids = ["n0"] + [f"d{i}" for i in range(5)] + ["n1", "n2"]
+    new = data.assign_shards(ids, 2, previous)
+    assert new[1:6] == old
+    assert [new[0], new[6], new[7]] == ["shard-00003", "shard-00003", "shard-00004"]
+
+
+def test_tokenized_parquet_round_trip(tmp_path, tiny_tokenizer):
+    docs = data.build_documents([{"text": s} for s in SENTENCES], DataSpec())
+    rows, _ = data.tokenize_documents(docs, tiny_tokenizer, DataSpec())
+    data.write_tokenized(tmp_path / "t.parquet", rows)
+    assert data.read_tokenized(tmp_path / "t.parquet") == rows
+
+
+def _write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("data.xml", "<a/>", "Unknown file format"),
+    ("missing.jsonl", None, "does not exist"),
+    ("empty.jsonl", "", "empty"),
+    ("wrong.jsonl", '{"body": "x y"}\n', "text_column"),
+])
+def test_bad_input_errors_name_problem_and_fix(tmp_path, name, content, expected):
+    path = tmp_path / name if content is None else _write(tmp_path / name, content)
+    with pytest.raises(data.DataError, match=expected):
+        data.load_records(DataSpec(path=str(path)))
