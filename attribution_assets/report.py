@@ -50,7 +50,7 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
             m = fact_tracing.recall_and_mrr(ranks)
             lines += ["", f"Fact tracing over {m['queries']} queries: a gold document is ranked first for "
                           f"{m['recall@1']:.0%}, in the top 10 for {m['recall@10']:.0%}; MRR {m['mrr']:.3f}."]
-        lines += ["", "Your own SQL: duckdb -readonly " + str(db),
+        lines += ["", f"Your own SQL: cd {db.parent} && duckdb -readonly {db.name}",
                   "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
     return "\n".join(lines)
 
@@ -59,11 +59,11 @@ def format_top_k(db: Path, query_id: str, k: int = 5) -> str:
     """Query text, its top-k documents with scores, and the rank of the first gold document."""
     found = database.query_text(db, query_id)
     if found is None:
-        raise SystemExit(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
+        raise LookupError(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
     text, gold = found
     lines = [f"query {query_id}: {text}"]
-    for rank, doc_id, score, doc_text in database.top_k(db, query_id, k):
-        mark = "*" if doc_id in gold else " "
+    for rank, _, source_id, score, doc_text in database.top_k(db, query_id, k):
+        mark = "*" if source_id in gold else " "
         lines.append(f"  {rank:>3}{mark} {score:+.4f}  {doc_text[:100]}")
     if gold:
         first = database.first_gold_rank(db, query_id)

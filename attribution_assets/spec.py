@@ -11,8 +11,10 @@ file's directory. See ``examples/pipelines.example.yaml``.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -114,7 +116,9 @@ class DataSpec:
     + ``completion_column`` (loss on completion tokens only), or ``conversation_column``
     (list of ``{"role", "content"}`` rendered with the tokenizer's chat template, loss
     on assistant turns only). ``overflow``: ``truncate`` at ``max_length`` tokens or
-    ``chunk`` into pieces of ``max_length`` tokens.
+    ``chunk`` into pieces of ``max_length`` tokens. ``encoding``: of local text files (json,
+    csv, txt). ``text_unit``: what one document of a ``.txt`` file is: ``paragraph``
+    (blank-line separated, the default), ``line`` or ``file``.
     """
 
     path: str | None = None
@@ -130,9 +134,18 @@ class DataSpec:
     max_length: int = 512
     overflow: str = "truncate"
     add_eos: bool | None = None
+    encoding: str = "utf-8"
+    text_unit: str = "paragraph"
 
     def __post_init__(self):
         _check_choice(self, "format", DATA_FORMATS)
+        _check_choice(self, "text_unit", ("paragraph", "line", "file"))
+        _check_str(self, "encoding", optional=False)
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise SpecValueError("encoding", f"{self.encoding!r} is not a known text encoding; use e.g. "
+                                             "utf-8, latin-1 or cp1252.") from None
         _check_choice(self, "overflow", ("truncate", "chunk"))
         _check_int(self, "max_length", 2, note=" (tokens per document, the longest sequence fed to the model)")
         _check_bool(self, "add_eos", optional=True)
@@ -512,37 +525,94 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if key in raw:
             kwargs[key] = raw[key]
     try:
-        return PipelineSpec(**kwargs)
+        spec = PipelineSpec(**kwargs)
     except SpecValueError as exc:
         raise PipelineSpecError(f"{where}: `{exc.key}` {exc.message}") from None
+    config = Path(spec.model.name_or_path) / "config.json"
+    if config.is_file():
+        try:
+            limit = position_limit(json.loads(config.read_text()))
+        except (OSError, json.JSONDecodeError):
+            limit = None
+        problem = max_length_problem(spec, limit)
+        if problem:
+            raise PipelineSpecError(f"{where}: {problem}")
+    return spec
 
 
-def load_pipeline_file(path: str | os.PathLike) -> list[PipelineSpec]:
-    """Read a YAML file of the form ``pipelines: [ {name, model, corpus, ...}, ... ]``."""
+def position_limit(config: dict[str, Any]) -> int | None:
+    """The longest sequence a model's config allows (``max_position_embeddings`` or its aliases)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def max_length_problem(spec: PipelineSpec, limit: int | None) -> str | None:
+    """A message when ``corpus.max_length`` or ``queries.max_length`` exceeds the model's positions."""
+    if limit is None:
+        return None
+    for section in ("corpus", "queries"):
+        data = getattr(spec, section)
+        if data is not None and data.max_length > limit:
+            return (f"`{section}.max_length` is {data.max_length}, beyond the model's {limit} positions; "
+                    f"set it to at most {limit} (longer documents are truncated or, with `overflow: chunk`, "
+                    "split).")
+    return None
+
+
+def load_pipeline_file(path: str | os.PathLike, errors: list[str] | None = None) -> list[PipelineSpec]:
+    """Read a YAML file of the form ``pipelines: [ {name, model, corpus, ...}, ... ]``.
+
+    Without ``errors`` any invalid pipeline raises :class:`PipelineSpecError`; with a list, each
+    invalid pipeline's message is appended to it and the valid pipelines are returned.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise PipelineSpecError(f"Pipeline file {path} does not exist; create it or unset ${PIPELINES_ENV}.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineSpecError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("pipelines"), list):
-        raise PipelineSpecError(f"{path}: expected a top-level `pipelines:` list of pipeline mappings.")
-    specs = [spec_from_dict(item, f"{path}: pipelines[{i}]", path.parent.resolve())
-             for i, item in enumerate(raw["pipelines"])]
+        if not path.is_file():
+            raise PipelineSpecError(f"Pipeline file {path} does not exist; create it or unset ${PIPELINES_ENV}.")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise PipelineSpecError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") \
+                from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("pipelines"), list):
+            raise PipelineSpecError(f"{path}: expected a top-level `pipelines:` list of pipeline mappings.")
+    except PipelineSpecError as exc:
+        if errors is None:
+            raise
+        errors.append(str(exc))
+        return []
+    specs = []
+    for i, item in enumerate(raw["pipelines"]):
+        try:
+            specs.append(spec_from_dict(item, f"{path}: pipelines[{i}]", path.parent.resolve()))
+        except PipelineSpecError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise PipelineSpecError(f"{path}: pipeline names must be unique; repeated: {duplicates}.")
+        message = f"{path}: pipeline names must be unique; repeated: {duplicates}."
+        if errors is None:
+            raise PipelineSpecError(message)
+        errors.append(message + " Every pipeline of a repeated name was skipped.")
+        specs = [s for s in specs if s.name not in duplicates]
     return specs
 
 
-def configured_pipelines() -> list[PipelineSpec]:
-    """The embedded demo plus the user's pipelines from ``$ATTRIBUTION_PIPELINES`` or ./pipelines.yaml."""
+def configured_pipelines(errors: list[str] | None = None) -> list[PipelineSpec]:
+    """The embedded demo plus the user's pipelines from ``$ATTRIBUTION_PIPELINES`` or ./pipelines.yaml.
+
+    With ``errors``, an invalid pipeline is skipped and its message appended there, so one bad
+    entry never hides the others (or the demo).
+    """
     specs = [demo_spec()]
     env = os.environ.get(PIPELINES_ENV)
     if env:
-        specs += load_pipeline_file(env)
+        specs += load_pipeline_file(env, errors)
     elif Path("pipelines.yaml").is_file():
-        specs += load_pipeline_file("pipelines.yaml")
+        specs += load_pipeline_file("pipelines.yaml", errors)
     return specs

@@ -130,3 +130,22 @@ def test_yaml_booleans_in_string_settings(tmp_path):
                                                   "corpus: {path: x}, scoring: {mixing: off}, "
                                                   "index: {use_gpu: false}}\n"))
     assert spec.scoring.mixing == "off" and spec.index.use_gpu is False
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path, tiny_model_dir):
+    body = {"pipelines": [{"name": "p", "model": {"name_or_path": str(tiny_model_dir)},
+                           "corpus": {"path": "x", "max_length": 128}, "queries": {"path": "q", "max_length": 4096}}]}
+    with pytest.raises(PipelineSpecError, match=r"`queries.max_length` is 4096, beyond the model's 128 positions"):
+        load_pipeline_file(_write(tmp_path, body))
+
+
+def test_one_invalid_pipeline_does_not_hide_the_others(tmp_path, monkeypatch):
+    body = {"pipelines": [{"name": "good", "model": {"name_or_path": "m"}, "corpus": {"path": "x"}},
+                          {"name": "bad", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                           "gradients": {"projection_dim": -1}}]}
+    monkeypatch.setenv("ATTRIBUTION_PIPELINES", str(_write(tmp_path, body)))
+    errors = []
+    assert [s.name for s in configured_pipelines(errors)] == ["demo", "good"]
+    assert len(errors) == 1 and "pipeline 'bad'" in errors[0] and "projection_dim" in errors[0]
+    with pytest.raises(PipelineSpecError, match="projection_dim"):
+        configured_pipelines()

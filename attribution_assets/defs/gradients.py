@@ -7,15 +7,22 @@ import numpy as np
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
+    CONTENT_VERSION,
     Timer,
     code_version,
+    compute_version,
     dir_bytes,
     key,
     path_metadata,
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.gradients.collect import collect_shard, make_collector
+from attribution_assets.defs.runner import FORCE_TAG
+from attribution_assets.engine.gradients.collect import (
+    collect_shard,
+    make_collector,
+    reusable_store,
+)
 from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
@@ -68,8 +75,8 @@ def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
     return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
 
 
-def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
-    version = code_version("gradients-v1", spec, "gradients")
+def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
+    version = code_version("gradients-v1", spec, "gradients") + compute_version(compute)
     assets = []
 
     if spec.scoring.mode == "stored":
@@ -84,20 +91,28 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource):
             paths = storage.paths(spec)
-            collector = pipeline_collector(spec, storage, compute)
+            collector = None
             fingerprint = model_fingerprint(spec, paths)
+            force = context.run.tags.get(FORCE_TAG) == "true"
             checks: dict[str, list] = {name: [] for name in CHECKS}
             versions = {}
             for shard in context.partition_keys:
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
                 out = paths.train_gradients(shard)
-                store, stats = collect_shard(collector, docs, out, fingerprint)
+                store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version)
+                if store is None:
+                    collector = collector or pipeline_collector(spec, storage, compute)
+                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
+                    meta = stats.as_metadata()
+                else:  # complete and identical: left by a run that died before recording it
+                    meta = {"reused": True, "rows": store.rows, "dims": store.dims}
                 versions[shard] = store.digest()
                 context.add_asset_metadata(
-                    {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
+                    {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
                      "path": path_metadata(out), "total_seconds": timer.seconds,
-                     "config_hash": store.info["config_hash"]}, partition_key=shard)
+                     "config_hash": store.info["config_hash"], CONTENT_VERSION: versions[shard]},
+                    partition_key=shard)
                 for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
             single = len(versions) == 1

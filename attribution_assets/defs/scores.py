@@ -4,8 +4,10 @@ import dagster as dg
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
+    CONTENT_VERSION,
     Timer,
     code_version,
+    compute_version,
     key,
     path_metadata,
     shards_partitions,
@@ -34,17 +36,19 @@ from attribution_assets.spec import PipelineSpec
 ALL = dg.AllPartitionMapping()
 
 
-def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
     if spec.queries is None:
         return []
     streaming = spec.scoring.mode == "streaming"
+    model_version = compute_version(compute) if streaming else ""  # streamed rows come from the model
     train_source = key(spec, "tokenized_shards") if streaming else key(spec, "train_gradients")
     precond_key = key(spec, "preconditioner")
     autocorr_key = key(spec, "train_autocorrelation")
 
     @dg.asset(key=autocorr_key, group_name=spec.name,
               deps=[dg.AssetDep(train_source, partition_mapping=ALL)],
-              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients"),
+              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients")
+              + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(on_deps_updated=False),
               description="Per-module autocorrelation (1/n) sum g g^T of the training gradients, streamed "
                           "shard by shard; rebuilt on schedule or on demand, not once per new shard.")
@@ -90,12 +94,11 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=scores_key, group_name=spec.name, partitions_def=shards_partitions(spec),
               deps=[train_source, key(spec, "query_gradients")] + ([precond_key] if spec.scoring.precondition else []),
-              code_version=code_version("scores-v1", spec, "gradients", "scoring"),
+              code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               backfill_policy=dg.BackfillPolicy.single_run(),
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query).")
-    def scores(context: dg.AssetExecutionContext, storage: StorageResource,
-               compute: ComputeResource) -> dg.MaterializeResult:
+    def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
@@ -105,9 +108,10 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             versions[result.shard] = result.version
             context.add_asset_metadata(
                 {"rows": result.rows, "queries": result.queries, "documents": result.documents,
-                 "path": path_metadata(result.path), "seconds": result.seconds}, partition_key=result.shard)
+                 "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version},
+                partition_key=result.shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
-        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
 
     db_key = key(spec, "attribution_db")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attribution_assets.defs.resources import StorageResource
-from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.defs.runner import FORCE_TAG, materialize_pipeline
 from attribution_assets.engine.gradients import collect as collect_module
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from tests.helpers import definitions_for, user_pipeline_spec
@@ -82,7 +82,7 @@ def test_nan_gradients_fail_and_nothing_downstream_runs(pipeline, monkeypatch):
     result = dg.materialize(defs.assets, selection=[dg.AssetKey(["ops", "train_gradients"]),
                                                      dg.AssetKey(["ops", "scores"])],
                             partition_key="shard-00000", resources=defs.resources, instance=instance,
-                            raise_on_error=False)
+                            raise_on_error=False, tags={FORCE_TAG: "true"})  # recompute, no reuse
     assert not result.success
     failed = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "NaN or Inf" in failed[0].event_specific_data.error.to_string()

@@ -21,8 +21,8 @@ def _pipeline(tmp_path, model_dir, **overrides):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
     body = {"pipelines": [{
         "name": "mine", "model": {"name_or_path": str(model_dir), **overrides},
-        "corpus": {"path": "train.jsonl"}, "shard_size": 4,
-        "queries": {"path": "queries.jsonl", "prompt_column": "prompt", "completion_column": "completion",
+        "corpus": {"path": "train.jsonl", "max_length": 128}, "shard_size": 4,
+        "queries": {"path": "queries.jsonl", "max_length": 128, "prompt_column": "prompt", "completion_column": "completion",
                     "id_column": "query_id", "gold_column": "gold"}}]}
     path = tmp_path / "pipelines.yaml"
     path.write_text(yaml.safe_dump(body))
@@ -44,6 +44,21 @@ def test_user_pipeline_materializes(tmp_path, tiny_model_dir):
     model_event = instance.get_latest_materialization_event(dg.AssetKey(["mine", "model"]))
     assert len(model_event.asset_materialization.metadata["fingerprint"].value) == 16
     assert not list(storage.rglob(".*tmp-*")), "no temporary files left behind"
+    query_set = instance.get_latest_materialization_event(dg.AssetKey(["mine", "query_set"])).asset_materialization
+    assert query_set.metadata["unknown_gold_ids"].value == 1  # gold "x" names no corpus document
+    assert query_set.metadata["unknown_gold_examples"].value == "x"
+    corpus = instance.get_latest_materialization_event(dg.AssetKey(["mine", "corpus"])).asset_materialization
+    assert corpus.metadata["duplicate_documents"].value == 0
+
+
+def test_repeated_documents_are_counted(tmp_path, tiny_model_dir):
+    spec, defs, _ = _pipeline(tmp_path, tiny_model_dir)
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES + SENTENCES[:2]))
+    instance = dg.DagsterInstance.ephemeral()
+    dg.materialize(defs.assets, selection=[dg.AssetKey(["mine", "corpus"])], resources=defs.resources,
+                   instance=instance)
+    corpus = instance.get_latest_materialization_event(dg.AssetKey(["mine", "corpus"])).asset_materialization
+    assert corpus.metadata["duplicate_documents"].value == 2
 
 
 def test_missing_model_path_fails_clearly_and_writes_nothing(tmp_path):

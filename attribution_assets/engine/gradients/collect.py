@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.gradients.collector import GradientCollector, rows_hash
 from attribution_assets.engine.gradients.normalizers import make_normalizer
 from attribution_assets.engine.gradients.store import (
     GradientStore,
@@ -28,7 +28,7 @@ from attribution_assets.engine.gradients.store import (
 )
 from attribution_assets.engine.io.data import TokenizedDoc, read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.spec import GradientSpec, PipelineSpec
 
 
 def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> str | None:
@@ -92,12 +92,30 @@ def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple
 
 
 def collect_shard(collector: GradientCollector, docs: Sequence[TokenizedDoc], out: Path,
-                  model_fingerprint: str) -> tuple[GradientStore, CollectStats]:
-    """Collect ``docs`` and write a gradient store at ``out`` (atomically)."""
+                  model_fingerprint: str, producer: str = "") -> tuple[GradientStore, CollectStats]:
+    """Collect ``docs`` and write a gradient store at ``out`` (atomically); ``producer`` names
+    the code that wrote it (recorded in ``info.json``, see :func:`reusable_store`)."""
     array, info, stats = collect(collector, docs)
+    info["producer"] = producer
     store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
                         model_fingerprint=model_fingerprint, dtype=collector.gradients.dtype)
     return store, stats
+
+
+def reusable_store(path: Path, docs: Sequence[TokenizedDoc], model_fingerprint: str,
+                   gradients: GradientSpec, producer: str) -> GradientStore | None:
+    """The complete store at ``path`` when it holds exactly these documents' rows from the same
+    model, settings and producing code (e.g. written by a run that was killed before it could
+    record it), else None. Stores are written atomically, so one that opens is complete."""
+    try:
+        store = GradientStore(path)
+    except (OSError, ValueError):
+        return None
+    info = store.info
+    same = (info.get("producer") == producer and info.get("model_fingerprint") == model_fingerprint
+            and store.doc_ids == [d.doc_id for d in docs]
+            and info.get("config_hash") == rows_hash(gradients, info.get("normalizer")))
+    return store if same else None
 
 
 @dataclass

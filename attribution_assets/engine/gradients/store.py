@@ -14,6 +14,7 @@
     normalizer        {kind, eps, bias_correction} | null (settings only, never arrays)
     model_fingerprint str
     config_hash       str
+    producer          str, the code version that wrote it ("" when written outside a pipeline)
 
 Writes are atomic: a temporary sibling directory is filled, then renamed onto
 the final path (an existing shard is moved aside first and removed after).
@@ -91,6 +92,7 @@ def write_store(
         "normalizer": info.get("normalizer"),
         "model_fingerprint": model_fingerprint,
         "config_hash": info.get("config_hash", ""),
+        "producer": info.get("producer", ""),
     }
     with atomic_dir(path) as tmp:
         np.save(tmp / ARRAY_FILE, data, allow_pickle=False)

@@ -59,6 +59,10 @@ class PipelinePaths:
     def tokens_glob(self) -> Path:
         return self.root / "tokenized_shards" / "*" / "tokens.parquet"
 
+    def tokenized_shards(self) -> list[str]:
+        """Shards whose token table exists, sorted."""
+        return sorted(p.parent.name for p in self.root.glob("tokenized_shards/shard-*/tokens.parquet"))
+
     @property
     def query_tokens(self) -> Path:
         return self.root / "tokenized_queries" / "tokens.parquet"

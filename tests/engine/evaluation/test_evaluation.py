@@ -26,6 +26,12 @@ def test_first_gold_ranks_hand_computed():
     assert metrics["recall@1"] == pytest.approx(1 / 3) and metrics["mrr"] == pytest.approx(2 / 3)
 
 
+def test_a_chunk_counts_for_its_source_document():
+    scores = np.array([[0.1, 0.9, 0.5, 0.2]])  # rows: a, huge#0, huge#1, b
+    ranks = evaluation.first_gold_ranks(scores, ["a", "huge", "huge", "b"], ["q"], {"q": ["huge"]})
+    assert ranks == {"q": 1}
+
+
 def test_bm25_ranks_rare_word_document_first():
     docs = ["The cat sat on the mat.", "Zorblax studied at Norwood.", "The cat ate the fish.",
             "Norwood is a town."]
