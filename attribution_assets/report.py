@@ -86,10 +86,12 @@ def format_gold_layers(db: Path, query_id: str) -> str:
     if not rows:
         return f"query {query_id}: no gold document in its score table, so no layer breakdown."
     total = sum(r[1] for r in rows)
-    parts = [f"{_layer_name(layer)} {value:+.4f}" + (f" ({value / total:.0%})" if total > 0 else "")
-             for layer, value, _ in rows]
-    return (f"Which layers carry the gold documents' influence (query {query_id}, {rows[0][2]} gold "
-            f"document(s), summed score {total:+.4f}): " + ", ".join(parts))
+    lines = [f"Which layers carry the gold documents' influence? query {query_id}, its {rows[0][2]} gold "
+             f"document(s), summed score {total:+.4f}:"]
+    for layer, value, _ in rows:
+        share = f"{value / total:>5.0%}" if total > 0 else ""
+        lines.append(f"  {_layer_name(layer):<8} {value:+.4f}  {share}")
+    return "\n".join(lines)
 
 
 def format_breakdown(db: Path, query_id: str, by: str = "layer", k: int = 5) -> str:

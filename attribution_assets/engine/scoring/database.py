@@ -80,10 +80,11 @@ def view_sql(paths: PipelinePaths, with_token_scores: bool = False, breakdown: s
             f"CREATE OR REPLACE VIEW head_scores AS SELECT query_id, doc_id, shard, module, layer, head, "
             f"kind, contribution FROM read_parquet('{blocks}', union_by_name = true)",
             "CREATE OR REPLACE VIEW top_heads AS "
-            "WITH top_docs AS (SELECT query_id, doc_id, shard, "
-            "sum(score) OVER (PARTITION BY query_id) AS total FROM scores "
+            "WITH ranked AS (SELECT query_id, doc_id, shard, score FROM scores "
             "QUALIFY row_number() OVER (PARTITION BY query_id ORDER BY score DESC, doc_id) "
             f"<= {TOP_HEADS_DOCS}), "
+            "top_docs AS (SELECT query_id, doc_id, shard, "
+            "sum(score) OVER (PARTITION BY query_id) AS total FROM ranked), "
             "per_head AS (SELECT h.query_id, h.module, h.layer, h.head, h.kind, "
             "avg(h.contribution) AS contribution, sum(h.contribution) / any_value(t.total) AS share "
             "FROM head_scores h JOIN top_docs t USING (query_id, doc_id, shard) "

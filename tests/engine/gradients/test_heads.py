@@ -229,3 +229,16 @@ def test_split_errors_name_the_problem():
     model.config.model_type = "falcon"
     with pytest.raises(ValueError, match="does not know how the fused projection .*query_key_value"):
         GradientCollector(model, GradientSpec(split="head"))
+
+
+def test_store_addresses_a_split_module_by_its_name(tmp_path):
+    from attribution_assets.engine.gradients.store import write_store
+
+    model, docs = gpt2(), make_docs((5, 8))
+    rows, info = GradientCollector(model, GradientSpec(projection_dim=2, split="head")).collect(docs)
+    store = write_store(tmp_path / "s", rows, info, doc_ids=["a", "b"], model_fingerprint="f")
+    assert store.module_names[:2] == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj"]
+    blocks = [m for m in info["modules"] if m.get("module") == "transformer.h.0.attn.c_attn"]
+    assert [m["name"] for m in blocks[:2]] == ["transformer.h.0.attn.c_attn[q:0]", "transformer.h.0.attn.c_attn[q:1]"]
+    assert store.module_slice("transformer.h.0.attn.c_attn") == slice(blocks[0]["start"], blocks[-1]["stop"])
+    assert store.module_slice(blocks[1]["name"]) == slice(blocks[1]["start"], blocks[1]["stop"])
