@@ -4,8 +4,10 @@
 Materializes a demo pipeline with per-head gradient blocks and a head breakdown under
 ``--storage`` (its own directory; the default demo is not touched), then queries its DuckDB views.
 
-    .venv/bin/python benchmarks/breakdowns_demo.py --people 30      # ~3 min on 2 CPU cores
+    .venv/bin/python benchmarks/breakdowns_demo.py --people 30      # ~5 min of CPU
     .venv/bin/python benchmarks/breakdowns_demo.py --reuse          # queries only
+    .venv/bin/python benchmarks/breakdowns_demo.py --split module --storage .storage-modules
+        # the same pipeline with one block per module (fact tracing and layers only)
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FACT_TRACING = """
+WITH gold AS (SELECT query_id, unnest(gold_doc_ids) AS doc_id FROM queries),
+parts AS (
+  SELECT query_id, doc_id, 'all' AS part, score AS s FROM scores
+  UNION ALL SELECT query_id, doc_id, 'layer ' || layer, contribution FROM layer_scores),
+ranked AS (SELECT *, row_number() OVER (PARTITION BY query_id, part ORDER BY s DESC, doc_id) AS rank
+           FROM parts),
+best AS (SELECT query_id, part, min(rank) AS rank FROM ranked JOIN gold USING (query_id, doc_id)
+         GROUP BY ALL)
+SELECT part, count(*) AS queries, round(avg((rank = 1)::INT), 3) AS recall_at_1,
+       round(avg((rank <= 10)::INT), 3) AS recall_at_10, round(avg(1.0 / rank), 3) AS mrr
+FROM best GROUP BY part ORDER BY part"""
+
+MODULE_QUERIES = {"Fact tracing by the whole score and by one layer's part of it": FACT_TRACING}
 
 QUERIES = {
     "Share of the summed score carried by each layer and block (gold documents vs the top-10 "
@@ -69,7 +86,7 @@ FROM top_heads WHERE rank = 1 GROUP BY ALL ORDER BY queries DESC, layer, kind, h
 }
 
 
-def materialize(storage: Path, people: int) -> Path:
+def materialize(storage: Path, people: int, split: str) -> Path:
     import dagster as dg
 
     from attribution_assets.defs.factory import build_definitions
@@ -78,8 +95,8 @@ def materialize(storage: Path, people: int) -> Path:
     from attribution_assets.defs.runner import materialize_pipeline
     from attribution_assets.spec import GradientSpec, ScoringSpec, demo_spec
 
-    spec = demo_spec(people=people, scoring=ScoringSpec(top_k=0, breakdown="head"),
-                     gradients=GradientSpec(projection_dim=32, normalizer="adafactor", split="head"))
+    spec = demo_spec(people=people, scoring=ScoringSpec(top_k=0, breakdown=split),
+                     gradients=GradientSpec(projection_dim=32, normalizer="adafactor", split=split))
     profile = DeploymentProfile("local", None, StorageResource(root=str(storage)), ComputeResource())
     defs = build_definitions([spec], profile)
     materialize_pipeline(defs, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None,
@@ -97,6 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--storage", type=Path, default=Path(".storage-breakdowns"))
     parser.add_argument("--people", type=int, default=30)
+    parser.add_argument("--split", choices=["head", "module"], default="head",
+                        help="gradients.split and scoring.breakdown of the pipeline")
     parser.add_argument("--reuse", action="store_true", help="query an already materialized pipeline")
     args = parser.parse_args()
     from attribution_assets.engine.io.paths import PipelinePaths
@@ -104,13 +123,13 @@ def main() -> None:
 
     started = time.perf_counter()
     db = PipelinePaths.under(args.storage, "demo").database if args.reuse else \
-        materialize(args.storage, args.people)
+        materialize(args.storage, args.people, args.split)
     print(f"pipeline: {db} ({time.perf_counter() - started:.0f} s)\n")
     with database.connect(db) as con:
         counts = con.execute("SELECT (SELECT count(*) FROM queries), (SELECT count(*) FROM documents), "
-                             "(SELECT count(*) FROM (SELECT DISTINCT module, kind, head FROM head_scores))").fetchone()
-        print(f"{counts[0]} queries, {counts[1]} documents, {counts[2]} blocks\n")
-        for title, sql in QUERIES.items():
+                             "(SELECT count(*) FROM (SELECT DISTINCT module FROM module_scores))").fetchone()
+        print(f"{counts[0]} queries, {counts[1]} documents, {counts[2]} modules\n")
+        for title, sql in (QUERIES if args.split == "head" else MODULE_QUERIES).items():
             result = con.execute(sql)
             columns = [c[0] for c in result.description]
             print(f"### {title}\n\n```sql\n{sql.strip()};\n```\n\n{markdown(columns, result.fetchall())}\n")
