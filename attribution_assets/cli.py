@@ -56,10 +56,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from .report import format_top_k
+    from .report import format_breakdown, format_top_k
 
     defs, specs = _defs_and_specs(args.pipeline)
-    print(format_top_k(defs.resources["storage"].paths(specs[args.pipeline]).database, args.query, args.k))
+    db = defs.resources["storage"].paths(specs[args.pipeline]).database
+    print(format_breakdown(db, args.query, args.by, args.k) if args.by else format_top_k(db, args.query, args.k))
     return 0
 
 
@@ -160,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     scores.add_argument("--pipeline", required=True)
     scores.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
     scores.add_argument("-k", type=int, default=10)
+    scores.add_argument("--by", choices=["layer", "head"],
+                        help="each layer's contribution to the top-k scores, or the top-k head blocks "
+                             "(needs scoring.breakdown)")
     scores.set_defaults(func=cmd_scores)
     query = sub.add_parser("query", help="top-k training documents for a new text (reads stdin without TEXT)")
     query.add_argument("--pipeline", required=True)

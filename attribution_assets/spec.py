@@ -243,6 +243,8 @@ class DemoSpec:
 
 
 GRADIENT_NORMALIZERS = ("none", "adam", "adafactor")
+GRADIENT_SPLITS = ("module", "head")
+SCORE_BREAKDOWNS = ("none", "module", "head")
 
 
 @dataclass(frozen=True)
@@ -254,7 +256,10 @@ class GradientSpec:
     ``adam`` / ``adafactor`` divide by the optimizer's second moments from
     ``optimizer_state`` (an ``optimizer.pt`` or a Trainer checkpoint directory);
     ``per_token``: one row per target token; ``dtype``: of the stored rows;
-    ``max_tokens_per_batch``: the batch budget (speed and memory only, never the rows).
+    ``max_tokens_per_batch``: the batch budget (speed and memory only, never the rows);
+    ``split``: ``module`` (one block per module) or ``head`` (attention projections split into
+    one block per head: q/k/v by output rows, the output projection by input columns; see
+    ``engine.gradients.heads``), each block ``p x p`` when projected.
     """
 
     projection_dim: int = 16
@@ -268,6 +273,7 @@ class GradientSpec:
     normalizer: str = "none"
     optimizer_state: str | None = None
     max_tokens_per_batch: int = 4096
+    split: str = "module"
 
     def __post_init__(self):
         _check_int(self, "projection_dim", 0, note=" (0 = no projection)")
@@ -281,6 +287,7 @@ class GradientSpec:
         _check_choice(self, "normalizer", GRADIENT_NORMALIZERS)
         _check_str(self, "optimizer_state")
         _check_int(self, "max_tokens_per_batch", 1)
+        _check_choice(self, "split", GRADIENT_SPLITS)
 
 
 @dataclass(frozen=True)
@@ -293,7 +300,8 @@ class ScoringSpec:
     eigenvalue added per module, mixing ``lam R_query + (1 - lam) R_train`` with ``mixing``
     ``auto`` | a number in [0, 1] | ``off``; ``mode``: ``stored`` training gradients or
     ``streaming`` (recomputed, never stored); ``top_k``: scores kept per query and shard
-    (0 = all).
+    (0 = all); ``breakdown``: also write each block's contribution to those scores, per
+    ``module`` or per ``head`` (needs ``gradients.split: head``), summing to the score.
     """
 
     metric: str = "cosine"
@@ -303,6 +311,7 @@ class ScoringSpec:
     mixing: str | float = "auto"
     mode: str = "stored"
     top_k: int = 100
+    breakdown: str = "none"
 
     def __post_init__(self):
         _check_choice(self, "metric", ("cosine", "inner_product"))
@@ -318,6 +327,7 @@ class ScoringSpec:
                                            f"of the query autocorrelation), got {_describe(self.mixing)}.")
         _check_choice(self, "mode", ("stored", "streaming"))
         _check_int(self, "top_k", 0, note=" (0 keeps every score)")
+        _check_choice(self, "breakdown", SCORE_BREAKDOWNS)
 
 
 @dataclass(frozen=True)
@@ -410,6 +420,10 @@ class PipelineSpec:
     def __post_init__(self):
         _check_int(self, "shard_size", 1, note=" (documents per shard partition)")
         _check_str(self, "schedule")
+        if self.scoring.breakdown == "head" and self.gradients.split != "head":
+            raise SpecValueError("scoring.breakdown", "is `head`, which needs per-head gradient blocks: "
+                                                      "set `gradients.split: head` (or use `breakdown: "
+                                                      "module`).")
 
     @property
     def is_demo(self) -> bool:

@@ -45,6 +45,10 @@ def test_config_hash_tracks_sections():
     ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
                      "scoring": {"metric": "dot"}}]}, "choose one of"),
     ({"pipelines": [{"name": "demo", "model": {"name_or_path": "m"}, "corpus": {"path": "x"}}]}, "reserved"),
+    ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                     "scoring": {"breakdown": "head"}}]}, r"`scoring.breakdown` is `head`.*`gradients.split: head`"),
+    ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                     "gradients": {"split": "heads"}}]}, r"`gradients.split` is 'heads'.*\['module', 'head'\]"),
 ])
 def test_malformed_yaml_names_problem(tmp_path, body, message):
     with pytest.raises(PipelineSpecError, match=message):

@@ -97,7 +97,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               backfill_policy=dg.BackfillPolicy.single_run(),
-              description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query).")
+              description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query); "
+                          "with scoring.breakdown, also each module's or head's contribution.")
     def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
@@ -106,9 +107,11 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         versions = {}
         for result in scorer.score_shards(rows, paths, spec.scoring.top_k):
             versions[result.shard] = result.version
+            breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
             context.add_asset_metadata(
                 {"rows": result.rows, "queries": result.queries, "documents": result.documents,
-                 "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version},
+                 "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
+                 **breakdown},
                 partition_key=result.shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
         yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
@@ -118,18 +121,23 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
     @dg.asset(key=db_key, group_name=spec.name,
               deps=[dg.AssetDep(scores_key, partition_mapping=ALL),
                     dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL), key(spec, "query_set")],
-              code_version="duckdb-views-v1", automation_condition=rebuild_condition(on_deps_updated=False),
+              code_version=code_version("duckdb-views-v2", spec, "gradients", "scoring"),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               check_specs=[dg.AssetCheckSpec("schema", asset=db_key, blocking=False,
                                              description="views answer with the documented columns")],
-              description="DuckDB file of views (scores, documents, queries, top_influences) over the Parquet files.")
+              description="DuckDB file of views (scores, documents, queries, top_influences; with a breakdown "
+                          "module_scores, layer_scores, head_scores, top_heads) over the Parquet files.")
     def attribution_db(storage: StorageResource):
         paths = storage.paths(spec)
-        path = database.build_database(paths, with_token_scores=spec.gradients.per_token)
+        path = database.build_database(paths, with_token_scores=spec.gradients.per_token,
+                                       breakdown=spec.scoring.breakdown)
         columns = database.view_columns(path)
+        wanted = database.BREAKDOWN_VIEWS[spec.scoring.breakdown]
         yield dg.MaterializeResult(
             metadata={"path": path_metadata(path), "views": dg.MetadataValue.json(columns),
                       "example": dg.MetadataValue.md(f"```sql\n{database.TOP_K_SQL.strip()}\n```")})
         yield dg.AssetCheckResult(asset_key=db_key, check_name="schema",
-                                  passed=columns.get("scores") == SCORE_COLUMNS)
+                                  passed=columns.get("scores") == SCORE_COLUMNS
+                                  and all(view in columns for view in wanted))
 
     return [train_autocorrelation, preconditioner, scores, attribution_db]

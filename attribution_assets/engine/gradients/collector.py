@@ -14,6 +14,8 @@ Conventions (DESIGN.md "Math conventions"):
   columns ``[start, stop)``: the weight block (``L G R^T`` flattened row-major as
   ``[p_out, p_in]``, or ``G`` as ``[O, I]`` when ``projection_dim == 0``), then,
   with ``include_bias``, a bias block (``L b`` or ``b``, ``b = sum_t g``).
+  ``gradients.split: head`` splits attention projections into per-head blocks
+  (``heads``): each block is a layout entry of its own, laid out the same way.
 - ``per_token=True`` emits one row per target token ``t``: the gradient of that
   token's loss alone (one backward pass per target index per batch), so a
   document's rows sum to its document row. ``token_offsets[i]:token_offsets[i+1]``
@@ -25,7 +27,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,6 +39,7 @@ from attribution_assets.engine.gradients.batching import (
     make_batches,
     validate_documents,
 )
+from attribution_assets.engine.gradients.heads import Block, module_blocks
 from attribution_assets.engine.gradients.projection import Projector
 from attribution_assets.engine.io.digests import json_digest
 from attribution_assets.spec import GradientSpec
@@ -59,7 +62,7 @@ def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) 
         "projection_dim": gradients.projection_dim, "projection_kind": gradients.projection_kind,
         "seed": gradients.seed, "include": list(gradients.include), "exclude": list(gradients.exclude),
         "include_bias": gradients.include_bias, "per_token": gradients.per_token,
-        "dtype": gradients.dtype,
+        "dtype": gradients.dtype, **({"split": gradients.split} if gradients.split != "module" else {}),
         "normalizer": None if gradients.normalizer == "none" else gradients.normalizer,
         "normalizer_settings": normalizer_settings,
     }
@@ -68,7 +71,8 @@ def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) 
 
 @dataclass
 class ModuleSpec:
-    """One hooked module and its column range in a gradient row."""
+    """One hooked module, its blocks (``heads.Block``; one unless split by head) and the
+    column range ``[start, stop)`` they cover together in a gradient row."""
 
     name: str
     module: nn.Module
@@ -78,7 +82,7 @@ class ModuleSpec:
     has_bias: bool
     start: int = 0
     stop: int = 0
-    shape: tuple[int, int] = (0, 0)
+    blocks: list[Block] = field(default_factory=list)
 
     @property
     def weight_name(self) -> str:
@@ -88,14 +92,9 @@ class ModuleSpec:
     def bias_name(self) -> str:
         return f"{self.name}.bias"
 
-    def layout(self) -> dict:
-        return {
-            "name": self.name,
-            "start": self.start,
-            "stop": self.stop,
-            "shape": list(self.shape),
-            "has_bias": self.has_bias,
-        }
+    def layout(self) -> list[dict]:
+        """One layout entry per block (see ``heads.Block.layout``)."""
+        return [b.layout() for b in self.blocks]
 
 
 def select_modules(
@@ -172,11 +171,14 @@ class GradientCollector:
         )
         self.projector = Projector(cfg.projection_dim, cfg.projection_kind, cfg.seed, self.device)
         self.specs = select_modules(model, cfg.include, cfg.exclude, cfg.include_bias)
+        blocks = module_blocks(
+            model, [(s.name, s.out_features, s.in_features, s.has_bias) for s in self.specs], cfg.split
+        )
         col = 0
         for s in self.specs:
-            p = cfg.projection_dim
-            s.shape = (p, p) if p else (s.out_features, s.in_features)
-            s.start, col = col, col + s.shape[0] * s.shape[1] + (s.shape[0] if s.has_bias else 0)
+            s.blocks, s.start = blocks[s.name], col
+            for b in s.blocks:
+                col = b.place(col, cfg.projection_dim)
             s.stop = col
         self.dims = col
         if normalizer is not None:
@@ -185,8 +187,9 @@ class GradientCollector:
 
     @property
     def module_layout(self) -> list[dict]:
-        """``[{name, start, stop, shape, has_bias}]`` in column order."""
-        return [s.layout() for s in self.specs]
+        """``[{name, start, stop, shape, has_bias}]`` per block in column order (head blocks add
+        ``module, layer, head, kind``)."""
+        return [entry for s in self.specs for entry in s.layout()]
 
     def layout_info(self) -> dict:
         """The settings part of a store's ``info.json``."""
@@ -243,40 +246,62 @@ class GradientCollector:
     ) -> torch.Tensor:
         """Rows ``[B, stop - start]`` from ``a [B, T, I]``, ``g [B, T, O]``, ``valid [B, T, 1]``.
 
-        Padding is masked at the cheapest point (after projecting ``a`` and ``g``);
-        an Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling
-        ``g`` and ``a``).
+        Block ``b`` (rows ``r``, columns ``c`` of ``G``) is ``(g_r L_bᵀ)ᵀ (a_c R_bᵀ)`` projected,
+        else ``g_rᵀ a_c``; products with a matrix shared by several blocks are formed once.
+        Padding is masked at the cheapest point (after projecting ``a`` and ``g``); an
+        Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling ``g`` and ``a``).
         """
-        norm, p = self.normalizer, self.gradients.projection_dim
+        norm, p, proj = self.normalizer, self.gradients.projection_dim, self.projector
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
-        blocks = []
+        weights: list[torch.Tensor | None] = []
         if p and (norm is None or factors is not None):
-            left, right = self.projector.matrices(spec.name, spec.out_features, spec.in_features)
-            if factors is not None:
-                left, right = left * factors[0], right * factors[1]
-            a_p = torch.where(valid, a @ right.T, 0.0)
-            g_p = torch.where(valid, g @ left.T, 0.0)
-            blocks.append((g_p.transpose(1, 2) @ a_p).flatten(1))
+            done: dict[tuple, torch.Tensor] = {}
+
+            def projected(side, key, span):
+                if (side, key, span) not in done:
+                    x, matrix = (g, proj.left) if side == 0 else (a, proj.right)
+                    m = matrix(key, span[1] - span[0])
+                    if factors is not None:
+                        m = m * factors[side][span[0] : span[1]]
+                    done[side, key, span] = torch.where(valid, x[..., span[0] : span[1]] @ m.T, 0.0)
+                return done[side, key, span]
+
+            for b in spec.blocks:
+                if b.cols is None:
+                    weights.append(None)
+                    continue
+                g_p, a_p = projected(0, b.left, b.rows), projected(1, b.right, b.cols)
+                weights.append((g_p.transpose(1, 2) @ a_p).flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))
-            parts = []
+            parts: list[list[torch.Tensor]] = [[] for _ in spec.blocks]
             for i in range(0, a.shape[0], chunk):
                 full = g[i : i + chunk].transpose(1, 2) @ a[i : i + chunk]
                 if factors is not None:
                     full = full * factors[0][:, None] * factors[1]
                 elif norm is not None:
                     full = norm.scale_full(spec.name, full)
-                parts.append(self.projector.project(spec.name, full).flatten(1))
-            blocks.append(torch.cat(parts))
+                for part, b in zip(parts, spec.blocks):
+                    if b.cols is None:
+                        continue
+                    piece = full[:, b.rows[0] : b.rows[1], b.cols[0] : b.cols[1]]
+                    if p:
+                        piece = proj.left(b.left, b.n_rows) @ piece @ proj.right(b.right, b.n_cols).T
+                    part.append(piece.flatten(1))
+            weights = [torch.cat(part) if part else None for part in parts]
+        bias = None
         if spec.has_bias:
             bias = (valid.transpose(1, 2).to(g.dtype) @ g).squeeze(1)  # sum_t g over real tokens
             if norm is not None:
                 bias = norm.scale_bias(spec.name, bias)
-            if p:
-                left = self.projector.matrices(spec.name, spec.out_features, spec.in_features)[0]
-                bias = bias @ left.T
-            blocks.append(bias)
+        blocks = []
+        for b, weight in zip(spec.blocks, weights):
+            if weight is not None:
+                blocks.append(weight)
+            if b.bias:
+                piece = bias[:, b.rows[0] : b.rows[1]]
+                blocks.append(piece @ proj.left(b.left, b.n_rows).T if p else piece)
         return torch.cat(blocks, dim=1)
 
     def _rows(self, grads, select, valid) -> torch.Tensor:

@@ -5,7 +5,10 @@
     format_version    int, 1
     rows, dims        int, the shape of gradients.npy
     dtype             "float32" | "float16"
-    modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}]
+    modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}], one entry
+                      per block: a whole module, or (``split: head``) one head of an attention
+                      projection, which adds {module, layer, head, kind: q|k|v|o} (the output
+                      projection's bias block: head null, shape [p] | [O]); see gradients/heads.py
     doc_ids           [str], one per document
     per_token         bool
     token_offsets     [int] of len n_docs + 1 (rows of doc i: offsets[i]:offsets[i+1]) | null
@@ -147,14 +150,15 @@ class GradientStore:
 
     @property
     def module_names(self) -> list[str]:
-        return [m["name"] for m in self.info["modules"]]
+        """Hooked modules in column order (a module split by head is named once)."""
+        return list(dict.fromkeys(m.get("module", m["name"]) for m in self.info["modules"]))
 
     def module_slice(self, name: str) -> slice:
-        """Column range of module ``name`` (weight block, then bias block if any)."""
-        for m in self.info["modules"]:
-            if m["name"] == name:
-                return slice(m["start"], m["stop"])
-        raise KeyError(f"module {name!r} not in store {self.path}; have {self.module_names}")
+        """Column range of a module (all its blocks: weight, then bias if any) or of one block."""
+        found = [m for m in self.info["modules"] if name in (m["name"], m.get("module"))]
+        if not found:
+            raise KeyError(f"module {name!r} not in store {self.path}; have {self.module_names}")
+        return slice(found[0]["start"], found[-1]["stop"])
 
     def module_view(self, name: str) -> np.ndarray:
         """``[rows, stop - start]`` view of one module's columns."""

@@ -103,6 +103,11 @@ class PipelinePaths:
         """``scores/<shard>/token_scores.parquet``: ``query_id, doc_id, shard, token, score``."""
         return self.root / "scores" / shard / "token_scores.parquet"
 
+    def block_scores(self, shard: str) -> Path:
+        """``scores/<shard>/block_scores.parquet``: ``query_id, doc_id, shard, module, layer,
+        head, kind, contribution`` (pipelines with ``scoring.breakdown``)."""
+        return self.root / "scores" / shard / "block_scores.parquet"
+
     @property
     def scores_glob(self) -> Path:
         return self.scores("*")
@@ -110,6 +115,10 @@ class PipelinePaths:
     @property
     def token_scores_glob(self) -> Path:
         return self.token_scores("*")
+
+    @property
+    def block_scores_glob(self) -> Path:
+        return self.block_scores("*")
 
     @property
     def database(self) -> Path:
