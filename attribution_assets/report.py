@@ -100,11 +100,11 @@ def format_breakdown(db: Path, query_id: str, by: str = "layer", k: int = 5) -> 
     level = database.breakdown_level(db)
     if level == "none" or (by == "head" and level != "head"):
         need = "head` (with `gradients.split: head" if by == "head" else "module` or `head"
-        raise SystemExit(f"{db} has no {by} breakdown: set `scoring.breakdown: {need}`) and materialize "
+        raise LookupError(f"{db} has no {by} breakdown: set `scoring.breakdown: {need}`) and materialize "
                          "the pipeline's scores and attribution_db again.")
     found = database.query_text(db, query_id)
     if found is None:
-        raise SystemExit(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
+        raise LookupError(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
     text, gold = found
     lines = [f"query {query_id}: {text}"]
     if by == "head":
@@ -122,7 +122,7 @@ def format_breakdown(db: Path, query_id: str, by: str = "layer", k: int = 5) -> 
     by_doc: dict[tuple, dict] = {}
     for rank, doc_id, score, layer, value in rows:
         by_doc.setdefault((rank, doc_id, score), {})[layer] = value
-    texts = {doc_id: doc_text for _, doc_id, _, doc_text in database.top_k(db, query_id, k)}
+    texts = {doc_id: doc_text for _, doc_id, _, _, doc_text in database.top_k(db, query_id, k)}
     for (rank, doc_id, score), values in by_doc.items():
         mark = "*" if doc_id in gold else " "
         cells = "  ".join(f"{values.get(x, 0.0):>+8.4f}" for x in layers)

@@ -120,5 +120,5 @@ def test_breakdown_without_views_is_refused(tiny_demo, monkeypatch):
     spec, paths = tiny_demo
     monkeypatch.setenv("ATTRIBUTION_STORAGE", str(paths.root.parent))
     query_id = pl.read_parquet(paths.queries)["doc_id"][0]
-    with pytest.raises(SystemExit, match="scoring.breakdown"):
+    with pytest.raises(LookupError, match="scoring.breakdown"):
         cli.main(["scores", "--pipeline", "demo", "--query", query_id, "--by", "layer"])
