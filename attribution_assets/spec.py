@@ -439,7 +439,8 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
               **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
-    Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus.
+    Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus, with each
+    module's contribution (``breakdown: module``) for the report's layer view.
     ``demo_kwargs`` set :class:`DemoSpec` fields.
     """
     return PipelineSpec(
@@ -450,7 +451,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
                          id_column="query_id", gold_column="gold_doc_ids", max_length=64),
         shard_size=shard_size,
         gradients=gradients or GradientSpec(projection_dim=32, normalizer="adafactor"),
-        scoring=scoring or ScoringSpec(top_k=0),
+        scoring=scoring or ScoringSpec(top_k=0, breakdown="module"),
         evaluation=evaluation or EvaluationSpec(),
         demo=DemoSpec(people=people, **demo_kwargs),
     )
