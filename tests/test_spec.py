@@ -97,6 +97,8 @@ def _with(section, values):
     ("gradients", {"projection_dim": -4}, r"`gradients.projection_dim` must be an integer >= 0"),
     ("gradients", {"max_tokens_per_batch": 0}, r"`gradients.max_tokens_per_batch` must be an integer >= 1"),
     ("gradients", {"normalizer": "sgd"}, r"`gradients.normalizer` is 'sgd' .*; choose one of"),
+    ("gradients", {"per_token": "tokens"}, r"`gradients.per_token` is 'tokens' .*; choose one of "
+                                           r"\['none', 'positional', 'loss'\]"),
     ("corpus", {"path": "x", "max_length": -5}, r"`corpus.max_length` must be an integer >= 2"),
     ("scoring", {"top_k": -1}, r"`scoring.top_k` must be an integer >= 0"),
     ("scoring", {"damping": -0.1}, r"`scoring.damping` must be a number in \[0.0, inf\)"),
@@ -130,3 +132,11 @@ def test_yaml_booleans_in_string_settings(tmp_path):
                                                   "corpus: {path: x}, scoring: {mixing: off}, "
                                                   "index: {use_gpu: false}}\n"))
     assert spec.scoring.mixing == "off" and spec.index.use_gpu is False
+
+
+def test_per_token_modes_and_the_old_boolean(tmp_path):
+    """`per_token: true` keeps its old meaning (per-target-loss rows); `false` is `none`."""
+    for value, mode in (("true", "loss"), ("false", "none"), ("positional", "positional"), ("loss", "loss")):
+        (spec,) = load_pipeline_file(_write(tmp_path, "pipelines:\n- {name: p, model: {name_or_path: m}, "
+                                                      f"corpus: {{path: x}}, gradients: {{per_token: {value}}}}}\n"))
+        assert spec.gradients.per_token == mode and spec.gradients.token_rows == (mode != "none")

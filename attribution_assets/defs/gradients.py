@@ -15,6 +15,7 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
+from attribution_assets.engine.gradients.batching import row_positions
 from attribution_assets.engine.gradients.collect import collect_shard, make_collector
 from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore
@@ -65,7 +66,9 @@ def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
 
 
 def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
-    return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
+    if not spec.gradients.token_rows:
+        return len(docs)
+    return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
 
 
 def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:

@@ -120,7 +120,7 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               description="DuckDB file of views (scores, documents, queries, top_influences) over the Parquet files.")
     def attribution_db(storage: StorageResource):
         paths = storage.paths(spec)
-        path = database.build_database(paths, with_token_scores=spec.gradients.per_token)
+        path = database.build_database(paths, with_token_scores=spec.gradients.token_rows)
         columns = database.view_columns(path)
         yield dg.MaterializeResult(
             metadata={"path": path_metadata(path), "views": dg.MetadataValue.json(columns),

@@ -8,8 +8,9 @@
     modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}]
     doc_ids           [str], one per document
     per_token         bool
+    per_token_mode    "positional" | "loss" | null (absent in older stores: "loss")
     token_offsets     [int] of len n_docs + 1 (rows of doc i: offsets[i]:offsets[i+1]) | null
-    token_positions   [int] per row, the target token index t in its document | null
+    token_positions   [int] per row, its token index t in its document | null
     projection        {dim, kind, seed}
     normalizer        {kind, eps, bias_correction} | null (settings only, never arrays)
     model_fingerprint str
@@ -85,6 +86,7 @@ def write_store(
         "modules": modules,
         "doc_ids": [str(d) for d in doc_ids],
         "per_token": per_token,
+        "per_token_mode": info.get("per_token_mode", "loss") if per_token else None,
         "token_offsets": offsets if per_token else None,
         "token_positions": info.get("token_positions") if per_token else None,
         "projection": info["projection"],
