@@ -13,6 +13,7 @@ from pydantic import Field, PrivateAttr
 
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.runtime import limit_threads
 from attribution_assets.spec import PipelineSpec
 
 STORAGE_ENV = "ATTRIBUTION_STORAGE"
@@ -24,11 +25,11 @@ class ComputeResource(dg.ConfigurableResource):
     ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
     resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
     stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
-    ``threads``: CPU threads of torch, FAISS and NumPy's BLAS (through ``threadpoolctl``)
-    in each step that uses this resource, restored when the step ends (0 keeps the
-    libraries' defaults, one per core). When several steps share a machine (the
-    multiprocess executor, a backfill), set it to cores / concurrent steps: spinning
-    threads that outnumber the cores slow every step down.
+    ``threads``: CPU threads of torch, FAISS and every BLAS pool (through ``threadpoolctl``)
+    in each step that uses this resource, restored when the step ends. 0 (the default) means
+    the cores this process may use: its CPU affinity capped by its cgroup CPU quota
+    (``engine.runtime.available_cores``). When several steps share a machine (the
+    multiprocess executor, a backfill, two deployments), set it to cores / concurrent steps.
     """
 
     device: str = "auto"
@@ -38,18 +39,7 @@ class ComputeResource(dg.ConfigurableResource):
     _restore: list = PrivateAttr(default_factory=list)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if not self.threads:
-            return
-        import faiss
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-        blas = threadpool_limits(limits=self.threads, user_api="blas")
-        torch.set_num_threads(self.threads)
-        faiss.omp_set_num_threads(self.threads)
-        self._restore[:] = [lambda: torch.set_num_threads(torch_threads),
-                            lambda: faiss.omp_set_num_threads(faiss_threads), blas.restore_original_limits]
+        self._restore[:] = [limit_threads(self.threads)]
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for restore in self._restore:
