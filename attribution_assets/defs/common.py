@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from attribution_assets.engine.runtime import peak_rss_mb, reset_peak_rss
 from attribution_assets.spec import PipelineSpec
 
 
@@ -32,9 +33,18 @@ def path_metadata(path: Path) -> dg.MetadataValue:
 
 
 class Timer:
+    """Seconds and peak resident memory since it was made. Making one starts a new peak
+    window for the process (``engine.runtime.reset_peak_rss``): make one per step, or per
+    partition of a multi-partition step."""
+
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        reset_peak_rss()
 
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return round(peak_rss_mb(), 1)

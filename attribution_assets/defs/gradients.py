@@ -3,7 +3,6 @@
 import json
 
 import dagster as dg
-import numpy as np
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
@@ -37,13 +36,13 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     storage.ensure_writable()
     paths = storage.paths(spec)
     model, _ = compute.load_model(spec, paths)
-    return make_collector(model, spec, paths)
+    return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
-    finite = bool(np.isfinite(store.array).all())
+    finite = store.all_finite()
     normalizer = store.info.get("normalizer")
     settings_ok = ((normalizer or {}).get("kind", "none") == spec.gradients.normalizer
                    and store.info.get("config_hash") == rows_hash(spec.gradients, normalizer))
@@ -97,12 +96,13 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                 out = paths.train_gradients(shard)
                 store, stats = collect_shard(collector, docs, out, fingerprint)
                 versions[shard] = store.digest()
+                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                    checks[result.check_name].append((shard, result))
                 context.add_asset_metadata(
                     {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
                      "path": path_metadata(out), "total_seconds": timer.seconds,
-                     "config_hash": store.info["config_hash"]}, partition_key=shard)
-                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
-                    checks[result.check_name].append((shard, result))
+                     "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"]},
+                    partition_key=shard)
             single = len(versions) == 1
             yield dg.MaterializeResult(
                 data_version=dg.DataVersion(next(iter(versions.values()))) if single else None)
@@ -128,11 +128,13 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             docs = data.read_tokenized(paths.query_tokens)
             store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
                                          paths.query_gradients, model_fingerprint(spec, paths))
+            version, checks = store.digest(), store_checks(store, _expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
-                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds},
-                data_version=dg.DataVersion(store.digest()))
-            yield from store_checks(store, _expected_rows(docs, spec), spec, query_key)
+                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,
+                          "peak_rss_mb": timer.peak_rss_mb},
+                data_version=dg.DataVersion(version))
+            yield from checks
 
         assets.append(query_gradients)
     return assets

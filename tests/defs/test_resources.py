@@ -54,3 +54,11 @@ def test_zero_threads_means_the_cores_this_process_may_use(restore_threads, monk
 def test_negative_threads_is_rejected():
     with pytest.raises(Exception, match="threads"):
         ComputeResource(threads=-1)
+
+
+def test_autocast_setting():
+    assert ComputeResource().autocast_dtype() is None
+    assert ComputeResource(autocast=False).autocast == "off"  # YAML's unquoted `off`
+    assert ComputeResource(autocast="bfloat16").autocast_dtype() == torch.bfloat16
+    with pytest.raises(Exception, match="autocast must be one of"):
+        ComputeResource(autocast="fp8")

@@ -96,7 +96,16 @@ def collate(
         ids[row, :n] = torch.as_tensor(list(tokens), dtype=torch.long)
         attn[row, :n] = 1
         loss[row, :n] = torch.as_tensor(list(mask), dtype=torch.long)
-    return Batch(list(indices), ids.to(device), attn.to(device), loss.to(device))
+    return Batch(list(indices), _to_device(ids, device), _to_device(attn, device),
+                 _to_device(loss, device))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; CUDA copies go through pinned memory, asynchronously."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def make_batches(

@@ -159,7 +159,9 @@ class GradientCollector:
     """Hook-based per-example gradient collector (see the module docstring for conventions).
 
     ``normalizer``: an ``AdamNormalizer`` / ``AdafactorNormalizer`` (``normalizers``).
-    ``device``: where batches go (default: the model's device). Products are float32.
+    ``device``: where batches go (default: the model's device). ``autocast``: a dtype
+    (``torch.bfloat16`` / ``torch.float16``) to run the forward pass in under
+    ``torch.autocast`` with the weights as they are (None: off). Products are float32.
     """
 
     def __init__(
@@ -168,8 +170,9 @@ class GradientCollector:
         gradients: GradientSpec | None = None,
         normalizer=None,
         device: torch.device | str | None = None,
+        autocast: torch.dtype | None = None,
     ):
-        self.model, self.gradients = model, gradients or GradientSpec()
+        self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
         if normalizer is not None and cfg.normalizer not in ("none", normalizer.kind):
             raise ValueError(
@@ -343,7 +346,8 @@ class GradientCollector:
         """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
         document's row positions, :func:`row_positions`)."""
         self._records = {s.name: [] for s in self.specs}
-        losses = _token_loss(self.model, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            losses = _token_loss(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
         mode = self.gradients.per_token

@@ -255,3 +255,21 @@ def test_invalid_documents():
         collector.collect([([1, 2, 3], [1, 1, 1])])
     with pytest.raises(ValueError, match="3 input_ids but 2"):
         collector.collect([([1, 2, 3], [0, 1])])
+
+
+@pytest.mark.parametrize("mode", ["none", "positional"])
+def test_reduced_precision_and_autocast_rows_follow_float32(mode):
+    """bfloat16 weights, float16 weights and bfloat16 autocast (float32 weights) all give
+    float32 rows close to the float32 rows; products accumulate in float32."""
+    docs = make_docs()
+    cfg = GradientSpec(projection_dim=8, per_token=mode)
+    reference, _ = GradientCollector(tiny_neox(), cfg).collect(docs)
+    runs = {"bfloat16": GradientCollector(tiny_neox().to(torch.bfloat16), cfg),
+            "float16": GradientCollector(tiny_neox().to(torch.float16), cfg),
+            "autocast": GradientCollector(tiny_neox(), cfg, autocast=torch.bfloat16)}
+    for name, collector in runs.items():
+        rows, _ = collector.collect(docs)
+        assert rows.dtype == np.float32 and np.isfinite(rows).all(), name
+        cos = (rows * reference).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cos.min() > 0.99, (name, cos.min())
+        assert not np.array_equal(rows, reference), name  # it did run in reduced precision
