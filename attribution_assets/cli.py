@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
     parser.add_argument("--verbose", action="store_true",
                         help="show Dagster's log and full tracebacks (default: one line per stage)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch, FAISS and BLAS outside Dagster steps (steps use the "
+                             "compute resource's `threads`); 0 = the cores this process may use")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the embedded demo pipeline and show the result")
     demo.add_argument("--force", action="store_true", help="redo every asset and shard")
@@ -188,8 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
+    from .engine.runtime import limit_threads
+
     hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")
+    limit_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)

@@ -245,6 +245,7 @@ class DemoSpec:
 GRADIENT_NORMALIZERS = ("none", "adam", "adafactor")
 GRADIENT_SPLITS = ("module", "head")
 SCORE_BREAKDOWNS = ("none", "module", "head")
+PER_TOKEN_MODES = ("none", "positional", "loss")
 
 
 @dataclass(frozen=True)
@@ -255,11 +256,15 @@ class GradientSpec:
     gradient); ``include`` / ``exclude``: fnmatch globs over module names; ``normalizer``:
     ``adam`` / ``adafactor`` divide by the optimizer's second moments from
     ``optimizer_state`` (an ``optimizer.pt`` or a Trainer checkpoint directory);
-    ``per_token``: one row per target token; ``dtype``: of the stored rows;
-    ``max_tokens_per_batch``: the batch budget (speed and memory only, never the rows);
-    ``split``: ``module`` (one block per module) or ``head`` (attention projections split into
-    one block per head: q/k/v by output rows, the output projection by input columns; see
-    ``engine.gradients.heads``), each block ``p x p`` when projected.
+    ``per_token``: ``none`` (one row per document), ``positional`` (row t = token t's share
+    ``L g_t a_tᵀ Rᵀ`` of the document gradient, one backward pass) or ``loss`` (row t = the
+    gradient of token t's loss alone, one backward pass per target position); YAML ``true``
+    means ``loss`` and ``false`` means ``none``. Either way a document's rows sum to its
+    document row. ``dtype``: of the stored rows; ``max_tokens_per_batch``: the batch budget
+    (speed and memory only, never the rows); ``split``: ``module`` (one block per module) or
+    ``head`` (attention projections split into one block per head: q/k/v by output rows, the
+    output projection by input columns; see ``engine.gradients.heads``), each block ``p x p``
+    when projected.
     """
 
     projection_dim: int = 16
@@ -268,7 +273,7 @@ class GradientSpec:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("*lm_head*", "*embed_out*")
     include_bias: bool = False
-    per_token: bool = False
+    per_token: str = "none"
     dtype: str = "float32"
     normalizer: str = "none"
     optimizer_state: str | None = None
@@ -282,12 +287,19 @@ class GradientSpec:
         _check_strings(self, "include")
         _check_strings(self, "exclude", allow_empty=True)
         _check_bool(self, "include_bias")
-        _check_bool(self, "per_token")
+        if self.per_token is True or self.per_token is False:  # YAML booleans (the old setting)
+            object.__setattr__(self, "per_token", "loss" if self.per_token else "none")
+        _check_choice(self, "per_token", PER_TOKEN_MODES)
         _check_choice(self, "dtype", ("float32", "float16"))
         _check_choice(self, "normalizer", GRADIENT_NORMALIZERS)
         _check_str(self, "optimizer_state")
         _check_int(self, "max_tokens_per_batch", 1)
         _check_choice(self, "split", GRADIENT_SPLITS)
+
+    @property
+    def token_rows(self) -> bool:
+        """Whether rows are per token (``per_token`` is ``positional`` or ``loss``)."""
+        return self.per_token != "none"
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,15 @@
-"""Throughput of hooked ``GradientCollector.collect`` vs a naive per-document backward loop.
+"""Throughput of hooked ``GradientCollector.collect`` vs a naive per-document backward loop,
+and of per-token rows against document rows.
 
 The naive loop runs one ``loss.backward()`` per document and then projects each
 module's ``weight.grad`` with the same ``L G R^T`` matrices. Both phases run in
 this process on the same random GPT-NeoX weights and documents. "phase MiB" is
 the peak of the resident set sampled every 2 ms during the phase; the final line
-gives the process's ``resource.getrusage(...).ru_maxrss``.
+gives the process's ``resource.getrusage(...).ru_maxrss``. The ``positional`` line
+collects one-pass per-token rows (``per_token: positional``) of the same documents; its
+"x doc" column is its time over the hooked per-document time (target <= 1.5). With
+``--loss-docs N`` the per-target-loss rows (``per_token: loss``, one backward pass per
+target position) of the first N documents are timed against their document rows too.
 
     .venv/bin/python benchmarks/bench_collect.py --sizes 2x128 4x256 --docs 32 --threads 1
 """
@@ -12,6 +17,7 @@ gives the process's ``resource.getrusage(...).ru_maxrss``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import threading
@@ -67,6 +73,14 @@ def hooked(model, docs, config: GradientSpec) -> np.ndarray:
     return GradientCollector(model, config).collect(docs)[0]
 
 
+def positional(model, docs, config: GradientSpec) -> np.ndarray:
+    return hooked(model, docs, dataclasses.replace(config, per_token="positional"))
+
+
+def per_target_loss(model, docs, config: GradientSpec) -> np.ndarray:
+    return hooked(model, docs, dataclasses.replace(config, per_token="loss"))
+
+
 def _rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
@@ -105,6 +119,8 @@ def main() -> None:
         help="1024 suits CPU caches; GradientSpec defaults to 4096",
     )
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    ap.add_argument("--loss-docs", type=int, default=0,
+                    help="also time per-target-loss rows on this many documents (slow: 0 skips)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,6 +151,19 @@ def main() -> None:
             f"{size:>8} {'hooked':>8} {t_hook:8.2f} {tokens / t_hook:10.0f} {rss_hook:9.0f} "
             f"{t_naive / t_hook:8.2f}   (max rel. diff vs naive {err:.1e})"
         )
+        t_pos, rss_pos, token_rows = run_phase(positional, model, docs, config)
+        print(
+            f"{size:>8} {'position':>8} {t_pos:8.2f} {tokens / t_pos:10.0f} {rss_pos:9.0f} "
+            f"{t_naive / t_pos:8.2f}   ({t_pos / t_hook:.2f} x doc; {token_rows.shape[0]} rows)"
+        )
+        if args.loss_docs:
+            few = docs[: args.loss_docs]
+            t_doc, _, _ = run_phase(hooked, model, few, config)
+            t_loss, rss_loss, _ = run_phase(per_target_loss, model, few, config)
+            print(
+                f"{size:>8} {'loss':>8} {t_loss:8.2f} {sum(len(i) for i, _ in few) / t_loss:10.0f} "
+                f"{rss_loss:9.0f} {'':>8}   ({t_loss / t_doc:.1f} x doc on {len(few)} docs)"
+            )
     print(
         f"process peak RSS (ru_maxrss): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )

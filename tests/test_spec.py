@@ -101,6 +101,8 @@ def _with(section, values):
     ("gradients", {"projection_dim": -4}, r"`gradients.projection_dim` must be an integer >= 0"),
     ("gradients", {"max_tokens_per_batch": 0}, r"`gradients.max_tokens_per_batch` must be an integer >= 1"),
     ("gradients", {"normalizer": "sgd"}, r"`gradients.normalizer` is 'sgd' .*; choose one of"),
+    ("gradients", {"per_token": "tokens"}, r"`gradients.per_token` is 'tokens' .*; choose one of "
+                                           r"\['none', 'positional', 'loss'\]"),
     ("corpus", {"path": "x", "max_length": -5}, r"`corpus.max_length` must be an integer >= 2"),
     ("scoring", {"top_k": -1}, r"`scoring.top_k` must be an integer >= 0"),
     ("scoring", {"damping": -0.1}, r"`scoring.damping` must be a number in \[0.0, inf\)"),
@@ -153,3 +155,11 @@ def test_one_invalid_pipeline_does_not_hide_the_others(tmp_path, monkeypatch):
     assert len(errors) == 1 and "pipeline 'bad'" in errors[0] and "projection_dim" in errors[0]
     with pytest.raises(PipelineSpecError, match="projection_dim"):
         configured_pipelines()
+
+
+def test_per_token_modes_and_the_old_boolean(tmp_path):
+    """`per_token: true` keeps its old meaning (per-target-loss rows); `false` is `none`."""
+    for value, mode in (("true", "loss"), ("false", "none"), ("positional", "positional"), ("loss", "loss")):
+        (spec,) = load_pipeline_file(_write(tmp_path, "pipelines:\n- {name: p, model: {name_or_path: m}, "
+                                                      f"corpus: {{path: x}}, gradients: {{per_token: {value}}}}}\n"))
+        assert spec.gradients.per_token == mode and spec.gradients.token_rows == (mode != "none")

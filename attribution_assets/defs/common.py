@@ -14,6 +14,7 @@ from dagster._core.definitions.data_version import (
 )
 
 from attribution_assets.defs.resources import ComputeResource
+from attribution_assets.engine.runtime import peak_rss_mb, reset_peak_rss
 from attribution_assets.spec import PipelineSpec
 
 
@@ -78,9 +79,18 @@ def path_metadata(path: Path) -> dg.MetadataValue:
 
 
 class Timer:
+    """Seconds and peak resident memory since it was made. Making one starts a new peak
+    window for the process (``engine.runtime.reset_peak_rss``): make one per step, or per
+    partition of a multi-partition step."""
+
     def __init__(self) -> None:
         self.start = time.perf_counter()
+        reset_peak_rss()
 
     @property
     def seconds(self) -> float:
         return round(time.perf_counter() - self.start, 3)
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return round(peak_rss_mb(), 1)

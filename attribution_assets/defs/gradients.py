@@ -3,7 +3,6 @@
 import json
 
 import dagster as dg
-import numpy as np
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
@@ -18,6 +17,7 @@ from attribution_assets.defs.common import (
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import FORCE_TAG
+from attribution_assets.engine.gradients.batching import row_positions
 from attribution_assets.engine.gradients.collect import (
     collect_shard,
     make_collector,
@@ -43,13 +43,13 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     storage.ensure_writable()
     paths = storage.paths(spec)
     model, _ = compute.load_model(spec, paths)
-    return make_collector(model, spec, paths)
+    return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
-    finite = bool(np.isfinite(store.array).all())
+    finite = store.all_finite()
     normalizer = store.info.get("normalizer")
     settings_ok = ((normalizer or {}).get("kind", "none") == spec.gradients.normalizer
                    and store.info.get("config_hash") == rows_hash(spec.gradients, normalizer))
@@ -72,7 +72,9 @@ def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
 
 
 def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
-    return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
+    if not spec.gradients.token_rows:
+        return len(docs)
+    return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
 
 
 def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
@@ -108,13 +110,14 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
                 versions[shard] = store.digest()
+                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                    checks[result.check_name].append((shard, result))
                 context.add_asset_metadata(
                     {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
                      "path": path_metadata(out), "total_seconds": timer.seconds,
-                     "config_hash": store.info["config_hash"], CONTENT_VERSION: versions[shard]},
+                     "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"],
+                     CONTENT_VERSION: versions[shard]},
                     partition_key=shard)
-                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
-                    checks[result.check_name].append((shard, result))
             single = len(versions) == 1
             yield dg.MaterializeResult(
                 data_version=dg.DataVersion(next(iter(versions.values()))) if single else None)
@@ -140,11 +143,13 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
             docs = data.read_tokenized(paths.query_tokens)
             store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
                                          paths.query_gradients, model_fingerprint(spec, paths))
+            version, checks = store.digest(), store_checks(store, _expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
-                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds},
-                data_version=dg.DataVersion(store.digest()))
-            yield from store_checks(store, _expected_rows(docs, spec), spec, query_key)
+                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,
+                          "peak_rss_mb": timer.peak_rss_mb},
+                data_version=dg.DataVersion(version))
+            yield from checks
 
         assets.append(query_gradients)
     return assets

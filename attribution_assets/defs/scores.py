@@ -62,7 +62,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         save_autocorrelation(paths.autocorrelation, train)
         return dg.MaterializeResult(
             metadata={"shards": len(shards), "n_train": train.n, "modules": len(train.layout),
-                      "path": path_metadata(paths.autocorrelation), "seconds": timer.seconds},
+                      "path": path_metadata(paths.autocorrelation), "seconds": timer.seconds,
+                      "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(files_digest(paths.autocorrelation)))
 
     @dg.asset(key=precond_key, group_name=spec.name, deps=[autocorr_key, key(spec, "query_gradients")],
@@ -80,12 +81,15 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         query = accumulate([queries.document_rows()], queries.info["modules"])
         result = trackstar_preconditioner(train, query, spec.scoring)
         result.save(paths.preconditioner)
-        report = check_preconditioner(Preconditioner.load(paths.preconditioner))
+        del result, query  # the check reads the saved preconditioner one module at a time
+        saved = Preconditioner.load(paths.preconditioner)
+        report = check_preconditioner(saved)
         yield dg.MaterializeResult(
-            metadata={"n_train": train.n, "n_query": query.n,
-                      "lambda": float(result.lam) if result.lam is not None else "off",
-                      "damping": spec.scoring.damping, "modules": len(result.layout), "dims": result.dims,
-                      "path": path_metadata(paths.preconditioner), "seconds": timer.seconds},
+            metadata={"n_train": train.n, "n_query": saved.n_query,
+                      "lambda": float(saved.lam) if saved.lam is not None else "off",
+                      "damping": spec.scoring.damping, "modules": len(saved.layout), "dims": saved.dims,
+                      "path": path_metadata(paths.preconditioner), "seconds": timer.seconds,
+                      "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(files_digest(paths.preconditioner)))
         yield dg.AssetCheckResult(asset_key=precond_key, check_name="positive_definite", passed=report["ok"],
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
@@ -100,6 +104,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query); "
                           "with scoring.breakdown, also each module's or head's contribution.")
     def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
+        timer = Timer()
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
@@ -114,7 +119,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                  **breakdown},
                 partition_key=result.shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
-        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
+                                   metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb})
 
     db_key = key(spec, "attribution_db")
 
@@ -129,7 +135,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                           "module_scores, layer_scores, head_scores, top_heads) over the Parquet files.")
     def attribution_db(storage: StorageResource):
         paths = storage.paths(spec)
-        path = database.build_database(paths, with_token_scores=spec.gradients.per_token,
+        path = database.build_database(paths, with_token_scores=spec.gradients.token_rows,
                                        breakdown=spec.scoring.breakdown)
         columns = database.view_columns(path)
         wanted = database.BREAKDOWN_VIEWS[spec.scoring.breakdown]

@@ -41,12 +41,11 @@ def test_process_killed_mid_write_leaves_no_complete_looking_partition(tmp_path)
     script = f"""
 import os, numpy as np
 from attribution_assets.engine.gradients import store
-real_save = np.save
-def save_then_die(path, array, allow_pickle=False):
+def write_then_die(path, *args):
     with open(path, "wb") as f:
         f.write(b"\\x93NUMPY half a file")
     os._exit(137)  # a kill: no cleanup handler runs
-np.save = save_then_die
+store._write_array = write_then_die
 store.write_store({str(final)!r}, np.ones((3, 4), np.float32), {INFO!r}, doc_ids=["a", "b", "c"],
                   model_fingerprint="f")
 """

@@ -8,7 +8,6 @@ autocorrelation, the scorer) take :func:`training_rows` and never branch on the 
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from attribution_assets.engine.gradients.store import (
 )
 from attribution_assets.engine.io.data import TokenizedDoc, read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.runtime import peak_rss_mb
 from attribution_assets.spec import GradientSpec, PipelineSpec
 
 
@@ -45,16 +45,17 @@ def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> s
 
 
 def make_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
-                   device: Any = None) -> GradientCollector:
+                   device: Any = None, autocast: torch.dtype | None = None) -> GradientCollector:
     """A collector with the pipeline's projection and normalizer (same on query and train side)."""
     source = optimizer_state_source(spec, paths)
     normalizer = make_normalizer(spec.gradients.normalizer, source, model) if source else None
-    return GradientCollector(model, spec.gradients, normalizer, device)
+    return GradientCollector(model, spec.gradients, normalizer, device, autocast)
 
 
 @dataclass
 class CollectStats:
-    """What one collection run cost: rows, tokens, seconds, peak process RSS and device memory."""
+    """What one collection run cost: rows, tokens, seconds, peak process RSS (since the current
+    peak window began: ``engine.runtime.reset_peak_rss``) and peak device memory."""
 
     rows: int
     dims: int
@@ -70,11 +71,6 @@ class CollectStats:
         if self.peak_device_mb is not None:
             meta["peak_device_mb"] = round(self.peak_device_mb, 1)
         return meta
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple[np.ndarray, dict, CollectStats]:

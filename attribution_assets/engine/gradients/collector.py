@@ -16,18 +16,26 @@ Conventions (DESIGN.md "Math conventions"):
   with ``include_bias``, a bias block (``L b`` or ``b``, ``b = sum_t g``).
   ``gradients.split: head`` splits attention projections into per-head blocks
   (``heads``): each block is a layout entry of its own, laid out the same way.
-- ``per_token=True`` emits one row per target token ``t``: the gradient of that
-  token's loss alone (one backward pass per target index per batch), so a
-  document's rows sum to its document row. ``token_offsets[i]:token_offsets[i+1]``
-  are document ``i``'s rows and ``token_positions`` their token indices ``t``.
+- Per-token rows (``gradients.per_token``); either way a document's rows sum to its
+  document row. ``token_offsets[i]:token_offsets[i+1]`` are document ``i``'s rows and
+  ``token_positions`` their token indices ``t``.
+
+  * ``positional``: row ``t`` is position ``t``'s share of the document gradient,
+    ``sum over the module's calls of L g_t a_tᵀ Rᵀ`` (unprojected ``g_t a_tᵀ``), where
+    ``g_t`` is the output gradient of the document's whole loss at position ``t`` and
+    ``a_t`` the input there: one backward pass, as for document rows. Rows for positions
+    ``0 .. last target - 1`` (later positions reach no loss).
+  * ``loss``: row ``t`` is the gradient of target token ``t``'s loss alone (one backward
+    pass per target index per batch); rows for the targets.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -37,6 +45,7 @@ from attribution_assets.engine.gradients.batching import (
     Batch,
     Document,
     make_batches,
+    row_positions,
     validate_documents,
 )
 from attribution_assets.engine.gradients.heads import Block, module_blocks
@@ -57,11 +66,14 @@ _FULL_GRAD_BUDGET = 1 << 26  # floats of full [B, O, I] gradients formed at once
 def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) -> str:
     """SHA-256 (16 hex) of the settings that change the rows (``config_hash`` in a store's
     ``info.json``): every ``GradientSpec`` field but the batch budget and the optimizer-state
-    path, plus the normalizer's settings (the optimizer state itself is not hashed)."""
+    path, plus the normalizer's settings (the optimizer state itself is not hashed). Settings
+    at the values older stores were written with hash as they did then (``per_token`` none/loss
+    as false/true, no ``split`` key for ``module``), so those stores stay valid."""
     payload = {
         "projection_dim": gradients.projection_dim, "projection_kind": gradients.projection_kind,
         "seed": gradients.seed, "include": list(gradients.include), "exclude": list(gradients.exclude),
-        "include_bias": gradients.include_bias, "per_token": gradients.per_token,
+        "include_bias": gradients.include_bias,
+        "per_token": {"none": False, "loss": True}.get(gradients.per_token, gradients.per_token),
         "dtype": gradients.dtype, **({"split": gradients.split} if gradients.split != "module" else {}),
         "normalizer": None if gradients.normalizer == "none" else gradients.normalizer,
         "normalizer_settings": normalizer_settings,
@@ -131,6 +143,12 @@ def select_modules(
     return specs
 
 
+def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_t g_t a_tᵀ``: ``[B, O, I]`` from ``g [B, T, O]`` and ``a [B, T, I]`` (a broadcast
+    product for single-position units: a batched matmul of inner size 1 is ~15x slower)."""
+    return g.transpose(1, 2) * a if a.shape[1] == 1 else g.transpose(1, 2) @ a
+
+
 def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -143,7 +161,9 @@ class GradientCollector:
     """Hook-based per-example gradient collector (see the module docstring for conventions).
 
     ``normalizer``: an ``AdamNormalizer`` / ``AdafactorNormalizer`` (``normalizers``).
-    ``device``: where batches go (default: the model's device). Products are float32.
+    ``device``: where batches go (default: the model's device). ``autocast``: a dtype
+    (``torch.bfloat16`` / ``torch.float16``) to run the forward pass in under
+    ``torch.autocast`` with the weights as they are (None: off). Products are float32.
     """
 
     def __init__(
@@ -152,8 +172,9 @@ class GradientCollector:
         gradients: GradientSpec | None = None,
         normalizer=None,
         device: torch.device | str | None = None,
+        autocast: torch.dtype | None = None,
     ):
-        self.model, self.gradients = model, gradients or GradientSpec()
+        self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
         if normalizer is not None and cfg.normalizer not in ("none", normalizer.kind):
             raise ValueError(
@@ -197,7 +218,8 @@ class GradientCollector:
         return {
             "dims": self.dims,
             "modules": self.module_layout,
-            "per_token": self.gradients.per_token,
+            "per_token": self.gradients.token_rows,
+            "per_token_mode": self.gradients.per_token if self.gradients.token_rows else None,
             "projection": self.projector.settings(),
             "normalizer": norm,
             "config_hash": rows_hash(self.gradients, norm),
@@ -271,13 +293,13 @@ class GradientCollector:
                     weights.append(None)
                     continue
                 g_p, a_p = projected(0, b.left, b.rows), projected(1, b.right, b.cols)
-                weights.append((g_p.transpose(1, 2) @ a_p).flatten(1))
+                weights.append(_outer_sum(g_p, a_p).flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))
             parts: list[list[torch.Tensor]] = [[] for _ in spec.blocks]
             for i in range(0, a.shape[0], chunk):
-                full = g[i : i + chunk].transpose(1, 2) @ a[i : i + chunk]
+                full = _outer_sum(g[i : i + chunk], a[i : i + chunk])
                 if factors is not None:
                     full = full * factors[0][:, None] * factors[1]
                 elif norm is not None:
@@ -304,15 +326,16 @@ class GradientCollector:
                 blocks.append(piece @ proj.left(b.left, b.n_rows).T if p else piece)
         return torch.cat(blocks, dim=1)
 
-    def _rows(self, grads, select, valid) -> torch.Tensor:
-        """All modules' rows ``[n, dims]`` for documents ``select`` (``None``: all)."""
+    def _rows(self, grads, valid, pick: Callable | None = None) -> torch.Tensor:
+        """All modules' rows ``[n, dims]``. ``pick`` maps each recorded ``[B, T, .]`` tensor
+        to the ``[n, T', .]`` units that become rows (``None``: the batch's documents);
+        ``valid [n, T', 1]`` marks the positions that count."""
         blocks, k = [], 0
-        pick = (lambda t: t) if select is None else (lambda t: t[select])
-        valid = pick(valid)
         for s in self.specs:
             block = None
             for a, _ in self._records[s.name]:
-                part = self._module_rows(s, pick(a).float(), pick(grads[k]).float(), valid)
+                a, g = (a, grads[k]) if pick is None else (pick(a), pick(grads[k]))
+                part = self._module_rows(s, a.float(), g.float(), valid)
                 block = part if block is None else block + part
                 k += 1
             if block is None:
@@ -340,32 +363,41 @@ class GradientCollector:
             grads = [o.grad if o.grad is not None else torch.zeros_like(o) for o in outputs]
             a = self._records[self.specs[0].name][0][0]
             valid = torch.ones(a.shape[0], a.shape[1], 1, dtype=torch.bool, device=a.device)
-            result.append(self._rows(grads, None, valid).detach().cpu().numpy())
+            result.append(self._rows(grads, valid).detach().cpu().numpy())
 
     def _grad(self, loss, outputs, retain):
         return torch.autograd.grad(
             loss, outputs, retain_graph=retain, allow_unused=True, materialize_grads=True
         )
 
-    def _batch_rows(self, batch: Batch, counts: list[int]) -> list[torch.Tensor]:
-        """Per document of the batch, its rows ``[n_rows, dims]``."""
+    def _batch_rows(self, batch: Batch, positions: list[list[int]]) -> list[torch.Tensor]:
+        """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
+        document's row positions, :func:`row_positions`)."""
         self._records = {s.name: [] for s in self.specs}
-        losses = _token_loss(self.model, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            losses = _token_loss(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
-        if not self.gradients.per_token:
-            rows = self._rows(self._grad(losses.sum(), outputs, False), None, valid)
-            return [rows[b : b + 1] for b in range(len(batch.indices))]
-        positions = [
-            torch.nonzero(batch.loss_mask[b, 1:]).flatten() for b in range(len(batch.indices))
-        ]
-        per_doc = [[] for _ in batch.indices]
-        n_max = max(counts[i] for i in batch.indices)
+        mode = self.gradients.per_token
+        if mode == "none":
+            return list(self._rows(self._grad(losses.sum(), outputs, False), valid).split(1))
+        pos = [positions[i] for i in batch.indices]
+        if mode == "positional":  # every kept position becomes a unit of one token
+            width = batch.input_ids.shape[1]
+            keep = torch.tensor([b * width + t for b, p in enumerate(pos) for t in p],
+                                dtype=torch.long, device=self.device)
+            units = torch.ones(len(keep), 1, 1, dtype=torch.bool, device=self.device)
+            grads = self._grad(losses.sum(), outputs, False)
+            rows = self._rows(grads, units, lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
+            return list(rows.split([len(p) for p in pos]))
+        per_doc = [[] for _ in pos]
+        n_max = max(len(p) for p in pos)
         for k in range(n_max):
-            docs = [b for b, pos in enumerate(positions) if len(pos) > k]
-            loss = sum(losses[b, positions[b][k]] for b in docs)
+            docs = [b for b, p in enumerate(pos) if len(p) > k]
+            loss = sum(losses[b, pos[b][k] - 1] for b in docs)  # entry t-1: token t's loss
             sel = torch.tensor(docs, device=self.device)
-            rows = self._rows(self._grad(loss, outputs, k + 1 < n_max), sel, valid)
+            pick = partial(torch.index_select, dim=0, index=sel)
+            rows = self._rows(self._grad(loss, outputs, k + 1 < n_max), pick(valid), pick)
             for j, b in enumerate(docs):
                 per_doc[b].append(rows[j : j + 1])
         return [
@@ -377,23 +409,22 @@ class GradientCollector:
 
         Returns ``(array [rows, dims] float32, info)`` where ``info`` holds
         :meth:`layout_info` plus ``rows``, ``token_offsets`` and ``token_positions``
-        (both ``None`` unless ``per_token``).
+        (both ``None`` unless rows are per token).
         """
-        counts = validate_documents(docs)
-        per_token = self.gradients.per_token
-        n_rows = counts if per_token else [1] * len(docs)
+        validate_documents(docs)
+        token_rows = self.gradients.token_rows
+        positions = [row_positions(mask, self.gradients.per_token) for _, mask in docs]
+        n_rows = [len(p) for p in positions] if token_rows else [1] * len(docs)
         offsets = np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)]).astype(np.int64)
         out = np.zeros((int(offsets[-1]), self.dims), dtype=np.float32)
         with self._hooked():
             for batch in make_batches(docs, self.gradients.max_tokens_per_batch, 0, self.device):
-                for i, rows in zip(batch.indices, self._batch_rows(batch, counts)):
+                for i, rows in zip(batch.indices, self._batch_rows(batch, positions)):
                     out[offsets[i] : offsets[i + 1]] = rows.detach().cpu().numpy()
         info = self.layout_info()
         info["rows"] = int(out.shape[0])
-        info["token_offsets"] = offsets.tolist() if per_token else None
-        info["token_positions"] = (
-            [t for _, mask in docs for t, m in enumerate(mask) if m] if per_token else None
-        )
+        info["token_offsets"] = offsets.tolist() if token_rows else None
+        info["token_positions"] = [t for p in positions for t in p] if token_rows else None
         return out, info
 
 

@@ -27,11 +27,12 @@ def parts_digest(parts: Iterable[str | bytes], length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def chain_digest(parts: Iterable[str | bytes], length: int = 16) -> str:
-    """SHA-256 over ``parts`` concatenated (no separators): for fixed-layout byte streams."""
+def chain_digest(parts: Iterable[str | bytes | memoryview], length: int = 16) -> str:
+    """SHA-256 over ``parts`` (text, bytes or buffers) concatenated (no separators): for
+    fixed-layout byte streams."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(part.encode() if isinstance(part, str) else part)
     return h.hexdigest()[:length]
 
 

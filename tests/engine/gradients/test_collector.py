@@ -81,6 +81,42 @@ def reference_row(model, ids, mask, info, project=None, only=None):
     return torch.cat(parts).numpy()
 
 
+def positional_reference(model, ids, mask, info, project=None):
+    """Rows ``[last target, dims]`` of the positional split by plain autograd: each hooked
+    module gets zero per-position weights ``E [T, O, I]`` and biases ``e [T, O]`` added at
+    position ``t`` only, so ``d loss / d E_t = g_t a_tᵀ`` and ``d loss / d e_t = g_t``; row
+    ``t`` is ``L (d E_t) Rᵀ`` per module (``d E_t`` unprojected), then ``L d e_t``."""
+    model.eval()
+    extra, handles = {}, []
+    for m in info["modules"]:
+        mod = model.get_submodule(m["name"])
+        e_w = torch.zeros(len(ids), mod.out_features, mod.in_features, requires_grad=True)
+        e_b = torch.zeros(len(ids), mod.out_features, requires_grad=True)
+
+        def hook(module, args, output, e_w=e_w, e_b=e_b):
+            return output + (torch.einsum("ti,toi->to", args[0][0], e_w) + e_b)[None]
+
+        handles.append(mod.register_forward_hook(hook))
+        extra[m["name"]] = (e_w, e_b)
+    try:
+        grads = torch.autograd.grad(doc_loss(model, ids, mask), [t for p in extra.values() for t in p])
+    finally:
+        for h in handles:
+            h.remove()
+    proj = Projector(info["projection"]["dim"], info["projection"]["kind"], info["projection"]["seed"],
+                     dtype=torch.float64)
+    parts = []
+    for k, m in enumerate(info["modules"]):
+        weight, bias = grads[2 * k].double(), grads[2 * k + 1].double()
+        if project is not None:
+            weight = project(m["name"], weight)
+        parts.append(proj.project(m["name"], weight).flatten(1))
+        if m["has_bias"]:
+            parts.append(bias @ proj.matrices(m["name"], *weight.shape[1:])[0].T if proj.dim else bias)
+    last = max(t for t, v in enumerate(mask) if v)
+    return torch.cat(parts, dim=1)[:last].numpy()
+
+
 def assert_rows_close(actual, expected, rtol=1e-5):
     scale = np.abs(expected).max()
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rtol * scale)
@@ -137,6 +173,7 @@ def test_per_token_rows_sum_to_document_row():
     )
     tok_rows, info = GradientCollector(model, cfg).collect(docs)
     offsets = info["token_offsets"]
+    assert info["per_token"] is True and info["per_token_mode"] == "loss"
     assert offsets == np.cumsum([0] + [sum(m) for _, m in docs]).tolist()
     assert len(info["token_positions"]) == tok_rows.shape[0]
     for i in range(len(docs)):
@@ -144,6 +181,47 @@ def test_per_token_rows_sum_to_document_row():
     ids, mask = docs[1]
     t = info["token_positions"][offsets[1] + 2]
     assert_rows_close(tok_rows[offsets[1] + 2], reference_row(model, ids, mask, info, only=t))
+
+
+@pytest.mark.parametrize("dim,bias", [(4, True), (0, True), (3, False)])
+def test_positional_rows_match_autograd_of_the_positional_split(dim, bias):
+    model, docs = tiny_neox(), make_docs()
+    cfg = GradientSpec(projection_dim=dim, include_bias=bias, per_token="positional",
+                       max_tokens_per_batch=30)
+    rows, info = GradientCollector(model, cfg).collect(docs)
+    doc_rows, _ = GradientCollector(model, GradientSpec(projection_dim=dim, include_bias=bias)).collect(docs)
+    lasts = [max(t for t, v in enumerate(mask) if v) for _, mask in docs]
+    offsets = info["token_offsets"]
+    assert offsets == np.cumsum([0] + lasts).tolist() and info["per_token_mode"] == "positional"
+    assert info["token_positions"] == [t for last in lasts for t in range(last)]
+    for i, (ids, mask) in enumerate(docs):
+        mine = rows[offsets[i] : offsets[i + 1]]
+        assert_rows_close(mine, positional_reference(model, ids, mask, info))
+        assert_rows_close(mine.sum(0), doc_rows[i])
+
+
+def test_positional_rows_under_adam_normalization():
+    from attribution_assets.engine.gradients.normalizers import AdamNormalizer
+
+    model, docs = tiny_neox(), make_docs((6, 9))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for ids, mask in make_docs(seed=9)[:2]:
+        opt.zero_grad()
+        doc_loss(model, ids, mask).backward()
+        opt.step()
+    params = dict(model.named_parameters())
+    cfg = GradientSpec(projection_dim=4, normalizer="adam", per_token="positional")
+    rows, info = GradientCollector(model, cfg, AdamNormalizer(opt, model)).collect(docs)
+
+    def explicit(name, grad):
+        st = opt.state[params[f"{name}.weight"]]
+        v = st["exp_avg_sq"].double() / (1 - opt.param_groups[0]["betas"][1] ** float(st["step"]))
+        return grad / (v + 1e-8).sqrt()
+
+    offsets = info["token_offsets"]
+    for i, (ids, mask) in enumerate(docs):
+        expected = positional_reference(model, ids, mask, info, project=explicit)
+        assert_rows_close(rows[offsets[i] : offsets[i + 1]], expected)
 
 
 def test_module_selection_and_model_state_restored():
@@ -177,3 +255,21 @@ def test_invalid_documents():
         collector.collect([([1, 2, 3], [1, 1, 1])])
     with pytest.raises(ValueError, match="3 input_ids but 2"):
         collector.collect([([1, 2, 3], [0, 1])])
+
+
+@pytest.mark.parametrize("mode", ["none", "positional"])
+def test_reduced_precision_and_autocast_rows_follow_float32(mode):
+    """bfloat16 weights, float16 weights and bfloat16 autocast (float32 weights) all give
+    float32 rows close to the float32 rows; products accumulate in float32."""
+    docs = make_docs()
+    cfg = GradientSpec(projection_dim=8, per_token=mode)
+    reference, _ = GradientCollector(tiny_neox(), cfg).collect(docs)
+    runs = {"bfloat16": GradientCollector(tiny_neox().to(torch.bfloat16), cfg),
+            "float16": GradientCollector(tiny_neox().to(torch.float16), cfg),
+            "autocast": GradientCollector(tiny_neox(), cfg, autocast=torch.bfloat16)}
+    for name, collector in runs.items():
+        rows, _ = collector.collect(docs)
+        assert rows.dtype == np.float32 and np.isfinite(rows).all(), name
+        cos = (rows * reference).sum(1) / np.linalg.norm(rows, axis=1) / np.linalg.norm(reference, axis=1)
+        assert cos.min() > 0.99, (name, cos.min())
+        assert not np.array_equal(rows, reference), name  # it did run in reduced precision
