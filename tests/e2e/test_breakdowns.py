@@ -116,9 +116,9 @@ def test_cli_prints_breakdowns_and_report_shows_gold_layers(head_demo, monkeypat
     assert "Which layers carry the gold documents' influence" in report
 
 
-def test_breakdown_without_views_is_refused(tiny_demo, monkeypatch):
+def test_breakdown_without_views_is_refused(tiny_demo, monkeypatch, capsys):
     spec, paths = tiny_demo
     monkeypatch.setenv("ATTRIBUTION_STORAGE", str(paths.root.parent))
     query_id = pl.read_parquet(paths.queries)["doc_id"][0]
-    with pytest.raises(LookupError, match="scoring.breakdown"):
-        cli.main(["scores", "--pipeline", "demo", "--query", query_id, "--by", "layer"])
+    assert cli.main(["scores", "--pipeline", "demo", "--query", query_id, "--by", "layer"]) == 2
+    assert "set `scoring.breakdown: module` or `head`" in capsys.readouterr().err
