@@ -16,7 +16,7 @@ from attribution_assets.defs.gradients import pipeline_collector
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.gradients.collect import training_rows
 from attribution_assets.engine.gradients.store import GradientStore
-from attribution_assets.engine.io.digests import files_digest
+from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.autocorrelation import (
     accumulate,
     load_autocorrelation,
@@ -127,7 +127,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
     @dg.asset(key=db_key, group_name=spec.name,
               deps=[dg.AssetDep(scores_key, partition_mapping=ALL),
                     dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL), key(spec, "query_set")],
-              code_version=code_version("duckdb-views-v2", spec, "gradients", "scoring"),
+              code_version="duckdb-views-v2-" + json_digest(  # only what changes the views themselves
+                  {"token_rows": spec.gradients.token_rows, "breakdown": spec.scoring.breakdown}, length=12),
               automation_condition=rebuild_condition(on_deps_updated=False),
               check_specs=[dg.AssetCheckSpec("schema", asset=db_key, blocking=False,
                                              description="views answer with the documented columns")],
