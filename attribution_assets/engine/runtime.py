@@ -124,5 +124,12 @@ def reset_peak_rss() -> bool:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, MiB, since :func:`reset_peak_rss` (or start)."""
+    """Peak resident set size of this process, MiB, since :func:`reset_peak_rss` (or start):
+    ``VmHWM`` of ``/proc/self/status`` (which the reset clears), else ``ru_maxrss`` (never reset)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
