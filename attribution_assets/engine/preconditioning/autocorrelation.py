@@ -17,7 +17,7 @@ matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -188,6 +188,42 @@ def accumulate(blocks: Iterable[np.ndarray], layout: Sequence[Any]) -> Autocorre
     for block in blocks:
         acc.update(block)
     return acc.finalize()
+
+
+class RowMatrices(Mapping[str, np.ndarray]):
+    """``R_m = (1/n) x_mᵀ x_m`` of rows ``x [n, dims]``, computed per module when asked for:
+    for few rows (a query set) cheaper to recompute than to hold ``d_m²`` values per module."""
+
+    def __init__(self, rows: np.ndarray, layout: Layout):
+        self.rows, self.layout = rows, layout
+        self._modules = {m.name: m for m in layout}
+        for m in layout:
+            if not np.isfinite(rows[:, m.start : m.stop]).all():
+                raise ValueError(f"non-finite gradients in module {m.name!r}")
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        m = self._modules[name]
+        x = np.asarray(self.rows[:, m.start : m.stop], dtype=np.float64)
+        r = x.T @ x
+        r += r.T  # exactly symmetric, as the accumulator's result
+        r /= 2.0 * len(x)
+        return r
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def row_autocorrelation(rows: np.ndarray, layout: Sequence[Any]) -> Autocorrelation:
+    """The autocorrelation of ``rows [n, dims]`` (few rows, e.g. queries), each module's
+    matrix computed when asked for (:class:`RowMatrices`); same values as :func:`accumulate`."""
+    layout = normalize_layout(layout)
+    check_columns(layout, rows.shape, "gradient rows")
+    if len(rows) == 0:
+        raise ValueError("no gradient rows were accumulated")
+    return Autocorrelation(layout, RowMatrices(rows, layout), len(rows))
 
 
 def save_autocorrelation(path: Path, autocorrelation: Autocorrelation) -> None:
