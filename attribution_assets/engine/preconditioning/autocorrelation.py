@@ -91,14 +91,21 @@ def check_same_layout(a: Layout, b: Layout, what: str) -> None:
             raise ValueError(f"{what}: layouts differ at module #{i}: {ma} vs {mb}")
 
 
+def matrix_shape(matrices: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """Shape of ``matrices[name]``; mappings that compute or read a matrix when asked for it
+    (``StoredTensors``, :class:`RowMatrices`, ``MixedMatrices``) answer without doing so."""
+    shape = getattr(matrices, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(np.shape(matrices[name]))
+
+
 def _check_square(m: Module, matrices: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise unless ``matrices[m.name]`` is ``[d_m, d_m]`` (read from the header when stored)."""
+    """Raise unless ``matrices[m.name]`` is ``[d_m, d_m]``."""
     if m.name not in matrices:
         raise ValueError(f"{what}: no matrix for module {m.name!r}")
-    shape = matrices.shape(m.name) if isinstance(matrices, StoredTensors) else np.shape(matrices[m.name])
-    if tuple(shape) != (m.size, m.size):
+    shape = matrix_shape(matrices, m.name)
+    if shape != (m.size, m.size):
         raise ValueError(
-            f"{what} of module {m.name!r} has shape {tuple(shape)}, expected "
+            f"{what} of module {m.name!r} has shape {shape}, expected "
             f"{(m.size, m.size)} for columns [{m.start}:{m.stop})"
         )
 
@@ -200,6 +207,9 @@ class RowMatrices(Mapping[str, np.ndarray]):
         for m in layout:
             if not np.isfinite(rows[:, m.start : m.stop]).all():
                 raise ValueError(f"non-finite gradients in module {m.name!r}")
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return (self._modules[name].size,) * 2
 
     def __getitem__(self, name: str) -> np.ndarray:
         m = self._modules[name]
