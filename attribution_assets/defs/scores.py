@@ -18,8 +18,8 @@ from attribution_assets.engine.gradients.collect import training_rows
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.autocorrelation import (
-    accumulate,
     load_autocorrelation,
+    row_autocorrelation,
     save_autocorrelation,
     training_autocorrelation,
 )
@@ -78,7 +78,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         paths = storage.paths(spec)
         train = load_autocorrelation(paths.autocorrelation)
         queries = GradientStore(paths.query_gradients)
-        query = accumulate([queries.document_rows()], queries.info["modules"])
+        query = row_autocorrelation(queries.document_rows(), queries.info["modules"])
         result = trackstar_preconditioner(train, query, spec.scoring)
         result.save(paths.preconditioner)
         del result, query  # the check reads the saved preconditioner one module at a time

@@ -333,8 +333,8 @@ class GradientCollector:
         blocks, k = [], 0
         for s in self.specs:
             block = None
-            for a, _ in self._records[s.name]:
-                a, g = (a, grads[k]) if pick is None else (pick(a), pick(grads[k]))
+            for recorded, _ in self._records[s.name]:
+                a, g = (recorded, grads[k]) if pick is None else (pick(recorded), pick(grads[k]))
                 part = self._module_rows(s, a.float(), g.float(), valid)
                 block = part if block is None else block + part
                 k += 1

@@ -17,7 +17,7 @@ matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
@@ -91,14 +91,21 @@ def check_same_layout(a: Layout, b: Layout, what: str) -> None:
             raise ValueError(f"{what}: layouts differ at module #{i}: {ma} vs {mb}")
 
 
+def matrix_shape(matrices: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """Shape of ``matrices[name]``; mappings that compute or read a matrix when asked for it
+    (``StoredTensors``, :class:`RowMatrices`, ``MixedMatrices``) answer without doing so."""
+    shape = getattr(matrices, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(np.shape(matrices[name]))
+
+
 def _check_square(m: Module, matrices: Mapping[str, np.ndarray], what: str) -> None:
-    """Raise unless ``matrices[m.name]`` is ``[d_m, d_m]`` (read from the header when stored)."""
+    """Raise unless ``matrices[m.name]`` is ``[d_m, d_m]``."""
     if m.name not in matrices:
         raise ValueError(f"{what}: no matrix for module {m.name!r}")
-    shape = matrices.shape(m.name) if isinstance(matrices, StoredTensors) else np.shape(matrices[m.name])
-    if tuple(shape) != (m.size, m.size):
+    shape = matrix_shape(matrices, m.name)
+    if shape != (m.size, m.size):
         raise ValueError(
-            f"{what} of module {m.name!r} has shape {tuple(shape)}, expected "
+            f"{what} of module {m.name!r} has shape {shape}, expected "
             f"{(m.size, m.size)} for columns [{m.start}:{m.stop})"
         )
 
@@ -188,6 +195,45 @@ def accumulate(blocks: Iterable[np.ndarray], layout: Sequence[Any]) -> Autocorre
     for block in blocks:
         acc.update(block)
     return acc.finalize()
+
+
+class RowMatrices(Mapping[str, np.ndarray]):
+    """``R_m = (1/n) x_mᵀ x_m`` of rows ``x [n, dims]``, computed per module when asked for:
+    for few rows (a query set) cheaper to recompute than to hold ``d_m²`` values per module."""
+
+    def __init__(self, rows: np.ndarray, layout: Layout):
+        self.rows, self.layout = rows, layout
+        self._modules = {m.name: m for m in layout}
+        for m in layout:
+            if not np.isfinite(rows[:, m.start : m.stop]).all():
+                raise ValueError(f"non-finite gradients in module {m.name!r}")
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return (self._modules[name].size,) * 2
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        m = self._modules[name]
+        x = np.asarray(self.rows[:, m.start : m.stop], dtype=np.float64)
+        r = x.T @ x
+        r += r.T  # exactly symmetric, as the accumulator's result
+        r /= 2.0 * len(x)
+        return r
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def row_autocorrelation(rows: np.ndarray, layout: Sequence[Any]) -> Autocorrelation:
+    """The autocorrelation of ``rows [n, dims]`` (few rows, e.g. queries), each module's
+    matrix computed when asked for (:class:`RowMatrices`); same values as :func:`accumulate`."""
+    layout = normalize_layout(layout)
+    check_columns(layout, rows.shape, "gradient rows")
+    if len(rows) == 0:
+        raise ValueError("no gradient rows were accumulated")
+    return Autocorrelation(layout, RowMatrices(rows, layout), len(rows))
 
 
 def save_autocorrelation(path: Path, autocorrelation: Autocorrelation) -> None:

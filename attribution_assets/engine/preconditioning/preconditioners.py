@@ -39,6 +39,7 @@ from attribution_assets.engine.preconditioning.autocorrelation import (
     _check_square,
     check_columns,
     check_same_layout,
+    matrix_shape,
     normalize_layout,
 )
 from attribution_assets.spec import ScoringSpec
@@ -106,6 +107,9 @@ class MixedMatrices(Mapping[str, np.ndarray]):
 
     def __init__(self, train: Mapping[str, np.ndarray], query: Mapping[str, np.ndarray], lam: float):
         self.train, self.query, self.lam = train, query, float(lam)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return matrix_shape(self.train, name)
 
     def __getitem__(self, name: str) -> np.ndarray:
         mixed = self.lam * np.asarray(self.query[name], dtype=np.float64)

@@ -13,6 +13,7 @@ from attribution_assets.engine.preconditioning.autocorrelation import (
     AutocorrelationAccumulator,
     load_autocorrelation,
     normalize_layout,
+    row_autocorrelation,
     save_autocorrelation,
 )
 from attribution_assets.engine.preconditioning.preconditioners import (
@@ -54,6 +55,18 @@ def test_accumulator_matches_explicit_and_streaming_equals_one_shot():
         np.testing.assert_allclose(one_shot.matrices[name], r, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(streamed.matrices[name], r, rtol=1e-12, atol=1e-14)
         np.testing.assert_array_equal(streamed.matrices[name], streamed.matrices[name].T)
+
+
+def test_row_autocorrelation_equals_the_accumulator():
+    x = grads(np.random.default_rng(7), 9)
+    lazy, streamed = row_autocorrelation(x, LAYOUT), autocorr(x)
+    assert lazy.n == 9 and sorted(lazy.matrices) == sorted(streamed.matrices)
+    for name, r in streamed.matrices.items():
+        np.testing.assert_allclose(lazy.matrices[name], r, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(lazy.matrices[name], lazy.matrices[name].T)
+    x[3, 8] = np.nan
+    with pytest.raises(ValueError, match="non-finite gradients in module 'mlp.down'"):
+        row_autocorrelation(x, LAYOUT)
 
 
 def test_merge_equals_combined_and_memmap_float16(tmp_path):
@@ -250,6 +263,12 @@ def test_memory_holds_the_result_and_a_few_modules_at_a_time(tmp_path):
         train, query = load_autocorrelation(tmp_path / "train"), load_autocorrelation(tmp_path / "query")
         p = Preconditioner.from_autocorrelation(train, query, lam="auto")
         assert (tracemalloc.get_traced_memory()[1] - base) / module < k + 3  # eigenvectors + temporaries
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        lazy = Preconditioner.from_autocorrelation(train, row_autocorrelation(rows["query"], layout), lam=p.lam)
+        assert (tracemalloc.get_traced_memory()[1] - base) / module < k + 3
+        np.testing.assert_allclose(lazy.eigvals["m2"], p.eigvals["m2"], rtol=1e-9, atol=1e-12)
+        del lazy
         tracemalloc.reset_peak()
         held = tracemalloc.get_traced_memory()[0]
         p.save(tmp_path / "p")
