@@ -115,21 +115,32 @@ def limit_threads(threads: int = 0) -> Callable[[], None]:
 
 
 def reset_peak_rss() -> bool:
-    """Start a new peak-RSS window; ``False`` where the kernel does not support it."""
+    """Start a new peak-RSS window; ``False`` where the kernel does not support it
+    (no ``/proc/self/clear_refs``, or one that accepts the write and keeps the old peak,
+    as some sandboxed kernels do)."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         return False
-    return True
+    peak, resident = _status_mib("VmHWM"), _status_mib("VmRSS")
+    return peak is not None and resident is not None and peak <= resident + 8
+
+
+def _status_mib(field: str) -> float | None:
+    """``field`` of ``/proc/self/status`` in MiB, ``None`` where it is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process, MiB, since :func:`reset_peak_rss` (or start):
     ``VmHWM`` of ``/proc/self/status`` (which the reset clears), else ``ru_maxrss`` (never reset)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

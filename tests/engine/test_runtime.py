@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from attribution_assets.engine import runtime
 
@@ -48,12 +49,11 @@ def test_available_cores_is_affinity_capped_by_quota(monkeypatch):
 
 
 def test_peak_window_forgets_earlier_peaks():
-    if not runtime.reset_peak_rss():
-        return  # no /proc/self/clear_refs: the peak covers the process's life
     block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
     high = runtime.peak_rss_mb()
     del block
-    assert runtime.reset_peak_rss()
+    if not runtime.reset_peak_rss():
+        pytest.skip("this kernel keeps VmHWM on clear_refs: the peak covers the process's life")
     assert runtime.peak_rss_mb() < high - 48
 
 
