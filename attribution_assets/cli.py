@@ -136,6 +136,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .engine.explain.render import explanation_html, explanation_terminal
+    from .engine.explain.tokens import explain_query
+
+    defs, specs = _defs_and_specs(args.pipeline)
+    spec = specs[args.pipeline]
+    if args.k < 1:
+        raise UserError(f"-k must be >= 1, got {args.k}.")
+    paths = defs.resources["storage"].paths(spec)
+    model, tokenizer = defs.resources["compute"].load_model(spec, paths)
+    try:
+        expl = explain_query(spec, paths, args.query, args.k, model, tokenizer)
+    except (KeyError, FileNotFoundError) as exc:
+        raise UserError(exc.args[0]) from None
+    print(explanation_terminal(expl, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR")))
+    if args.html:
+        from .engine.io.atomic import write_text_atomic
+
+        write_text_atomic(args.html, explanation_html([expl]))
+        print(f"\nHTML: {Path(args.html).resolve()}")
+    return 0
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .engine.evaluation.diagnose import diagnose, format_report
 
@@ -179,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--pipeline", required=True)
     evaluate.add_argument("--lds", action="store_true", help="also retrain on every subset (demo only; slow)")
     evaluate.set_defaults(func=cmd_evaluate)
+    explain = sub.add_parser("explain", help="one query's top-k documents, each token coloured by its "
+                                             "share of the score (terminal; --html for a page)")
+    explain.add_argument("--pipeline", required=True)
+    explain.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
+    explain.add_argument("-k", type=int, default=5)
+    explain.add_argument("--html", help="also write a self-contained HTML heat map to this file")
+    explain.set_defaults(func=cmd_explain)
     diag = sub.add_parser("diagnose", help="do per-example gradients change with batching or padding?")
     diag.add_argument("--model", required=True, help="local model directory or hub id")
     diag.add_argument("--threshold", type=float, default=0.999)
@@ -191,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
+    from .engine.progress import reporting, tqdm_sink
     from .engine.runtime import limit_threads
 
     hf_logging.disable_progress_bar()
@@ -200,7 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     limit_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return args.func(args)
+        with reporting(tqdm_sink()):
+            return args.func(args)
     except KeyboardInterrupt:
         print("Interrupted. Finished shards are kept; run the same command again to continue.",
               file=sys.stderr)

@@ -14,6 +14,7 @@ from dagster._core.definitions.data_version import (
 )
 
 from attribution_assets.defs.resources import ComputeResource
+from attribution_assets.engine.progress import log_sink, reporting
 from attribution_assets.engine.runtime import peak_rss_mb, reset_peak_rss
 from attribution_assets.spec import PipelineSpec
 
@@ -94,3 +95,9 @@ class Timer:
     @property
     def peak_rss_mb(self) -> float:
         return round(peak_rss_mb(), 1)
+
+
+def progress_logs(context):
+    """Long engine steps inside the block report to the step's Dagster log (throttled:
+    ``engine.progress.log_sink``)."""
+    return reporting(log_sink(context.log.info))

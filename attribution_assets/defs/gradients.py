@@ -13,6 +13,7 @@ from attribution_assets.defs.common import (
     dir_bytes,
     key,
     path_metadata,
+    progress_logs,
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
@@ -105,7 +106,8 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version)
                 if store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
-                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
+                    with progress_logs(context):
+                        store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
                     meta = stats.as_metadata()
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
@@ -137,12 +139,14 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                   code_version=version, pool="gpu",
                   check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
-        def query_gradients(storage: StorageResource, compute: ComputeResource):
+        def query_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
+                            compute: ComputeResource):
             timer = Timer()
             paths = storage.paths(spec)
             docs = data.read_tokenized(paths.query_tokens)
-            store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
-                                         paths.query_gradients, model_fingerprint(spec, paths))
+            with progress_logs(context):
+                store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
+                                             paths.query_gradients, model_fingerprint(spec, paths))
             version, checks = store.digest(), store_checks(store, _expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),

@@ -12,6 +12,7 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
+from attribution_assets.engine.explain import plots
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.digests import files_digest
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -58,7 +59,7 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         yield dg.MaterializeResult(
             metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
                       "bytes": info.bytes, "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
-                      **_search_metadata(info), "path": path_metadata(paths.faiss_index),
+                      **_search_metadata(info), **_recall_figure(info, paths), "path": path_metadata(paths.faiss_index),
                       "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{files_digest(paths.faiss_index)}"))
         yield _self_recall_check(spec, index_key, paths, shards[0], precond)
@@ -95,6 +96,17 @@ def _search_metadata(info: IndexInfo) -> dict:
                  "calibration_target": c["target_recall"], "calibration_reachable": c["reachable"],
                  "calibration_queries": f"{c['queries']} {c['source']}", "calibration_seconds": c["seconds"]}
     return meta
+
+
+def _recall_figure(info: IndexInfo, paths: PipelinePaths) -> dict:
+    """Recall against nprobe / efSearch from the calibration, as a picture (calibrated only)."""
+    if not info.calibration or not info.calibration.get("curve"):
+        return {}
+    c, ivf = info.calibration, info.nprobe is not None and "IVF" in info.factory
+    path = plots.recall_plot(c["curve"], paths.figure("index_recall"), parameter="nprobe" if ivf else "ef_search",
+                             k=c["k"], target=c["target_recall"], chosen=info.nprobe if ivf else info.hnsw_ef_search)
+    return {"calibration_recall_curve": dg.MetadataValue.md(plots.png_markdown(path, "recall against the "
+                                                                                  "search parameter"))}
 
 
 def _self_recall_check(spec: PipelineSpec, index_key: dg.AssetKey, paths: PipelinePaths, first_shard: str,

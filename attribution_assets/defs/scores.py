@@ -1,6 +1,7 @@
 """Autocorrelation and preconditioner (fan-in), per-shard score tables, the DuckDB views."""
 
 import dagster as dg
+import polars as pl
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
@@ -10,12 +11,17 @@ from attribution_assets.defs.common import (
     compute_version,
     key,
     path_metadata,
+    progress_logs,
     shards_partitions,
 )
 from attribution_assets.defs.gradients import pipeline_collector
 from attribution_assets.defs.resources import ComputeResource, StorageResource
+from attribution_assets.engine.explain import plots
+from attribution_assets.engine.explain.render import explanation_html, explanation_markdown
+from attribution_assets.engine.explain.tokens import explain_samples
 from attribution_assets.engine.gradients.collect import training_rows
 from attribution_assets.engine.gradients.store import GradientStore
+from attribution_assets.engine.io.atomic import write_text_atomic
 from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.autocorrelation import (
     load_autocorrelation,
@@ -28,12 +34,14 @@ from attribution_assets.engine.preconditioning.preconditioners import (
     check_preconditioner,
     trackstar_preconditioner,
 )
+from attribution_assets.engine.progress import tracked
 from attribution_assets.engine.scoring import database
 from attribution_assets.engine.scoring.run import QueryScorer
 from attribution_assets.engine.scoring.tables import SCORE_COLUMNS
 from attribution_assets.spec import PipelineSpec
 
 ALL = dg.AllPartitionMapping()
+SAMPLE_QUERIES, SAMPLE_K = 3, 5  # sample explanations attached to `scores`: queries, documents each
 
 
 def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
@@ -57,8 +65,10 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
-        train = training_autocorrelation(training_rows(
-            spec, paths, shards, collector=lambda: pipeline_collector(spec, storage, compute)))
+        with progress_logs(context):
+            train = training_autocorrelation(tracked(training_rows(
+                spec, paths, shards, collector=lambda: pipeline_collector(spec, storage, compute)),
+                "autocorrelation", len(shards), "shards"))
         save_autocorrelation(paths.autocorrelation, train)
         return dg.MaterializeResult(
             metadata={"shards": len(shards), "n_train": train.n, "modules": len(train.layout),
@@ -81,15 +91,23 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         query = row_autocorrelation(queries.document_rows(), queries.info["modules"])
         result = trackstar_preconditioner(train, query, spec.scoring)
         result.save(paths.preconditioner)
-        del result, query  # the check reads the saved preconditioner one module at a time
+        del result  # the check reads the saved preconditioner one module at a time
         saved = Preconditioner.load(paths.preconditioner)
         report = check_preconditioner(saved)
+        mixed = saved.lam is not None
+        figure = plots.spectrum_plot(saved.eigvals, {m.name: saved.damping_shift(m.name) for m in saved.layout},
+                                     paths.figure("preconditioner_spectrum"),
+                                     train=train.spectrum() if mixed else None,
+                                     query=query.spectrum() if mixed else None,
+                                     lam=saved.lam, top_k=saved.auto_top_k)
+        del query
         yield dg.MaterializeResult(
             metadata={"n_train": train.n, "n_query": saved.n_query,
                       "lambda": float(saved.lam) if saved.lam is not None else "off",
                       "damping": spec.scoring.damping, "modules": len(saved.layout), "dims": saved.dims,
                       "path": path_metadata(paths.preconditioner), "seconds": timer.seconds,
-                      "peak_rss_mb": timer.peak_rss_mb},
+                      "peak_rss_mb": timer.peak_rss_mb,
+                      "spectrum": dg.MetadataValue.md(plots.png_markdown(figure, "eigenvalue spectrum"))},
             data_version=dg.DataVersion(files_digest(paths.preconditioner)))
         yield dg.AssetCheckResult(asset_key=precond_key, check_name="positive_definite", passed=report["ok"],
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
@@ -110,17 +128,29 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
                              collector=lambda: pipeline_collector(spec, storage, compute))
         versions = {}
-        for result in scorer.score_shards(rows, paths, spec.scoring.top_k):
-            versions[result.shard] = result.version
-            breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
-            context.add_asset_metadata(
-                {"rows": result.rows, "queries": result.queries, "documents": result.documents,
-                 "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
-                 **breakdown},
-                partition_key=result.shard)
+        with progress_logs(context):
+            results = tracked(scorer.score_shards(rows, paths, spec.scoring.top_k), "scores",
+                              len(context.partition_keys), "shards")
+            for result in results:
+                versions[result.shard] = result.version
+                breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
+                histogram = plots.score_histogram(pl.read_parquet(result.path, columns=["score"])["score"].to_numpy(),
+                                                  paths.score_histogram(result.shard), f"{spec.name} {result.shard}")
+                context.add_asset_metadata(
+                    {"rows": result.rows, "queries": result.queries, "documents": result.documents,
+                     "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
+                     "score_histogram": dg.MetadataValue.md(plots.png_markdown(histogram, "score distribution")),
+                     **breakdown},
+                    partition_key=result.shard)
+            model, tokenizer = compute.load_model(spec, paths)
+            samples = explain_samples(spec, paths, model, tokenizer, SAMPLE_QUERIES, SAMPLE_K)
+        write_text_atomic(paths.explanations, explanation_html(samples))
         single = next(iter(versions.values())) if len(versions) == 1 else None
         yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
-                                   metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb})
+                                   metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
+                                             "explanations": dg.MetadataValue.md(
+                                                 explanation_markdown(samples, str(paths.explanations))),
+                                             "explanations_path": path_metadata(paths.explanations)})
 
     db_key = key(spec, "attribution_db")
 

@@ -51,6 +51,7 @@ from attribution_assets.engine.gradients.batching import (
 from attribution_assets.engine.gradients.heads import Block, module_blocks
 from attribution_assets.engine.gradients.projection import Projector
 from attribution_assets.engine.io.digests import json_digest
+from attribution_assets.engine.progress import track
 from attribution_assets.spec import GradientSpec
 
 try:
@@ -409,7 +410,7 @@ class GradientCollector:
 
         Returns ``(array [rows, dims] float32, info)`` where ``info`` holds
         :meth:`layout_info` plus ``rows``, ``token_offsets`` and ``token_positions``
-        (both ``None`` unless rows are per token).
+        (both ``None`` unless rows are per token). Progress: step ``gradients``, in documents.
         """
         validate_documents(docs)
         token_rows = self.gradients.token_rows
@@ -417,10 +418,11 @@ class GradientCollector:
         n_rows = [len(p) for p in positions] if token_rows else [1] * len(docs)
         offsets = np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)]).astype(np.int64)
         out = np.zeros((int(offsets[-1]), self.dims), dtype=np.float32)
-        with self._hooked():
+        with self._hooked(), track("gradients", len(docs), "documents") as tracker:
             for batch in make_batches(docs, self.gradients.max_tokens_per_batch, 0, self.device):
                 for i, rows in zip(batch.indices, self._batch_rows(batch, positions)):
                     out[offsets[i] : offsets[i + 1]] = rows.detach().cpu().numpy()
+                tracker.update(len(batch.indices), tokens=sum(len(docs[i][0]) for i in batch.indices))
         info = self.layout_info()
         info["rows"] = int(out.shape[0])
         info["token_offsets"] = offsets.tolist() if token_rows else None

@@ -108,6 +108,20 @@ class PipelinePaths:
         head, kind, contribution`` (pipelines with ``scoring.breakdown``)."""
         return self.root / "scores" / shard / "block_scores.parquet"
 
+    def score_histogram(self, shard: str) -> Path:
+        """``scores/<shard>/score_histogram.png``: the shard's kept scores (asset metadata)."""
+        return self.root / "scores" / shard / "score_histogram.png"
+
+    @property
+    def explanations(self) -> Path:
+        """``scores/explanations.html``: per-token heat maps of a few sample queries."""
+        return self.root / "scores" / "explanations.html"
+
+    def figure(self, name: str) -> Path:
+        """``figures/<name>.png``: a picture for an asset whose own directory is content-hashed
+        (``preconditioner_spectrum``, ``index_recall``), kept outside it."""
+        return self.root / "figures" / f"{name}.png"
+
     @property
     def scores_glob(self) -> Path:
         return self.scores("*")

@@ -118,18 +118,21 @@ def calibrate(search: Callable[[int], Sequence[Sequence[str]]], truth: Sequence[
 
     ``search(value)``: the ids found, ``[m][k]``, for the calibration queries with the index
     set to ``value``; ``truth``: per query, the ids of its exact top k (k = ``len(truth[0])``).
+    The report's ``curve`` lists ``[value, recall, lower bound]`` of every value measured.
     """
     t0 = time.perf_counter()
     k = len(truth[0])
+    curve: list[list[float]] = []  # [value, recall, lower bound] of every value measured
 
     def measure(value: int) -> tuple[float, float]:
         found = search(value)
         hits = np.array([len(want.intersection(row)) / k for row, want in zip(found, truth)])
         spread = hits.std(ddof=1) / math.sqrt(len(hits)) if len(hits) > 1 else 0.0
+        curve.append([value, round(float(hits.mean()), 4), round(float(hits.mean() - CONFIDENCE_Z * spread), 4)])
         return float(hits.mean()), float(hits.mean() - CONFIDENCE_Z * spread)
 
     value, (recall, bound), reachable = _smallest_setting(measure, lo, hi, target)
     return value, {"target_recall": target, "recall@k": round(recall, 4),
                    "lower_bound": round(bound, 4), "k": k, "queries": len(truth),
-                   "source": source, "reachable": reachable,
+                   "source": source, "reachable": reachable, "curve": sorted(curve),
                    "seconds": round(exact_seconds + time.perf_counter() - t0, 3)}
