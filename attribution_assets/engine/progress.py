@@ -127,7 +127,7 @@ def log_sink(log: Callable[[str], None], every_seconds: float = 30.0, every_frac
     """Log ``Report.format()`` lines, throttled per step: the first report after
     ``every_seconds`` or after another ``every_fraction`` of the total, and the last one;
     only the last one when :func:`quiet`."""
-    last: dict[str, tuple[float, float]] = {}  # step -> (seconds, fraction) when last logged
+    last: dict[str, tuple[float, int]] = {}  # step -> (seconds, fractions done) when last logged
 
     def sink(report: Report) -> None:
         if report.finished:
@@ -136,10 +136,10 @@ def log_sink(log: Callable[[str], None], every_seconds: float = 30.0, every_frac
             return
         if quiet():
             return
-        seconds, fraction = last.get(report.step, (0.0, 0.0))
-        now = report.done / report.total if report.total else 0.0
-        if report.seconds - seconds >= every_seconds or (report.total and now - fraction >= every_fraction):
-            last[report.step] = (report.seconds, now)
+        seconds, bucket = last.get(report.step, (0.0, 0))
+        now = int(report.done / report.total / every_fraction + 1e-9) if report.total else 0
+        if report.seconds - seconds >= every_seconds or now > bucket:
+            last[report.step] = (report.seconds, max(now, bucket))
             log(report.format())
 
     return sink
