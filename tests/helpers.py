@@ -46,17 +46,23 @@ def save_tiny_model(path: Path, tokenizer, seed=0):
 TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64}
 
 
-def materialize_tiny_demo(root, gradients=None, **scoring):
+def tiny_demo_spec(gradients=None, **scoring):
+    """The demo pipeline at a tiny size (``gradients``: a ``GradientSpec``, default the demo's)."""
+    from attribution_assets.spec import ScoringSpec, demo_spec
+
+    return demo_spec(**TINY_DEMO, gradients=gradients, scoring=ScoringSpec(top_k=0, **scoring))
+
+
+def materialize_tiny_demo(root, gradients=None, instance=None, **scoring):
     """The demo pipeline at a tiny size, every asset materialized under ``root`` (``gradients``:
-    a ``GradientSpec``, default the demo's)."""
+    a ``GradientSpec``, default the demo's), recorded in ``instance`` (default: ephemeral)."""
     import dagster as dg
 
     from attribution_assets.defs.runner import materialize_pipeline
-    from attribution_assets.spec import ScoringSpec, demo_spec
 
-    spec = demo_spec(**TINY_DEMO, gradients=gradients, scoring=ScoringSpec(top_k=0, **scoring))
+    spec = tiny_demo_spec(gradients, **scoring)
     defs = definitions_for([spec], root)
-    instance = dg.DagsterInstance.ephemeral()
+    instance = instance or dg.DagsterInstance.ephemeral()
     materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
     return spec, PipelinePaths.under(root, spec.name)
 

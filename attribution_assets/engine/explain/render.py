@@ -115,24 +115,38 @@ def _md_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|~" else ch for ch in text).replace("\n", " ")
 
 
-def _md_bold(piece: str) -> str:
-    core = piece.strip()
-    start = piece.index(core)
-    return f"{piece[:start]}**{_md_escape(core)}**{piece[start + len(core):]}"
+def _md_code(text: str) -> str:
+    """``text`` as an inline code span (spaces around it kept outside; pipes escaped for tables)."""
+    core = text.strip()
+    start, end = text.index(core), text.index(core) + len(core)
+    fence = "`` " if "`" in core else "`"
+    body = core.replace("|", "\\|")
+    return f"{text[:start]}{fence}{body}{fence[::-1]}{text[end:]}"
+
+
+def _md_document(doc: DocumentExplanation) -> str:
+    """The document's text with each run of top tokens as one code span."""
+    top, out, run = set(doc.top_tokens(TOP_TOKENS)), [], []
+    for i, piece in enumerate(doc.pieces + [""]):
+        if i in top and piece.strip():
+            run.append(piece)
+            continue
+        if run:
+            out.append(_md_code("".join(run)))
+            run = []
+        out.append(_md_escape(piece))
+    return "".join(out).strip()
 
 
 def explanation_markdown(explanations: Sequence[Explanation], html_path: str | None = None) -> str:
     """A Markdown preview: per query a table of rank, score, gold mark and the text with its
-    top tokens in bold."""
-    out = ["**Sample explanations** (bold: the document's top "
+    top tokens as code spans."""
+    out = ["**Sample explanations** (`marked`: the document's top "
            f"{TOP_TOKENS} tokens by share of the score)" + (f"; heat maps: `{html_path}`" if html_path else "")]
     for expl in explanations:
         out += ["", f"Query `{expl.query_id}`: {_md_escape(expl.query_text)}", "",
                 "| rank | score | gold | document |", "|---:|---:|:---:|---|"]
         for doc in expl.documents:
-            top = set(doc.top_tokens(TOP_TOKENS))
-            text = "".join(_md_bold(p) if i in top and p.strip() else _md_escape(p)
-                           for i, p in enumerate(doc.pieces))
             gold = {True: "✓", False: "", None: "?"}[doc.gold]
-            out.append(f"| {doc.rank} | {doc.score:+.4f} | {gold} | {text.strip()} |")
+            out.append(f"| {doc.rank} | {doc.score:+.4f} | {gold} | {_md_document(doc)} |")
     return "\n".join(out)

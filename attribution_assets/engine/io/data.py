@@ -71,9 +71,9 @@ class TokenizeStats:
             "documents": self.documents, "rows": self.rows, "tokens": self.tokens,
             "target_tokens": self.target_tokens, "truncated": self.truncated,
             "chunked": self.chunked, "skipped_empty": self.skipped_empty,
-            "skipped_short": self.skipped_short, "length_min": lengths[0],
-            "length_median": lengths[len(lengths) // 2], "length_max": lengths[-1],
-            "length_mean": round(sum(lengths) / len(lengths), 2),
+            "skipped_short": self.skipped_short, "length_min_tokens": lengths[0],
+            "length_median_tokens": lengths[len(lengths) // 2], "length_max_tokens": lengths[-1],
+            "length_mean_tokens": round(sum(lengths) / len(lengths), 2),
         }
 
 
