@@ -115,24 +115,28 @@ def _md_escape(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|~" else ch for ch in text).replace("\n", " ")
 
 
-def _md_code(text: str) -> str:
-    """``text`` as an inline code span (spaces around it kept outside; pipes escaped for tables)."""
+def _md_bold(text: str, before: str, after: str) -> str:
+    """``text`` in bold, its outer spaces kept outside; a thin space separates the ``**`` from
+    a letter or digit ``before``/``after`` where the text itself starts/ends with punctuation
+    (else CommonMark reads the ``**`` literally)."""
     core = text.strip()
     start, end = text.index(core), text.index(core) + len(core)
-    fence = "`` " if "`" in core else "`"
-    body = core.replace("|", "\\|")
-    return f"{text[:start]}{fence}{body}{fence[::-1]}{text[end:]}"
+    lead = text[:start] or ("\u2009" if before[-1:].isalnum() and not core[0].isalnum() else "")
+    trail = text[end:] or ("\u2009" if after[:1].isalnum() and not core[-1].isalnum() else "")
+    return f"{lead}**{_md_escape(core)}**{trail}"
 
 
 def _md_document(doc: DocumentExplanation) -> str:
-    """The document's text with each run of top tokens as one code span."""
+    """The document's text with each run of top tokens in bold."""
     top, out, run = set(doc.top_tokens(TOP_TOKENS)), [], []
-    for i, piece in enumerate(doc.pieces + [""]):
+    pieces = doc.pieces + [""]
+    for i, piece in enumerate(pieces):
         if i in top and piece.strip():
             run.append(piece)
             continue
         if run:
-            out.append(_md_code("".join(run)))
+            before = doc.pieces[i - len(run) - 1] if i - len(run) > 0 else ""
+            out.append(_md_bold("".join(run), before, piece))
             run = []
         out.append(_md_escape(piece))
     return "".join(out).strip()
@@ -140,8 +144,8 @@ def _md_document(doc: DocumentExplanation) -> str:
 
 def explanation_markdown(explanations: Sequence[Explanation], html_path: str | None = None) -> str:
     """A Markdown preview: per query a table of rank, score, gold mark and the text with its
-    top tokens as code spans."""
-    out = ["**Sample explanations** (`marked`: the document's top "
+    top tokens in bold."""
+    out = ["**Sample explanations** (bold: the document's top "
            f"{TOP_TOKENS} tokens by share of the score)" + (f"; heat maps: `{html_path}`" if html_path else "")]
     for expl in explanations:
         out += ["", f"Query `{expl.query_id}`: {_md_escape(expl.query_text)}", "",

@@ -43,13 +43,19 @@ def test_terminal_marks_the_top_tokens_plainly_or_in_colour():
     assert "\x1b[48;5;" in coloured and "[[" not in coloured
 
 
-def test_markdown_preview_marks_top_token_runs_and_escapes_table_characters():
+def test_markdown_preview_bolds_top_token_runs_and_escapes_table_characters():
     md = explanation_markdown([_explanation()], "/x/explanations.html")
     assert "`/x/explanations.html`" in md
     rows = [line for line in md.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
     assert len(rows) == 2
-    # top 3 of doc 1: " alert", " Lisbon", "." -> runs " `alert`" and " `Lisbon.`"
-    assert rows[0].endswith("| \\<script\\> `alert`(1) `Lisbon.` |") and "✓" in rows[0]
-    # top 3 of doc 2: every token; a backtick inside a run needs a double fence
-    assert rows[1].endswith("| `` a\\|b *c* `d` `` |"), rows[1]
+    # top 3 of doc 1: " alert", " Lisbon", "." -> runs " **alert**" and " **Lisbon.**"; "(1)" follows
+    # "alert" directly, so no space is needed, but a run ending in "." before a letter gets one
+    assert rows[0].endswith("| \\<script\\> **alert**(1) **Lisbon.** |") and "✓" in rows[0]
+    assert rows[1].endswith("| **a\\|b \\*c\\* \\`d\\`** |"), rows[1]
     assert rows[1].count("|") - rows[1].count("\\|") == 5
+
+
+def test_markdown_bold_stays_bold_next_to_letters():
+    doc = DocumentExplanation(1, "d", "s", 1.0, 1.0, None, ["cold", ".", "x", "y", "z"], [0, 1, 0, 0.5, 0.4])
+    md = explanation_markdown([Explanation("demo", "q", "t", "cosine", None, [doc])])
+    assert md.splitlines()[-1] == "| 1 | +1.0000 | ? | cold\u2009**.**\u2009x**yz** |"
