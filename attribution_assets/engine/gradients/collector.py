@@ -164,6 +164,8 @@ class GradientCollector:
     ``device``: where batches go (default: the model's device). ``autocast``: a dtype
     (``torch.bfloat16`` / ``torch.float16``) to run the forward pass in under
     ``torch.autocast`` with the weights as they are (None: off). Products are float32.
+    ``live_normalizer``: the normalizer is bound later, per optimizer step
+    (:meth:`bind_normalizer`), so none is needed now.
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class GradientCollector:
         normalizer=None,
         device: torch.device | str | None = None,
         autocast: torch.dtype | None = None,
+        live_normalizer: bool = False,
     ):
         self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
@@ -181,7 +184,7 @@ class GradientCollector:
                 f"gradients.normalizer={cfg.normalizer!r} but a {normalizer.kind!r} "
                 "normalizer was passed"
             )
-        if normalizer is None and cfg.normalizer != "none":
+        if normalizer is None and cfg.normalizer != "none" and not live_normalizer:
             raise ValueError(
                 f"gradients.normalizer={cfg.normalizer!r} needs optimizer state: pass "
                 "normalizer=make_normalizer(kind, optimizer_or_checkpoint, model)"
@@ -330,18 +333,41 @@ class GradientCollector:
         """All modules' rows ``[n, dims]``. ``pick`` maps each recorded ``[B, T, .]`` tensor
         to the ``[n, T', .]`` units that become rows (``None``: the batch's documents);
         ``valid [n, T', 1]`` marks the positions that count."""
-        blocks, k = [], 0
+        calls, k = {}, 0
         for s in self.specs:
-            block = None
+            calls[s.name] = []
             for recorded, _ in self._records[s.name]:
                 a, g = (recorded, grads[k]) if pick is None else (pick(recorded), pick(grads[k]))
+                calls[s.name].append((a, g))
+                k += 1
+        return self.hook_rows(calls, valid)
+
+    def hook_rows(self, calls: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                  valid: torch.Tensor) -> torch.Tensor:
+        """Rows ``[n, dims]`` (float32) from each hooked module's calls ``(a [n, T, I], g [n, T, O])``
+        (input activations and output gradients, summed over calls), ``valid [n, T, 1]`` marking
+        the positions that count: the same projection and normalization as :meth:`collect`, for
+        hooks run elsewhere (e.g. ``engine.training.callback`` during a Trainer's backward)."""
+        blocks = []
+        for s in self.specs:
+            block = None
+            for a, g in calls.get(s.name, ()):
                 part = self._module_rows(s, a.float(), g.float(), valid)
                 block = part if block is None else block + part
-                k += 1
             if block is None:
                 block = torch.zeros(valid.shape[0], s.stop - s.start, device=self.device)
             blocks.append(block)
         return torch.cat(blocks, dim=1)
+
+    def bind_normalizer(self, normalizer) -> None:
+        """Normalize with ``normalizer`` from now on (e.g. a live optimizer's state of the current
+        step); its kind must be ``gradients.normalizer``."""
+        if normalizer is None or normalizer.kind != self.gradients.normalizer:
+            kind = normalizer.kind if normalizer is not None else None
+            raise ValueError(f"gradients.normalizer={self.gradients.normalizer!r} but a {kind!r} "
+                             "normalizer was passed")
+        normalizer.bind(self.specs, self.device)
+        self.normalizer = normalizer
 
     @contextmanager
     def trace(self):

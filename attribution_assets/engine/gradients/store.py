@@ -19,6 +19,8 @@
     model_fingerprint str
     config_hash       str
     producer          str, the code version that wrote it ("" when written outside a pipeline)
+    training          {steps: [int], epochs: [float]}, one entry per row: the optimizer step and
+                      epoch of train-time rows (engine/training/callback.py); absent post hoc
 
 Writes are atomic: a temporary sibling directory is filled, then renamed onto
 the final path (an existing shard is moved aside first and removed after).
@@ -119,6 +121,8 @@ def write_store(
         "config_hash": info.get("config_hash", ""),
         "producer": info.get("producer", ""),
     }
+    if info.get("training") is not None:
+        meta["training"] = info["training"]
     with atomic_dir(path) as tmp:
         _write_array(tmp / ARRAY_FILE, array, modules, dtype)
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=1))
