@@ -119,6 +119,10 @@ class DataSpec:
     ``chunk`` into pieces of ``max_length`` tokens. ``encoding``: of local text files (json,
     csv, txt). ``text_unit``: what one document of a ``.txt`` file is: ``paragraph``
     (blank-line separated, the default), ``line`` or ``file``.
+    ``reward_column`` (+ ``group_column``) or ``advantage_column`` with ``advantage_weighting``
+    ``grpo`` | ``dr_grpo``: each sequence's loss (and gradient row) is weighted by its
+    group-normalized advantage, divided by its length for GRPO; ``nan_rewards``: ``skip``
+    (drop and count) or ``error`` (see ``engine.io.advantages``).
     """
 
     path: str | None = None
@@ -136,6 +140,11 @@ class DataSpec:
     add_eos: bool | None = None
     encoding: str = "utf-8"
     text_unit: str = "paragraph"
+    reward_column: str | None = None
+    advantage_column: str | None = None
+    group_column: str | None = None
+    advantage_weighting: str = "none"
+    nan_rewards: str = "skip"
 
     def __post_init__(self):
         _check_choice(self, "format", DATA_FORMATS)
@@ -154,6 +163,32 @@ class DataSpec:
             _check_str(self, key)
         for key in ("split", "text_column"):
             _check_str(self, key, optional=False)
+        self._check_advantages()
+
+    def _check_advantages(self) -> None:
+        """GRPO / Dr. GRPO settings (``engine.io.advantages``)."""
+        for key in ("reward_column", "advantage_column", "group_column"):
+            _check_str(self, key)
+        _check_choice(self, "advantage_weighting", ADVANTAGE_WEIGHTINGS)
+        _check_choice(self, "nan_rewards", ("skip", "error"))
+        if self.reward_column and self.advantage_column:
+            raise SpecValueError("advantage_column", "and `reward_column` are both set; give rewards "
+                                                     "(turned into group-normalized advantages) or "
+                                                     "advantages, not both.")
+        if self.group_column and not self.reward_column:
+            raise SpecValueError("group_column", "normalizes rewards within groups: set `reward_column` "
+                                                 "too (or drop `group_column`).")
+        source = self.reward_column or self.advantage_column
+        if self.advantage_weighting != "none" and not source:
+            raise SpecValueError("advantage_weighting", f"is `{self.advantage_weighting}`, which weights "
+                                                        "each sequence by its advantage: set "
+                                                        "`reward_column` or `advantage_column`.")
+        if source and self.advantage_weighting == "none":
+            raise SpecValueError("advantage_weighting", "is `none` but rewards/advantages are given: "
+                                                        "choose `grpo` (loss / length) or `dr_grpo`.")
+        if source and self.overflow == "chunk":
+            raise SpecValueError("overflow", "is `chunk`, which would split a rewarded sequence; use "
+                                             "`truncate` with advantage weighting.")
 
     @property
     def mode(self) -> str:
@@ -164,6 +199,7 @@ class DataSpec:
         return "text"
 
 
+ADVANTAGE_WEIGHTINGS = ("none", "grpo", "dr_grpo")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -102,10 +102,13 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
                 out = paths.train_gradients(shard)
-                store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version)
+                weighting = spec.corpus.advantage_weighting
+                store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version,
+                                                          weighting)
                 if store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
-                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
+                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version,
+                                                 weighting=weighting)
                     meta = stats.as_metadata()
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
