@@ -207,7 +207,10 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 class ModelSpec:
     """A Hugging Face causal LM: local directory or hub id (``None`` for the demo's trained model).
 
-    ``model_kwargs`` pass through to ``from_pretrained`` (e.g. ``attn_implementation``).
+    ``model_kwargs`` pass through to ``from_pretrained`` (e.g. ``attn_implementation``, or
+    ``quantization_config`` for a bitsandbytes 4-/8-bit base). ``adapter``: a PEFT adapter
+    directory (``save_pretrained`` of a ``PeftModel``) loaded on top of the base model; select
+    its weights with ``gradients.include: ["*lora_A*", "*lora_B*"]``.
     """
 
     name_or_path: str | None = None
@@ -216,11 +219,12 @@ class ModelSpec:
     trust_remote_code: bool = False
     pad_token: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
 
     def __post_init__(self):
         _check_choice(self, "dtype", MODEL_DTYPES)
         _check_bool(self, "trust_remote_code")
-        for key in ("name_or_path", "revision", "pad_token"):
+        for key in ("name_or_path", "revision", "pad_token", "adapter"):
             _check_str(self, key)
         if not isinstance(self.model_kwargs, dict):
             raise SpecValueError("model_kwargs", f"must be a mapping, got {_describe(self.model_kwargs)}.")
@@ -519,7 +523,7 @@ _SECTIONS = {
     "evaluation": EvaluationSpec,
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
-              ("gradients", "optimizer_state")}
+              ("gradients", "optimizer_state"), ("model", "adapter")}
 
 
 def unknown_keys_message(unknown: list[str], valid: set[str], where: str) -> str:

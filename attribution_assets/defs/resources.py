@@ -66,8 +66,9 @@ class ComputeResource(dg.ConfigurableResource):
         self._restore.clear()
 
     def cast(self, model):
-        """Cast ``model`` to ``precision`` (no-op for ``auto``)."""
-        if self.precision == "auto":
+        """Cast ``model`` to ``precision`` (no-op for ``auto`` and for quantized models, whose
+        weights keep the dtypes they were loaded with)."""
+        if self.precision == "auto" or models.is_quantized(model):
             return model
         if self.precision not in models.DTYPES:
             raise ValueError(f"Unknown precision {self.precision!r}; choose auto or one of {sorted(models.DTYPES)}.")

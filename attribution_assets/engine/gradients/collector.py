@@ -122,6 +122,13 @@ def select_modules(
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
+        if _quantized(mod):
+            raise ValueError(
+                f"module {name!r} has quantized weights ({type(mod).__name__}, "
+                f"{type(mod.weight).__name__} {mod.weight.dtype}): their gradient is not defined. "
+                "Take gradients of a PEFT adapter on top (`model.adapter` with `gradients.include: "
+                "['*lora_A*', '*lora_B*']`) or of unquantized modules (add the module to "
+                "`gradients.exclude`)")
         transposed = not isinstance(mod, nn.Linear)
         inp, out = mod.weight.shape if transposed else mod.weight.shape[::-1]
         specs.append(
@@ -141,6 +148,14 @@ def select_modules(
             + (f" (and {len(available) - 8} more)" if len(available) > 8 else "")
         )
     return specs
+
+
+def _quantized(module: nn.Module) -> bool:
+    """bitsandbytes 4-/8-bit linears (subclasses of ``nn.Linear``) and integer-stored weights."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and (not weight.dtype.is_floating_point \
+        or type(weight).__name__ in ("Params4bit", "Int8Params") \
+        or type(module).__module__.split(".")[0] == "bitsandbytes")
 
 
 def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -233,7 +248,7 @@ class GradientCollector:
         """Eval mode, frozen parameters, and hooks recording ``(a, output)`` per call."""
         model = self.model
         was_training = model.training
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
         handles = []
 
         def pre_hook(module, args):

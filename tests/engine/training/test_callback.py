@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.gradients.normalizers import OptimizerState
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.training.callback import (
@@ -39,6 +40,11 @@ class Snapshots(TrainerCallback):
             for p, st in live.state.items()}
         self.hyper = {names[id(p)]: g for g in live.param_groups for p in g["params"]}
 
+    def optimizer_state(self, step):
+        """The optimizer state right after ``step``, as the normalizers read it."""
+        tensors = {n: {k: v for k, v in st.items() if torch.is_tensor(v)} for n, st in self.states[step].items()}
+        return OptimizerState(tensors, self.hyper)
+
 
 @pytest.fixture(scope="module")
 def docs(tiny_tokenizer):
@@ -50,7 +56,7 @@ def docs(tiny_tokenizer):
 def train(model_dir, docs, tmp_path, gradients, *, batch=2, accumulation=2, mean_loss=False,
           optim="adamw_torch", doc_weights=None, trainer_cls=Trainer, steps_per_shard=100):
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = model_dir if isinstance(model_dir, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(model_dir)
     args = TrainingArguments(
         output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=batch,
         gradient_accumulation_steps=accumulation, num_train_epochs=2, learning_rate=1e-2,
