@@ -75,20 +75,29 @@ class AttributionCollator:
 
 def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-document ``c_b [B]`` with ``grad = c_b (softmax(logits) - onehot(label))`` at the target
-    positions (``labels[:, 1:] != -100``, predicted from ``logits[:, :-1]``): least squares over
-    them; 0 for a document without targets or without gradient."""
+    positions (``labels[:, 1:] != -100``, predicted from ``logits[:, :-1]``), read by least
+    squares at each document's first and last target (two ``V``-wide rows per document, not
+    ``T``); 0 for a document without targets or without gradient. Raises when the two disagree
+    (the loss is then not ``c_b`` times the document's summed token cross-entropy)."""
     target = labels[:, 1:]
     keep = target != IGNORE
-    rows = keep.nonzero(as_tuple=True)
-    logit = logits[:, :-1][rows].detach().float()
-    g = grad[:, :-1][rows].float()
-    d = torch.softmax(logit, dim=-1)
-    d[torch.arange(len(d), device=d.device), target[rows]] -= 1.0
-    num = torch.zeros(labels.shape[0], dtype=torch.float64, device=logits.device)
-    den = torch.zeros_like(num)
-    num.index_add_(0, rows[0], (g * d).sum(-1).double())
-    den.index_add_(0, rows[0], (d * d).sum(-1).double())
-    return torch.where(den > 0, num / den.clamp_min(1e-300), 0.0)
+    has = keep.any(1)
+    width = keep.shape[1]
+    first = torch.where(has, keep.int().argmax(1), 0)
+    last = torch.where(has, width - 1 - keep.flip(1).int().argmax(1), 0)
+    batch = torch.arange(labels.shape[0], device=labels.device).repeat(2)
+    pos = torch.cat([first, last])
+    d = torch.softmax(logits[batch, pos].detach().float(), dim=-1)
+    d[torch.arange(len(d), device=d.device), target[batch, pos].clamp_min(0)] -= 1.0
+    g = grad[batch, pos].float()
+    c = ((g * d).sum(-1).double() / (d * d).sum(-1).double().clamp_min(1e-300)).view(2, -1)
+    c = torch.where(has, c, 0.0)
+    spread = (c[0] - c[1]).abs()
+    if bool((spread > 1e-3 * c.abs().amax(0) + 1e-30).any()):
+        raise ValueError("the training loss is not a per-document multiple of each document's summed "
+                         "token cross-entropy (two target positions of one document are weighted "
+                         "differently): per-token loss weights and label smoothing cannot be undone")
+    return c[0]
 
 
 def shard_name(first_step: int, last_step: int) -> str:

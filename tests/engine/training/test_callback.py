@@ -174,3 +174,13 @@ def test_callback_refuses_dropped_columns(tiny_model_dir, docs, tmp_path):
                       callbacks=[callback])
     with pytest.raises(ValueError, match="remove_unused_columns=False"):
         trainer.train()
+
+
+def test_loss_scales_refuse_per_token_weights():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 7, requires_grad=True)
+    labels = torch.randint(0, 7, (2, 6))
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    (nll * torch.linspace(0.5, 2.0, 5)).sum().backward()  # later tokens weigh more
+    with pytest.raises(ValueError, match="per-token loss weights"):
+        loss_scales(logits.detach(), logits.grad, labels)
