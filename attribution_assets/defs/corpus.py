@@ -180,7 +180,7 @@ def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
     def model(storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
-        loaded, _ = compute.load_model(spec, paths)
+        loaded, _ = compute.load_model(spec, paths, base=True)
         problem = max_length_problem(spec, position_limit(loaded.config.to_dict()))
         if problem:
             raise ValueError(problem)
@@ -199,4 +199,4 @@ def _preview(texts: list[str], n: int = 5) -> str:
 def pipeline_tokenizer(spec: PipelineSpec, storage: StorageResource):
     """The pipeline's tokenizer: the demo's trained one, else the model's."""
     paths = storage.paths(spec)
-    return load_tokenizer(spec.model, str(paths.tokenizer) if spec.is_demo else model_source(spec, paths))
+    return load_tokenizer(spec.model, str(paths.tokenizer) if spec.is_demo else model_source(spec, paths, base=True))

@@ -38,6 +38,8 @@ def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> s
         return None
     if spec.gradients.optimizer_state:
         return spec.gradients.optimizer_state
+    if spec.finetune is not None and paths is not None:  # the fine-tuning run's final state
+        return str(paths.finetuned_optimizer)
     if spec.is_demo and paths is not None and (paths.model / "optimizer.pt").exists():
         return str(paths.model / "optimizer.pt")
     raise ValueError(f"Pipeline {spec.name!r} uses the {spec.gradients.normalizer!r} normalizer but has no "

@@ -34,8 +34,11 @@ def _check_source(name_or_path: str) -> None:
             "saved with `save_pretrained` (config.json + weights) or at a hub id such as 'EleutherAI/pythia-70m'.")
 
 
-def model_source(spec: PipelineSpec, paths: PipelinePaths) -> str:
-    """Where a pipeline's model loads from: its ``model.name_or_path``, or the demo's trained model."""
+def model_source(spec: PipelineSpec, paths: PipelinePaths, base: bool = False) -> str:
+    """Where a pipeline's model loads from: its ``model.name_or_path``, or the demo's trained model;
+    with a ``finetune`` section the fine-tuned model, unless ``base`` (what fine-tuning starts from)."""
+    if spec.finetune is not None and not base:
+        return str(paths.finetuned_model)
     return str(paths.model) if spec.is_demo else str(spec.model.name_or_path)
 
 
@@ -128,7 +131,8 @@ def _with_adapter(base, adapter: str):
 
 
 def load_pipeline_model(spec: PipelineSpec, paths: PipelinePaths, device: str | torch.device = "cpu",
-                        dtype: str | None = None):
-    """``(model, tokenizer)`` of a pipeline: the one way every caller loads a pipeline's model."""
-    source = model_source(spec, paths)
+                        dtype: str | None = None, base: bool = False):
+    """``(model, tokenizer)`` of a pipeline: the one way every caller loads a pipeline's model
+    (``base``: the model fine-tuning starts from, see :func:`model_source`)."""
+    source = model_source(spec, paths, base)
     return load_model(spec.model, device, source, dtype), load_tokenizer(spec.model, source)
