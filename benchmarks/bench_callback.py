@@ -6,9 +6,11 @@ Model: the demo's GPT-NeoX (``DemoSpec`` defaults: 2 layers, hidden 128, vocab 1
 AdamW at batch 8 x 256; minutes on CPU). Data: random token ids, ``--docs`` documents of
 ``--seq-len`` tokens, loss on every token but the first. Each variant (``plain``, ``callback``
 with ``normalizer`` none, and ``callback`` with the live-optimizer ``adafactor`` or ``adam``
-normalizer) trains ``--steps`` optimizer steps after a warm-up run of 2 steps; runs alternate
-plain / callback ``--repeats`` times and the table shows the median seconds per step and the
-overhead ratio. Threads: ``--threads`` (default 1: a shared machine).
+normalizer) trains 2 warm-up + ``--steps`` optimizer steps; a step is timed from
+``on_step_begin`` to the end of ``on_step_end`` (the callback's per-step work included), in wall
+and in process CPU seconds (CPU time is what a shared machine's load disturbs least). Runs
+alternate the variants ``--repeats`` times; the table shows medians over steps and runs.
+Threads: ``--threads`` (default 1: a shared machine).
 
     .venv/bin/python benchmarks/bench_callback.py --steps 30 --repeats 3
 """
@@ -44,8 +46,31 @@ def build_model(name: str, seq_len: int):
         attention_dropout=0.0, tie_word_embeddings=False))
 
 
-def run(args, variant: str, steps: int, out: Path) -> float:
-    """Seconds per optimizer step of one training run (``variant``: plain | none | adafactor | adam)."""
+class StepTimer:
+    """Wall and process CPU seconds of each optimizer step, from ``on_step_begin`` to the end of
+    ``on_step_end`` (registered after the attribution callback, so its per-step work is inside;
+    the Trainer's setup and the final shard write are not)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.start = (time.perf_counter(), time.process_time())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                wall, cpu = timer.start
+                timer.steps.append((time.perf_counter() - wall, time.process_time() - cpu))
+
+        self.steps: list[tuple[float, float]] = []
+        self.callback = _Callback()
+
+
+def run(args, variant: str, steps: int, out: Path) -> tuple[float, float]:
+    """``(wall, cpu)`` median seconds per optimizer step of one training run after 2 warm-up steps
+    (``variant``: plain | none | adafactor | adam)."""
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -67,11 +92,12 @@ def run(args, variant: str, steps: int, out: Path) -> float:
         gradients = GradientSpec(projection_dim=args.projection_dim, normalizer=variant)
         callbacks.append(AttributionCallback(gradients, [str(i) for i in range(n)], out / variant,
                                              steps_per_shard=steps))
+    timer = StepTimer()
     trainer = Trainer(model=model, args=targs, train_dataset=docs, data_collator=AttributionCollator(0),
-                      callbacks=callbacks)
-    start = time.perf_counter()
+                      callbacks=[*callbacks, timer.callback])
     trainer.train()
-    return (time.perf_counter() - start) / steps
+    kept = timer.steps[2:]
+    return statistics.median(w for w, _ in kept), statistics.median(c for _, c in kept)
 
 
 def main() -> None:
@@ -88,23 +114,23 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["plain", *args.normalizers.split(",")]
-    times: dict[str, list[float]] = {v: [] for v in variants}
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for v in variants:  # warm-up
-            run(args, v, 2, Path(tmp) / f"warm-{v}")
         for r in range(args.repeats):
             for v in variants:
-                times[v].append(run(args, v, args.steps, Path(tmp) / f"{r}-{v}"))
-    plain = statistics.median(times["plain"])
+                times[v].append(run(args, v, args.steps + 2, Path(tmp) / f"{r}-{v}"))
+    wall0 = statistics.median(w for w, _ in times["plain"])
+    cpu0 = statistics.median(c for _, c in times["plain"])
     print(f"model={args.model} batch={args.batch} seq_len={args.seq_len} steps={args.steps} "
           f"projection_dim={args.projection_dim} threads={args.threads} repeats={args.repeats}")
-    print("| variant | s/step (median) | runs | overhead vs plain |")
-    print("|---|---|---|---|")
+    print("| variant | wall s/step | CPU s/step | wall overhead | CPU overhead | per-run wall medians |")
+    print("|---|---|---|---|---|---|")
     for v in variants:
-        med = statistics.median(times[v])
-        runs = ", ".join(f"{t:.4f}" for t in times[v])
+        wall = statistics.median(w for w, _ in times[v])
+        cpu = statistics.median(c for _, c in times[v])
+        runs = ", ".join(f"{w:.4f}" for w, _ in times[v])
         label = "plain Trainer" if v == "plain" else f"callback, normalizer {v}"
-        print(f"| {label} | {med:.4f} | {runs} | {med / plain - 1:+.1%} |")
+        print(f"| {label} | {wall:.4f} | {cpu:.4f} | {wall / wall0 - 1:+.1%} | {cpu / cpu0 - 1:+.1%} | {runs} |")
 
 
 if __name__ == "__main__":

@@ -210,6 +210,7 @@ class GradientCollector:
         )
         self.projector = Projector(cfg.projection_dim, cfg.projection_kind, cfg.seed, self.device)
         self.specs = select_modules(model, cfg.include, cfg.exclude, cfg.include_bias)
+        self._spec_by_name = {s.name: s for s in self.specs}
         blocks = module_blocks(
             model, [(s.name, s.out_features, s.in_features, s.has_bias) for s in self.specs], cfg.split
         )
@@ -363,16 +364,22 @@ class GradientCollector:
         (input activations and output gradients, summed over calls), ``valid [n, T, 1]`` marking
         the positions that count: the same projection and normalization as :meth:`collect`, for
         hooks run elsewhere (e.g. ``engine.training.callback`` during a Trainer's backward)."""
-        blocks = []
-        for s in self.specs:
-            block = None
-            for a, g in calls.get(s.name, ()):
-                part = self._module_rows(s, a.float(), g.float(), valid)
-                block = part if block is None else block + part
-            if block is None:
-                block = torch.zeros(valid.shape[0], s.stop - s.start, device=self.device)
-            blocks.append(block)
-        return torch.cat(blocks, dim=1)
+        blocks: dict[str, torch.Tensor] = {}
+        for name, pairs in calls.items():
+            for a, g in pairs:
+                part = self.module_rows(name, a, g, valid)
+                blocks[name] = part if name not in blocks else blocks[name] + part
+        return self.assemble(blocks, valid.shape[0])
+
+    def module_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One call of hooked module ``name``: its columns ``[n, stop - start]`` (float32)."""
+        return self._module_rows(self._spec_by_name[name], a.float(), g.float(), valid)
+
+    def assemble(self, blocks: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Rows ``[n, dims]`` from per-module blocks (:meth:`module_rows`, summed over calls);
+        a module without a block gets zeros."""
+        return torch.cat([blocks[s.name] if s.name in blocks
+                          else torch.zeros(n, s.stop - s.start, device=self.device) for s in self.specs], dim=1)
 
     def bind_normalizer(self, normalizer) -> None:
         """Normalize with ``normalizer`` from now on (e.g. a live optimizer's state of the current

@@ -20,8 +20,8 @@ reuses through :meth:`GradientCollector.hook_rows`):
   the step (``on_optimizer_step``): the ``v_t`` Adam divides this step's update by (bias
   corrected with the state's own ``step``) or Adafactor's factored moments, as
   ``engine.gradients.normalizers`` do for a saved optimizer. Unnormalized rows are projected
-  at the end of each micro-batch; normalized ones keep each micro-batch's hook tensors until
-  the step's optimizer update.
+  in each module's backward hook (only the ``[B, p*p]`` block is kept); normalized ones keep
+  each micro-batch's hook tensors until the step's optimizer update.
 - Rows are tagged with the optimizer step (1-based ``global_step`` after the update), the
   Trainer's fractional epoch after it, and the document id; every ``steps_per_shard`` steps
   (and at the end of training) they are written as one gradient shard (``store.write_store``;
@@ -100,6 +100,13 @@ def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) 
     return c[0]
 
 
+def _valid(micro: dict, a: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 1]``: the micro-batch's attention mask (all ones without one)."""
+    if micro["mask"] is not None:
+        return micro["mask"].bool()[..., None]
+    return torch.ones(a.shape[0], a.shape[1], 1, dtype=torch.bool, device=a.device)
+
+
 def shard_name(first_step: int, last_step: int) -> str:
     """``steps_000001-000010``: the optimizer steps (inclusive) whose rows a shard holds."""
     return f"steps_{first_step:06d}-{last_step:06d}"
@@ -161,7 +168,7 @@ class AttributionCallback(TrainerCallback):
                                  "document's target positions from them (-100 = no loss)")
             self._finish_micro_batch()
             self._micro = {"index": index.detach().cpu(), "labels": labels.detach(),
-                           "mask": kwargs.get("attention_mask"), "calls": {}, "scales": None}
+                           "mask": kwargs.get("attention_mask"), "calls": {}, "blocks": {}, "scales": None}
             return args, kwargs
 
         def model_hook(module, args, kwargs, output):
@@ -181,11 +188,18 @@ class AttributionCallback(TrainerCallback):
             micro = self._micro
             if micro is None or not (module.training and output.requires_grad):
                 return
+            name = names[id(module)]
             entry = [args[0].detach(), None]
-            micro["calls"].setdefault(names[id(module)], []).append(entry)
+            micro["calls"].setdefault(name, []).append(entry)
 
-            def on_grad(grad, entry=entry):
-                entry[1] = grad.detach()
+            def on_grad(grad, entry=entry, name=name, micro=micro):
+                if self.gradients.normalizer == "none":  # project now; keep only the block
+                    block = self.collector.module_rows(name, entry[0], grad.detach(), _valid(micro, entry[0]))
+                    blocks = micro["blocks"]
+                    blocks[name] = block if name not in blocks else blocks[name] + block
+                    entry[0] = None
+                else:
+                    entry[1] = grad.detach()
 
             output.register_hook(on_grad)
 
@@ -207,9 +221,8 @@ class AttributionCallback(TrainerCallback):
             return
         if micro["scales"] is None:  # forward without backward (e.g. a skipped batch)
             return
-        calls = {name: [(a, g) for a, g in entries if g is not None]
-                 for name, entries in micro["calls"].items()}
-        micro["calls"] = calls
+        micro["calls"] = {name: [(a, g) for a, g in entries if g is not None]
+                          for name, entries in micro["calls"].items()}
         if self.gradients.normalizer == "none":
             self._step_rows.append(self._rows(micro))
         else:
@@ -217,13 +230,13 @@ class AttributionCallback(TrainerCallback):
 
     def _rows(self, micro: dict) -> tuple[np.ndarray, np.ndarray]:
         """``(doc_index [B], rows [B, dims])`` of one micro-batch: hook rows / ``c_b`` * ``w_b``."""
-        mask = micro["mask"]
-        a = next(iter(next(iter(micro["calls"].values()))))[0] if micro["calls"] else None
-        if mask is not None:
-            valid = mask.bool()[..., None]
+        n = len(micro["index"])
+        if micro["blocks"]:  # projected during the backward pass
+            rows = self.collector.assemble(micro["blocks"], n).double()
         else:
-            valid = torch.ones(a.shape[0], a.shape[1], 1, dtype=torch.bool, device=a.device)
-        rows = self.collector.hook_rows(micro["calls"], valid).double()
+            pairs = [p for ps in micro["calls"].values() for p in ps]
+            valid = _valid(micro, pairs[0][0]) if pairs else torch.ones(n, 1, 1, dtype=torch.bool)
+            rows = self.collector.hook_rows(micro["calls"], valid).double()
         scales = micro["scales"].to(rows.device)
         index = micro["index"]
         weights = (self.doc_weights[index] if self.doc_weights is not None
