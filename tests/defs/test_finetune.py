@@ -52,3 +52,48 @@ def test_train_time_rows_need_a_finetune_section(tiny_model_dir, tmp_path):
     with pytest.raises(SpecValueError, match="adafactor"):
         dataclasses.replace(spec, finetune=FinetuneSpec(optimizer="adafactor"),
                             gradients=GradientSpec(normalizer="adam"))
+
+
+def test_grpo_pipeline_weights_post_hoc_rows(one_thread, tmp_path, tiny_model_dir):
+    """Rewards in the corpus -> advantages in documents and tokens -> weighted stored rows."""
+    import json
+
+    import yaml
+
+    from attribution_assets.engine.gradients.collector import GradientCollector
+    from attribution_assets.engine.io import data
+    from attribution_assets.engine.io.models import load_model
+    from attribution_assets.spec import load_pipeline_file
+    from tests.helpers import SENTENCES
+
+    rewards = [1.0, 0.0, float("nan"), 2.0, 0.5, 1.5]
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"text": s, "reward": r, "group": i % 2}) + "\n" for i, (s, r) in enumerate(zip(SENTENCES, rewards))))
+    (tmp_path / "q.jsonl").write_text(json.dumps({"text": "Mara Quill was born in Lisbon."}))
+    body = {"pipelines": [{"name": "rl", "model": {"name_or_path": str(tiny_model_dir)},
+                           "corpus": {"path": "train.jsonl", "max_length": 64, "reward_column": "reward",
+                                      "group_column": "group", "advantage_weighting": "grpo"},
+                           "queries": {"path": "q.jsonl", "max_length": 64}, "shard_size": 10,
+                           "gradients": {"projection_dim": 4}, "scoring": {"top_k": 0}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(body))
+    (spec,) = load_pipeline_file(tmp_path / "p.yaml")
+    root = tmp_path / "storage"
+    defs = definitions_for([spec], root)
+    instance = dg.DagsterInstance.ephemeral()
+    materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    event = instance.get_latest_materialization_event(dg.AssetKey(["rl", "corpus"]))
+    assert event.asset_materialization.metadata["skipped_nan_rewards"].value == 1
+    paths = PipelinePaths.under(root, "rl")
+    (shard,) = paths.gradient_shards()
+    docs = data.read_tokenized(paths.tokens(shard))
+    store = GradientStore(paths.train_gradients(shard))
+    assert len(docs) == 5 and store.info["advantage_weighting"] == "grpo"
+    by_text = {s: (r, i % 2) for i, (s, r) in enumerate(zip(SENTENCES, rewards))}
+    model = load_model(spec.model)
+    plain, _ = GradientCollector(model, spec.gradients).collect([(d.input_ids, d.loss_mask) for d in docs])
+    for k, d in enumerate(docs):
+        reward, group = by_text[d.text]
+        mates = [r for r, g in by_text.values() if g == group and r == r]
+        mean, std = np.mean(mates), np.std(mates, ddof=1)
+        weight = (reward - mean) / (std + 1e-4) / d.targets
+        np.testing.assert_allclose(store.array[k], plain[k] * weight, rtol=1e-5, atol=1e-6)
