@@ -142,15 +142,21 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                      "score_histogram": dg.MetadataValue.md(plots.png_markdown(histogram, "score distribution")),
                      **breakdown},
                     partition_key=result.shard)
-            model, tokenizer = compute.load_model(spec, paths)
-            samples = explain_samples(spec, paths, model, tokenizer, SAMPLE_QUERIES, SAMPLE_K)
-        write_text_atomic(paths.explanations, explanation_html(samples))
+            samples = []
+            if spec.scoring.aggregate == "individual":
+                model, tokenizer = compute.load_model(spec, paths)
+                samples = explain_samples(spec, paths, model, tokenizer, SAMPLE_QUERIES, SAMPLE_K)
+        if samples:
+            write_text_atomic(paths.explanations, explanation_html(samples))
+            explained = {"explanations": dg.MetadataValue.md(explanation_markdown(samples, str(paths.explanations))),
+                         "explanations_path": path_metadata(paths.explanations)}
+        else:
+            explained = {"explanations": f"none: scores rank the `{spec.scoring.aggregate}` aggregate of the "
+                                         "queries, not single queries"}
         single = next(iter(versions.values())) if len(versions) == 1 else None
         yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
                                    metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
-                                             "explanations": dg.MetadataValue.md(
-                                                 explanation_markdown(samples, str(paths.explanations))),
-                                             "explanations_path": path_metadata(paths.explanations)})
+                                             **explained})
 
     db_key = key(spec, "attribution_db")
 

@@ -171,7 +171,10 @@ def explain_query(spec: PipelineSpec, paths: PipelinePaths, query_id: str, k: in
 def explain_samples(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, queries: int,
                     k: int) -> list[Explanation]:
     """:func:`explain_query` for the first ``queries`` queries (in query-table order, those
-    with gold documents first), sharing one scorer and collector."""
+    with gold documents first), sharing one scorer and collector; none when the score tables
+    rank an aggregate (``scoring.aggregate`` other than ``individual``), not single queries."""
+    if spec.scoring.aggregate != "individual":
+        return []
     scorer = QueryScorer.for_pipeline(spec, paths, aggregate="individual")
     table = read_queries(paths.queries)
     order = sorted(table, key=lambda q: not q.get("gold_doc_ids"))  # stable: table order otherwise

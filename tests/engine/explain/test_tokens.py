@@ -136,3 +136,9 @@ def test_samples_put_queries_with_gold_first(one_thread, tiny_demo, demo_model):
     samples = explain_samples(spec, paths, *demo_model, queries=2, k=2)
     assert [len(s.documents) for s in samples] == [2, 2]
     assert all(s.gold_doc_ids for s in samples)
+
+
+def test_aggregated_scores_have_no_single_query_samples():
+    from tests.helpers import tiny_demo_spec
+
+    assert explain_samples(tiny_demo_spec(aggregate="mean"), None, None, None, queries=3, k=5) == []
