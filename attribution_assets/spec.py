@@ -477,6 +477,25 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
+    """The spec as plain JSON values (``spec_from_json`` rebuilds an equal spec), e.g. to
+    rebuild a pipeline's definitions in another process."""
+    return _jsonable(spec)
+
+
+def spec_from_json(raw: dict[str, Any]) -> PipelineSpec:
+    """The :class:`PipelineSpec` that :func:`spec_to_json` wrote (validated again)."""
+    sections = {**_SECTIONS, "demo": DemoSpec}
+
+    def build(cls, values):
+        types = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) and isinstance(types.get(k), tuple) else v
+                      for k, v in values.items()})
+
+    return PipelineSpec(**{k: build(sections[k], v) if k in sections and v is not None else v
+                           for k, v in raw.items()})
+
+
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,

@@ -86,6 +86,10 @@ class PipelinePaths:
     def autocorrelation(self) -> Path:
         return self.root / "train_autocorrelation"
 
+    def shard_autocorrelation(self, shard: str) -> Path:
+        """One shard's autocorrelation sums (``engine.preconditioning.autocorrelation.save_accumulator``)."""
+        return self.root / "shard_autocorrelation" / shard
+
     @property
     def preconditioner(self) -> Path:
         return self.root / "preconditioner"
