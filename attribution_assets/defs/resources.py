@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -59,6 +59,13 @@ class ComputeResource(dg.ConfigurableResource):
         if value not in AUTOCAST:
             raise ValueError(f"autocast must be one of {list(AUTOCAST)}, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_fsdp(self):
+        if self.fsdp and self.processes_per_shard < 2:
+            raise ValueError("fsdp shards the parameters over torchrun ranks: set processes_per_shard >= 2 "
+                             "(or fsdp: false)")
+        return self
 
     def autocast_dtype(self):
         """The ``torch.autocast`` dtype of gradient steps (None: off)."""

@@ -380,7 +380,7 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
     recipe = recipe_of(defs)
     workers = _profile_workers(recipe)
 
-    def shards_of(stage: Stage) -> list[str]:
+    def shards_of(stage: Stage) -> list[str]:  # every shard, in partition order
         return instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
 
     for stage in stages:
@@ -394,10 +394,9 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
         check_pools(instance, slot_timeout)
         job = defs.resolve_job_def(job_name(spec, stage))
         tags = {**base_tags, STAGE_TAG: stage.name}
-        if recipe is not None and workers > 1 and len(split_ranges(plan.ranges, shards_of(stage), workers)) > 1:
-            results += _run_in_workers(recipe, job.name, instance, plan.keys,
-                                       split_ranges(plan.ranges, shards_of(stage), workers), workers, tags,
-                                       run_config, log)
+        ranges = split_ranges(plan.ranges, shards_of(stage), workers) if workers > 1 else plan.ranges
+        if len(ranges) > 1 and workers > 1:  # workers > 1 only with a recipe
+            results += _run_in_workers(recipe, job.name, instance, plan.keys, ranges, workers, tags, run_config, log)
             continue
         for first, last in plan.ranges or [(None, None)]:
             range_tags = {} if first is None else {"dagster/asset_partition_range_start": first,
