@@ -31,6 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -147,13 +148,14 @@ def write_shard(job: dict, parts: Sequence[tuple[Sequence[int], np.ndarray, dict
     return out
 
 
-def _open_pipes():
-    """Dagster Pipes on rank 0 when launched through Pipes (``dagster-pipes``, no Dagster)."""
+def _open_pipes(stack: ExitStack):
+    """Dagster Pipes when launched through Pipes (``dagster-pipes`` only, no Dagster): its
+    context closes with the exception that ended the rank, so the step's error shows it."""
     if "DAGSTER_PIPES_CONTEXT" not in os.environ:
         return None
     from dagster_pipes import open_dagster_pipes
 
-    return open_dagster_pipes()
+    return stack.enter_context(open_dagster_pipes())
 
 
 def run(job_file: str | None = None) -> None:
@@ -161,41 +163,44 @@ def run(job_file: str | None = None) -> None:
     backend = "nccl" if models.resolve_device(os.environ.get("ATTRIBUTION_DEVICE", "auto")).type == "cuda" \
         and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    pipes = _open_pipes() if rank == 0 else None
     try:
-        box: list[Any] = [None]
-        if rank == 0:
-            box[0] = pipes.extras["job"] if pipes is not None else json.loads(Path(job_file).read_text())
-        dist.broadcast_object_list(box, src=0)
-        job = box[0]
-        restore = limit_threads(int(job.get("threads", 0)))
-        try:
-            mine, array, info, stats = collect_rank(job, rank, world)
-        finally:
-            restore()
-        part = (mine, array, info, stats) if rank == 0 or not job.get("fsdp") else (None, None, None, stats)
-        gathered: list[Any] = [None] * world if rank == 0 else None
-        dist.gather_object(part, gathered, dst=0)
-        if rank == 0:
-            out = write_shard(job, [(m, a, i) for m, a, i, _ in gathered if a is not None])
-            all_stats = [s for *_, s in gathered]
-            message = {"path": str(out), "ranks": world, "backend": backend, "fsdp": bool(job.get("fsdp")),
-                       "rows": all_stats[0]["rows"] if job.get("fsdp") else sum(s["rows"] for s in all_stats),
-                       "tokens": all_stats[0]["tokens"] if job.get("fsdp") else sum(s["tokens"] for s in all_stats),
-                       "rank_seconds": [s["seconds"] for s in all_stats],
-                       "rank_parameters": [s["local_parameters"] for s in all_stats],
-                       "parameters": all_stats[0]["parameters"]}
-            if pipes is not None:
-                pipes.log.info(f"{world} ranks ({backend}) wrote {message['rows']} rows to {out}")
-                pipes.report_custom_message(message)
-            else:
-                print(json.dumps(message))
-        dist.barrier()
+        with ExitStack() as stack:
+            _run_rank(_open_pipes(stack) if dist.get_rank() == 0 else None, job_file, backend)
     finally:
-        if pipes is not None:
-            pipes.close()
         dist.destroy_process_group()
+
+
+def _run_rank(pipes, job_file: str | None, backend: str) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    box: list[Any] = [None]
+    if rank == 0:
+        box[0] = pipes.extras["job"] if pipes is not None else json.loads(Path(job_file).read_text())
+    dist.broadcast_object_list(box, src=0)
+    job = box[0]
+    restore = limit_threads(int(job.get("threads", 0)))
+    try:
+        mine, array, info, stats = collect_rank(job, rank, world)
+    finally:
+        restore()
+    part = (mine, array, info, stats) if rank == 0 or not job.get("fsdp") else (None, None, None, stats)
+    gathered: list[Any] = [None] * world if rank == 0 else None
+    dist.gather_object(part, gathered, dst=0)
+    if rank == 0:
+        out = write_shard(job, [(m, a, i) for m, a, i, _ in gathered if a is not None])
+        all_stats = [s for *_, s in gathered]
+        fsdp = bool(job.get("fsdp"))
+        message = {"path": str(out), "ranks": world, "backend": backend, "fsdp": fsdp,
+                   "rows": all_stats[0]["rows"] if fsdp else sum(s["rows"] for s in all_stats),
+                   "tokens": all_stats[0]["tokens"] if fsdp else sum(s["tokens"] for s in all_stats),
+                   "rank_seconds": [s["seconds"] for s in all_stats],
+                   "rank_parameters": [s["local_parameters"] for s in all_stats],
+                   "parameters": all_stats[0]["parameters"]}
+        if pipes is not None:
+            pipes.log.info(f"{world} ranks ({backend}) wrote {message['rows']} rows to {out}")
+            pipes.report_custom_message(message)
+        else:
+            print(json.dumps(message))
+    dist.barrier()
 
 
 if __name__ == "__main__":
