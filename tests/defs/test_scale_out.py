@@ -64,6 +64,14 @@ def test_profile_survives_the_trip_to_a_worker(tmp_path):
     assert again.storage.root == str(tmp_path) and again.compute.threads == 1
 
 
+def test_specs_survive_the_trip_to_a_worker(tmp_path, tiny_model_dir):
+    from attribution_assets.spec import GradientSpec, demo_spec, spec_from_json, spec_to_json
+
+    for spec in (demo_spec(gradients=GradientSpec(projection_dim=8, include=("*mlp*",))),
+                 user_pipeline_spec(tmp_path, tiny_model_dir)):
+        assert spec_from_json(json.loads(json.dumps(spec_to_json(spec)))) == spec
+
+
 def test_two_workers_give_the_same_stores_and_scores_as_one_process(two_ways):
     spec, one, two, instance, messages, _ = two_ways
     assert one.gradient_shards() == two.gradient_shards() == SHARDS
