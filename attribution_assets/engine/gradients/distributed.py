@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from attribution_assets.engine.gradients.batching import pack_batches
-from attribution_assets.engine.gradients.collect import make_collector
+from attribution_assets.engine.gradients.collect import doc_weights, make_collector, weight_rows
 from attribution_assets.engine.gradients.store import write_store
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.data import read_tokenized
@@ -142,6 +142,11 @@ def write_shard(job: dict, parts: Sequence[tuple[Sequence[int], np.ndarray, dict
     out = Path(job["out"]) if job.get("out") else paths.train_gradients(job["shard"])
     docs = read_tokenized(paths.tokens(job["shard"]))
     array, info = merge_parts(parts, len(docs))
+    weighting = spec.corpus.advantage_weighting
+    weights = doc_weights(docs, weighting)  # over the whole shard, as one process weights them
+    if weights is not None:
+        weight_rows(array, info, weights)
+        info["advantage_weighting"], info["sequence_weights"] = weighting, weights.tolist()
     info["producer"] = job.get("producer", "")
     write_store(out, array, info, doc_ids=[d.doc_id for d in docs], model_fingerprint=job["fingerprint"],
                 dtype=spec.gradients.dtype)
