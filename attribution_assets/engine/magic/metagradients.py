@@ -54,12 +54,10 @@ def metagradient(run: TrainingRun, query_loss: QueryLoss,
     adjoint |= {f"param/{k}": g for k, g in zip(leaves, grads)}
     w_bar = torch.zeros_like(run.weights)
     for start, stop in reversed(list(zip(marks[:-1], marks[1:]))):
-        states: list[State] = []
-        run.replay(run.load(start), start, stop, keep=lambda _t, s: states.append(s))
+        states = run.segment_states(start, stop)
         for t in range(stop - 1, start - 1, -1):
-            adjoint, w_step = _step_vjp(run, states[t - start], t, adjoint)
+            adjoint, w_step = _step_vjp(run, states.pop(), t, adjoint)
             w_bar += w_step
-        del states
     return w_bar, {"seconds": round(time.perf_counter() - started, 3), "query_loss": float(loss.detach())}
 
 
@@ -84,7 +82,7 @@ def magic_scores(run: TrainingRun, queries: Sequence[Document], final: State | N
     rows, stats = [], []
     for j, query in enumerate(queries):
         grad, info = metagradient(run, sequence_loss(run, [query]), final)
-        rows.append(-grad.double().numpy())
+        rows.append(-grad.double().cpu().numpy())
         stats.append(info)
         log(f"magic query {j + 1}/{len(queries)}: {info['seconds']} s")
     return np.stack(rows) if rows else np.zeros((0, run.objective.n_docs)), stats

@@ -97,6 +97,7 @@ class Objective:
         self.targets = torch.tensor(validate_documents(self.docs), dtype=torch.long)
         self.pad_id = pad_id
         self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
 
     @property
     def n_docs(self) -> int:
@@ -109,7 +110,7 @@ class Objective:
     def summed_losses(self, params: dict[str, torch.Tensor], docs: Sequence[Document],
                       indices: Sequence[int]) -> torch.Tensor:
         """``[len(indices)]``: per document the summed NLL of its ``loss_mask`` tokens."""
-        batch = collate(docs, indices, self.pad_id)
+        batch = collate(docs, indices, self.pad_id, self.device)
         with sdpa_kernel(SDPBackend.MATH):  # twice differentiable, the same in every pass
             out = torch.func.functional_call(self.model, params, (),
                                              {"input_ids": batch.input_ids,
@@ -122,7 +123,7 @@ class Objective:
                    weights: torch.Tensor) -> torch.Tensor:
         """``L_t = sum_i w_i sum_j l_ij / N_t`` over ``batch`` (see the module docstring)."""
         losses = self.summed_losses(params, self.docs, batch)
-        return (weights[list(batch)] * losses).sum() / self.targets[list(batch)].sum()
+        return (weights[list(batch)] * losses).sum() / self.targets[list(batch)].sum().to(self.device)
 
 
 def initial_state(params: dict[str, torch.Tensor], magic: MagicSpec) -> State:
@@ -174,7 +175,8 @@ def train_step(state: State, step: int, batch: Sequence[int], weights: torch.Ten
 def save_checkpoint(path: Path, state: State, step: int) -> Path:
     """Write ``state`` after ``step`` steps to ``path`` (safetensors, atomically)."""
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"step": str(step)})
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"step": str(step)})
     return path
 
 
@@ -205,6 +207,7 @@ class TrainingRun:
         n = self.objective.n_docs
         if self.weights is None:
             self.weights = torch.ones(n, dtype=self.objective.dtype)
+        self.weights = self.weights.to(self.objective.device)
         if tuple(self.weights.shape) != (n,):
             raise ValueError(f"weights must have shape ({n},) (one per document), got {tuple(self.weights.shape)}")
         self.batches = training_batches(n, self.magic)
@@ -216,15 +219,18 @@ class TrainingRun:
         return train_step(state, step, self.batches[step], self.weights if weights is None else weights,
                           self.objective, self.magic, self.total_steps, create_graph)
 
-    def replay(self, state: State, start: int, stop: int,
-               keep: Callable[[int, State], None] | None = None) -> State:
-        """The state after step ``stop`` from ``state`` after ``start`` steps; ``keep(t, s)``
-        sees each state after ``t`` steps, ``start <= t < stop``."""
+    def replay(self, state: State, start: int, stop: int) -> State:
+        """The state after step ``stop`` from ``state``, the state after ``start`` steps."""
         for t in range(start, stop):
-            if keep is not None:
-                keep(t, state)
             state = self.step(state, t)
         return state
+
+    def segment_states(self, start: int, stop: int) -> list[State]:
+        """The states after ``start, ..., stop - 1`` steps, replayed from checkpoint ``start``."""
+        states = [self.load(start)]
+        for t in range(start, stop - 1):
+            states.append(self.step(states[-1], t))
+        return states
 
     def train(self, log: Callable[[str], None] = lambda _: None) -> tuple[State, dict]:
         """Train from the objective's initial parameters; write every checkpoint (when
@@ -247,6 +253,7 @@ class TrainingRun:
         if self.checkpoint_path is None:
             raise ValueError("this run has no checkpoint_path")
         state, stored = load_checkpoint(self.checkpoint_path(step))
+        state = {k: v.to(self.objective.device) for k, v in state.items()}
         if stored != step:
             raise ValueError(f"{self.checkpoint_path(step)} holds step {stored}, expected {step}")
         return state
