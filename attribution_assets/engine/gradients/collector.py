@@ -49,6 +49,7 @@ from attribution_assets.engine.gradients.batching import (
     validate_documents,
 )
 from attribution_assets.engine.gradients.heads import Block, module_blocks
+from attribution_assets.engine.gradients.loss import token_nll
 from attribution_assets.engine.gradients.projection import Projector
 from attribution_assets.engine.io.digests import json_digest
 from attribution_assets.spec import GradientSpec
@@ -152,8 +153,9 @@ def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    # every position's logits, contiguous (no slice copy); the last one's target is a dummy
+    targets = torch.roll(batch.input_ids, -1, dims=1)
+    nll = token_nll(logits.flatten(0, 1), targets.flatten()).view(targets.shape)[:, :-1]
     return torch.where(batch.loss_mask[:, 1:].bool(), nll, torch.zeros_like(nll))
 
 
