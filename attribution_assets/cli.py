@@ -123,8 +123,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if spec.magic.enabled:  # MAGIC's training run and every query batch it lacks, before fact tracing
         from .defs.magic import magic_batches
 
-        if not instance.get_materialized_partitions(key(spec, "magic_training")) and \
-                instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
+        if instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
             run("magic_training")
         done = instance.get_materialized_partitions(key(spec, "magic_scores"))
         for batch in instance.get_dynamic_partitions(magic_batches(spec).name):

@@ -108,7 +108,7 @@ def score_batch(spec: PipelineSpec, paths: PipelinePaths, model: torch.nn.Module
         raise ValueError(f"no query batch {batch!r}: the queries changed since `magic_training`; "
                          "re-materialize it")
     run = pipeline_run(spec, paths, initial_model(spec, model), docs, pad_id)
-    if run.total_steps != record["steps"]:
+    if run.total_steps != record["steps"] or dataclasses.asdict(run.magic) != record["magic"]:
         raise ValueError("the MAGIC settings changed since `magic_training`; re-materialize it")
     chosen = [queries[i] for i in positions]
     scores, stats = magic_scores(run, [(q.input_ids, q.loss_mask) for q in chosen], log=log)
