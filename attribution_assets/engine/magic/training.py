@@ -48,7 +48,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from attribution_assets.engine.demo.model import data_order
 from attribution_assets.engine.gradients.batching import Document, collate, validate_documents
 from attribution_assets.engine.io.atomic import atomic_file
-from attribution_assets.spec import DemoSpec, MagicSpec
+from attribution_assets.spec import MAGIC_FROM_DEMO, DemoSpec, MagicSpec
 
 State = dict[str, torch.Tensor]
 CheckpointPath = Callable[[int], Path]
@@ -200,8 +200,7 @@ class TrainingRun:
     weights: torch.Tensor | None = None
 
     def __post_init__(self):
-        missing = [k for k in ("lr", "weight_decay", "warmup_steps", "batch_size", "epochs", "seed")
-                   if getattr(self.magic, k) is None]
+        missing = [k for k in MAGIC_FROM_DEMO if getattr(self.magic, k) is None]
         if missing:
             raise ValueError(f"magic settings {missing} are unset; pass `magic.resolved(demo)`")
         n = self.objective.n_docs
