@@ -454,6 +454,76 @@ class EvaluationSpec:
                                               f"score), got {_describe(self.lds_top_k)}.")
 
 
+MAGIC_OPTIMIZERS = ("adamw", "sgd")
+MAGIC_SCHEDULES = ("cosine", "linear", "constant")
+MAGIC_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class MagicSpec:
+    """MAGIC: exact metagradients of query losses through a deterministic training run
+    (``engine.magic``); opt-in, since it retrains the model.
+
+    The run: the demo model from its seeded init (other pipelines: from the pipeline model's
+    weights) on the pipeline's tokenized documents, no dropout, one seeded shuffle per epoch,
+    ``optimizer`` ``adamw`` (``beta1``, ``beta2``, ``eps``, decoupled ``weight_decay``) or
+    ``sgd`` (``momentum``, L2 ``weight_decay``), learning rate ``lr`` with ``warmup_steps``
+    linear warmup then ``schedule`` decay (``cosine`` or ``linear`` to 0, or ``constant``).
+    ``lr``, ``weight_decay``, ``warmup_steps``, ``batch_size``, ``epochs`` and ``seed`` left
+    null take the demo's values (:meth:`resolved`). A checkpoint every ``checkpoint_every``
+    steps bounds the reverse pass's memory to one segment; ``query_batch_size`` queries per
+    ``magic_scores`` partition; ``dtype`` of the run (float64 for exactness tests).
+    """
+
+    enabled: bool = False
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    seed: int | None = None
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    checkpoint_every: int = 50
+    query_batch_size: int = 8
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_bool(self, "enabled")
+        _check_choice(self, "optimizer", MAGIC_OPTIMIZERS)
+        _check_choice(self, "schedule", MAGIC_SCHEDULES)
+        _check_choice(self, "dtype", MAGIC_DTYPES)
+        if self.lr is not None:
+            _check_float(self, "lr", 0.0, low_open=True)
+        if self.weight_decay is not None:
+            _check_float(self, "weight_decay", 0.0)
+        for key in ("batch_size", "epochs"):
+            _check_int(self, key, 1, optional=True)
+        for key in ("warmup_steps", "seed"):
+            _check_int(self, key, 0, optional=True)
+        _check_float(self, "momentum", 0.0, 1.0, note=" (0 = plain SGD)")
+        for key in ("beta1", "beta2"):
+            _check_float(self, key, 0.0, 1.0)
+            if getattr(self, key) >= 1:
+                raise SpecValueError(key, f"must be below 1, got {getattr(self, key)!r}.")
+        _check_float(self, "eps", 0.0, low_open=True)
+        _check_int(self, "checkpoint_every", 1, note=" (steps per replay segment)")
+        _check_int(self, "query_batch_size", 1, note=" (queries per magic_scores partition)")
+
+    def resolved(self, demo: DemoSpec | None) -> MagicSpec:
+        """This spec with every null training setting taken from ``demo`` (or ``DemoSpec()``)."""
+        demo = demo or DemoSpec()
+        return dataclasses.replace(self, **{k: getattr(demo, k) for k in MAGIC_FROM_DEMO
+                                            if getattr(self, k) is None})
+
+
+MAGIC_FROM_DEMO = ("lr", "weight_decay", "warmup_steps", "batch_size", "epochs", "seed")
+
+
 FINETUNE_OPTIMIZERS = ("adamw", "adafactor")
 
 
@@ -506,6 +576,7 @@ class PipelineSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     demo: DemoSpec | None = None
     schedule: str | None = None
+    magic: MagicSpec = field(default_factory=MagicSpec)
     finetune: FinetuneSpec | None = None
 
     def __post_init__(self):
@@ -516,6 +587,9 @@ class PipelineSpec:
             raise SpecValueError("scoring.breakdown", "is `head`, which needs per-head gradient blocks: "
                                                       "set `gradients.split: head` (or use `breakdown: "
                                                       "module`).")
+        if self.magic.enabled and self.queries is None:
+            raise SpecValueError("magic.enabled", "needs a `queries` section: MAGIC scores the "
+                                                  "training documents against each query.")
 
     def _check_finetune(self) -> None:
         """A ``finetune`` section and ``scoring.train_rows`` fit the other sections."""
@@ -551,7 +625,7 @@ class PipelineSpec:
 
 def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
               scoring: ScoringSpec | None = None, evaluation: EvaluationSpec | None = None,
-              **demo_kwargs: Any) -> PipelineSpec:
+              magic: MagicSpec | None = None, **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
     Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus, with each
@@ -569,6 +643,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
         scoring=scoring or ScoringSpec(top_k=0, breakdown="module"),
         evaluation=evaluation or EvaluationSpec(),
         demo=DemoSpec(people=people, **demo_kwargs),
+        magic=magic or MagicSpec(),
     )
 
 
@@ -580,10 +655,29 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
+    """The spec as plain JSON values (``spec_from_json`` rebuilds an equal spec), e.g. to
+    rebuild a pipeline's definitions in another process."""
+    return _jsonable(spec)
+
+
+def spec_from_json(raw: dict[str, Any]) -> PipelineSpec:
+    """The :class:`PipelineSpec` that :func:`spec_to_json` wrote (validated again)."""
+    sections = {**_SECTIONS, "demo": DemoSpec}
+
+    def build(cls, values):
+        types = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) and isinstance(types.get(k), tuple) else v
+                      for k, v in values.items()})
+
+    return PipelineSpec(**{k: build(sections[k], v) if k in sections and v is not None else v
+                           for k, v in raw.items()})
+
+
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,
-    "evaluation": EvaluationSpec, "finetune": FinetuneSpec,
+    "evaluation": EvaluationSpec, "magic": MagicSpec, "finetune": FinetuneSpec,
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
               ("gradients", "optimizer_state"), ("model", "adapter")}
@@ -644,7 +738,8 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if required not in raw:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
-    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "finetune"):
+    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "magic",
+                    "finetune"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

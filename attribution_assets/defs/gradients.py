@@ -1,6 +1,7 @@
 """Per-shard training gradients and query gradients (the engine's collector, called thinly)."""
 
 import json
+import sys
 
 import dagster as dg
 
@@ -29,7 +30,7 @@ from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.training.finetune import train_time_document_rows
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.spec import PipelineSpec, spec_to_json
 
 CHECKS = ("finite", "row_count", "settings")
 
@@ -50,6 +51,28 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     paths = storage.paths(spec)
     model, _ = compute.load_model(spec, paths)
     return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
+
+
+def torchrun_collect_shard(context: dg.AssetExecutionContext, spec: PipelineSpec, storage: StorageResource,
+                           compute: ComputeResource, shard: str, fingerprint: str, producer: str) -> dict:
+    """Collect one shard with ``compute.processes_per_shard`` torchrun ranks through Dagster Pipes
+    (rank 0 writes the store); the ranks' logs and their custom message come back through Pipes.
+    Raises (``DagsterPipesExecutionError``, with the ranks' output) if any rank fails."""
+    root = storage.ensure_writable()
+    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shard": shard,
+           "fingerprint": fingerprint, "producer": producer, "device": compute.device,
+           "precision": compute.precision, "autocast": compute.autocast, "threads": compute.threads,
+           "fsdp": compute.fsdp}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={compute.processes_per_shard}", "--max-restarts=0",
+               "-m", "attribution_assets.engine.gradients.distributed"]
+    invocation = dg.PipesSubprocessClient().run(
+        command=command, context=context, extras={"job": job},
+        env={"ATTRIBUTION_DEVICE": compute.device, "OMP_NUM_THREADS": str(max(compute.threads, 1))})
+    (message,) = invocation.get_custom_messages() or [None]
+    if message is None:
+        raise RuntimeError(f"torchrun for shard {shard} exited without reporting its store.")
+    return message
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
@@ -122,6 +145,12 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                                         model_fingerprint=fingerprint, dtype=spec.gradients.dtype)
                     meta = {"rows": store.rows, "dims": store.dims, "train_time": True,
                             "untrained_documents": int((~array.any(axis=1)).sum())}
+                elif store is None and compute.processes_per_shard > 1:
+                    message = torchrun_collect_shard(context, spec, storage, compute, shard, fingerprint, version)
+                    store = GradientStore(out)
+                    meta = {"rows": store.rows, "dims": store.dims, "ranks": message["ranks"],
+                            "backend": message["backend"], "tokens": message["tokens"],
+                            "rank_seconds": dg.MetadataValue.json(message["rank_seconds"])}
                 elif store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
                     with progress_logs(context):

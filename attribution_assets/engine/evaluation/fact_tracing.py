@@ -21,6 +21,9 @@ Methods (:class:`Method`):
   gradient autocorrelation, not the Hessian: influence-like.
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
+* ``magic``: the pipeline's MAGIC score tables (``engine.magic``; pipelines with
+  ``magic.enabled``), exact metagradients of the completion loss through the MAGIC
+  training run (a separate, deterministic run, not the pipeline model's own training).
 
 Gradients go through ``gradients.collect`` (the assets' code path),
 with the pipeline's projection; they are computed once per (normalizer, query loss)
@@ -48,6 +51,7 @@ from attribution_assets.engine.gradients.store import document_rows
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.magic import pipeline as magic_pipeline
 from attribution_assets.engine.preconditioning.autocorrelation import accumulate
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
@@ -88,6 +92,7 @@ def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring)
 
 
 PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)", metric="inner_product")
+MAGIC = Method("magic", kind="magic")
 
 
 def default_methods(spec: PipelineSpec) -> list[Method]:
@@ -100,6 +105,8 @@ def default_methods(spec: PipelineSpec) -> list[Method]:
                         precondition=s.precondition, mixing=s.mixing, damping=s.damping)
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
         methods.append(configured)
+    if spec.magic.enabled:
+        methods.append(MAGIC)
     return methods
 
 
@@ -112,6 +119,10 @@ def available_methods(spec: PipelineSpec, paths: PipelinePaths | None,
 
     usable, skipped = [], {}
     for m in methods or default_methods(spec):
+        if m.kind == "magic" and (paths is None or not paths.magic_score_batches()):
+            skipped[m.name] = ("no MAGIC score tables: set `magic.enabled: true` and materialize "
+                               "`magic_training` and every `magic_scores` partition")
+            continue
         if m.kind == "bm25" and importlib.util.find_spec("bm25s") is None:
             skipped[m.name] = "the bm25s package is not installed (pip install 'attribution-assets[eval]')"
             continue
@@ -213,10 +224,14 @@ def gradient_scores(method: Method, cache: GradientCache, query_loss: str) -> np
 
 def method_scores(methods: Sequence[Method], cache: GradientCache,
                   query_loss: str = "completion") -> dict[str, np.ndarray]:
-    """``{name: [q, n]}`` for each method (BM25 always sees the full query text)."""
+    """``{name: [q, n]}`` for each method (BM25 always sees the full query text; MAGIC's
+    tables hold the completion loss)."""
     out = {}
     for m in methods:
-        if m.kind == "bm25":
+        if m.kind == "magic":
+            out[m.name] = magic_pipeline.read_scores(cache.paths, [q.doc_id for q in cache.queries],
+                                                     [d.doc_id for d in cache.docs])
+        elif m.kind == "bm25":
             out[m.name] = bm25_scores([d.text for d in cache.docs], [q.text for q in cache.queries])
         else:
             out[m.name] = gradient_scores(m, cache, query_loss)
@@ -274,11 +289,12 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
     mine = configured_name(spec, methods)
     rows, all_scores = [], {}
     for query_loss in query_losses:
-        todo = [m for m in methods if m.kind != "bm25" or query_loss == query_losses[0]]
+        todo = [m for m in methods if m.kind not in ("bm25", "magic") or query_loss == query_losses[0]]
         all_scores[query_loss] = method_scores(todo, cache, query_loss)
         for m in todo:
             ranks = first_gold_ranks(all_scores[query_loss][m.name], doc_ids, query_ids, gold)
-            rows.append({"method": m.name, "query_loss": "full text" if m.kind == "bm25" else query_loss,
+            loss_name = {"bm25": "full text", "magic": "completion"}.get(m.kind, query_loss)
+            rows.append({"method": m.name, "query_loss": loss_name,
                          "configured": m.name == mine, **recall_and_mrr(ranks, ks)})
     frame = pl.DataFrame(rows)
     markdown = markdown_table(frame) + "".join(f"\nSkipped `{name}`: {why}.\n" for name, why in skipped.items())

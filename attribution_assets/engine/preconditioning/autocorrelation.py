@@ -11,7 +11,9 @@ of one module at a time and finalizes its sums in place; a loaded autocorrelatio
 each module's matrix from disk when asked for it, so consumers hold one module at a time.
 
 On disk (a directory written atomically): ``autocorrelation.safetensors`` (one float64
-matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
+matrix per module) and ``autocorrelation.json`` (``n`` and the layout). A shard's
+accumulator is saved the same way with its raw sums ``S_m = sum g gᵀ`` (``"sums": true``);
+merging saved shard sums gives the autocorrelation of all shards without their rows.
 """
 
 from __future__ import annotations
@@ -261,3 +263,41 @@ def training_autocorrelation(shards: Iterable[ShardRows]) -> Autocorrelation:
     if acc is None:
         raise ValueError("no shards to accumulate: materialize the corpus and its shards first")
     return acc.finalize()
+
+
+def shard_accumulator(rows: ShardRows) -> AutocorrelationAccumulator:
+    """The sums of one shard's document rows (stored or streamed)."""
+    return AutocorrelationAccumulator(rows.info["modules"]).update(rows.document_rows())
+
+
+def save_accumulator(path: Path, accumulator: AutocorrelationAccumulator) -> None:
+    """Write an accumulator's raw sums, ``n`` and layout to the directory ``path`` (atomically)."""
+    sums = accumulator._live_sums()
+    with atomic_dir(path) as tmp:
+        save_file({m.name: sums[m.name] for m in accumulator.layout}, str(tmp / TENSORS_FILE))
+        (tmp / SETTINGS_FILE).write_text(json.dumps(
+            {"n": accumulator.n, "sums": True, "layout": [m._asdict() for m in accumulator.layout]}))
+
+
+def load_accumulator(path: Path, in_memory: bool = True) -> AutocorrelationAccumulator:
+    """What :func:`save_accumulator` wrote; ``in_memory=False`` reads each module's sums when
+    accessed (enough to :meth:`~AutocorrelationAccumulator.merge` it into another)."""
+    meta = json.loads((Path(path) / SETTINGS_FILE).read_text())
+    if not meta.get("sums"):
+        raise ValueError(f"{path} holds a finalized autocorrelation, not an accumulator's sums")
+    accumulator = AutocorrelationAccumulator(meta["layout"])
+    stored = StoredTensors(Path(path) / TENSORS_FILE)
+    accumulator.sums = {m.name: stored[m.name] for m in accumulator.layout} if in_memory else stored
+    accumulator.n = int(meta["n"])
+    return accumulator
+
+
+def merge_accumulators(paths: Sequence[Path]) -> Autocorrelation:
+    """The autocorrelation of every saved accumulator in ``paths`` (in order): the first one's
+    sums in memory, the others added one module at a time."""
+    if not paths:
+        raise ValueError("no shard autocorrelations to merge: materialize the shards first")
+    merged = load_accumulator(paths[0])
+    for path in paths[1:]:
+        merged.merge(load_accumulator(path, in_memory=False))
+    return merged.finalize()
