@@ -11,6 +11,7 @@ from attribution_assets.defs.corpus import corpus_assets
 from attribution_assets.defs.evaluation import evaluation_assets
 from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
+from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile
 from attribution_assets.defs.scores import score_assets
 from attribution_assets.spec import PipelineSpec
@@ -18,7 +19,7 @@ from attribution_assets.spec import PipelineSpec
 
 def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
     """Assets, checks, sensor and schedule of one pipeline, under the key prefix ``[spec.name]``."""
-    assets = [*corpus_assets(spec), *gradient_assets(spec), *score_assets(spec), *index_assets(spec),
+    assets = [*corpus_assets(spec), *gradient_assets(spec), *kfac_assets(spec), *score_assets(spec), *index_assets(spec),
               *evaluation_assets(spec)]
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     return dg.Definitions(assets=assets, sensors=[sensor] if sensor else [],

@@ -56,7 +56,7 @@ def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
     ]
 
 
-def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+def store_check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     descriptions = {"finite": "every gradient value is finite",
                     "row_count": "one row per document (or per target token)",
                     "settings": "projection and normalizer match the pipeline spec"}
@@ -64,7 +64,7 @@ def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
             for name in CHECKS]
 
 
-def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
+def expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
     return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
 
 
@@ -77,7 +77,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
                   deps=[key(spec, "tokenized_shards"), key(spec, "model")],
-                  code_version=version, pool="gpu", check_specs=_check_specs(train_key),
+                  code_version=version, pool="gpu", check_specs=store_check_specs(train_key),
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
@@ -98,7 +98,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                     {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
                      "path": path_metadata(out), "total_seconds": timer.seconds,
                      "config_hash": store.info["config_hash"]}, partition_key=shard)
-                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
             single = len(versions) == 1
             yield dg.MaterializeResult(
@@ -117,7 +117,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
         @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), key(spec, "model")],
                   code_version=version, pool="gpu",
-                  check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
+                  check_specs=store_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
         def query_gradients(storage: StorageResource, compute: ComputeResource):
             timer = Timer()
@@ -129,7 +129,7 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
                           "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds},
                 data_version=dg.DataVersion(store.digest()))
-            yield from store_checks(store, _expected_rows(docs, spec), spec, query_key)
+            yield from store_checks(store, expected_rows(docs, spec), spec, query_key)
 
         assets.append(query_gradients)
     return assets

@@ -24,8 +24,11 @@ concurrency:
 #: Stages in dependency order: (asset names, partitioned by shard?)
 STAGES: list[tuple[tuple[str, ...], bool]] = [
     (("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"), False),
-    (("tokenized_shards", "train_gradients"), True),
-    (("train_autocorrelation", "preconditioner", "faiss_index"), False),
+    (("tokenized_shards", "train_gradients", "kfac_covariance"), True),
+    (("kfac_factors", "kfac_eigendecomposition"), False),
+    (("ekfac_correction",), True),
+    (("ekfac_eigenvalues",), False),
+    (("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"), False),
     (("scores",), True),
     (("attribution_db",), False),
 ]

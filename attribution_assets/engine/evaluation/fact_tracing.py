@@ -19,18 +19,26 @@ Methods (:class:`Method`):
   inner products and no unit normalization: additive like an influence function, the
   form the linear datamodeling score (``lds``) sums, though ``R`` is the (mixed)
   gradient autocorrelation, not the Hessian: influence-like.
+* ``ekfac`` / ``kfac``: the influence function ``g_qᵀ (F + lam I)^{-1} g_t`` with the EK-FAC /
+  K-FAC Gauss-Newton ``F`` of ``preconditioning.kfac`` (sampled labels, fitted on the
+  training documents), no optimizer normalization: each full query gradient is
+  preconditioned, then projected, and scored by inner product with the projected training
+  rows. ``ekfac (cosine)`` / ``kfac (cosine)``: the same preconditioned query and the raw
+  training row, both unit-normalized.
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
 
 Gradients go through ``gradients.collect`` (the assets' code path),
 with the pipeline's projection; they are computed once per (normalizer, query loss)
-and shared by all methods, and preconditioners once per (normalizer, query loss). Query loss: ``"completion"`` (the query's ``loss_mask``,
+and shared by all methods, TrackStar preconditioners once per (normalizer, query loss), the
+K-FAC factors once per label setting (EK-FAC's correction once more). Query loss: ``"completion"`` (the query's ``loss_mask``,
 the answer, as TrackStar does) or ``"full"`` (every query token but the first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +48,17 @@ import polars as pl
 
 from attribution_assets.engine.evaluation.metrics import recall_and_mrr
 from attribution_assets.engine.gradients.collect import collect, make_collector
+from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.store import document_rows
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import accumulate
+from attribution_assets.engine.preconditioning.kfac import (
+    CurvatureCollector,
+    KroneckerEigen,
+    KroneckerPreconditioner,
+)
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
     trackstar_preconditioner,
@@ -57,29 +71,45 @@ QUERY_LOSSES = ("completion", "full")
 
 @dataclass(frozen=True)
 class Method:
-    """How to score: ``kind`` ``bm25`` or ``gradient`` (normalizer + scoring settings)."""
+    """How to score: ``kind`` ``bm25`` or ``gradient`` (normalizer + scoring settings;
+    ``preconditioner`` as in ``ScoringSpec``: ``none``, ``trackstar``, ``ekfac``, ``kfac``)."""
 
     name: str
     kind: str = "gradient"
     normalizer: str = "none"
     metric: str = "cosine"
-    precondition: bool = False
+    preconditioner: str = "none"
     mixing: str | float = "auto"
     damping: float = 0.1
+    kfac_labels: str = "sampled"
+    kfac_seed: int = 0
 
     def scoring(self) -> ScoringSpec:
-        return ScoringSpec(metric=self.metric, precondition=self.precondition, mixing=self.mixing,
-                           damping=self.damping, top_k=0)
+        return ScoringSpec(metric=self.metric, preconditioner=self.preconditioner, mixing=self.mixing,
+                           damping=self.damping, kfac_labels=self.kfac_labels, kfac_seed=self.kfac_seed,
+                           top_k=0)
+
+    @classmethod
+    def configured(cls, spec: PipelineSpec) -> Method:
+        """The pipeline's own ``gradients.normalizer`` and ``scoring`` settings."""
+        s = spec.scoring
+        return cls("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
+                   preconditioner=s.preconditioner, mixing=s.mixing, damping=s.damping,
+                   kfac_labels=s.kfac_labels, kfac_seed=s.kfac_seed)
 
 
 BM25 = Method("bm25", kind="bm25")
 DOT = Method("dot", metric="inner_product")
 COSINE = Method("cosine")
+EKFAC = Method("ekfac", preconditioner="ekfac", metric="inner_product")
+EKFAC_COSINE = Method("ekfac (cosine)", preconditioner="ekfac")
+KFAC = Method("kfac", preconditioner="kfac", metric="inner_product")
+KFAC_COSINE = Method("kfac (cosine)", preconditioner="kfac")
 
 
 def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring) -> Method:
     """TrackStar (preconditioned cosine) with the given optimizer normalizer."""
-    return Method(name or f"trackstar ({normalizer})", normalizer=normalizer, precondition=True,
+    return Method(name or f"trackstar ({normalizer})", normalizer=normalizer, preconditioner="trackstar",
                   **scoring)
 
 
@@ -88,12 +118,11 @@ PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)
 
 def default_methods(spec: PipelineSpec) -> list[Method]:
     """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
-    products (``g_q R^-1 g_t``, influence-like), and the pipeline's own settings."""
+    products (``g_q R^-1 g_t``, influence-like), EK-FAC and K-FAC influence (inner product and
+    cosine), and the pipeline's own settings."""
     methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
-               PRECONDITIONED_DOT]
-    s = spec.scoring
-    configured = Method("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
-                        precondition=s.precondition, mixing=s.mixing, damping=s.damping)
+               PRECONDITIONED_DOT, EKFAC, EKFAC_COSINE, KFAC, KFAC_COSINE]
+    configured = Method.configured(spec)
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
         methods.append(configured)
     return methods
@@ -101,10 +130,9 @@ def default_methods(spec: PipelineSpec) -> list[Method]:
 
 def configured_name(spec: PipelineSpec, methods: Sequence[Method]) -> str:
     """Name of the method in ``methods`` that matches the pipeline's own settings."""
-    s = spec.scoring
+    configured = Method.configured(spec)
     for m in methods:
-        if m.kind == "gradient" and (m.normalizer, m.metric, m.precondition, m.mixing, m.damping) == (
-                spec.gradients.normalizer, s.metric, s.precondition, s.mixing, s.damping):
+        if m.kind == "gradient" and dataclasses.replace(m, name="configured") == configured:
             return m.name
     return "configured"
 
@@ -140,6 +168,9 @@ class GradientCache:
         self.docs, self.queries = list(docs), list(queries)
         self._rows: dict[tuple[str, str], tuple[np.ndarray, dict]] = {}
         self._preconditioners: dict[tuple, Preconditioner] = {}
+        self._curvature: dict[tuple, tuple[CurvatureCollector, KroneckerEigen]] = {}
+        self._kronecker: dict[tuple, KroneckerPreconditioner] = {}
+        self._kronecker_queries: dict[tuple, np.ndarray] = {}
         self.seconds: dict[str, float] = {}
 
     def _collect(self, normalizer: str, which: str, docs: list[TokenizedDoc]):
@@ -174,12 +205,50 @@ class GradientCache:
         return self._preconditioners[key]
 
 
+    def kronecker(self, scoring: ScoringSpec) -> KroneckerPreconditioner:
+        """EK-FAC / K-FAC fitted on the training documents: factors and eigendecomposition
+        once per label setting, EK-FAC's correction once more, damped per ``scoring``."""
+        labels = (scoring.kfac_labels, scoring.kfac_seed)
+        if labels not in self._curvature:
+            start = time.perf_counter()
+            collector = CurvatureCollector(self.model, self.spec.gradients, *labels)
+            covariance = collector.covariance([(d.input_ids, d.loss_mask) for d in self.docs])
+            self._curvature[labels] = (collector, KroneckerEigen.from_covariance(covariance))
+            self.seconds["kfac factors"] = time.perf_counter() - start
+        key = (scoring.preconditioner, *labels, scoring.damping)
+        if key not in self._kronecker:
+            collector, eigen = self._curvature[labels]
+            correction = None
+            if scoring.preconditioner == "ekfac":
+                start = time.perf_counter()
+                correction = collector.correction([(d.input_ids, d.loss_mask) for d in self.docs], eigen)
+                self.seconds["ekfac correction"] = time.perf_counter() - start
+            self._kronecker[key] = KroneckerPreconditioner(eigen, correction, scoring.damping)
+        return self._kronecker[key]
+
+    def kronecker_query(self, query_loss: str, scoring: ScoringSpec) -> np.ndarray:
+        """``[q, d]`` query rows preconditioned with EK-FAC / K-FAC, then projected (no normalizer)."""
+        key = (scoring.preconditioner, scoring.kfac_labels, scoring.kfac_seed, scoring.damping, query_loss)
+        if key not in self._kronecker_queries:
+            gradients = dataclasses.replace(self.spec.gradients, normalizer="none", per_token=False)
+            collector = GradientCollector(self.model, gradients, transform=self.kronecker(scoring))
+            array, info, stats = collect(collector, with_query_loss(self.queries, query_loss))
+            self._kronecker_queries[key] = document_rows(array, info)
+            self.seconds[f"{scoring.preconditioner}/query-{query_loss}"] = stats.seconds
+        return self._kronecker_queries[key]
+
+
 def gradient_scores(method: Method, cache: GradientCache, query_loss: str) -> np.ndarray:
     """``[q, n]`` scores of a gradient method (same functions as the score assets)."""
     train, info = cache.train(method.normalizer)
-    query, _ = cache.query(method.normalizer, query_loss)
     scoring = method.scoring()
-    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if method.precondition else None
+    if scoring.kronecker:
+        if method.normalizer != "none":
+            raise ValueError(f"method {method.name!r}: {scoring.preconditioner} needs normalizer 'none'")
+        return QueryScorer(cache.kronecker_query(query_loss, scoring), None, None, scoring).score(train)
+    query, _ = cache.query(method.normalizer, query_loss)
+    trackstar = scoring.preconditioner == "trackstar"
+    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if trackstar else None
     return QueryScorer(query, None, precond, scoring).score(train)
 
 

@@ -23,7 +23,7 @@ Conventions (DESIGN.md "Math conventions"):
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -132,6 +132,56 @@ def select_modules(
     return specs
 
 
+@contextmanager
+def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[dict[str, list]]:
+    """Eval mode, frozen parameters, and hooks appending ``(input, output)`` to
+    ``records[name]`` per call of each module in ``specs``; yields ``records``.
+
+    Inputs are made to require grad, so every hooked output has a gradient even with frozen
+    parameters; outputs retain their ``.grad`` (read by ``trace()``). Callers empty the
+    lists between batches (:func:`clear_records`).
+    """
+    was_training = model.training
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    records: dict[str, list] = {s.name: [] for s in specs}
+    handles = []
+
+    def pre_hook(module, args):
+        x = args[0]
+        if not x.requires_grad:  # lets gradients reach every hooked output
+            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+        return None
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                output.retain_grad()  # read by trace(); autograd.grad() ignores it
+            records[name].append((args[0].detach(), output))
+
+        return hook
+
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for s in specs:
+            handles.append(s.module.register_forward_pre_hook(pre_hook))
+            handles.append(s.module.register_forward_hook(make_hook(s.name)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def clear_records(records: dict[str, list]) -> None:
+    """Empty every module's call list (the hooks keep appending to the same lists)."""
+    for calls in records.values():
+        calls.clear()
+
+
 def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -145,6 +195,10 @@ class GradientCollector:
 
     ``normalizer``: an ``AdamNormalizer`` / ``AdafactorNormalizer`` (``normalizers``).
     ``device``: where batches go (default: the model's device). Products are float32.
+    ``transform``: a linear map of each example's full weight gradient applied before the
+    projection, ``transform.apply_full(name, G [B, O, I]) -> [B, O, I]`` (the EK-FAC / K-FAC
+    query-side preconditioner of ``preconditioning.kfac``); it checks the modules with
+    ``transform.check_modules([(name, O, I), ...])``. Weight blocks only: no bias, no normalizer.
     """
 
     def __init__(
@@ -153,6 +207,7 @@ class GradientCollector:
         gradients: GradientSpec | None = None,
         normalizer=None,
         device: torch.device | str | None = None,
+        transform=None,
     ):
         self.model, self.gradients = model, gradients or GradientSpec()
         cfg = self.gradients
@@ -166,7 +221,12 @@ class GradientCollector:
                 f"gradients.normalizer={cfg.normalizer!r} needs optimizer state: pass "
                 "normalizer=make_normalizer(kind, optimizer_or_checkpoint, model)"
             )
-        self.normalizer = normalizer
+        if transform is not None and (normalizer is not None or cfg.include_bias):
+            raise ValueError(
+                "a full-gradient transform (EK-FAC / K-FAC) acts on weight gradients without "
+                "optimizer normalization: set gradients.normalizer: none and include_bias: false"
+            )
+        self.normalizer, self.transform = normalizer, transform
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -181,6 +241,8 @@ class GradientCollector:
         self.dims = col
         if normalizer is not None:
             normalizer.bind(self.specs, self.device)
+        if transform is not None:
+            transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs])
         self._records: dict[str, list] = {}
 
     @property
@@ -202,41 +264,13 @@ class GradientCollector:
 
     @contextmanager
     def _hooked(self):
-        """Eval mode, frozen parameters, and hooks recording ``(a, output)`` per call."""
-        model = self.model
-        was_training = model.training
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        handles = []
-
-        def pre_hook(module, args):
-            x = args[0]
-            if not x.requires_grad:  # lets gradients reach every hooked output
-                return (x.detach().requires_grad_(True),) + tuple(args[1:])
-            return None
-
-        def make_hook(name):
-            def hook(module, args, output):
-                if torch.is_grad_enabled() and output.requires_grad:
-                    output.retain_grad()  # read by trace(); autograd.grad() ignores it
-                self._records[name].append((args[0].detach(), output))
-
-            return hook
-
-        try:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for s in self.specs:
-                handles.append(s.module.register_forward_pre_hook(pre_hook))
-                handles.append(s.module.register_forward_hook(make_hook(s.name)))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
-            self._records = {}
+        """:func:`hooked_modules` over this collector's modules, recording into ``_records``."""
+        with hooked_modules(self.model, self.specs) as records:
+            self._records = records
+            try:
+                yield
+            finally:
+                self._records = {}
 
     def _module_rows(
         self, spec: ModuleSpec, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor
@@ -245,12 +279,13 @@ class GradientCollector:
 
         Padding is masked at the cheapest point (after projecting ``a`` and ``g``);
         an Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling
-        ``g`` and ``a``).
+        ``g`` and ``a``). A normalizer that does not factor, or a ``transform``, needs
+        each example's full ``[O, I]`` gradient (formed in chunks).
         """
         norm, p = self.normalizer, self.gradients.projection_dim
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
         blocks = []
-        if p and (norm is None or factors is not None):
+        if p and (norm is None or factors is not None) and self.transform is None:
             left, right = self.projector.matrices(spec.name, spec.out_features, spec.in_features)
             if factors is not None:
                 left, right = left * factors[0], right * factors[1]
@@ -267,6 +302,8 @@ class GradientCollector:
                     full = full * factors[0][:, None] * factors[1]
                 elif norm is not None:
                     full = norm.scale_full(spec.name, full)
+                if self.transform is not None:
+                    full = self.transform.apply_full(spec.name, full)
                 parts.append(self.projector.project(spec.name, full).flatten(1))
             blocks.append(torch.cat(parts))
         if spec.has_bias:
@@ -307,7 +344,7 @@ class GradientCollector:
         """
         result: list[np.ndarray] = []
         with self._hooked():
-            self._records = {s.name: [] for s in self.specs}
+            clear_records(self._records)
             yield result
             outputs = [o for s in self.specs for _, o in self._records[s.name]]
             if not outputs:
@@ -324,7 +361,7 @@ class GradientCollector:
 
     def _batch_rows(self, batch: Batch, counts: list[int]) -> list[torch.Tensor]:
         """Per document of the batch, its rows ``[n_rows, dims]``."""
-        self._records = {s.name: [] for s in self.specs}
+        clear_records(self._records)
         losses = _token_loss(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]

@@ -6,9 +6,10 @@
 >>> result[0]          # top-10 documents for the first example: [Hit(doc_id, score, text)]
 >>> attributor.search([("Q: Where was Mara born? A: Mara was born in", " Lisbon")], k=5)
 
-Query gradients go through the pipeline's own collector (same projection, normalizer
-and module selection as the training side), then ``scoring.run.QueryScorer`` (same
-preconditioning and normalization as the score table). Documents come from the
+Query gradients go through the pipeline's own query collector (same projection, normalizer
+and module selection as the training side; for EK-FAC / K-FAC it preconditions each full
+gradient before projecting), then ``scoring.run.QueryScorer`` (same preconditioning and
+normalization as the score table). Documents come from the
 pipeline's FAISS index when one is built (``use_index``), else from a brute-force
 pass over the gradient stores with the score table's own functions, so a ``Flat``
 index, the brute-force path and the score table give the same numbers.
@@ -24,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from attribution_assets.engine.gradients.collect import collect, make_collector
+from attribution_assets.engine.gradients.collect import collect
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.models import load_pipeline_model
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.scoring.run import QueryScorer, load_preconditioner
+from attribution_assets.engine.scoring.run import QueryScorer, load_preconditioner, query_collector
 from attribution_assets.engine.scoring.scorer import top_k
 from attribution_assets.engine.search.index import FaissIndex
 from attribution_assets.spec import PipelineSpec
@@ -51,7 +52,7 @@ class Attributor:
         self.model, self.tokenizer = model, tokenizer
         if self.model is None or self.tokenizer is None:
             self.model, self.tokenizer = load_pipeline_model(spec, paths, device)
-        self.collector = make_collector(self.model, spec, paths, device)
+        self.collector = query_collector(self.model, spec, paths, device)
         self.preconditioner = load_preconditioner(spec, paths)
         want_index = paths.faiss_index.exists() if use_index is None else use_index
         self.index = FaissIndex.load(paths.faiss_index) if want_index else None
