@@ -283,9 +283,11 @@ class ScoringSpec:
     ``preconditioner``: ``trackstar`` (the autocorrelation of the projected gradients, mixing
     ``lam R_query + (1 - lam) R_train`` with ``mixing`` ``auto`` | a number in [0, 1] |
     ``off``), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
-    ``preconditioning.kfac``, applied to the full query gradient before projection; labels
+    ``preconditioning.kfac``, applied to the query side only; labels
     ``kfac_labels``: ``sampled`` from the model, seeded by ``kfac_seed``, or the data's
-    ``true`` labels) or ``none``; ``damping`` times each module's mean eigenvalue is added
+    ``true`` labels; ``kfac_space``: ``projected``, the curvature of the projected rows, or
+    ``full``, each full query gradient preconditioned, then projected) or ``none``;
+    ``damping`` times each module's mean eigenvalue is added
     before inverting. ``precondition: false`` is the older spelling of ``preconditioner:
     none``. ``mode``: ``stored`` training gradients or ``streaming`` (recomputed, never
     stored); ``top_k``: scores kept per query and shard (0 = all).
@@ -299,6 +301,7 @@ class ScoringSpec:
     mixing: str | float = "auto"
     kfac_labels: str = "sampled"
     kfac_seed: int = 0
+    kfac_space: str = "projected"
     mode: str = "stored"
     top_k: int = 100
 
@@ -324,6 +327,7 @@ class ScoringSpec:
                                            f"of the query autocorrelation), got {_describe(self.mixing)}.")
         _check_choice(self, "kfac_labels", ("sampled", "true"))
         _check_int(self, "kfac_seed", 0)
+        _check_choice(self, "kfac_space", ("projected", "full"))
         _check_choice(self, "mode", ("stored", "streaming"))
         _check_int(self, "top_k", 0, note=" (0 keeps every score)")
 

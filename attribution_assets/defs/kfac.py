@@ -24,6 +24,7 @@ from attribution_assets.engine.preconditioning.kfac import (
     KroneckerEigen,
     KroneckerPreconditioner,
     merge_all,
+    projection_for,
 )
 from attribution_assets.engine.scoring.run import query_collector
 from attribution_assets.spec import PipelineSpec
@@ -31,13 +32,15 @@ from attribution_assets.spec import PipelineSpec
 ALL = dg.AllPartitionMapping()
 
 
-def curvature_version(base: str, spec: PipelineSpec) -> str:
+def curvature_version(base: str, spec: PipelineSpec, in_space: bool = True) -> str:
     """Code version from what the curvature reads: model, data, module selection, label settings
-    (not the projection, the damping or the metric)."""
+    and (``in_space``: past the covariance sums) the space and its projection; never the
+    damping or the metric."""
     g, s = spec.gradients, spec.scoring
+    space = projection_for(g, s.kfac_space) if in_space else "covariance"
     return f"{base}-" + json_digest({"data": spec.section_hash("model", "demo", "corpus"),
                                      "include": list(g.include), "exclude": list(g.exclude),
-                                     "labels": s.kfac_labels, "seed": s.kfac_seed}, length=12)
+                                     "labels": s.kfac_labels, "seed": s.kfac_seed, "space": space}, length=12)
 
 
 def curvature_collector(spec: PipelineSpec, storage: StorageResource,
@@ -71,7 +74,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=cov_key, group_name=spec.name, partitions_def=partitions,
               deps=[key(spec, "tokenized_shards"), key(spec, "model")],
-              code_version=curvature_version("kfac-covariance-v1", spec), pool="gpu",
+              code_version=curvature_version("kfac-covariance-v1", spec, in_space=False), pool="gpu",
               automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
               check_specs=[_finite_check(cov_key, "covariance sum")],
               description="One shard's float64 sums of a a^T [I, I] and g g^T [O, O] per module over its "
@@ -96,7 +99,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                                   metadata={"non_finite": ", ".join(bad) or "none"})
 
     @dg.asset(key=factors_key, group_name=spec.name, deps=[dg.AssetDep(cov_key, partition_mapping=ALL)],
-              code_version=curvature_version("kfac-factors-v1", spec),
+              code_version=curvature_version("kfac-factors-v1", spec, in_space=False),
               automation_condition=rebuild_condition(on_deps_updated=False),
               check_specs=[_finite_check(factors_key, "factor")],
               description="Every shard's covariance sums added: A = E[a a^T], S = E[g g^T] over tokens; "
@@ -119,17 +122,21 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=eigen_key, group_name=spec.name, deps=[factors_key],
               code_version=curvature_version("kfac-eigendecomposition-v1", spec),
               automation_condition=rebuild_condition(), check_specs=[_positive_check(eigen_key)],
-              description="float64 eigendecomposition of A and S per module (the Kronecker eigenbasis); "
-                          "the check damps K-FAC's eigenvalues T outer(e_S, e_A).")
+              description="float64 eigendecomposition of A and S per module (the Kronecker eigenbasis), "
+                          "or of R A R^T and L S L^T in the projected space; the check damps K-FAC's "
+                          "eigenvalues T outer(e_S, e_A).")
     def kfac_eigendecomposition(storage: StorageResource):
         timer = Timer()
         paths = storage.paths(spec)
-        eigen = KroneckerEigen.from_covariance(CovarianceSums.load(paths.kfac_factors))
+        projection = projection_for(spec.gradients, spec.scoring.kfac_space)
+        eigen = KroneckerEigen.from_covariance(CovarianceSums.load(paths.kfac_factors), projection)
         eigen.save(paths.kfac_eigendecomposition)
         report, check = eigen.report(), KroneckerPreconditioner(eigen, None, spec.scoring.damping).report()
         conditions = [v[k] for v in report.values() for k in ("condition_A", "condition_S") if v[k] is not None]
         yield dg.MaterializeResult(
-            metadata={"modules": len(eigen.modules), "bytes": eigen.nbytes, "seconds": timer.seconds,
+            metadata={"modules": len(eigen.modules), "space": spec.scoring.kfac_space,
+                      "projection": dg.MetadataValue.json(projection or {}), "bytes": eigen.nbytes,
+                      "seconds": timer.seconds,
                       "peak_rss_mb": round(peak_rss_mb(), 1),
                       "max_condition_number": max(conditions) if conditions else None,
                       "per_module": dg.MetadataValue.json(report), "path": path_metadata(paths.kfac_eigendecomposition)},
@@ -144,9 +151,9 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                   code_version=curvature_version("ekfac-correction-v1", spec), pool="gpu",
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   check_specs=[_finite_check(corr_key, "eigenvalue-correction sum")],
-                  description="One shard's EK-FAC sums of (Q_S^T G Q_A)^2 [O, I] per module, G the weight "
-                              "gradient of one document's pseudo-loss; recomputed for every shard when the "
-                              "eigenbasis changes.")
+                  description="One shard's EK-FAC sums of (Q_S^T G Q_A)^2 per module, G the weight gradient "
+                              "of one document's pseudo-loss (projected, L G R^T, in the projected space); "
+                              "recomputed for every shard when the eigenbasis changes.")
         def ekfac_correction(context: dg.AssetExecutionContext, storage: StorageResource,
                              compute: ComputeResource):
             paths = storage.paths(spec)
@@ -200,9 +207,9 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               + spec.section_hash("gradients", "scoring"), pool="gpu",
               check_specs=[*store_check_specs(query_key), _positive_check(query_key)],
               automation_condition=rebuild_condition(),
-              description=f"Query rows preconditioned with {spec.scoring.preconditioner.upper()} (each full "
-                          "query gradient, damped inverse in the Kronecker eigenbasis), then projected like "
-                          "the training rows: what the score tables score against.")
+              description=f"Query rows preconditioned with {spec.scoring.preconditioner.upper()} (damped "
+                          "inverse in the Kronecker eigenbasis, in the projected space or on each full "
+                          "gradient before projecting): what the score tables score against.")
     def kfac_query_gradients(storage: StorageResource, compute: ComputeResource):
         timer = Timer()
         paths = storage.paths(spec)

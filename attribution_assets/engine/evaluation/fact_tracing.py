@@ -21,10 +21,11 @@ Methods (:class:`Method`):
   gradient autocorrelation, not the Hessian: influence-like.
 * ``ekfac`` / ``kfac``: the influence function ``g_qᵀ (F + lam I)^{-1} g_t`` with the EK-FAC /
   K-FAC Gauss-Newton ``F`` of ``preconditioning.kfac`` (sampled labels, fitted on the
-  training documents), no optimizer normalization: each full query gradient is
-  preconditioned, then projected, and scored by inner product with the projected training
-  rows. ``ekfac (cosine)`` / ``kfac (cosine)``: the same preconditioned query and the raw
-  training row, both unit-normalized.
+  training documents, in the projected space), no optimizer normalization: the
+  preconditioned query row scored by inner product with the projected training rows.
+  ``ekfac (cosine)`` / ``kfac (cosine)``: the same preconditioned query and the raw
+  training row, both unit-normalized. ``ekfac (full space)``: each full query gradient
+  preconditioned with the full-space EK-FAC, then projected (``kfac_space: full``).
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
 
@@ -55,9 +56,11 @@ from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import accumulate
 from attribution_assets.engine.preconditioning.kfac import (
+    CovarianceSums,
     CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
+    projection_for,
 )
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
@@ -83,11 +86,12 @@ class Method:
     damping: float = 0.1
     kfac_labels: str = "sampled"
     kfac_seed: int = 0
+    kfac_space: str = "projected"
 
     def scoring(self) -> ScoringSpec:
         return ScoringSpec(metric=self.metric, preconditioner=self.preconditioner, mixing=self.mixing,
                            damping=self.damping, kfac_labels=self.kfac_labels, kfac_seed=self.kfac_seed,
-                           top_k=0)
+                           kfac_space=self.kfac_space, top_k=0)
 
     @classmethod
     def configured(cls, spec: PipelineSpec) -> Method:
@@ -95,7 +99,7 @@ class Method:
         s = spec.scoring
         return cls("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
                    preconditioner=s.preconditioner, mixing=s.mixing, damping=s.damping,
-                   kfac_labels=s.kfac_labels, kfac_seed=s.kfac_seed)
+                   kfac_labels=s.kfac_labels, kfac_seed=s.kfac_seed, kfac_space=s.kfac_space)
 
 
 BM25 = Method("bm25", kind="bm25")
@@ -105,6 +109,7 @@ EKFAC = Method("ekfac", preconditioner="ekfac", metric="inner_product")
 EKFAC_COSINE = Method("ekfac (cosine)", preconditioner="ekfac")
 KFAC = Method("kfac", preconditioner="kfac", metric="inner_product")
 KFAC_COSINE = Method("kfac (cosine)", preconditioner="kfac")
+EKFAC_FULL = Method("ekfac (full space)", preconditioner="ekfac", metric="inner_product", kfac_space="full")
 
 
 def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring) -> Method:
@@ -119,9 +124,9 @@ PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)
 def default_methods(spec: PipelineSpec) -> list[Method]:
     """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
     products (``g_q R^-1 g_t``, influence-like), EK-FAC and K-FAC influence (inner product and
-    cosine), and the pipeline's own settings."""
+    cosine; EK-FAC also in the full space), and the pipeline's own settings."""
     methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
-               PRECONDITIONED_DOT, EKFAC, EKFAC_COSINE, KFAC, KFAC_COSINE]
+               PRECONDITIONED_DOT, EKFAC, EKFAC_COSINE, KFAC, KFAC_COSINE, EKFAC_FULL]
     configured = Method.configured(spec)
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
         methods.append(configured)
@@ -168,7 +173,8 @@ class GradientCache:
         self.docs, self.queries = list(docs), list(queries)
         self._rows: dict[tuple[str, str], tuple[np.ndarray, dict]] = {}
         self._preconditioners: dict[tuple, Preconditioner] = {}
-        self._curvature: dict[tuple, tuple[CurvatureCollector, KroneckerEigen]] = {}
+        self._covariance: dict[tuple, tuple[CurvatureCollector, CovarianceSums]] = {}
+        self._eigen: dict[tuple, KroneckerEigen] = {}
         self._kronecker: dict[tuple, KroneckerPreconditioner] = {}
         self._kronecker_queries: dict[tuple, np.ndarray] = {}
         self.seconds: dict[str, float] = {}
@@ -206,29 +212,36 @@ class GradientCache:
 
 
     def kronecker(self, scoring: ScoringSpec) -> KroneckerPreconditioner:
-        """EK-FAC / K-FAC fitted on the training documents: factors and eigendecomposition
-        once per label setting, EK-FAC's correction once more, damped per ``scoring``."""
+        """EK-FAC / K-FAC fitted on the training documents: covariance sums once per label
+        setting, eigendecomposition once per space, EK-FAC's correction once more, damped."""
         labels = (scoring.kfac_labels, scoring.kfac_seed)
-        if labels not in self._curvature:
+        if labels not in self._covariance:
             start = time.perf_counter()
             collector = CurvatureCollector(self.model, self.spec.gradients, *labels)
-            covariance = collector.covariance([(d.input_ids, d.loss_mask) for d in self.docs])
-            self._curvature[labels] = (collector, KroneckerEigen.from_covariance(covariance))
-            self.seconds["kfac factors"] = time.perf_counter() - start
-        key = (scoring.preconditioner, *labels, scoring.damping)
+            self._covariance[labels] = (collector, collector.covariance(self._pairs()))
+            self.seconds["kfac covariance"] = time.perf_counter() - start
+        collector, covariance = self._covariance[labels]
+        space = (*labels, scoring.kfac_space)
+        if space not in self._eigen:
+            projection = projection_for(self.spec.gradients, scoring.kfac_space)
+            self._eigen[space] = KroneckerEigen.from_covariance(covariance, projection)
+        key = (scoring.preconditioner, *space, scoring.damping)
         if key not in self._kronecker:
-            collector, eigen = self._curvature[labels]
-            correction = None
+            eigen, correction = self._eigen[space], None
             if scoring.preconditioner == "ekfac":
                 start = time.perf_counter()
-                correction = collector.correction([(d.input_ids, d.loss_mask) for d in self.docs], eigen)
-                self.seconds["ekfac correction"] = time.perf_counter() - start
+                correction = collector.correction(self._pairs(), eigen)
+                self.seconds[f"ekfac correction ({scoring.kfac_space})"] = time.perf_counter() - start
             self._kronecker[key] = KroneckerPreconditioner(eigen, correction, scoring.damping)
         return self._kronecker[key]
 
+    def _pairs(self) -> list[tuple[list[int], list[int]]]:
+        return [(d.input_ids, d.loss_mask) for d in self.docs]
+
     def kronecker_query(self, query_loss: str, scoring: ScoringSpec) -> np.ndarray:
-        """``[q, d]`` query rows preconditioned with EK-FAC / K-FAC, then projected (no normalizer)."""
-        key = (scoring.preconditioner, scoring.kfac_labels, scoring.kfac_seed, scoring.damping, query_loss)
+        """``[q, d]`` query rows preconditioned with EK-FAC / K-FAC and projected (no normalizer)."""
+        key = (scoring.preconditioner, scoring.kfac_labels, scoring.kfac_seed, scoring.kfac_space,
+               scoring.damping, query_loss)
         if key not in self._kronecker_queries:
             gradients = dataclasses.replace(self.spec.gradients, normalizer="none", per_token=False)
             collector = GradientCollector(self.model, gradients, transform=self.kronecker(scoring))

@@ -195,10 +195,11 @@ class GradientCollector:
 
     ``normalizer``: an ``AdamNormalizer`` / ``AdafactorNormalizer`` (``normalizers``).
     ``device``: where batches go (default: the model's device). Products are float32.
-    ``transform``: a linear map of each example's full weight gradient applied before the
-    projection, ``transform.apply_full(name, G [B, O, I]) -> [B, O, I]`` (the EK-FAC / K-FAC
-    query-side preconditioner of ``preconditioning.kfac``); it checks the modules with
-    ``transform.check_modules([(name, O, I), ...])``. Weight blocks only: no bias, no normalizer.
+    ``transform``: a linear map of each example's weight gradient, ``transform.apply_full(name,
+    G [B, O, I]) -> [B, O, I]`` before the projection, or with ``transform.projected`` of the
+    projected block ``[B, p, p]`` (the EK-FAC / K-FAC query-side preconditioner of
+    ``preconditioning.kfac``); it checks the modules with ``transform.check_modules([(name, O,
+    I), ...], projection_settings)``. Weight blocks only: no bias, no normalizer.
     """
 
     def __init__(
@@ -242,7 +243,8 @@ class GradientCollector:
         if normalizer is not None:
             normalizer.bind(self.specs, self.device)
         if transform is not None:
-            transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs])
+            transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs],
+                                    self.projector.settings())
         self._records: dict[str, list] = {}
 
     @property
@@ -279,19 +281,21 @@ class GradientCollector:
 
         Padding is masked at the cheapest point (after projecting ``a`` and ``g``);
         an Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling
-        ``g`` and ``a``). A normalizer that does not factor, or a ``transform``, needs
-        each example's full ``[O, I]`` gradient (formed in chunks).
+        ``g`` and ``a``). A normalizer that does not factor, or a full-space ``transform``,
+        needs each example's full ``[O, I]`` gradient (formed in chunks).
         """
-        norm, p = self.normalizer, self.gradients.projection_dim
+        norm, p, transform = self.normalizer, self.gradients.projection_dim, self.transform
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
         blocks = []
-        if p and (norm is None or factors is not None) and self.transform is None:
+        projected_transform = transform is None or transform.projected
+        if p and (norm is None or factors is not None) and projected_transform:
             left, right = self.projector.matrices(spec.name, spec.out_features, spec.in_features)
             if factors is not None:
                 left, right = left * factors[0], right * factors[1]
             a_p = torch.where(valid, a @ right.T, 0.0)
             g_p = torch.where(valid, g @ left.T, 0.0)
-            blocks.append((g_p.transpose(1, 2) @ a_p).flatten(1))
+            block = g_p.transpose(1, 2) @ a_p
+            blocks.append((block if transform is None else transform.apply_full(spec.name, block)).flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))

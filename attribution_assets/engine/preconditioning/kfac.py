@@ -29,8 +29,17 @@ input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_
   ``lam = damping * mean(C)`` per module (1.0 in place of an all-zero mean), the relative
   damping of TrackStar's ``preconditioners``. Scale-free: multiplying ``F`` by ``c``
   multiplies every score by ``1/c``.
-- **Memory** per module: ``I^2 + O^2`` float64 for the factors and again for the
-  eigenvectors, ``O*I`` for EK-FAC's ``C``.
+- **Space.** ``full``: the above on ``[O, I]``; a query's full gradient is preconditioned,
+  then projected (``L G' Rᵀ``) and scored against projected training rows. ``projected``
+  (with a projection ``L [p, O]``, ``R [p, I]``): the same method for the model
+  reparametrized as ``W = W_0 + Lᵀ Θ R``, whose gradient is exactly the projected row
+  ``L G R^T`` ``[p, p]`` (as in LoGra): factors ``R A Rᵀ`` and ``L S Lᵀ`` (exact projections
+  of the token covariances), corrections of ``L G_n Rᵀ``; queries are preconditioned after
+  projection. Projecting a fully preconditioned query instead leaves the Johnson-Lindenstrauss
+  cross-talk of the training rows' dominant (high-curvature) directions, which the damped
+  inverse has removed from the query: measured in docs/ekfac.md.
+- **Memory** per module: ``I^2 + O^2`` float64 for the factors and again for the full-space
+  eigenvectors, ``O*I`` for EK-FAC's full-space ``C`` (``2 p^2`` and ``p^2`` when projected).
 
 On disk: a directory (written atomically) with ``<kind>.safetensors`` (float64 arrays keyed
 ``<module>/<array>``) and ``<kind>.json`` (modules, counts, label settings).
@@ -56,6 +65,7 @@ from attribution_assets.engine.gradients.collector import (
     hooked_modules,
     select_modules,
 )
+from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.digests import chain_digest, stable_seed
 from attribution_assets.spec import GradientSpec
@@ -63,7 +73,7 @@ from attribution_assets.spec import GradientSpec
 FORMAT = "attribution-assets/kfac"
 FORMAT_VERSION = 1
 LABELS = ("sampled", "true")
-KINDS = ("ekfac", "kfac")
+SPACES = ("projected", "full")
 _CHUNK_FLOATS = 1 << 24  # float64 entries of rotated per-document gradients [B, O, I] at once
 
 
@@ -207,6 +217,23 @@ def _condition(values: np.ndarray) -> float | None:
     return float(top / max(float(values.min()), top * eps) if top > 0 else 1.0 / eps)
 
 
+def projection_for(gradients: GradientSpec, space: str) -> dict | None:
+    """The projection (``Projector.settings()``) the curvature lives under: ``None`` for the
+    ``full`` space or without projection (``projection_dim: 0``)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "full" or gradients.projection_dim == 0:
+        return None
+    return {"dim": gradients.projection_dim, "kind": gradients.projection_kind, "seed": gradients.seed}
+
+
+def _projections(projection: dict, m: KroneckerModule) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(L [p, O], R [p, I])`` of module ``m``, the gradient collector's matrices."""
+    p, kind, seed = projection["dim"], projection["kind"], projection["seed"]
+    return tuple(projection_matrix(seed, m.name, side, p, n, kind).double().numpy()
+                 for side, n in (("out", m.out_features), ("in", m.in_features)))
+
+
 def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
@@ -214,7 +241,8 @@ def _finite_or_none(value: float) -> float | None:
 @dataclass
 class KroneckerEigen:
     """Eigendecomposition of each module's ``A`` and ``S`` (float64, ascending eigenvalues,
-    eigenvectors in columns) and its tokens per document ``T``."""
+    eigenvectors in columns) and its tokens per document ``T``; with a ``projection``
+    (``{dim, kind, seed}``) of the projected factors ``R A Rᵀ`` and ``L S Lᵀ`` (``[p, p]``)."""
 
     modules: tuple[KroneckerModule, ...]
     activation_values: dict[str, np.ndarray]
@@ -225,27 +253,41 @@ class KroneckerEigen:
     sequences: int
     labels: str
     seed: int
+    projection: dict | None = None
 
     KIND = "eigendecomposition"
     _ARRAYS = ("activation_values", "activation_vectors", "gradient_values", "gradient_vectors")
 
     @classmethod
-    def from_covariance(cls, covariance: CovarianceSums) -> KroneckerEigen:
+    def from_covariance(cls, covariance: CovarianceSums, projection: dict | None = None) -> KroneckerEigen:
+        """Eigendecompose ``A`` and ``S`` (``projection``: of ``R A Rᵀ`` and ``L S Lᵀ``)."""
         if covariance.sequences == 0:
             raise ValueError("the covariance holds no documents; materialize kfac_covariance for the shards")
         parts: dict[str, dict[str, np.ndarray]] = {k: {} for k in cls._ARRAYS}
         for m in covariance.modules:
             a, s = covariance.factors(m.name)
+            if projection is not None:
+                left, right = _projections(projection, m)
+                a, s = right @ a @ right.T, left @ s @ left.T
             parts["activation_values"][m.name], parts["activation_vectors"][m.name] = _eigh(a)
             parts["gradient_values"][m.name], parts["gradient_vectors"][m.name] = _eigh(s)
         per_seq = {m.name: covariance.tokens[m.name] / covariance.sequences for m in covariance.modules}
-        return cls(covariance.modules, **parts, tokens_per_sequence=per_seq,
-                   sequences=covariance.sequences, labels=covariance.labels, seed=covariance.seed)
+        return cls(covariance.modules, **parts, tokens_per_sequence=per_seq, sequences=covariance.sequences,
+                   labels=covariance.labels, seed=covariance.seed, projection=projection)
+
+    def bases(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(B_A [I, k_A], B_S [O, k_S])`` with ``Q_Sᵀ G Q_A = B_Sᵀ G B_A`` for a full gradient
+        ``G``: the eigenvectors, or ``Rᵀ Q_A`` and ``Lᵀ Q_S`` in the projected space."""
+        q_a, q_s = self.activation_vectors[name], self.gradient_vectors[name]
+        if self.projection is None:
+            return q_a, q_s
+        left, right = _projections(self.projection, next(m for m in self.modules if m.name == name))
+        return right.T @ q_a, left.T @ q_s
 
     def digest(self) -> str:
         """Content hash of the eigenbases (what an eigenvalue correction was computed in)."""
-        return chain_digest(np.ascontiguousarray(getattr(self, k)[m.name]).tobytes()
-                            for m in self.modules for k in self._ARRAYS)
+        return chain_digest([json.dumps(self.projection, sort_keys=True)] + [
+            np.ascontiguousarray(getattr(self, k)[m.name]).tobytes() for m in self.modules for k in self._ARRAYS])
 
     def kfac_curvature(self, name: str) -> np.ndarray:
         """K-FAC's eigenvalues ``T outer(e_S, e_A)`` ``[O, I]`` (tiny negatives clamped to 0)."""
@@ -275,7 +317,8 @@ class KroneckerEigen:
         tensors = {f"{m.name}/{k}": getattr(self, k)[m.name] for m in self.modules for k in self._ARRAYS}
         return _write(path, self.KIND, tensors, {
             "modules": [m.as_json() for m in self.modules], "tokens_per_sequence": self.tokens_per_sequence,
-            "sequences": self.sequences, "labels": self.labels, "seed": self.seed})
+            "sequences": self.sequences, "labels": self.labels, "seed": self.seed,
+            "projection": self.projection})
 
     @classmethod
     def load(cls, path: str | Path) -> KroneckerEigen:
@@ -284,14 +327,16 @@ class KroneckerEigen:
         parts = {k: {m.name: tensors[f"{m.name}/{k}"] for m in modules} for k in cls._ARRAYS}
         return cls(modules, **parts, tokens_per_sequence={k: float(v) for k, v in
                                                           meta["tokens_per_sequence"].items()},
-                   sequences=int(meta["sequences"]), labels=meta["labels"], seed=int(meta["seed"]))
+                   sequences=int(meta["sequences"]), labels=meta["labels"], seed=int(meta["seed"]),
+                   projection=meta["projection"])
 
 
 @dataclass
 class CorrectionSums:
-    """EK-FAC's eigenvalue-correction sums ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` ``[O, I]`` per
-    module over ``sequences`` documents, in the eigenbasis whose :meth:`KroneckerEigen.digest`
-    is ``eigen_digest``. Shards in the same basis merge by adding."""
+    """EK-FAC's eigenvalue-correction sums ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` per module over
+    ``sequences`` documents (``[O, I]``; ``[p, p]`` of ``L G_n Rᵀ`` when projected), in the
+    eigenbasis whose :meth:`KroneckerEigen.digest` is ``eigen_digest``. Shards in the same
+    basis merge by adding."""
 
     modules: tuple[KroneckerModule, ...]
     squares: dict[str, np.ndarray]
@@ -395,20 +440,21 @@ class CurvatureCollector:
                               self.labels, self.seed)
 
     def correction(self, docs: Sequence[Document], eigen: KroneckerEigen) -> CorrectionSums:
-        """Per module ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` over the documents, float64."""
+        """Per module ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` over the documents (``G_n`` projected
+        when ``eigen`` is), float64."""
         _check_same(self.modules, eigen.modules, "modules of the collector and the eigendecomposition",
                     "use the same model and gradients.include / exclude")
         _check_same((self.labels, self.seed), (eigen.labels, eigen.seed), "label settings",
                     "use the eigendecomposition's kfac_labels and kfac_seed")
-        bases = {m.name: tuple(torch.from_numpy(x[m.name]).to(self.device) for x in
-                               (eigen.activation_vectors, eigen.gradient_vectors)) for m in self.modules}
-        squares = {m.name: torch.zeros(m.out_features, m.in_features, dtype=torch.float64, device=self.device)
-                   for m in self.modules}
+        bases = {m.name: tuple(torch.from_numpy(x).to(self.device) for x in eigen.bases(m.name))
+                 for m in self.modules}
+        squares = {name: torch.zeros(q_s.shape[1], q_a.shape[1], dtype=torch.float64, device=self.device)
+                   for name, (q_a, q_s) in bases.items()}
         for batch, valid, calls in self._batches(docs):
             mask = valid[..., None]
             for m in self.modules:
                 q_a, q_s = bases[m.name]
-                chunk = max(1, _CHUNK_FLOATS // (m.out_features * m.in_features))
+                chunk = max(1, _CHUNK_FLOATS // squares[m.name].numel())
                 if not calls[m.name]:
                     continue
                 for start in range(0, len(batch.indices), chunk):
@@ -424,8 +470,9 @@ class CurvatureCollector:
 
 class KroneckerPreconditioner:
     """Damped inverse of EK-FAC (``correction`` given) or K-FAC (``correction=None``) per
-    module, applied to full weight gradients (module docstring): the ``transform`` of a
-    ``GradientCollector``, so query rows come out preconditioned, then projected."""
+    module (module docstring): the ``transform`` of a ``GradientCollector``, applied to full
+    weight gradients before projection, or (``projected``) to the projected ``[p, p]`` blocks,
+    so query rows come out preconditioned and projected."""
 
     def __init__(self, eigen: KroneckerEigen, correction: CorrectionSums | None = None,
                  damping: float = 0.1):
@@ -440,6 +487,7 @@ class KroneckerPreconditioner:
                                  "and ekfac_eigenvalues")
         self.eigen, self.damping = eigen, float(damping)
         self.kind = "kfac" if correction is None else "ekfac"
+        self.projection = eigen.projection
         self.modules = {m.name: m for m in eigen.modules}
         self.curvature = {m.name: eigen.kfac_curvature(m.name) if correction is None
                           else correction.curvature(m.name) for m in eigen.modules}
@@ -450,8 +498,17 @@ class KroneckerPreconditioner:
         mean = float(self.curvature[name].mean())
         return self.damping * (mean if mean > 0 else 1.0)
 
-    def check_modules(self, modules: Sequence[tuple[str, int, int]]) -> None:
-        """Raise naming the first module whose name or ``(O, I)`` shape is not the factors'."""
+    @property
+    def projected(self) -> bool:
+        return self.projection is not None
+
+    def check_modules(self, modules: Sequence[tuple[str, int, int]], projection: dict | None = None) -> None:
+        """Raise naming the first module whose name or ``(O, I)`` shape is not the factors', or
+        when projected factors meet another ``projection`` (``Projector.settings()``)."""
+        if self.projected and projection != self.projection:
+            raise ValueError(f"the {self.kind} factors live in the projection {self.projection} but the "
+                             f"gradient collector projects with {projection}; re-materialize "
+                             "kfac_eigendecomposition (and the eigenvalue correction) after changing it")
         got = [(str(n), int(o), int(i)) for n, o, i in modules]
         have = [(m.name, m.out_features, m.in_features) for m in self.modules.values()]
         for ours, theirs in zip_longest(have, got):
@@ -470,7 +527,8 @@ class KroneckerPreconditioner:
         return self._cache[key]
 
     def apply_full(self, name: str, grad: torch.Tensor) -> torch.Tensor:
-        """``Q_S ((Q_Sᵀ G Q_A) / (C + lam)) Q_Aᵀ`` for ``G [..., O, I]`` (same device and dtype)."""
+        """``Q_S ((Q_Sᵀ G Q_A) / (C + lam)) Q_Aᵀ`` for ``G [..., O, I]`` (``[..., p, p]`` projected
+        blocks when ``projected``), same device and dtype."""
         q_s, q_a, inverse = self._tensors(name, grad.device, grad.dtype)
         return q_s @ ((q_s.T @ grad @ q_a) * inverse) @ q_a.T
 

@@ -49,7 +49,7 @@ def test_default_methods_and_configured():
     names = [m.name for m in evaluation.default_methods(spec)]
     assert names == ["bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
                      "trackstar (adam)", "preconditioned dot (adafactor)", "ekfac", "ekfac (cosine)",
-                     "kfac", "kfac (cosine)"]
+                     "kfac", "kfac (cosine)", "ekfac (full space)"]
     assert evaluation.configured_name(spec, evaluation.default_methods(spec)) == "trackstar (adafactor)"
     other = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                          gradients=GradientSpec(normalizer="adam"),

@@ -186,6 +186,41 @@ def test_query_collector_preconditions_then_projects(model, fitted):
                                    atol=1e-5 * np.abs(expected).max())
 
 
+def test_projected_space_is_ekfac_of_the_projected_rows(model, fitted):
+    docs, collector, _, _ = fitted
+    projection = {"dim": 3, "kind": "rademacher", "seed": 0}
+    eigen = KroneckerEigen.from_covariance(collector.covariance(docs), projection)
+    ekfac = KroneckerPreconditioner(eigen, collector.correction(docs, eigen), damping=0.1)
+    tokens, grads = explicit_tokens(model, docs), document_gradients(model, docs)
+    queries = make_docs(lengths=(4, 6), seed=9)
+    query = document_gradients(model, queries, "true")
+    spec = GradientSpec(projection_dim=3, include=("*",), exclude=())
+    rows, info = GradientCollector(model, spec, transform=ekfac).collect(queries)
+    for m in info["modules"]:
+        name, (a, g) = m["name"], tokens[m["name"]]
+        left = projection_matrix(0, name, "out", 3, g.shape[1]).double().numpy()
+        right = projection_matrix(0, name, "in", 3, a.shape[1]).double().numpy()
+        for vals, vecs, x in ((eigen.activation_values, eigen.activation_vectors, a @ right.T),
+                              (eigen.gradient_values, eigen.gradient_vectors, g @ left.T)):
+            np.testing.assert_allclose((vecs[name] * vals[name]) @ vecs[name].T, x.T @ x / len(x), rtol=1e-9,
+                                       atol=1e-13 * np.abs(x).max() ** 2)
+        def projected(full, left=left, right=right):  # vec(L G R^T) per row of vec(G)
+            return np.stack([(left @ G.reshape(left.shape[1], right.shape[1]) @ right.T).reshape(-1) for G in full])
+
+        rows_n = projected(grads[name])
+        fisher = rows_n.T @ rows_n / len(docs)  # the Gauss-Newton of the projected parametrization
+        q = basis(eigen, name)
+        assert ekfac.curvature[name].shape == (3, 3)
+        np.testing.assert_allclose(ekfac.curvature[name].reshape(-1), np.diag(q.T @ fisher @ q), rtol=1e-9,
+                                   atol=1e-14 * fisher.max())
+        damped = q @ np.diag(ekfac.curvature[name].reshape(-1)) @ q.T + ekfac.shift(name) * np.eye(9)
+        expected = np.linalg.solve(damped, projected(query[name]).T).T
+        np.testing.assert_allclose(rows[:, m["start"]:m["stop"]], expected, rtol=1e-4,
+                                   atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="live in the projection"):
+        GradientCollector(model, GradientSpec(projection_dim=2, include=("*",), exclude=()), transform=ekfac)
+
+
 class LinearClassifier(nn.Module):
     """One hooked layer: fixed input embeddings ``a(x)`` -> ``head`` (logits over the vocabulary)."""
 
