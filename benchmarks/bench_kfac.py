@@ -8,8 +8,10 @@ sequences, and the bytes each asset holds. Prints one table.
 
 Phases: the covariance pass (forward + backward with sampled labels, float64 token sums of
 ``a aᵀ`` and ``g gᵀ`` per module), the eigendecomposition of every ``A`` and ``S``, EK-FAC's
-eigenvalue-correction pass, saving the three assets, and preconditioning one query's full
-gradient (then projecting it, ``projection_dim`` 16). Peak memory is the process's peak
+eigenvalue-correction pass, saving the three assets, preconditioning one query's full
+gradient (then projecting it, ``projection_dim`` 16); then the projected space (``kfac_space:
+projected``, the default): eigendecomposition of ``R A Rᵀ`` and ``L S Lᵀ``, its correction pass
+and one query. Peak memory is the process's peak
 resident set size after the phase (it only grows), next to the size after building the model.
 """
 
@@ -29,6 +31,7 @@ from attribution_assets.engine.preconditioning.kfac import (
     CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
+    projection_for,
 )
 from attribution_assets.spec import GradientSpec
 
@@ -37,11 +40,11 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def smollm_shape(seed: int = 0):
+def smollm_shape(layers: int = 30, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=layers, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
                          max_position_embeddings=2048)
     return LlamaForCausalLM(config).float().eval()
@@ -53,6 +56,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens-per-batch", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=30, help="30 for the 135M shape; fewer for a smoke run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
@@ -62,7 +66,7 @@ def main() -> None:
         print(f"{name}: {rows[-1][1]:.1f} s, peak RSS {rows[-1][2]:.0f} MiB {extra}", flush=True)
 
     start = time.perf_counter()
-    model = smollm_shape()
+    model = smollm_shape(args.layers)
     parameters = sum(p.numel() for p in model.parameters())
     phase("build model", start, parameters=parameters)
     gen = torch.Generator().manual_seed(1)
@@ -91,7 +95,17 @@ def main() -> None:
     start = time.perf_counter()
     ekfac = KroneckerPreconditioner(eigen, correction, damping=0.1)
     query = GradientCollector(model, gradients, transform=ekfac).collect(docs[:1])[0]
-    phase("precondition 1 query", start, dims=query.shape[1], ok=ekfac.report()["ok"])
+    phase("precondition 1 query (full space)", start, dims=query.shape[1], ok=ekfac.report()["ok"])
+    start = time.perf_counter()
+    projected = KroneckerEigen.from_covariance(covariance, projection_for(gradients, "projected"))
+    phase("eigendecomposition (projected, p = 16)", start, eigen_bytes=projected.nbytes)
+    start = time.perf_counter()
+    projected_correction = collector.correction(docs, projected)
+    phase("eigenvalue correction (projected)", start, correction_bytes=projected_correction.nbytes)
+    start = time.perf_counter()
+    small = KroneckerPreconditioner(projected, projected_correction, damping=0.1)
+    projected_query = GradientCollector(model, gradients, transform=small).collect(docs[:1])[0]
+    phase("precondition 1 query (projected)", start, ok=small.report()["ok"])
 
     print(f"\n{args.sequences} sequences x {args.length} tokens, {args.threads} threads, "
           f"{parameters / 1e6:.1f}M parameters ({hooked / 1e6:.1f}M in {len(collector.modules)} hooked "
@@ -100,10 +114,11 @@ def main() -> None:
           "in float64)\n")
     print("| phase | seconds | peak RSS MiB | notes |\n|---|---|---|---|")
     for name, seconds, rss, extra in rows:
-        notes = ", ".join(f"{k} {v / 2**30:.2f} GiB" if k.endswith("bytes") else f"{k} {v}"
+        notes = ", ".join(f"{k} {v / 2**20:.1f} MiB" if k.endswith("bytes") else f"{k} {v}"
                           for k, v in extra.items())
         print(f"| {name} | {seconds:.1f} | {rss:.0f} | {notes} |")
-    finite = all(v["finite"] for v in report.values()) and bool(np.isfinite(query).all())
+    finite = all(v["finite"] for v in report.values()) and bool(np.isfinite(query).all()) \
+        and bool(np.isfinite(projected_query).all())
     print(f"\nall factors and the preconditioned query finite: {finite}")
 
 
