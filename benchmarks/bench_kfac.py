@@ -8,7 +8,7 @@ sequences, and the bytes each asset holds. Prints one table.
 
 Phases: the covariance pass (forward + backward with sampled labels, float64 token sums of
 ``a aᵀ`` and ``g gᵀ`` per module), the eigendecomposition of every ``A`` and ``S``, EK-FAC's
-eigenvalue-correction pass, saving the three assets, preconditioning one query's full
+eigenvalue-correction pass, each saved as its asset saves it, preconditioning one query's full
 gradient (then projecting it, ``projection_dim`` 16); then the projected space (``kfac_space:
 projected``, the default): eigendecomposition of ``R A Rᵀ`` and ``L S Lᵀ``, its correction pass
 and one query. Peak memory is the process's peak
@@ -18,6 +18,7 @@ resident set size after the phase (it only grows), next to the size after buildi
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -76,26 +77,33 @@ def main() -> None:
     collector = CurvatureCollector(model, gradients, "sampled", 0)
     hooked = sum(m.out_features * m.in_features for m in collector.modules)
 
-    start = time.perf_counter()
-    covariance = collector.covariance(docs)
-    phase("covariance pass", start, modules=len(collector.modules), factor_bytes=covariance.nbytes)
-    start = time.perf_counter()
-    eigen = KroneckerEigen.from_covariance(covariance)
-    report = eigen.report()
-    conditions = [v[k] for v in report.values() for k in ("condition_A", "condition_S")]
-    phase("eigendecomposition", start, eigen_bytes=eigen.nbytes, max_condition=f"{max(conditions):.3g}")
-    start = time.perf_counter()
-    correction = collector.correction(docs, eigen)
-    phase("eigenvalue correction", start, correction_bytes=correction.nbytes)
-    with tempfile.TemporaryDirectory() as tmp:
+    tmp = Path(tempfile.mkdtemp(prefix="bench-kfac-"))
+    try:
         start = time.perf_counter()
-        sizes = {name: dir_bytes(obj.save(Path(tmp) / name)) for name, obj in
-                 (("factors", covariance), ("eigendecomposition", eigen), ("eigenvalues", correction))}
-        phase("save assets", start, **{f"{k}_file_bytes": v for k, v in sizes.items()})
+        covariance = collector.covariance(docs)
+        phase("covariance pass", start, modules=len(collector.modules), factor_bytes=covariance.nbytes)
+        start = time.perf_counter()
+        phase("save kfac_factors", start, file_bytes=dir_bytes(covariance.save(tmp / "factors")))
+        start = time.perf_counter()
+        eigen = KroneckerEigen.from_covariance(covariance)
+        report = eigen.report()
+        conditions = [v[k] for v in report.values() for k in ("condition_A", "condition_S")]
+        phase("eigendecomposition", start, eigen_bytes=eigen.nbytes, max_condition=f"{max(conditions):.3g}")
+        start = time.perf_counter()
+        phase("save kfac_eigendecomposition", start, file_bytes=dir_bytes(eigen.save(tmp / "eigen")))
+        start = time.perf_counter()
+        correction = collector.correction(docs, eigen)
+        phase("eigenvalue correction", start, correction_bytes=correction.nbytes)
+        start = time.perf_counter()
+        phase("save ekfac_eigenvalues", start, file_bytes=dir_bytes(correction.save(tmp / "eigenvalues")))
+    finally:
+        shutil.rmtree(tmp)
     start = time.perf_counter()
     ekfac = KroneckerPreconditioner(eigen, correction, damping=0.1)
     query = GradientCollector(model, gradients, transform=ekfac).collect(docs[:1])[0]
-    phase("precondition 1 query (full space)", start, dims=query.shape[1], ok=ekfac.report()["ok"])
+    phase("precondition 1 query (full space)", start, dims=query.shape[1], ok=ekfac.report()["ok"],
+          preconditioner_bytes=ekfac.nbytes)
+    del ekfac, eigen, correction
     start = time.perf_counter()
     projected = KroneckerEigen.from_covariance(covariance, projection_for(gradients, "projected"))
     phase("eigendecomposition (projected, p = 16)", start, eigen_bytes=projected.nbytes)
