@@ -50,7 +50,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from itertools import zip_longest
+from itertools import chain, zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -286,8 +286,9 @@ class KroneckerEigen:
 
     def digest(self) -> str:
         """Content hash of the eigenbases (what an eigenvalue correction was computed in)."""
-        return chain_digest([json.dumps(self.projection, sort_keys=True)] + [
-            np.ascontiguousarray(getattr(self, k)[m.name]).tobytes() for m in self.modules for k in self._ARRAYS])
+        arrays = (np.ascontiguousarray(getattr(self, k)[m.name]).tobytes() for m in self.modules
+                  for k in self._ARRAYS)  # one array's bytes at a time
+        return chain_digest(chain([json.dumps(self.projection, sort_keys=True)], arrays))
 
     def kfac_curvature(self, name: str) -> np.ndarray:
         """K-FAC's eigenvalues ``T outer(e_S, e_A)`` ``[O, I]`` (tiny negatives clamped to 0)."""
