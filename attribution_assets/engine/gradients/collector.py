@@ -224,7 +224,7 @@ class GradientCollector:
             )
         if transform is not None and (normalizer is not None or cfg.include_bias):
             raise ValueError(
-                "a full-gradient transform (EK-FAC / K-FAC) acts on weight gradients without "
+                "a gradient transform (EK-FAC / K-FAC) acts on weight gradients without "
                 "optimizer normalization: set gradients.normalizer: none and include_bias: false"
             )
         self.normalizer, self.transform = normalizer, transform
