@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+
+class UserError(Exception):
+    """An error whose message alone tells the user what to fix (no traceback needed)."""
 
 
 def _defs_and_specs(pipeline_name: str | None = None):
     from .defs.factory import build_definitions
     from .spec import configured_pipelines
 
-    specs = configured_pipelines()
+    errors: list[str] = []
+    specs = configured_pipelines(errors)
+    for error in errors:
+        print(f"warning: skipped an invalid pipeline: {error}", file=sys.stderr)
     if pipeline_name is not None:
         names = [s.name for s in specs]
         if pipeline_name not in names:
-            raise SystemExit(f"Unknown pipeline {pipeline_name!r}; configured pipelines: {names}.")
-    return build_definitions(specs), {s.name: s for s in specs}
+            raise UserError(f"Unknown pipeline {pipeline_name!r}; configured pipelines: {names}.")
+    return build_definitions(specs, spec_errors=errors), {s.name: s for s in specs}
+
+
+def _log_level(args: argparse.Namespace) -> str:
+    return "INFO" if args.verbose else "CRITICAL"
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
@@ -25,7 +38,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
     defs, specs = _defs_and_specs(args.pipeline)
     instance = persistent_instance()
-    materialize_pipeline(defs, specs[args.pipeline], instance)
+    materialize_pipeline(defs, specs[args.pipeline], instance, log_level=_log_level(args), force=args.force,
+                         slot_timeout=args.slot_timeout)
     print(f"Done. Runs are recorded in {os.environ['DAGSTER_HOME']}; `make ui` shows them.")
     return 0
 
@@ -36,16 +50,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     defs, specs = _defs_and_specs("demo")
     instance = persistent_instance()
-    materialize_pipeline(defs, specs["demo"], instance)
+    materialize_pipeline(defs, specs["demo"], instance, log_level=_log_level(args), force=args.force)
     print(demo_report(specs["demo"], instance, defs))
     return 0
 
 
 def cmd_scores(args: argparse.Namespace) -> int:
-    from .report import format_top_k
+    from .report import format_breakdown, format_top_k
 
     defs, specs = _defs_and_specs(args.pipeline)
-    print(format_top_k(defs.resources["storage"].paths(specs[args.pipeline]).database, args.query, args.k))
+    db = defs.resources["storage"].paths(specs[args.pipeline]).database
+    print(format_breakdown(db, args.query, args.by, args.k) if args.by else format_top_k(db, args.query, args.k))
     return 0
 
 
@@ -91,23 +106,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .defs.common import key
     from .defs.evaluation import lds_partitions
-    from .defs.runner import persistent_instance
+    from .defs.runner import PIPELINE_TAG, STAGE_TAG, persistent_instance
 
     defs, specs = _defs_and_specs(args.pipeline)
     spec, instance = specs[args.pipeline], persistent_instance()
     present = defs.resolve_asset_graph().get_all_asset_keys()
     if key(spec, "fact_tracing") not in present:
-        raise SystemExit(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
+        raise UserError(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
 
     def run(asset: str, partition: str | None = None) -> None:
         print(f"materializing {spec.name}/{asset}" + (f" [{partition}]" if partition else ""), flush=True)
         dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance, resources=defs.resources,
-                       partition_key=partition, run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+                       partition_key=partition, tags={PIPELINE_TAG: spec.name, STAGE_TAG: "evaluation"},
+                       run_config={"loggers": {"console": {"config": {"log_level": _log_level(args)}}}})
 
     run("fact_tracing")
     if args.lds:
         if key(spec, "lds") not in present:
-            raise SystemExit("LDS retrains the model, so it exists for the demo pipeline only.")
+            raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
         done = instance.get_materialized_partitions(key(spec, "lds_retrain"))
         for partition in lds_partitions(spec).get_partition_keys():
             if partition not in done:
@@ -129,16 +145,28 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Dagster's log and full tracebacks (default: one line per stage)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads of torch, FAISS and BLAS outside Dagster steps (steps use the "
+                             "compute resource's `threads`); 0 = the cores this process may use")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="materialize the embedded demo pipeline and show the result")
+    demo.add_argument("--force", action="store_true", help="redo every asset and shard")
     demo.set_defaults(func=cmd_demo)
-    mat = sub.add_parser("materialize", help="materialize every asset of a pipeline")
+    mat = sub.add_parser("materialize", help="materialize what is missing or unsynced in a pipeline")
     mat.add_argument("--pipeline", required=True)
+    mat.add_argument("--force", action="store_true", help="redo every asset and shard")
+    mat.add_argument("--slot-timeout", type=float, default=0.0,
+                     help="seconds to wait for a free `gpu` pool slot held by another running run")
     mat.set_defaults(func=cmd_materialize)
     scores = sub.add_parser("scores", help="top-k training documents for one query, with text (DuckDB)")
     scores.add_argument("--pipeline", required=True)
     scores.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
     scores.add_argument("-k", type=int, default=10)
+    scores.add_argument("--by", choices=["layer", "head"],
+                        help="each layer's contribution to the top-k scores, or the top-k head blocks "
+                             "(needs scoring.breakdown)")
     scores.set_defaults(func=cmd_scores)
     query = sub.add_parser("query", help="top-k training documents for a new text (reads stdin without TEXT)")
     query.add_argument("--pipeline", required=True)
@@ -163,9 +191,61 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
+    from .engine.runtime import limit_threads
+
     hf_logging.disable_progress_bar()
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")
+    limit_threads(args.threads)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("Interrupted. Finished shards are kept; run the same command again to continue.",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one message here, the traceback in the log file
+        return _report(exc, args)
+
+
+def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C at every stage
+    raise KeyboardInterrupt
+
+
+def _root_cause(exc: BaseException) -> tuple[BaseException, str | None]:
+    """The user's own exception inside Dagster's wrappers, and where it failed
+    (``pipeline/asset [shards]``)."""
+    where = getattr(exc, "failed_in", None)  # set by the runner
+    while True:
+        inner = getattr(exc, "user_exception", None)
+        if inner is None or inner is exc:
+            return exc, where
+        exc = inner
+
+
+def _report(exc: Exception, args: argparse.Namespace) -> int:
+    """Print one message (asset, error, log path); the full traceback goes to a log file."""
+    import tempfile
+    import time
+    import traceback
+
+    from .defs.profiles import ProfileError
+    from .spec import PipelineSpecError
+
+    cause, step = _root_cause(exc)
+    text = "".join(traceback.format_exception(exc))
+    home = os.environ.get("DAGSTER_HOME")
+    directory = Path(home) / "logs" if home else Path(tempfile.gettempdir())
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / f"attribution-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.write_text(text)
+    if getattr(args, "verbose", False):
+        print(text, file=sys.stderr)
+    print(f"error{f' in {step}' if step else ''}: {cause}", file=sys.stderr)
+    if not isinstance(cause, UserError | PipelineSpecError | ProfileError):
+        print(f"(full traceback: {log}; --verbose prints it)", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

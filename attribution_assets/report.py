@@ -45,12 +45,17 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
         step = max(1, len(all_ids) // n_queries)
         for query_id in all_ids[::step][:n_queries]:
             lines += ["", format_top_k(db, query_id, k)]
+        if database.breakdown_level(db) != "none":
+            shown = all_ids[::step][:n_queries]
+            with_gold = [q for q in shown if (database.query_text(db, q) or ("", []))[1]]
+            if with_gold:
+                lines += ["", format_gold_layers(db, with_gold[0])]
         ranks = fact_tracing.gold_ranks(db)
         if ranks:
             m = fact_tracing.recall_and_mrr(ranks)
             lines += ["", f"Fact tracing over {m['queries']} queries: a gold document is ranked first for "
                           f"{m['recall@1']:.0%}, in the top 10 for {m['recall@10']:.0%}; MRR {m['mrr']:.3f}."]
-        lines += ["", "Your own SQL: duckdb -readonly " + str(db),
+        lines += ["", f"Your own SQL: cd {db.parent} && duckdb -readonly {db.name}",
                   "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
     return "\n".join(lines)
 
@@ -59,13 +64,69 @@ def format_top_k(db: Path, query_id: str, k: int = 5) -> str:
     """Query text, its top-k documents with scores, and the rank of the first gold document."""
     found = database.query_text(db, query_id)
     if found is None:
-        raise SystemExit(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
+        raise LookupError(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
     text, gold = found
     lines = [f"query {query_id}: {text}"]
-    for rank, doc_id, score, doc_text in database.top_k(db, query_id, k):
-        mark = "*" if doc_id in gold else " "
+    for rank, _, source_id, score, doc_text in database.top_k(db, query_id, k):
+        mark = "*" if source_id in gold else " "
         lines.append(f"  {rank:>3}{mark} {score:+.4f}  {doc_text[:100]}")
     if gold:
         first = database.first_gold_rank(db, query_id)
         lines.append(f"  first gold document at rank {first}  (* = gold)")
+    return "\n".join(lines)
+
+
+def _layer_name(layer: int | None) -> str:
+    return "other" if layer is None else f"layer {layer}"
+
+
+def format_gold_layers(db: Path, query_id: str) -> str:
+    """Which layers carry the gold documents' influence for ``query_id`` (needs a breakdown)."""
+    rows = database.gold_layer_breakdown(db, query_id)
+    if not rows:
+        return f"query {query_id}: no gold document in its score table, so no layer breakdown."
+    total = sum(r[1] for r in rows)
+    lines = [f"Which layers carry the gold documents' influence? query {query_id}, its {rows[0][2]} gold "
+             f"document(s), summed score {total:+.4f}:"]
+    for layer, value, _ in rows:
+        share = f"{value / total:>5.0%}" if total > 0 else ""
+        lines.append(f"  {_layer_name(layer):<8} {value:+.4f}  {share}")
+    return "\n".join(lines)
+
+
+def format_breakdown(db: Path, query_id: str, by: str = "layer", k: int = 5) -> str:
+    """``by="layer"``: the query's top-k documents with each layer's contribution to their score;
+    ``by="head"``: its ``k`` top head blocks (``top_heads``). Needs ``scoring.breakdown``."""
+    level = database.breakdown_level(db)
+    if level == "none" or (by == "head" and level != "head"):
+        need = "head` (with `gradients.split: head" if by == "head" else "module` or `head"
+        raise LookupError(f"{db} has no {by} breakdown: set `scoring.breakdown: {need}`) and materialize "
+                         "the pipeline's scores and attribution_db again.")
+    found = database.query_text(db, query_id)
+    if found is None:
+        raise LookupError(f"No query {query_id!r} in {db}; list ids with: SELECT query_id FROM queries.")
+    text, gold = found
+    lines = [f"query {query_id}: {text}"]
+    if by == "head":
+        lines.append(f"  head blocks by mean contribution to the top {database.TOP_HEADS_DOCS} documents' scores")
+        lines.append(f"  {'rank':>4}  {'layer':>5}  {'block':<6} {'mean':>8}  {'share':>6}  module")
+        for rank, layer, kind, head, value, share, module in database.top_heads(db, query_id, k):
+            block = f"{kind}{head}"
+            lines.append(f"  {rank:>4}  {layer if layer is not None else '-':>5}  {block:<6} {value:+.4f}  "
+                         f"{share:>6.1%}  {module}")
+        return "\n".join(lines)
+    rows = database.layer_breakdown(db, query_id, k)
+    layers = sorted({r[3] for r in rows}, key=lambda x: (x is None, x if x is not None else 0))
+    lines.append(f"  {'rank':>5}  {'score':>8}  " + "  ".join(f"{_layer_name(x):>8}" for x in layers)
+                 + "  document")
+    by_doc: dict[tuple, dict] = {}
+    for rank, doc_id, score, layer, value in rows:
+        by_doc.setdefault((rank, doc_id, score), {})[layer] = value
+    texts = {doc_id: doc_text for _, doc_id, _, _, doc_text in database.top_k(db, query_id, k)}
+    for (rank, doc_id, score), values in by_doc.items():
+        mark = "*" if doc_id in gold else " "
+        cells = "  ".join(f"{values.get(x, 0.0):>+8.4f}" for x in layers)
+        lines.append(f"  {rank:>4}{mark}  {score:>+8.4f}  {cells}  {texts.get(doc_id, '')[:60]}")
+    if gold:
+        lines.append("  (* = gold)")
     return "\n".join(lines)

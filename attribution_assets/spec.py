@@ -11,8 +11,10 @@ file's directory. See ``examples/pipelines.example.yaml``.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import difflib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -114,7 +116,9 @@ class DataSpec:
     + ``completion_column`` (loss on completion tokens only), or ``conversation_column``
     (list of ``{"role", "content"}`` rendered with the tokenizer's chat template, loss
     on assistant turns only). ``overflow``: ``truncate`` at ``max_length`` tokens or
-    ``chunk`` into pieces of ``max_length`` tokens.
+    ``chunk`` into pieces of ``max_length`` tokens. ``encoding``: of local text files (json,
+    csv, txt). ``text_unit``: what one document of a ``.txt`` file is: ``paragraph``
+    (blank-line separated, the default), ``line`` or ``file``.
     """
 
     path: str | None = None
@@ -130,9 +134,18 @@ class DataSpec:
     max_length: int = 512
     overflow: str = "truncate"
     add_eos: bool | None = None
+    encoding: str = "utf-8"
+    text_unit: str = "paragraph"
 
     def __post_init__(self):
         _check_choice(self, "format", DATA_FORMATS)
+        _check_choice(self, "text_unit", ("paragraph", "line", "file"))
+        _check_str(self, "encoding", optional=False)
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise SpecValueError("encoding", f"{self.encoding!r} is not a known text encoding; use e.g. "
+                                             "utf-8, latin-1 or cp1252.") from None
         _check_choice(self, "overflow", ("truncate", "chunk"))
         _check_int(self, "max_length", 2, note=" (tokens per document, the longest sequence fed to the model)")
         _check_bool(self, "add_eos", optional=True)
@@ -230,6 +243,9 @@ class DemoSpec:
 
 
 GRADIENT_NORMALIZERS = ("none", "adam", "adafactor")
+GRADIENT_SPLITS = ("module", "head")
+SCORE_BREAKDOWNS = ("none", "module", "head")
+PER_TOKEN_MODES = ("none", "positional", "loss")
 
 
 @dataclass(frozen=True)
@@ -240,8 +256,15 @@ class GradientSpec:
     gradient); ``include`` / ``exclude``: fnmatch globs over module names; ``normalizer``:
     ``adam`` / ``adafactor`` divide by the optimizer's second moments from
     ``optimizer_state`` (an ``optimizer.pt`` or a Trainer checkpoint directory);
-    ``per_token``: one row per target token; ``dtype``: of the stored rows;
-    ``max_tokens_per_batch``: the batch budget (speed and memory only, never the rows).
+    ``per_token``: ``none`` (one row per document), ``positional`` (row t = token t's share
+    ``L g_t a_tᵀ Rᵀ`` of the document gradient, one backward pass) or ``loss`` (row t = the
+    gradient of token t's loss alone, one backward pass per target position); YAML ``true``
+    means ``loss`` and ``false`` means ``none``. Either way a document's rows sum to its
+    document row. ``dtype``: of the stored rows; ``max_tokens_per_batch``: the batch budget
+    (speed and memory only, never the rows); ``split``: ``module`` (one block per module) or
+    ``head`` (attention projections split into one block per head: q/k/v by output rows, the
+    output projection by input columns; see ``engine.gradients.heads``), each block ``p x p``
+    when projected.
     """
 
     projection_dim: int = 16
@@ -250,11 +273,12 @@ class GradientSpec:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ("*lm_head*", "*embed_out*")
     include_bias: bool = False
-    per_token: bool = False
+    per_token: str = "none"
     dtype: str = "float32"
     normalizer: str = "none"
     optimizer_state: str | None = None
     max_tokens_per_batch: int = 4096
+    split: str = "module"
 
     def __post_init__(self):
         _check_int(self, "projection_dim", 0, note=" (0 = no projection)")
@@ -263,11 +287,19 @@ class GradientSpec:
         _check_strings(self, "include")
         _check_strings(self, "exclude", allow_empty=True)
         _check_bool(self, "include_bias")
-        _check_bool(self, "per_token")
+        if self.per_token is True or self.per_token is False:  # YAML booleans (the old setting)
+            object.__setattr__(self, "per_token", "loss" if self.per_token else "none")
+        _check_choice(self, "per_token", PER_TOKEN_MODES)
         _check_choice(self, "dtype", ("float32", "float16"))
         _check_choice(self, "normalizer", GRADIENT_NORMALIZERS)
         _check_str(self, "optimizer_state")
         _check_int(self, "max_tokens_per_batch", 1)
+        _check_choice(self, "split", GRADIENT_SPLITS)
+
+    @property
+    def token_rows(self) -> bool:
+        """Whether rows are per token (``per_token`` is ``positional`` or ``loss``)."""
+        return self.per_token != "none"
 
 
 PRECONDITIONERS = ("trackstar", "ekfac", "kfac", "none")
@@ -290,7 +322,9 @@ class ScoringSpec:
     ``damping`` times each module's mean eigenvalue is added
     before inverting. ``precondition: false`` is the older spelling of ``preconditioner:
     none``. ``mode``: ``stored`` training gradients or ``streaming`` (recomputed, never
-    stored); ``top_k``: scores kept per query and shard (0 = all).
+    stored); ``top_k``: scores kept per query and shard (0 = all); ``breakdown``: also write
+    each block's contribution to those scores, per ``module`` or per ``head`` (needs
+    ``gradients.split: head``), summing to the score.
     """
 
     metric: str = "cosine"
@@ -304,6 +338,7 @@ class ScoringSpec:
     kfac_space: str = "projected"
     mode: str = "stored"
     top_k: int = 100
+    breakdown: str = "none"
 
     def __post_init__(self):
         _check_choice(self, "metric", ("cosine", "inner_product"))
@@ -330,6 +365,7 @@ class ScoringSpec:
         _check_choice(self, "kfac_space", ("projected", "full"))
         _check_choice(self, "mode", ("stored", "streaming"))
         _check_int(self, "top_k", 0, note=" (0 keeps every score)")
+        _check_choice(self, "breakdown", SCORE_BREAKDOWNS)
 
     @property
     def kronecker(self) -> bool:
@@ -427,6 +463,10 @@ class PipelineSpec:
     def __post_init__(self):
         _check_int(self, "shard_size", 1, note=" (documents per shard partition)")
         _check_str(self, "schedule")
+        if self.scoring.breakdown == "head" and self.gradients.split != "head":
+            raise SpecValueError("scoring.breakdown", "is `head`, which needs per-head gradient blocks: "
+                                                      "set `gradients.split: head` (or use `breakdown: "
+                                                      "module`).")
         if self.scoring.kronecker:
             kind = self.scoring.preconditioner
             if self.gradients.normalizer != "none":
@@ -439,6 +479,13 @@ class PipelineSpec:
                 raise SpecValueError("gradients.include_bias", f"must be false with `scoring.preconditioner: "
                                                                f"{kind}` (it preconditions weight gradients "
                                                                "only).")
+            if (self.gradients.split == "head" and self.scoring.kfac_space == "projected"
+                    and self.gradients.projection_dim):
+                raise SpecValueError("gradients.split", f"is `head`, but `scoring.preconditioner: {kind}` "
+                                                        "with `kfac_space: projected` has one curvature "
+                                                        "per whole module: set `scoring.kfac_space: full` "
+                                                        "(full gradients preconditioned, then split and "
+                                                        "projected) or `gradients.split: module`.")
 
     @property
     def is_demo(self) -> bool:
@@ -454,7 +501,8 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
               **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
-    Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus.
+    Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus, with each
+    module's contribution (``breakdown: module``) for the report's layer view.
     ``demo_kwargs`` set :class:`DemoSpec` fields.
     """
     return PipelineSpec(
@@ -465,7 +513,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
                          id_column="query_id", gold_column="gold_doc_ids", max_length=64),
         shard_size=shard_size,
         gradients=gradients or GradientSpec(projection_dim=32, normalizer="adafactor"),
-        scoring=scoring or ScoringSpec(top_k=0),
+        scoring=scoring or ScoringSpec(top_k=0, breakdown="module"),
         evaluation=evaluation or EvaluationSpec(),
         demo=DemoSpec(people=people, **demo_kwargs),
     )
@@ -554,37 +602,94 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if key in raw:
             kwargs[key] = raw[key]
     try:
-        return PipelineSpec(**kwargs)
+        spec = PipelineSpec(**kwargs)
     except SpecValueError as exc:
         raise PipelineSpecError(f"{where}: `{exc.key}` {exc.message}") from None
+    config = Path(spec.model.name_or_path) / "config.json"
+    if config.is_file():
+        try:
+            limit = position_limit(json.loads(config.read_text()))
+        except (OSError, json.JSONDecodeError):
+            limit = None
+        problem = max_length_problem(spec, limit)
+        if problem:
+            raise PipelineSpecError(f"{where}: {problem}")
+    return spec
 
 
-def load_pipeline_file(path: str | os.PathLike) -> list[PipelineSpec]:
-    """Read a YAML file of the form ``pipelines: [ {name, model, corpus, ...}, ... ]``."""
+def position_limit(config: dict[str, Any]) -> int | None:
+    """The longest sequence a model's config allows (``max_position_embeddings`` or its aliases)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def max_length_problem(spec: PipelineSpec, limit: int | None) -> str | None:
+    """A message when ``corpus.max_length`` or ``queries.max_length`` exceeds the model's positions."""
+    if limit is None:
+        return None
+    for section in ("corpus", "queries"):
+        data = getattr(spec, section)
+        if data is not None and data.max_length > limit:
+            return (f"`{section}.max_length` is {data.max_length}, beyond the model's {limit} positions; "
+                    f"set it to at most {limit} (longer documents are truncated or, with `overflow: chunk`, "
+                    "split).")
+    return None
+
+
+def load_pipeline_file(path: str | os.PathLike, errors: list[str] | None = None) -> list[PipelineSpec]:
+    """Read a YAML file of the form ``pipelines: [ {name, model, corpus, ...}, ... ]``.
+
+    Without ``errors`` any invalid pipeline raises :class:`PipelineSpecError`; with a list, each
+    invalid pipeline's message is appended to it and the valid pipelines are returned.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise PipelineSpecError(f"Pipeline file {path} does not exist; create it or unset ${PIPELINES_ENV}.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise PipelineSpecError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("pipelines"), list):
-        raise PipelineSpecError(f"{path}: expected a top-level `pipelines:` list of pipeline mappings.")
-    specs = [spec_from_dict(item, f"{path}: pipelines[{i}]", path.parent.resolve())
-             for i, item in enumerate(raw["pipelines"])]
+        if not path.is_file():
+            raise PipelineSpecError(f"Pipeline file {path} does not exist; create it or unset ${PIPELINES_ENV}.")
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise PipelineSpecError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") \
+                from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("pipelines"), list):
+            raise PipelineSpecError(f"{path}: expected a top-level `pipelines:` list of pipeline mappings.")
+    except PipelineSpecError as exc:
+        if errors is None:
+            raise
+        errors.append(str(exc))
+        return []
+    specs = []
+    for i, item in enumerate(raw["pipelines"]):
+        try:
+            specs.append(spec_from_dict(item, f"{path}: pipelines[{i}]", path.parent.resolve()))
+        except PipelineSpecError as exc:
+            if errors is None:
+                raise
+            errors.append(str(exc))
     names = [s.name for s in specs]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise PipelineSpecError(f"{path}: pipeline names must be unique; repeated: {duplicates}.")
+        message = f"{path}: pipeline names must be unique; repeated: {duplicates}."
+        if errors is None:
+            raise PipelineSpecError(message)
+        errors.append(message + " Every pipeline of a repeated name was skipped.")
+        specs = [s for s in specs if s.name not in duplicates]
     return specs
 
 
-def configured_pipelines() -> list[PipelineSpec]:
-    """The embedded demo plus the user's pipelines from ``$ATTRIBUTION_PIPELINES`` or ./pipelines.yaml."""
+def configured_pipelines(errors: list[str] | None = None) -> list[PipelineSpec]:
+    """The embedded demo plus the user's pipelines from ``$ATTRIBUTION_PIPELINES`` or ./pipelines.yaml.
+
+    With ``errors``, an invalid pipeline is skipped and its message appended there, so one bad
+    entry never hides the others (or the demo).
+    """
     specs = [demo_spec()]
     env = os.environ.get(PIPELINES_ENV)
     if env:
-        specs += load_pipeline_file(env)
+        specs += load_pipeline_file(env, errors)
     elif Path("pipelines.yaml").is_file():
-        specs += load_pipeline_file("pipelines.yaml")
+        specs += load_pipeline_file("pipelines.yaml", errors)
     return specs

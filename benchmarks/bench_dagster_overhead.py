@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.profiles import DeploymentProfile
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.defs.runner import Stage, materialize_pipeline
 from attribution_assets.engine.gradients.collect import collect_shard, make_collector
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import model_fingerprint
@@ -40,8 +40,8 @@ def main() -> None:
                                                        ComputeResource()))
     paths = PipelinePaths.under(root, spec.name)
     instance = dg.DagsterInstance.ephemeral()
-    materialize_pipeline(defs, spec, instance, stages=[(("corpus", "query_set", "tokenizer", "model"), False),
-                                                       (("tokenized_shards",), True)],
+    materialize_pipeline(defs, spec, instance, stages=[Stage("prepare", ("corpus", "query_set", "tokenizer", "model"), False),
+                                                       Stage("shards", ("tokenized_shards",), True)],
                          log=lambda _: None, log_level="ERROR")
     shard = instance.get_dynamic_partitions("demo_shards")[0]
     docs = data.read_tokenized(paths.tokens(shard))

@@ -135,7 +135,7 @@ def main() -> None:
     demo, out = PipelinePaths.under(args.storage, "demo"), Path(args.out)
     spec = demo_spec()
     model, _ = load_pipeline_model(spec, demo)
-    shards = sorted(p.parent.name for p in demo.root.glob("tokenized_shards/*/tokens.parquet"))
+    shards = demo.tokenized_shards()
     docs = [d for s in shards for d in read_tokenized(demo.tokens(s))]
     queries = read_tokenized(demo.query_tokens)
     qs = pl.read_parquet(demo.queries)

@@ -90,8 +90,8 @@ def user_pipeline_spec(base, model_dir, name="ops"):
     (corpus / "a.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
     (base / "queries.jsonl").write_text(json.dumps({"prompt": "Mara Quill was born in", "completion": " Lisbon"}))
     body = {"pipelines": [{"name": name, "model": {"name_or_path": str(model_dir)},
-                           "corpus": {"path": "corpus"}, "shard_size": 4,
-                           "queries": {"path": "queries.jsonl", "prompt_column": "prompt",
+                           "corpus": {"path": "corpus", "max_length": 128}, "shard_size": 4,
+                           "queries": {"path": "queries.jsonl", "max_length": 128, "prompt_column": "prompt",
                                        "completion_column": "completion"},
                            "gradients": {"projection_dim": 4}}]}
     (base / "pipelines.yaml").write_text(yaml.safe_dump(body))

@@ -80,8 +80,11 @@ def test_only_the_paths_module_joins_asset_directories():
 
 
 def test_no_top_level_resources_package_is_installed(tmp_path):
+    import os
     import subprocess
     import sys
 
-    found = subprocess.run([sys.executable, "-c", "import resources"], cwd=tmp_path, capture_output=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the installed package only
+    found = subprocess.run([sys.executable, "-c", "import resources"], cwd=tmp_path, env=env,
+                           capture_output=True)
     assert found.returncode != 0, "`resources/` holds deployment profiles, not an importable package"

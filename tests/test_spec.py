@@ -45,6 +45,10 @@ def test_config_hash_tracks_sections():
     ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
                      "scoring": {"metric": "dot"}}]}, "choose one of"),
     ({"pipelines": [{"name": "demo", "model": {"name_or_path": "m"}, "corpus": {"path": "x"}}]}, "reserved"),
+    ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                     "scoring": {"breakdown": "head"}}]}, r"`scoring.breakdown` is `head`.*`gradients.split: head`"),
+    ({"pipelines": [{"name": "p", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                     "gradients": {"split": "heads"}}]}, r"`gradients.split` is 'heads'.*\['module', 'head'\]"),
 ])
 def test_malformed_yaml_names_problem(tmp_path, body, message):
     with pytest.raises(PipelineSpecError, match=message):
@@ -97,6 +101,8 @@ def _with(section, values):
     ("gradients", {"projection_dim": -4}, r"`gradients.projection_dim` must be an integer >= 0"),
     ("gradients", {"max_tokens_per_batch": 0}, r"`gradients.max_tokens_per_batch` must be an integer >= 1"),
     ("gradients", {"normalizer": "sgd"}, r"`gradients.normalizer` is 'sgd' .*; choose one of"),
+    ("gradients", {"per_token": "tokens"}, r"`gradients.per_token` is 'tokens' .*; choose one of "
+                                           r"\['none', 'positional', 'loss'\]"),
     ("corpus", {"path": "x", "max_length": -5}, r"`corpus.max_length` must be an integer >= 2"),
     ("scoring", {"top_k": -1}, r"`scoring.top_k` must be an integer >= 0"),
     ("scoring", {"damping": -0.1}, r"`scoring.damping` must be a number in \[0.0, inf\)"),
@@ -140,6 +146,21 @@ def test_kronecker_preconditioners_refuse_optimizer_normalization_and_biases(tmp
             load_pipeline_file(_write(tmp_path, body))
 
 
+def test_projected_kronecker_preconditioners_refuse_head_blocks(tmp_path):
+    body = _with("scoring", {"preconditioner": "kfac"})
+    body["pipelines"][0]["gradients"] = {"split": "head"}
+    with pytest.raises(PipelineSpecError, match=r"`gradients.split` is `head`, but `scoring.preconditioner: kfac` "
+                                                r"with `kfac_space: projected` .* set `scoring.kfac_space: full`"):
+        load_pipeline_file(_write(tmp_path, body))
+    body["pipelines"][0]["scoring"]["kfac_space"] = "full"
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.gradients.split == "head" and spec.scoring.kfac_space == "full"
+    body["pipelines"][0]["scoring"]["kfac_space"] = "projected"
+    body["pipelines"][0]["gradients"]["projection_dim"] = 0  # unprojected: the full space itself
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.gradients.projection_dim == 0
+
+
 def test_precondition_is_the_older_spelling_of_preconditioner_none():
     from attribution_assets.spec import ScoringSpec
 
@@ -153,3 +174,30 @@ def test_yaml_booleans_in_string_settings(tmp_path):
                                                   "corpus: {path: x}, scoring: {mixing: off}, "
                                                   "index: {use_gpu: false}}\n"))
     assert spec.scoring.mixing == "off" and spec.index.use_gpu is False
+
+
+def test_max_length_beyond_the_models_positions_is_refused(tmp_path, tiny_model_dir):
+    body = {"pipelines": [{"name": "p", "model": {"name_or_path": str(tiny_model_dir)},
+                           "corpus": {"path": "x", "max_length": 128}, "queries": {"path": "q", "max_length": 4096}}]}
+    with pytest.raises(PipelineSpecError, match=r"`queries.max_length` is 4096, beyond the model's 128 positions"):
+        load_pipeline_file(_write(tmp_path, body))
+
+
+def test_one_invalid_pipeline_does_not_hide_the_others(tmp_path, monkeypatch):
+    body = {"pipelines": [{"name": "good", "model": {"name_or_path": "m"}, "corpus": {"path": "x"}},
+                          {"name": "bad", "model": {"name_or_path": "m"}, "corpus": {"path": "x"},
+                           "gradients": {"projection_dim": -1}}]}
+    monkeypatch.setenv("ATTRIBUTION_PIPELINES", str(_write(tmp_path, body)))
+    errors = []
+    assert [s.name for s in configured_pipelines(errors)] == ["demo", "good"]
+    assert len(errors) == 1 and "pipeline 'bad'" in errors[0] and "projection_dim" in errors[0]
+    with pytest.raises(PipelineSpecError, match="projection_dim"):
+        configured_pipelines()
+
+
+def test_per_token_modes_and_the_old_boolean(tmp_path):
+    """`per_token: true` keeps its old meaning (per-target-loss rows); `false` is `none`."""
+    for value, mode in (("true", "loss"), ("false", "none"), ("positional", "positional"), ("loss", "loss")):
+        (spec,) = load_pipeline_file(_write(tmp_path, "pipelines:\n- {name: p, model: {name_or_path: m}, "
+                                                      f"corpus: {{path: x}}, gradients: {{per_token: {value}}}}}\n"))
+        assert spec.gradients.per_token == mode and spec.gradients.token_rows == (mode != "none")

@@ -6,6 +6,7 @@ import dagster as dg
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
+    CONTENT_VERSION,
     Timer,
     code_version,
     key,
@@ -16,9 +17,9 @@ from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.demo.build import build_demo_model, build_demo_tokenizer
 from attribution_assets.engine.io import corpus as corpus_io
 from attribution_assets.engine.io import data
-from attribution_assets.engine.io.digests import parts_digest
+from attribution_assets.engine.io.digests import parts_digest, weights_stamp
 from attribution_assets.engine.io.models import load_tokenizer, model_source
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.spec import PipelineSpec, max_length_problem, position_limit
 
 
 def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
@@ -41,25 +42,36 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             context.instance.add_dynamic_partitions(partitions.name, new)
         for stale in sorted(existing - set(shards)):
             context.instance.delete_dynamic_partition(partitions.name, stale)
+        duplicates = sum("~" in d["doc_id"] for d in docs if not spec.corpus.id_column)
+        if duplicates:
+            context.log.warning(f"{duplicates} documents repeat the content of another document "
+                                "(ids ending in ~N); deduplicate the corpus if that is not intended.")
         return dg.MaterializeResult(
-            metadata={"documents": len(docs), "shards": len(shards), "new_shards": len(new),
-                      "shard_size": spec.shard_size, "path": path_metadata(paths.documents),
+            metadata={"documents": len(docs), "duplicate_documents": duplicates, "shards": len(shards),
+                      "new_shards": len(new), "shard_size": spec.shard_size, "path": path_metadata(paths.documents),
                       "seconds": timer.seconds,
                       "preview": dg.MetadataValue.md(_preview([d["text"] for d in docs]))},
             data_version=dg.DataVersion(parts_digest(d["doc_id"] + d["content"] for d in docs)))
 
-    @dg.asset(key=key(spec, "query_set"), group_name=group,
+    @dg.asset(key=key(spec, "query_set"), group_name=group, deps=[key(spec, "corpus")],
               code_version=code_version("queries-v1", spec, "queries", "demo"),
               automation_condition=rebuild_condition(on_deps_updated=False),
-              description="Query texts (prompt/completion where given) with gold document ids where known.")
-    def query_set(storage: StorageResource) -> dg.MaterializeResult:
+              description="Query texts (prompt/completion where given) with gold document ids where known; "
+                          "gold ids that name no corpus document are reported.")
+    def query_set(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
         queries = corpus_io.query_documents(spec)
         corpus_io.write_queries(paths.queries, queries)
         with_gold = sum(bool(q.get("gold_doc_ids")) for q in queries)
+        known = {d["doc_id"] for d in corpus_io.read_documents(paths.documents)} if with_gold else set()
+        unknown = sorted({g for q in queries for g in q.get("gold_doc_ids", []) if g not in known})
+        if unknown:
+            context.log.warning(f"{len(unknown)} gold ids name no corpus document (e.g. {unknown[:5]}); "
+                                "check `gold_column` against the corpus ids (`id_column`).")
         return dg.MaterializeResult(
-            metadata={"queries": len(queries), "with_gold": with_gold,
+            metadata={"queries": len(queries), "with_gold": with_gold, "unknown_gold_ids": len(unknown),
+                      "unknown_gold_examples": ", ".join(unknown[:5]) or "none",
                       "path": path_metadata(paths.queries), "seconds": timer.seconds,
                       "preview": dg.MetadataValue.md(_preview([q["text"] for q in queries]))},
             data_version=dg.DataVersion(parts_digest(q["doc_id"] + q["content"] for q in queries)))
@@ -74,7 +86,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(ignore=(key(spec, "corpus"),)),
               backfill_policy=dg.BackfillPolicy.single_run(),
               description="Token ids, loss masks and lengths of one shard (Parquet).")
-    def tokenized_shards(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def tokenized_shards(context: dg.AssetExecutionContext, storage: StorageResource):
         storage.ensure_writable()
         paths = storage.paths(spec)
         tokenizer = pipeline_tokenizer(spec, storage)
@@ -93,9 +105,10 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             data.write_tokenized(paths.tokens(shard), rows, extra={"shard": [shard] * len(rows)})
             versions[shard] = parts_digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}" for r in rows)
             context.add_asset_metadata({**stats.as_metadata(), "path": path_metadata(paths.tokens(shard)),
-                                        "seconds": timer.seconds}, partition_key=shard)
+                                        "seconds": timer.seconds, CONTENT_VERSION: versions[shard]},
+                                       partition_key=shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
-        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
 
     @dg.asset(key=key(spec, "tokenized_queries"), group_name=group,
               deps=[key(spec, "query_set"), tokenizer_dep],
@@ -149,15 +162,24 @@ def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     return [tokenizer, model]
 
 
+def _weights_suffix(spec: PipelineSpec) -> str:
+    """The local weights' stamp (sizes, mtimes), so weights replaced in place make the model unsynced."""
+    stamp = weights_stamp(spec.model.name_or_path or "")
+    return f"-w{stamp}" if stamp else ""
+
+
 def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
     @dg.asset(key=key(spec, "model"), group_name=spec.name,
-              code_version=code_version("model-v1", spec, "model"),
+              code_version=code_version("model-v1", spec, "model") + _weights_suffix(spec),
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="The pipeline's causal LM, loaded and fingerprinted (weights stay where they are).")
     def model(storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
         loaded, _ = compute.load_model(spec, paths)
+        problem = max_length_problem(spec, position_limit(loaded.config.to_dict()))
+        if problem:
+            raise ValueError(problem)
         record = corpus_io.write_model_record(paths.model_record, spec, loaded)
         return dg.MaterializeResult(
             metadata={**record, "seconds": timer.seconds},

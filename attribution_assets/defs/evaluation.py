@@ -15,6 +15,7 @@ import polars as pl
 from attribution_assets.defs.common import (
     Timer,
     code_version,
+    compute_version,
     key,
     path_metadata,
     shards_partitions,
@@ -42,7 +43,7 @@ def _gold(paths: PipelinePaths) -> dict[str, list[str]]:
     return dict(zip(table["doc_id"].to_list(), table["gold_doc_ids"].to_list()))
 
 
-def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
     if spec.queries is None or not (spec.is_demo or spec.queries.gold_column):
         return []
     group = f"{spec.name}_evaluation"
@@ -51,7 +52,8 @@ def evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=ft_key, group_name=group,
               deps=[dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL),
                     key(spec, "tokenized_queries"), key(spec, "query_set"), key(spec, "model")],
-              code_version=code_version("fact-tracing-v3", spec, "gradients", "scoring"), pool="gpu",
+              code_version=code_version("fact-tracing-v3", spec, "gradients", "scoring") + compute_version(compute),
+              pool="gpu",
               description="Recall@1/10/50 and MRR of BM25, raw dot product, cosine, TrackStar (each "
                           "optimizer normalization), the preconditioned dot product and EK-FAC / K-FAC "
                           "influence, with answer-only and whole-text query loss.")

@@ -13,25 +13,41 @@ from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
 from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile
+from attribution_assets.defs.runner import stage_jobs
 from attribution_assets.defs.scores import score_assets
 from attribution_assets.spec import PipelineSpec
 
 
-def pipeline_definitions(spec: PipelineSpec) -> dg.Definitions:
-    """Assets, checks, sensor and schedule of one pipeline, under the key prefix ``[spec.name]``."""
-    assets = [*corpus_assets(spec), *gradient_assets(spec), *kfac_assets(spec), *score_assets(spec), *index_assets(spec),
-              *evaluation_assets(spec)]
+def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.Definitions:
+    """Assets, checks, stage jobs, sensor and schedule of one pipeline, under the key prefix
+    ``[spec.name]``; assets that run the model carry the profile's precision in their version."""
+    compute = profile.compute
+    assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
+              *score_assets(spec, compute),
+              *index_assets(spec), *evaluation_assets(spec, compute)]
+    present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
-    return dg.Definitions(assets=assets, sensors=[sensor] if sensor else [],
+    return dg.Definitions(assets=assets, jobs=stage_jobs(spec, present), sensors=[sensor] if sensor else [],
                           schedules=[schedule] if schedule else [])
 
 
-def build_definitions(specs: list[PipelineSpec], profile: DeploymentProfile | None = None) -> dg.Definitions:
+def invalid_pipeline_specs(errors: list[str]) -> list[dg.AssetSpec]:
+    """One placeholder asset per pipeline that failed validation, in the group
+    ``invalid_pipelines``, so the UI shows the error next to the valid pipelines."""
+    return [dg.AssetSpec(dg.AssetKey(["invalid_pipelines", f"entry_{i}"]), group_name="invalid_pipelines",
+                         description=f"Not loaded: {error}", metadata={"error": dg.MetadataValue.md(error)})
+            for i, error in enumerate(errors)]
+
+
+def build_definitions(specs: list[PipelineSpec], profile: DeploymentProfile | None = None,
+                      spec_errors: list[str] | None = None) -> dg.Definitions:
     """All pipelines with the profile's ``storage`` and ``compute`` resources and executor
-    (default: the profile ``$ATTRIBUTION_RESOURCES`` names, else ``local``)."""
+    (default: the profile ``$ATTRIBUTION_RESOURCES`` names, else ``local``); ``spec_errors``
+    (pipelines that failed validation) appear as placeholder assets with the message."""
     profile = profile or load_profile()
-    shared = dg.Definitions(resources={"storage": profile.storage, "compute": profile.compute},
+    shared = dg.Definitions(assets=invalid_pipeline_specs(spec_errors or []),
+                            resources={"storage": profile.storage, "compute": profile.compute},
                             executor=profile.executor_definition())
     with warnings.catch_warnings():  # `backfill_policy` on assets is marked beta in Dagster 1.13
         warnings.simplefilter("ignore", dg.BetaWarning)
-        return dg.Definitions.merge(shared, *(pipeline_definitions(s) for s in specs))
+        return dg.Definitions.merge(shared, *(pipeline_definitions(s, profile) for s in specs))

@@ -3,19 +3,26 @@
 import json
 
 import dagster as dg
-import numpy as np
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
+    CONTENT_VERSION,
     Timer,
     code_version,
+    compute_version,
     dir_bytes,
     key,
     path_metadata,
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.gradients.collect import collect_shard, make_collector
+from attribution_assets.defs.runner import FORCE_TAG
+from attribution_assets.engine.gradients.batching import row_positions
+from attribution_assets.engine.gradients.collect import (
+    collect_shard,
+    make_collector,
+    reusable_store,
+)
 from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
@@ -36,13 +43,13 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     storage.ensure_writable()
     paths = storage.paths(spec)
     model, _ = compute.load_model(spec, paths)
-    return make_collector(model, spec, paths)
+    return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
-    finite = bool(np.isfinite(store.array).all())
+    finite = store.all_finite()
     normalizer = store.info.get("normalizer")
     settings_ok = ((normalizer or {}).get("kind", "none") == spec.gradients.normalizer
                    and store.info.get("config_hash") == rows_hash(spec.gradients, normalizer))
@@ -65,11 +72,13 @@ def store_check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
 
 
 def expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
-    return sum(d.targets for d in docs) if spec.gradients.per_token else len(docs)
+    if not spec.gradients.token_rows:
+        return len(docs)
+    return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
 
 
-def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
-    version = code_version("gradients-v1", spec, "gradients")
+def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
+    version = code_version("gradients-v1", spec, "gradients") + compute_version(compute)
     assets = []
 
     if spec.scoring.mode == "stored":
@@ -84,22 +93,31 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource):
             paths = storage.paths(spec)
-            collector = pipeline_collector(spec, storage, compute)
+            collector = None
             fingerprint = model_fingerprint(spec, paths)
+            force = context.run.tags.get(FORCE_TAG) == "true"
             checks: dict[str, list] = {name: [] for name in CHECKS}
             versions = {}
             for shard in context.partition_keys:
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
                 out = paths.train_gradients(shard)
-                store, stats = collect_shard(collector, docs, out, fingerprint)
+                store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version)
+                if store is None:
+                    collector = collector or pipeline_collector(spec, storage, compute)
+                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
+                    meta = stats.as_metadata()
+                else:  # complete and identical: left by a run that died before recording it
+                    meta = {"reused": True, "rows": store.rows, "dims": store.dims}
                 versions[shard] = store.digest()
-                context.add_asset_metadata(
-                    {**stats.as_metadata(), "bytes": dir_bytes(out), "dtype": store.info["dtype"],
-                     "path": path_metadata(out), "total_seconds": timer.seconds,
-                     "config_hash": store.info["config_hash"]}, partition_key=shard)
                 for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
+                context.add_asset_metadata(
+                    {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
+                     "path": path_metadata(out), "total_seconds": timer.seconds,
+                     "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"],
+                     CONTENT_VERSION: versions[shard]},
+                    partition_key=shard)
             single = len(versions) == 1
             yield dg.MaterializeResult(
                 data_version=dg.DataVersion(next(iter(versions.values()))) if single else None)
@@ -125,11 +143,13 @@ def gradient_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             docs = data.read_tokenized(paths.query_tokens)
             store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
                                          paths.query_gradients, model_fingerprint(spec, paths))
+            version, checks = store.digest(), store_checks(store, expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
-                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds},
-                data_version=dg.DataVersion(store.digest()))
-            yield from store_checks(store, expected_rows(docs, spec), spec, query_key)
+                          "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,
+                          "peak_rss_mb": timer.peak_rss_mb},
+                data_version=dg.DataVersion(version))
+            yield from checks
 
         assets.append(query_gradients)
     return assets

@@ -60,7 +60,7 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
                       "bytes": info.bytes, "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
                       **_search_metadata(info), "path": path_metadata(paths.faiss_index),
-                      "seconds": timer.seconds},
+                      "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{files_digest(paths.faiss_index)}"))
         yield _self_recall_check(spec, index_key, paths, shards[0], precond)
 

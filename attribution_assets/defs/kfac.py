@@ -6,7 +6,15 @@ the score tables take. A new shard adds one covariance (and one correction) part
 import dagster as dg
 
 from attribution_assets.defs.automation import rebuild_condition
-from attribution_assets.defs.common import Timer, dir_bytes, key, path_metadata, shards_partitions
+from attribution_assets.defs.common import (
+    CONTENT_VERSION,
+    Timer,
+    compute_version,
+    dir_bytes,
+    key,
+    path_metadata,
+    shards_partitions,
+)
 from attribution_assets.defs.gradients import (
     expected_rows,
     model_fingerprint,
@@ -14,7 +22,7 @@ from attribution_assets.defs.gradients import (
     store_checks,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.gradients.collect import collect_shard, peak_rss_mb
+from attribution_assets.engine.gradients.collect import collect_shard
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.kfac import (
@@ -63,7 +71,9 @@ def _positive_check(asset_key: dg.AssetKey) -> dg.AssetCheckSpec:
                              description="finite, and every curvature eigenvalue plus the damping is > 0")
 
 
-def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
+    """The EK-FAC / K-FAC assets (none unless ``scoring.preconditioner`` is ``ekfac`` / ``kfac``);
+    those that run the model carry ``compute``'s precision in their code version."""
     if spec.queries is None or not spec.scoring.kronecker:
         return []
     ekfac = spec.scoring.preconditioner == "ekfac"
@@ -71,10 +81,11 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     eigen_key, corr_key = key(spec, "kfac_eigendecomposition"), key(spec, "ekfac_correction")
     values_key, query_key = key(spec, "ekfac_eigenvalues"), key(spec, "kfac_query_gradients")
     partitions = shards_partitions(spec)
+    precision = compute_version(compute)
 
     @dg.asset(key=cov_key, group_name=spec.name, partitions_def=partitions,
               deps=[key(spec, "tokenized_shards"), key(spec, "model")],
-              code_version=curvature_version("kfac-covariance-v1", spec, in_space=False), pool="gpu",
+              code_version=curvature_version("kfac-covariance-v1", spec, in_space=False) + precision, pool="gpu",
               automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
               check_specs=[_finite_check(cov_key, "covariance sum")],
               description="One shard's float64 sums of a a^T [I, I] and g g^T [O, O] per module over its "
@@ -91,8 +102,8 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
             context.add_asset_metadata(
                 {"documents": sums.sequences, "tokens": max(sums.tokens.values()), "bytes": dir_bytes(out),
-                 "seconds": timer.seconds, "peak_rss_mb": round(peak_rss_mb(), 1), "path": path_metadata(out)},
-                partition_key=shard)
+                 "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
+                 CONTENT_VERSION: versions[shard]}, partition_key=shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
         yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
         yield dg.AssetCheckResult(asset_key=cov_key, check_name="finite", passed=not bad,
@@ -136,8 +147,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         yield dg.MaterializeResult(
             metadata={"modules": len(eigen.modules), "space": spec.scoring.kfac_space,
                       "projection": dg.MetadataValue.json(projection or {}), "bytes": eigen.nbytes,
-                      "seconds": timer.seconds,
-                      "peak_rss_mb": round(peak_rss_mb(), 1),
+                      "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
                       "max_condition_number": max(conditions) if conditions else None,
                       "per_module": dg.MetadataValue.json(report), "path": path_metadata(paths.kfac_eigendecomposition)},
             data_version=dg.DataVersion(files_digest(paths.kfac_eigendecomposition)))
@@ -148,7 +158,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     if ekfac:
         @dg.asset(key=corr_key, group_name=spec.name, partitions_def=partitions,
                   deps=[key(spec, "tokenized_shards"), key(spec, "model"), eigen_key],
-                  code_version=curvature_version("ekfac-correction-v1", spec), pool="gpu",
+                  code_version=curvature_version("ekfac-correction-v1", spec) + precision, pool="gpu",
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   check_specs=[_finite_check(corr_key, "eigenvalue-correction sum")],
                   description="One shard's EK-FAC sums of (Q_S^T G Q_A)^2 per module, G the weight gradient "
@@ -168,7 +178,8 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                 bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
                 context.add_asset_metadata(
                     {"documents": sums.sequences, "bytes": dir_bytes(out), "seconds": timer.seconds,
-                     "peak_rss_mb": round(peak_rss_mb(), 1), "path": path_metadata(out)}, partition_key=shard)
+                     "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
+                     CONTENT_VERSION: versions[shard]}, partition_key=shard)
             single = next(iter(versions.values())) if len(versions) == 1 else None
             yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
             yield dg.AssetCheckResult(asset_key=corr_key, check_name="finite", passed=not bad,
@@ -204,7 +215,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     @dg.asset(key=query_key, group_name=spec.name,
               deps=[key(spec, "tokenized_queries"), key(spec, "model"), values_key if ekfac else eigen_key],
               code_version=curvature_version("kfac-query-gradients-v1", spec) + "-"
-              + spec.section_hash("gradients", "scoring"), pool="gpu",
+              + spec.section_hash("gradients", "scoring") + precision, pool="gpu",
               check_specs=[*store_check_specs(query_key), _positive_check(query_key)],
               automation_condition=rebuild_condition(),
               description=f"Query rows preconditioned with {spec.scoring.preconditioner.upper()} (damped "
@@ -215,7 +226,7 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         paths = storage.paths(spec)
         storage.ensure_writable()
         model, _ = compute.load_model(spec, paths)
-        collector = query_collector(model, spec, paths)
+        collector = query_collector(model, spec, paths, autocast=compute.autocast_dtype())
         docs = data.read_tokenized(paths.query_tokens)
         store, stats = collect_shard(collector, docs, paths.kfac_query_gradients, model_fingerprint(spec, paths))
         check = collector.transform.report()
@@ -223,7 +234,8 @@ def kfac_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
             metadata={**stats.as_metadata(), "preconditioner": spec.scoring.preconditioner,
                       "damping": spec.scoring.damping, "preconditioner_bytes": collector.transform.nbytes,
                       "bytes": dir_bytes(paths.kfac_query_gradients),
-                      "path": path_metadata(paths.kfac_query_gradients), "total_seconds": timer.seconds},
+                      "path": path_metadata(paths.kfac_query_gradients), "total_seconds": timer.seconds,
+                      "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(store.digest()))
         yield from store_checks(store, expected_rows(docs, spec), spec, query_key)
         yield dg.AssetCheckResult(asset_key=query_key, check_name="positive_after_damping", passed=check["ok"],

@@ -4,7 +4,7 @@ A profile is a YAML file (``resources/<name>.yaml`` in the project, or any path)
 ``$ATTRIBUTION_RESOURCES`` (a path or a profile name); without it, ``local``. Sections:
 
 ``storage``: :class:`StorageResource` fields (``root``); ``compute``: :class:`ComputeResource`
-fields (``device``, ``precision``, ``allow_tf32``, ``threads``); ``executor``: ``kind``
+fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``); ``executor``: ``kind``
 (``in_process`` or ``multiprocess``) and, for ``multiprocess``, ``max_concurrent``.
 """
 

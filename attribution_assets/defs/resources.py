@@ -9,47 +9,56 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, field_validator
 
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.runtime import limit_threads
 from attribution_assets.spec import PipelineSpec
 
 STORAGE_ENV = "ATTRIBUTION_STORAGE"
+AUTOCAST = ("off", "bfloat16", "float16")
 
 
 class ComputeResource(dg.ConfigurableResource):
     """Where and how to compute: device ``auto|cpu|cuda[:N]``, precision, TF32, CPU threads.
 
     ``precision``: the dtype the model runs forward/backward in (``auto`` keeps the model
-    resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). Gradient products and
-    stores stay float32 unless the pipeline's ``gradients.dtype`` says float16.
-    ``threads``: CPU threads of torch, FAISS and NumPy's BLAS (through ``threadpoolctl``)
-    in each step that uses this resource, restored when the step ends (0 keeps the
-    libraries' defaults, one per core). When several steps share a machine (the
-    multiprocess executor, a backfill), set it to cores / concurrent steps: spinning
-    threads that outnumber the cores slow every step down.
+    resource's ``dtype``; ``float32``, ``bfloat16``, ``float16``). ``autocast``: ``off``,
+    ``bfloat16`` or ``float16``: the gradient steps' forward pass runs under
+    ``torch.autocast`` (mixed precision: weights stay as loaded, matmuls in that dtype).
+    ``allow_tf32``: TF32 matmuls on CUDA (Ampere and newer). Gradient products and stores
+    stay float32 unless the pipeline's ``gradients.dtype`` says float16; ``attribution
+    diagnose --dtype`` reports the error of a reduced precision against float32.
+    ``threads``: CPU threads of torch, FAISS and every BLAS pool (through ``threadpoolctl``)
+    in each step that uses this resource, restored when the step ends. 0 (the default) means
+    the cores this process may use: its CPU affinity capped by its cgroup CPU quota
+    (``engine.runtime.available_cores``). When several steps share a machine (the
+    multiprocess executor, a backfill, two deployments), set it to cores / concurrent steps.
     """
 
     device: str = "auto"
     precision: str = "auto"
     allow_tf32: bool = False
+    autocast: str = "off"
     threads: int = Field(default=0, ge=0)
     _restore: list = PrivateAttr(default_factory=list)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        if not self.threads:
-            return
-        import faiss
-        import torch
-        from threadpoolctl import threadpool_limits
+    @field_validator("autocast", mode="before")
+    @classmethod
+    def _check_autocast(cls, value):
+        if value is False:  # YAML 1.1 reads an unquoted `off` as false
+            return "off"
+        if value not in AUTOCAST:
+            raise ValueError(f"autocast must be one of {list(AUTOCAST)}, got {value!r}")
+        return value
 
-        torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-        blas = threadpool_limits(limits=self.threads, user_api="blas")
-        torch.set_num_threads(self.threads)
-        faiss.omp_set_num_threads(self.threads)
-        self._restore[:] = [lambda: torch.set_num_threads(torch_threads),
-                            lambda: faiss.omp_set_num_threads(faiss_threads), blas.restore_original_limits]
+    def autocast_dtype(self):
+        """The ``torch.autocast`` dtype of gradient steps (None: off)."""
+        return None if self.autocast == "off" else models.DTYPES[self.autocast]
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._restore[:] = [limit_threads(self.threads)]
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for restore in self._restore:

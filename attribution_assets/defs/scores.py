@@ -6,8 +6,10 @@ import dagster as dg
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
+    CONTENT_VERSION,
     Timer,
     code_version,
+    compute_version,
     key,
     path_metadata,
     shards_partitions,
@@ -16,10 +18,10 @@ from attribution_assets.defs.gradients import pipeline_collector
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.gradients.collect import training_rows
 from attribution_assets.engine.gradients.store import GradientStore
-from attribution_assets.engine.io.digests import files_digest
+from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.autocorrelation import (
-    accumulate,
     load_autocorrelation,
+    row_autocorrelation,
     save_autocorrelation,
     training_autocorrelation,
 )
@@ -36,17 +38,19 @@ from attribution_assets.spec import PipelineSpec
 ALL = dg.AllPartitionMapping()
 
 
-def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
     if spec.queries is None:
         return []
     streaming = spec.scoring.mode == "streaming"
+    model_version = compute_version(compute) if streaming else ""  # streamed rows come from the model
     train_source = key(spec, "tokenized_shards") if streaming else key(spec, "train_gradients")
     precond_key = key(spec, "preconditioner")
     autocorr_key = key(spec, "train_autocorrelation")
 
     @dg.asset(key=autocorr_key, group_name=spec.name,
               deps=[dg.AssetDep(train_source, partition_mapping=ALL)],
-              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients"),
+              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients")
+              + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(on_deps_updated=False),
               description="Per-module autocorrelation (1/n) sum g g^T of the training gradients, streamed "
                           "shard by shard; rebuilt on schedule or on demand, not once per new shard.")
@@ -60,7 +64,8 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         save_autocorrelation(paths.autocorrelation, train)
         return dg.MaterializeResult(
             metadata={"shards": len(shards), "n_train": train.n, "modules": len(train.layout),
-                      "path": path_metadata(paths.autocorrelation), "seconds": timer.seconds},
+                      "path": path_metadata(paths.autocorrelation), "seconds": timer.seconds,
+                      "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(files_digest(paths.autocorrelation)))
 
     @dg.asset(key=precond_key, group_name=spec.name, deps=[autocorr_key, key(spec, "query_gradients")],
@@ -75,15 +80,18 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         paths = storage.paths(spec)
         train = load_autocorrelation(paths.autocorrelation)
         queries = GradientStore(paths.query_gradients)
-        query = accumulate([queries.document_rows()], queries.info["modules"])
+        query = row_autocorrelation(queries.document_rows(), queries.info["modules"])
         result = trackstar_preconditioner(train, query, spec.scoring)
         result.save(paths.preconditioner)
-        report = check_preconditioner(Preconditioner.load(paths.preconditioner))
+        del result, query  # the check reads the saved preconditioner one module at a time
+        saved = Preconditioner.load(paths.preconditioner)
+        report = check_preconditioner(saved)
         yield dg.MaterializeResult(
-            metadata={"n_train": train.n, "n_query": query.n,
-                      "lambda": float(result.lam) if result.lam is not None else "off",
-                      "damping": spec.scoring.damping, "modules": len(result.layout), "dims": result.dims,
-                      "path": path_metadata(paths.preconditioner), "seconds": timer.seconds},
+            metadata={"n_train": train.n, "n_query": saved.n_query,
+                      "lambda": float(saved.lam) if saved.lam is not None else "off",
+                      "damping": spec.scoring.damping, "modules": len(saved.layout), "dims": saved.dims,
+                      "path": path_metadata(paths.preconditioner), "seconds": timer.seconds,
+                      "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(files_digest(paths.preconditioner)))
         yield dg.AssetCheckResult(asset_key=precond_key, check_name="positive_definite", passed=report["ok"],
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
@@ -95,12 +103,13 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=scores_key, group_name=spec.name, partitions_def=shards_partitions(spec),
               deps=[train_source, query_rows] + ([precond_key] if trackstar else []),
-              code_version=code_version("scores-v1", spec, "gradients", "scoring"),
+              code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               backfill_policy=dg.BackfillPolicy.single_run(),
-              description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query).")
-    def scores(context: dg.AssetExecutionContext, storage: StorageResource,
-               compute: ComputeResource) -> dg.MaterializeResult:
+              description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query); "
+                          "with scoring.breakdown, also each module's or head's contribution.")
+    def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
+        timer = Timer()
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
@@ -108,30 +117,40 @@ def score_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         versions = {}
         for result in scorer.score_shards(rows, paths, spec.scoring.top_k):
             versions[result.shard] = result.version
+            breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
             context.add_asset_metadata(
                 {"rows": result.rows, "queries": result.queries, "documents": result.documents,
-                 "path": path_metadata(result.path), "seconds": result.seconds}, partition_key=result.shard)
+                 "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
+                 **breakdown},
+                partition_key=result.shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
-        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
+                                   metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb})
 
     db_key = key(spec, "attribution_db")
 
     @dg.asset(key=db_key, group_name=spec.name,
               deps=[dg.AssetDep(scores_key, partition_mapping=ALL),
                     dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL), key(spec, "query_set")],
-              code_version="duckdb-views-v1", automation_condition=rebuild_condition(on_deps_updated=False),
+              code_version="duckdb-views-v2-" + json_digest(  # only what changes the views themselves
+                  {"token_rows": spec.gradients.token_rows, "breakdown": spec.scoring.breakdown}, length=12),
+              automation_condition=rebuild_condition(on_deps_updated=False),
               check_specs=[dg.AssetCheckSpec("schema", asset=db_key, blocking=False,
                                              description="views answer with the documented columns")],
-              description="DuckDB file of views (scores, documents, queries, top_influences) over the Parquet files.")
+              description="DuckDB file of views (scores, documents, queries, top_influences; with a breakdown "
+                          "module_scores, layer_scores, head_scores, top_heads) over the Parquet files.")
     def attribution_db(storage: StorageResource):
         paths = storage.paths(spec)
-        path = database.build_database(paths, with_token_scores=spec.gradients.per_token)
+        path = database.build_database(paths, with_token_scores=spec.gradients.token_rows,
+                                       breakdown=spec.scoring.breakdown)
         columns = database.view_columns(path)
+        wanted = database.BREAKDOWN_VIEWS[spec.scoring.breakdown]
         yield dg.MaterializeResult(
             metadata={"path": path_metadata(path), "views": dg.MetadataValue.json(columns),
                       "example": dg.MetadataValue.md(f"```sql\n{database.TOP_K_SQL.strip()}\n```")})
         yield dg.AssetCheckResult(asset_key=db_key, check_name="schema",
-                                  passed=columns.get("scores") == SCORE_COLUMNS)
+                                  passed=columns.get("scores") == SCORE_COLUMNS
+                                  and all(view in columns for view in wanted))
 
     fan_in = [] if kronecker else [train_autocorrelation, preconditioner]
     return [*fan_in, scores, attribution_db]

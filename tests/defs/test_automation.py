@@ -7,7 +7,7 @@ import dagster as dg
 import pytest
 
 from attribution_assets.defs.automation import directory_state
-from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.defs.runner import FORCE_TAG, materialize_pipeline
 from tests.helpers import definitions_for, user_pipeline_spec
 
 TRAIN_SIDE = {"tokenized_shards", "train_gradients", "train_autocorrelation"}
@@ -95,7 +95,8 @@ def test_single_run_backfill_loads_the_model_once(pipeline, monkeypatch):
     defs = definitions_for([spec], storage)
     result = dg.materialize(defs.assets, selection=[dg.AssetKey(["ops", "train_gradients"])], instance=instance,
                             resources=defs.resources, tags={"dagster/asset_partition_range_start": shards[0],
-                                                            "dagster/asset_partition_range_end": shards[-1]})
+                                                            "dagster/asset_partition_range_end": shards[-1],
+                                                            FORCE_TAG: "true"})  # recompute, no reuse
     materialized = {e.partition for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"}
     assert materialized == set(shards) and len(shards) == 2
     assert len(calls) == 1, "one model load for every shard of the run"

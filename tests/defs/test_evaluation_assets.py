@@ -4,7 +4,7 @@ import dagster as dg
 import polars as pl
 
 from attribution_assets import cli
-from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.defs.runner import Stage, materialize_pipeline
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
 from tests.helpers import TINY_DEMO, definitions_for
 
@@ -13,8 +13,8 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0), evaluation=EvaluationSpec(lds_subsets=2))
     defs = definitions_for([spec], tmp_path)
     instance = dg.DagsterInstance.ephemeral()
-    stages = [(("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
-              (("tokenized_shards",), True)]
+    stages = [Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
+              Stage("shards", ("tokenized_shards",), True)]
     materialize_pipeline(defs, spec, instance, stages=stages, log=lambda _: None, log_level="WARNING")
     run = dict(instance=instance, resources=defs.resources, raise_on_error=True)
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "fact_tracing"])], **run)

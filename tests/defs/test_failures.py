@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from attribution_assets.defs.resources import StorageResource
-from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.defs.runner import FORCE_TAG, materialize_pipeline
 from attribution_assets.engine.gradients import collect as collect_module
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from tests.helpers import definitions_for, user_pipeline_spec
@@ -41,12 +41,11 @@ def test_process_killed_mid_write_leaves_no_complete_looking_partition(tmp_path)
     script = f"""
 import os, numpy as np
 from attribution_assets.engine.gradients import store
-real_save = np.save
-def save_then_die(path, array, allow_pickle=False):
+def write_then_die(path, *args):
     with open(path, "wb") as f:
         f.write(b"\\x93NUMPY half a file")
     os._exit(137)  # a kill: no cleanup handler runs
-np.save = save_then_die
+store._write_array = write_then_die
 store.write_store({str(final)!r}, np.ones((3, 4), np.float32), {INFO!r}, doc_ids=["a", "b", "c"],
                   model_fingerprint="f")
 """
@@ -82,7 +81,7 @@ def test_nan_gradients_fail_and_nothing_downstream_runs(pipeline, monkeypatch):
     result = dg.materialize(defs.assets, selection=[dg.AssetKey(["ops", "train_gradients"]),
                                                      dg.AssetKey(["ops", "scores"])],
                             partition_key="shard-00000", resources=defs.resources, instance=instance,
-                            raise_on_error=False)
+                            raise_on_error=False, tags={FORCE_TAG: "true"})  # recompute, no reuse
     assert not result.success
     failed = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
     assert "NaN or Inf" in failed[0].event_specific_data.error.to_string()

@@ -1,7 +1,8 @@
 """EK-FAC end to end on a tiny demo (``kfac_space: projected``, the default): the asset graph
 (per-shard covariance and correction partitions, merged factors, eigendecomposition,
-preconditioned query rows) feeds the same score tables, FAISS index, Attributor and DuckDB
-views; the score table equals a brute-force influence from plain autograd query gradients."""
+preconditioned query rows) feeds the same score tables, module breakdowns, FAISS index,
+Attributor and DuckDB views; the score table equals a brute-force influence from plain
+autograd query gradients."""
 
 import numpy as np
 import polars as pl
@@ -31,7 +32,8 @@ KFAC_ASSETS = ("kfac_covariance", "kfac_factors", "kfac_eigendecomposition", "ek
 def ekfac_demo(tmp_path_factory):
     results = []
     spec, paths = materialize_tiny_demo(tmp_path_factory.mktemp("ekfac"), gradients=GradientSpec(projection_dim=8),
-                                        results=results, preconditioner="ekfac", metric="inner_product")
+                                        results=results, preconditioner="ekfac", metric="inner_product",
+                                        breakdown="module")
     return spec, paths, results
 
 
@@ -91,6 +93,13 @@ def test_score_table_equals_brute_force_influence(ekfac_demo):
         cols = [position[d] for d in got["doc_id"]]
         np.testing.assert_allclose(got["score"].to_numpy(), expected[cols], rtol=1e-3,
                                    atol=1e-3 * np.abs(expected).max())
+    # the module breakdown (main's scoring.breakdown) sums to the EK-FAC score of each pair
+    blocks = pl.read_parquet(paths.block_scores_glob).group_by(["query_id", "doc_id"]).agg(
+        pl.col("contribution").sum(), pl.len().alias("modules"))
+    joined = table.join(blocks, on=["query_id", "doc_id"])
+    assert joined.height == table.height and (joined["modules"] == len(modules)).all()
+    np.testing.assert_allclose(joined["contribution"].to_numpy(), joined["score"].to_numpy(), rtol=1e-4,
+                               atol=1e-5 * np.abs(joined["score"].to_numpy()).max())
 
 
 def test_attributor_index_and_duckdb_agree_with_the_table(ekfac_demo):

@@ -74,8 +74,7 @@ def test_score_table_equals_streaming(stored, streaming):
 def test_score_table_equals_brute_force(stored):
     spec, paths = stored
     model = AutoModelForCausalLM.from_pretrained(paths.model).float().eval()
-    docs = [d for shard in sorted(paths.root.glob("tokenized_shards/shard-*"))
-            for d in data.read_tokenized(paths.tokens(shard.name))]
+    docs = [d for shard in paths.tokenized_shards() for d in data.read_tokenized(paths.tokens(shard))]
     queries = data.read_tokenized(paths.query_tokens)
     train, modules = _naive_rows(model, docs, paths.model / "optimizer.pt", spec)
     query, _ = _naive_rows(model, queries, paths.model / "optimizer.pt", spec)
@@ -102,13 +101,30 @@ def test_score_table_equals_brute_force(stored):
 def test_duckdb_views_return_ranked_rows_with_text(stored):
     spec, paths = stored
     db = paths.database
-    assert database.view_columns(db)["top_influences"] == ["query_id", "rank", "doc_id", "score", "text"]
+    assert database.view_columns(db)["top_influences"] == ["query_id", "rank", "doc_id", "source_doc_id",
+                                                           "score", "text"]
     query_id = _scores(paths)["query_id"][0]
     top = database.top_k(db, query_id, 10)
     assert [r[0] for r in top] == list(range(1, 11))
-    assert all(a[2] >= b[2] for a, b in zip(top, top[1:])) and all(r[3] for r in top)
+    assert all(a[3] >= b[3] for a, b in zip(top, top[1:])) and all(r[4] for r in top)
+    assert all(r[1] == r[2] for r in top), "unchunked documents are their own source"
     best = _scores(paths).filter(pl.col("query_id") == query_id).sort("score", descending=True)["doc_id"][0]
     assert top[0][1] == best
+
+
+def test_moving_the_storage_folder_keeps_the_views_working(stored, tmp_path):
+    import shutil
+
+    import duckdb
+
+    spec, paths = stored
+    moved = tmp_path / "elsewhere" / "demo"
+    shutil.copytree(paths.root, moved, ignore=shutil.ignore_patterns("model", "train_gradients"))
+    query_id = _scores(paths)["query_id"][0]
+    assert database.top_k(moved / "attribution.duckdb", query_id, 3) == database.top_k(paths.database, query_id, 3)
+    with duckdb.connect(str(moved / "attribution.duckdb"), read_only=True) as con:  # a plain DuckDB shell
+        con.execute(f"SET file_search_path = '{moved}'")
+        assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == len(_scores(paths))
 
 
 def test_views_see_new_partitions_without_rebuild(stored, tmp_path):
@@ -149,3 +165,19 @@ def test_mean_aggregate_table_is_mean_of_individual_cosines(stored, tmp_path):
     by_doc = individual.group_by("doc_id").agg(pl.col("score").mean())
     expected = dict(zip(by_doc["doc_id"], by_doc["score"]))
     np.testing.assert_allclose(mean[0], [expected[d] for d in train.doc_ids], atol=1e-5)
+
+
+def test_attributor_on_a_streaming_pipeline_recomputes_rows_and_matches_its_table(streaming):
+    from attribution_assets.engine.search.attributor import Attributor
+
+    spec, paths = streaming
+    queries = data.read_tokenized(paths.query_tokens)[:2]
+    attributor = Attributor(spec, paths)
+    assert attributor.index is None and attributor.brute_force_shards == paths.tokenized_shards()
+    rows = attributor.collector.collect([(q.input_ids, q.loss_mask) for q in queries])[0]
+    table = _scores(paths)
+    for query, hits in zip(queries, attributor.top_k_rows(rows, k=3)):
+        best = table.filter(pl.col("query_id") == query.doc_id).sort(["score", "doc_id"],
+                                                                       descending=[True, False]).head(3)
+        assert [h.doc_id for h in hits] == best["doc_id"].to_list()
+        np.testing.assert_allclose([h.score for h in hits], best["score"].to_numpy(), atol=2e-5)

@@ -19,6 +19,11 @@ minimum cosine reaches ``threshold``:
 3. ``float32``: also load in float32;
 4. ``tf32 off``: also disable TF32 (``torch.set_float32_matmul_precision("highest")``,
    ``torch.backends.cudnn.allow_tf32 = False``; no effect on a CPU).
+
+With a reduced-precision ``dtype`` (``bfloat16``, ``float16``) the report starts with one
+more row, the precision error itself: the cosine of each document's gradient (alone) in
+that dtype with its gradient in float32, same settings otherwise. Gradient products
+accumulate in float32 either way; the difference comes from the forward and backward pass.
 """
 
 from __future__ import annotations
@@ -135,6 +140,14 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-300)
 
 
+def document_rows(model, docs: list[list[int]], budget: int = 1, projection_dim: int = 32,
+                  seed: int = 0) -> np.ndarray:
+    """``[len(docs), dims]`` projected gradients (loss on every token but the first) in
+    batches of ``budget`` tokens (1: each document alone)."""
+    gradients = GradientSpec(projection_dim=projection_dim, seed=seed, max_tokens_per_batch=budget)
+    return GradientCollector(model, gradients).collect([(d, [0] + [1] * (len(d) - 1)) for d in docs])[0]
+
+
 def gradient_agreement(model, docs: list[list[int]], pad_length: int, projection_dim: int = 32,
                        seed: int = 0) -> dict[str, np.ndarray]:
     """Per condition, ``[n_docs]`` cosines of each document's gradient with its alone gradient.
@@ -143,18 +156,20 @@ def gradient_agreement(model, docs: list[list[int]], pad_length: int, projection
     The padded batch adds one random document of ``pad_length`` tokens.
     """
     n, length = len(docs), len(docs[0])
-    masks = [[0] + [1] * (length - 1)] * n
     filler = np.random.default_rng(seed + 1).integers(0, model.config.vocab_size, pad_length).tolist()
+    alone = document_rows(model, docs, 1, projection_dim, seed)
+    batched = document_rows(model, docs, n * length, projection_dim, seed)
+    padded = document_rows(model, docs + [filler], (n + 1) * pad_length, projection_dim, seed)[:n]
+    return {"batched": _cosines(alone, batched), "padded": _cosines(alone, padded)}
 
-    def rows(budget: int, extra: list[list[int]]) -> np.ndarray:
-        gradients = GradientSpec(projection_dim=projection_dim, seed=seed, max_tokens_per_batch=budget)
-        all_docs = docs + extra
-        pairs = list(zip(all_docs, masks + [[0] + [1] * (len(e) - 1) for e in extra]))
-        return GradientCollector(model, gradients).collect(pairs)[0][:n]
 
-    alone = rows(1, [])
-    return {"batched": _cosines(alone, rows(n * length, [])),
-            "padded": _cosines(alone, rows((n + 1) * pad_length, [filler]))}
+def dtype_agreement(model, name_or_path: str, docs: list[list[int]], device: str = "cpu",
+                    projection_dim: int = 32, seed: int = 0) -> np.ndarray:
+    """``[n_docs]`` cosines of each document's gradient (alone) from ``model`` (loaded in a
+    reduced precision) with its gradient from the float32 model at ``name_or_path``."""
+    low = document_rows(model, docs, 1, projection_dim, seed)
+    full, _ = _load(name_or_path, Setting("default", "float32"), device)
+    return _cosines(low, document_rows(full, docs, 1, projection_dim, seed))
 
 
 def diagnose(model_name_or_path: str, *, threshold: float = 0.999, n_docs: int = 8,
@@ -179,6 +194,11 @@ def diagnose(model_name_or_path: str, *, threshold: float = 0.999, n_docs: int =
         if length >= limit:
             raise ValueError(f"length {length} must be below the model's {limit} positions")
         docs = make_documents(model.config.vocab_size, n_docs, length, seed, token_ids)
+        if dtype != "float32" and not report.rows:  # the precision error, on the first rung's model
+            values = dtype_agreement(model, model_name_or_path, docs, device, projection_dim, seed)
+            report.rows.append({"setting": "default", "condition": f"{dtype} vs float32",
+                                "min": float(values.min()), "median": float(np.median(values)),
+                                "settings": f"dtype={dtype} against dtype=float32"})
         with applied(setting):
             cosines = gradient_agreement(model, docs, min(2 * length, limit), projection_dim, seed)
         worst = 1.0
@@ -199,7 +219,8 @@ def format_report(report: DiagnoseReport) -> str:
     """A Markdown table of the cosines per rung and condition, then the settings to use."""
     lines = [f"Gradient agreement of {report.model}: {report.n_docs} documents of {report.length} "
              f"tokens, cosine of each document's gradient with its gradient alone "
-             f"(threshold {report.threshold}).", "",
+             f"(threshold {report.threshold}); a `<dtype> vs float32` row compares each "
+             f"document's gradient alone in that dtype with float32 (the precision error).", "",
              "| setting | condition | min cosine | median cosine | 1 - min |", "|---|---|---|---|---|"]
     lines += [f"| {r['setting']} | {r['condition']} | {r['min']:.6f} | {r['median']:.6f} | "
               f"{1 - r['min']:.1e} |" for r in report.rows]

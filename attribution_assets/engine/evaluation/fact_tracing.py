@@ -48,7 +48,11 @@ import numpy as np
 import polars as pl
 
 from attribution_assets.engine.evaluation.metrics import recall_and_mrr
-from attribution_assets.engine.gradients.collect import collect, make_collector
+from attribution_assets.engine.gradients.collect import (
+    collect,
+    make_collector,
+    optimizer_state_source,
+)
 from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.store import document_rows
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
@@ -67,7 +71,7 @@ from attribution_assets.engine.preconditioning.preconditioners import (
     trackstar_preconditioner,
 )
 from attribution_assets.engine.scoring.run import QueryScorer
-from attribution_assets.spec import PipelineSpec, ScoringSpec
+from attribution_assets.spec import PipelineSpec, ScoringSpec, SpecValueError
 
 QUERY_LOSSES = ("completion", "full")
 
@@ -131,6 +135,38 @@ def default_methods(spec: PipelineSpec) -> list[Method]:
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
         methods.append(configured)
     return methods
+
+
+def available_methods(spec: PipelineSpec, paths: PipelinePaths | None,
+                      methods: Sequence[Method] | None = None) -> tuple[list[Method], dict[str, str]]:
+    """The methods (default: :func:`default_methods`) that the pipeline's inputs allow, and
+    ``{name: reason}`` for those skipped: an optimizer normalizer needs optimizer state,
+    BM25 needs the ``bm25s`` package, EK-FAC / K-FAC need gradient settings they can take
+    (the spec validation's message)."""
+    import importlib.util
+
+    usable, skipped = [], {}
+    for m in methods or default_methods(spec):
+        if m.kind == "bm25" and importlib.util.find_spec("bm25s") is None:
+            skipped[m.name] = "the bm25s package is not installed (pip install 'attribution-assets[eval]')"
+            continue
+        if m.kind == "gradient" and m.normalizer != "none":
+            probe = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, normalizer=m.normalizer))
+            try:
+                optimizer_state_source(probe, paths)
+            except ValueError:
+                skipped[m.name] = (f"the {m.normalizer!r} normalizer needs optimizer state: set "
+                                   "`gradients.optimizer_state` to an optimizer.pt or a Trainer checkpoint")
+                continue
+        if m.kind == "gradient" and m.scoring().kronecker:
+            try:
+                dataclasses.replace(spec, scoring=m.scoring(), gradients=dataclasses.replace(
+                    spec.gradients, normalizer=m.normalizer))
+            except SpecValueError as error:
+                skipped[m.name] = str(error)
+                continue
+        usable.append(m)
+    return usable, skipped
 
 
 def configured_name(spec: PipelineSpec, methods: Sequence[Method]) -> str:
@@ -243,7 +279,7 @@ class GradientCache:
         key = (scoring.preconditioner, scoring.kfac_labels, scoring.kfac_seed, scoring.kfac_space,
                scoring.damping, query_loss)
         if key not in self._kronecker_queries:
-            gradients = dataclasses.replace(self.spec.gradients, normalizer="none", per_token=False)
+            gradients = dataclasses.replace(self.spec.gradients, normalizer="none", per_token="none")
             collector = GradientCollector(self.model, gradients, transform=self.kronecker(scoring))
             array, info, stats = collect(collector, with_query_loss(self.queries, query_loss))
             self._kronecker_queries[key] = document_rows(array, info)
@@ -279,14 +315,17 @@ def method_scores(methods: Sequence[Method], cache: GradientCache,
 
 def first_gold_ranks(scores: np.ndarray, doc_ids: Sequence[str], query_ids: Sequence[str],
                      gold: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    """Rank of each query's best-scoring gold document among all ``n`` documents (ties pessimistic).
+    """Rank of each query's best-scoring gold row among all ``n`` rows (ties pessimistic).
 
+    ``doc_ids`` are the source document ids of the rows (a chunk counts for its document).
     Queries whose gold documents are all absent from ``doc_ids`` are left out.
     """
-    column = {d: i for i, d in enumerate(doc_ids)}
+    columns: dict[str, list[int]] = {}
+    for i, d in enumerate(doc_ids):
+        columns.setdefault(d, []).append(i)
     ranks = {}
     for row, qid in enumerate(query_ids):
-        cols = [column[g] for g in gold.get(qid, ()) if g in column]
+        cols = [c for g in gold.get(qid, ()) for c in columns.get(g, ())]
         if not cols:
             continue
         is_gold = np.zeros(len(doc_ids), dtype=bool)
@@ -298,12 +337,14 @@ def first_gold_ranks(scores: np.ndarray, doc_ids: Sequence[str], query_ids: Sequ
 
 @dataclass
 class FactTracingResult:
-    """``frame`` (one row per method and query loss), its ``markdown``, and the raw
-    ``scores[query_loss][method]`` ``[q, n]`` (columns in ``docs`` order)."""
+    """``frame`` (one row per method and query loss), its ``markdown`` (with the skipped
+    methods and why), the raw ``scores[query_loss][method]`` ``[q, n]`` (columns in ``docs``
+    order) and ``skipped`` ``{method: reason}``."""
 
     frame: pl.DataFrame
     markdown: str
     scores: dict[str, dict[str, np.ndarray]]
+    skipped: dict[str, str]
 
 
 def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
@@ -317,9 +358,9 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
     ``loss_mask`` marks the completion; ``gold``: query id -> gold doc ids. Frame columns:
     ``method, query_loss, configured, recall@k..., mrr, queries``.
     """
-    methods = list(methods or default_methods(spec))
+    methods, skipped = available_methods(spec, paths, methods)
     cache = GradientCache(model, spec, paths, docs, queries)
-    doc_ids, query_ids = [d.doc_id for d in docs], [q.doc_id for q in queries]
+    doc_ids, query_ids = [d.source_id for d in docs], [q.doc_id for q in queries]
     mine = configured_name(spec, methods)
     rows, all_scores = [], {}
     for query_loss in query_losses:
@@ -330,7 +371,8 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
             rows.append({"method": m.name, "query_loss": "full text" if m.kind == "bm25" else query_loss,
                          "configured": m.name == mine, **recall_and_mrr(ranks, ks)})
     frame = pl.DataFrame(rows)
-    return FactTracingResult(frame, markdown_table(frame), all_scores)
+    markdown = markdown_table(frame) + "".join(f"\nSkipped `{name}`: {why}.\n" for name, why in skipped.items())
+    return FactTracingResult(frame, markdown, all_scores, skipped)
 
 
 def markdown_table(frame: pl.DataFrame, digits: int = 3) -> str:

@@ -9,7 +9,7 @@ from attribution_assets.engine.scoring.database import connect
 GOLD_RANKS_SQL = """
 SELECT t.query_id, min(t.rank) AS first_gold_rank
 FROM top_influences t JOIN queries q USING (query_id)
-WHERE list_contains(q.gold_doc_ids, t.doc_id)
+WHERE list_contains(q.gold_doc_ids, t.source_doc_id)
 GROUP BY t.query_id
 """
 

@@ -34,6 +34,20 @@ def validate_documents(docs: Sequence[Document]) -> list[int]:
     return counts
 
 
+def row_positions(mask: Sequence[int], per_token: str) -> list[int]:
+    """Token positions that get a row of their own under ``per_token``: ``loss``: the targets
+    ``t`` (``mask[t] == 1``); ``positional``: every position before the last target (a later
+    position reaches no loss, so its share is zero); ``none``: no position."""
+    if per_token == "loss":
+        return [t for t, m in enumerate(mask) if m]
+    if per_token == "positional":
+        last = max((t for t, m in enumerate(mask) if m), default=0)
+        return list(range(last))
+    if per_token == "none":
+        return []
+    raise ValueError(f"per_token must be 'none', 'positional' or 'loss', got {per_token!r}")
+
+
 def pack_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Group document indices, longest first, so ``len(batch) * max_len <= max_tokens``.
 
@@ -82,7 +96,16 @@ def collate(
         ids[row, :n] = torch.as_tensor(list(tokens), dtype=torch.long)
         attn[row, :n] = 1
         loss[row, :n] = torch.as_tensor(list(mask), dtype=torch.long)
-    return Batch(list(indices), ids.to(device), attn.to(device), loss.to(device))
+    return Batch(list(indices), _to_device(ids, device), _to_device(attn, device),
+                 _to_device(loss, device))
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; CUDA copies go through pinned memory, asynchronously."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def make_batches(

@@ -8,7 +8,6 @@ autocorrelation, the scorer) take :func:`training_rows` and never branch on the 
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.gradients.collector import GradientCollector, rows_hash
 from attribution_assets.engine.gradients.normalizers import make_normalizer
 from attribution_assets.engine.gradients.store import (
     GradientStore,
@@ -28,7 +27,8 @@ from attribution_assets.engine.gradients.store import (
 )
 from attribution_assets.engine.io.data import TokenizedDoc, read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.engine.runtime import peak_rss_mb
+from attribution_assets.spec import GradientSpec, PipelineSpec
 
 
 def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> str | None:
@@ -45,16 +45,17 @@ def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> s
 
 
 def make_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
-                   device: Any = None) -> GradientCollector:
+                   device: Any = None, autocast: torch.dtype | None = None) -> GradientCollector:
     """A collector with the pipeline's projection and normalizer (same on query and train side)."""
     source = optimizer_state_source(spec, paths)
     normalizer = make_normalizer(spec.gradients.normalizer, source, model) if source else None
-    return GradientCollector(model, spec.gradients, normalizer, device)
+    return GradientCollector(model, spec.gradients, normalizer, device, autocast)
 
 
 @dataclass
 class CollectStats:
-    """What one collection run cost: rows, tokens, seconds, peak process RSS and device memory."""
+    """What one collection run cost: rows, tokens, seconds, peak process RSS (since the current
+    peak window began: ``engine.runtime.reset_peak_rss``) and peak device memory."""
 
     rows: int
     dims: int
@@ -72,11 +73,6 @@ class CollectStats:
         return meta
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple[np.ndarray, dict, CollectStats]:
     """Gradient rows of ``docs``: ``(array [rows, dims] float32, info, stats)``."""
     if collector.device.type == "cuda":
@@ -92,12 +88,30 @@ def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple
 
 
 def collect_shard(collector: GradientCollector, docs: Sequence[TokenizedDoc], out: Path,
-                  model_fingerprint: str) -> tuple[GradientStore, CollectStats]:
-    """Collect ``docs`` and write a gradient store at ``out`` (atomically)."""
+                  model_fingerprint: str, producer: str = "") -> tuple[GradientStore, CollectStats]:
+    """Collect ``docs`` and write a gradient store at ``out`` (atomically); ``producer`` names
+    the code that wrote it (recorded in ``info.json``, see :func:`reusable_store`)."""
     array, info, stats = collect(collector, docs)
+    info["producer"] = producer
     store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
                         model_fingerprint=model_fingerprint, dtype=collector.gradients.dtype)
     return store, stats
+
+
+def reusable_store(path: Path, docs: Sequence[TokenizedDoc], model_fingerprint: str,
+                   gradients: GradientSpec, producer: str) -> GradientStore | None:
+    """The complete store at ``path`` when it holds exactly these documents' rows from the same
+    model, settings and producing code (e.g. written by a run that was killed before it could
+    record it), else None. Stores are written atomically, so one that opens is complete."""
+    try:
+        store = GradientStore(path)
+    except (OSError, ValueError):
+        return None
+    info = store.info
+    same = (info.get("producer") == producer and info.get("model_fingerprint") == model_fingerprint
+            and store.doc_ids == [d.doc_id for d in docs]
+            and info.get("config_hash") == rows_hash(gradients, info.get("normalizer")))
+    return store if same else None
 
 
 @dataclass

@@ -14,18 +14,28 @@ Conventions (DESIGN.md "Math conventions"):
   columns ``[start, stop)``: the weight block (``L G R^T`` flattened row-major as
   ``[p_out, p_in]``, or ``G`` as ``[O, I]`` when ``projection_dim == 0``), then,
   with ``include_bias``, a bias block (``L b`` or ``b``, ``b = sum_t g``).
-- ``per_token=True`` emits one row per target token ``t``: the gradient of that
-  token's loss alone (one backward pass per target index per batch), so a
-  document's rows sum to its document row. ``token_offsets[i]:token_offsets[i+1]``
-  are document ``i``'s rows and ``token_positions`` their token indices ``t``.
+  ``gradients.split: head`` splits attention projections into per-head blocks
+  (``heads``): each block is a layout entry of its own, laid out the same way.
+- Per-token rows (``gradients.per_token``); either way a document's rows sum to its
+  document row. ``token_offsets[i]:token_offsets[i+1]`` are document ``i``'s rows and
+  ``token_positions`` their token indices ``t``.
+
+  * ``positional``: row ``t`` is position ``t``'s share of the document gradient,
+    ``sum over the module's calls of L g_t a_tᵀ Rᵀ`` (unprojected ``g_t a_tᵀ``), where
+    ``g_t`` is the output gradient of the document's whole loss at position ``t`` and
+    ``a_t`` the input there: one backward pass, as for document rows. Rows for positions
+    ``0 .. last target - 1`` (later positions reach no loss).
+  * ``loss``: row ``t`` is the gradient of target token ``t``'s loss alone (one backward
+    pass per target index per batch); rows for the targets.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -35,8 +45,10 @@ from attribution_assets.engine.gradients.batching import (
     Batch,
     Document,
     make_batches,
+    row_positions,
     validate_documents,
 )
+from attribution_assets.engine.gradients.heads import Block, module_blocks
 from attribution_assets.engine.gradients.projection import Projector
 from attribution_assets.engine.io.digests import json_digest
 from attribution_assets.spec import GradientSpec
@@ -54,12 +66,15 @@ _FULL_GRAD_BUDGET = 1 << 26  # floats of full [B, O, I] gradients formed at once
 def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) -> str:
     """SHA-256 (16 hex) of the settings that change the rows (``config_hash`` in a store's
     ``info.json``): every ``GradientSpec`` field but the batch budget and the optimizer-state
-    path, plus the normalizer's settings (the optimizer state itself is not hashed)."""
+    path, plus the normalizer's settings (the optimizer state itself is not hashed). Settings
+    at the values older stores were written with hash as they did then (``per_token`` none/loss
+    as false/true, no ``split`` key for ``module``), so those stores stay valid."""
     payload = {
         "projection_dim": gradients.projection_dim, "projection_kind": gradients.projection_kind,
         "seed": gradients.seed, "include": list(gradients.include), "exclude": list(gradients.exclude),
-        "include_bias": gradients.include_bias, "per_token": gradients.per_token,
-        "dtype": gradients.dtype,
+        "include_bias": gradients.include_bias,
+        "per_token": {"none": False, "loss": True}.get(gradients.per_token, gradients.per_token),
+        "dtype": gradients.dtype, **({"split": gradients.split} if gradients.split != "module" else {}),
         "normalizer": None if gradients.normalizer == "none" else gradients.normalizer,
         "normalizer_settings": normalizer_settings,
     }
@@ -68,7 +83,8 @@ def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) 
 
 @dataclass
 class ModuleSpec:
-    """One hooked module and its column range in a gradient row."""
+    """One hooked module, its blocks (``heads.Block``; one unless split by head) and the
+    column range ``[start, stop)`` they cover together in a gradient row."""
 
     name: str
     module: nn.Module
@@ -78,7 +94,7 @@ class ModuleSpec:
     has_bias: bool
     start: int = 0
     stop: int = 0
-    shape: tuple[int, int] = (0, 0)
+    blocks: list[Block] = field(default_factory=list)
 
     @property
     def weight_name(self) -> str:
@@ -88,14 +104,9 @@ class ModuleSpec:
     def bias_name(self) -> str:
         return f"{self.name}.bias"
 
-    def layout(self) -> dict:
-        return {
-            "name": self.name,
-            "start": self.start,
-            "stop": self.stop,
-            "shape": list(self.shape),
-            "has_bias": self.has_bias,
-        }
+    def layout(self) -> list[dict]:
+        """One layout entry per block (see ``heads.Block.layout``)."""
+        return [b.layout() for b in self.blocks]
 
 
 def select_modules(
@@ -182,6 +193,12 @@ def clear_records(records: dict[str, list]) -> None:
         calls.clear()
 
 
+def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``sum_t g_t a_tᵀ``: ``[B, O, I]`` from ``g [B, T, O]`` and ``a [B, T, I]`` (a broadcast
+    product for single-position units: a batched matmul of inner size 1 is ~15x slower)."""
+    return g.transpose(1, 2) * a if a.shape[1] == 1 else g.transpose(1, 2) @ a
+
+
 def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -194,12 +211,15 @@ class GradientCollector:
     """Hook-based per-example gradient collector (see the module docstring for conventions).
 
     ``normalizer``: an ``AdamNormalizer`` / ``AdafactorNormalizer`` (``normalizers``).
-    ``device``: where batches go (default: the model's device). Products are float32.
+    ``device``: where batches go (default: the model's device). ``autocast``: a dtype
+    (``torch.bfloat16`` / ``torch.float16``) to run the forward pass in under
+    ``torch.autocast`` with the weights as they are (None: off). Products are float32.
     ``transform``: a linear map of each example's weight gradient, ``transform.apply_full(name,
     G [B, O, I]) -> [B, O, I]`` before the projection, or with ``transform.projected`` of the
     projected block ``[B, p, p]`` (the EK-FAC / K-FAC query-side preconditioner of
     ``preconditioning.kfac``); it checks the modules with ``transform.check_modules([(name, O,
-    I), ...], projection_settings)``. Weight blocks only: no bias, no normalizer.
+    I), ...], projection_settings)``. Weight blocks only: no bias, no normalizer, whole-module
+    blocks when projected (``gradients.split: module``).
     """
 
     def __init__(
@@ -208,9 +228,10 @@ class GradientCollector:
         gradients: GradientSpec | None = None,
         normalizer=None,
         device: torch.device | str | None = None,
+        autocast: torch.dtype | None = None,
         transform=None,
     ):
-        self.model, self.gradients = model, gradients or GradientSpec()
+        self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
         if normalizer is not None and cfg.normalizer not in ("none", normalizer.kind):
             raise ValueError(
@@ -233,11 +254,14 @@ class GradientCollector:
         )
         self.projector = Projector(cfg.projection_dim, cfg.projection_kind, cfg.seed, self.device)
         self.specs = select_modules(model, cfg.include, cfg.exclude, cfg.include_bias)
+        blocks = module_blocks(
+            model, [(s.name, s.out_features, s.in_features, s.has_bias) for s in self.specs], cfg.split
+        )
         col = 0
         for s in self.specs:
-            p = cfg.projection_dim
-            s.shape = (p, p) if p else (s.out_features, s.in_features)
-            s.start, col = col, col + s.shape[0] * s.shape[1] + (s.shape[0] if s.has_bias else 0)
+            s.blocks, s.start = blocks[s.name], col
+            for b in s.blocks:
+                col = b.place(col, cfg.projection_dim)
             s.stop = col
         self.dims = col
         if normalizer is not None:
@@ -245,12 +269,18 @@ class GradientCollector:
         if transform is not None:
             transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs],
                                     self.projector.settings())
+            if transform.projected and any(len(s.blocks) != 1 for s in self.specs):
+                raise ValueError(
+                    "a projected EK-FAC / K-FAC transform maps whole-module blocks: set "
+                    "gradients.split: module, or scoring.kfac_space: full"
+                )
         self._records: dict[str, list] = {}
 
     @property
     def module_layout(self) -> list[dict]:
-        """``[{name, start, stop, shape, has_bias}]`` in column order."""
-        return [s.layout() for s in self.specs]
+        """``[{name, start, stop, shape, has_bias}]`` per block in column order (head blocks add
+        ``module, layer, head, kind``)."""
+        return [entry for s in self.specs for entry in s.layout()]
 
     def layout_info(self) -> dict:
         """The settings part of a store's ``info.json``."""
@@ -258,7 +288,8 @@ class GradientCollector:
         return {
             "dims": self.dims,
             "modules": self.module_layout,
-            "per_token": self.gradients.per_token,
+            "per_token": self.gradients.token_rows,
+            "per_token_mode": self.gradients.per_token if self.gradients.token_rows else None,
             "projection": self.projector.settings(),
             "normalizer": norm,
             "config_hash": rows_hash(self.gradients, norm),
@@ -279,56 +310,83 @@ class GradientCollector:
     ) -> torch.Tensor:
         """Rows ``[B, stop - start]`` from ``a [B, T, I]``, ``g [B, T, O]``, ``valid [B, T, 1]``.
 
-        Padding is masked at the cheapest point (after projecting ``a`` and ``g``);
-        an Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling
-        ``g`` and ``a``). A normalizer that does not factor, or a full-space ``transform``,
-        needs each example's full ``[O, I]`` gradient (formed in chunks).
+        Block ``b`` (rows ``r``, columns ``c`` of ``G``) is ``(g_r L_bᵀ)ᵀ (a_c R_bᵀ)`` projected,
+        else ``g_rᵀ a_c``; products with a matrix shared by several blocks are formed once.
+        Padding is masked at the cheapest point (after projecting ``a`` and ``g``); an
+        Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling ``g`` and ``a``).
+        A normalizer that does not factor, or a full-space ``transform``, needs each example's
+        full ``[O, I]`` gradient (formed in chunks); a projected ``transform`` maps the projected
+        whole-module block.
         """
-        norm, p, transform = self.normalizer, self.gradients.projection_dim, self.transform
+        norm, p, proj, transform = (self.normalizer, self.gradients.projection_dim, self.projector,
+                                    self.transform)
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
-        blocks = []
-        projected_transform = transform is None or transform.projected
-        if p and (norm is None or factors is not None) and projected_transform:
-            left, right = self.projector.matrices(spec.name, spec.out_features, spec.in_features)
-            if factors is not None:
-                left, right = left * factors[0], right * factors[1]
-            a_p = torch.where(valid, a @ right.T, 0.0)
-            g_p = torch.where(valid, g @ left.T, 0.0)
-            block = g_p.transpose(1, 2) @ a_p
-            blocks.append((block if transform is None else transform.apply_full(spec.name, block)).flatten(1))
+        weights: list[torch.Tensor | None] = []
+        if p and (norm is None or factors is not None) and (transform is None or transform.projected):
+            done: dict[tuple, torch.Tensor] = {}
+
+            def projected(side, key, span):
+                if (side, key, span) not in done:
+                    x, matrix = (g, proj.left) if side == 0 else (a, proj.right)
+                    m = matrix(key, span[1] - span[0])
+                    if factors is not None:
+                        m = m * factors[side][span[0] : span[1]]
+                    done[side, key, span] = torch.where(valid, x[..., span[0] : span[1]] @ m.T, 0.0)
+                return done[side, key, span]
+
+            for b in spec.blocks:
+                if b.cols is None:
+                    weights.append(None)
+                    continue
+                g_p, a_p = projected(0, b.left, b.rows), projected(1, b.right, b.cols)
+                weight = _outer_sum(g_p, a_p)
+                if transform is not None:
+                    weight = transform.apply_full(spec.name, weight)
+                weights.append(weight.flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))
-            parts = []
+            parts: list[list[torch.Tensor]] = [[] for _ in spec.blocks]
             for i in range(0, a.shape[0], chunk):
-                full = g[i : i + chunk].transpose(1, 2) @ a[i : i + chunk]
+                full = _outer_sum(g[i : i + chunk], a[i : i + chunk])
                 if factors is not None:
                     full = full * factors[0][:, None] * factors[1]
                 elif norm is not None:
                     full = norm.scale_full(spec.name, full)
-                if self.transform is not None:
-                    full = self.transform.apply_full(spec.name, full)
-                parts.append(self.projector.project(spec.name, full).flatten(1))
-            blocks.append(torch.cat(parts))
+                if transform is not None:
+                    full = transform.apply_full(spec.name, full)
+                for part, b in zip(parts, spec.blocks):
+                    if b.cols is None:
+                        continue
+                    piece = full[:, b.rows[0] : b.rows[1], b.cols[0] : b.cols[1]]
+                    if p:
+                        piece = proj.left(b.left, b.n_rows) @ piece @ proj.right(b.right, b.n_cols).T
+                    part.append(piece.flatten(1))
+            weights = [torch.cat(part) if part else None for part in parts]
+        bias = None
         if spec.has_bias:
             bias = (valid.transpose(1, 2).to(g.dtype) @ g).squeeze(1)  # sum_t g over real tokens
             if norm is not None:
                 bias = norm.scale_bias(spec.name, bias)
-            if p:
-                left = self.projector.matrices(spec.name, spec.out_features, spec.in_features)[0]
-                bias = bias @ left.T
-            blocks.append(bias)
+        blocks = []
+        for b, weight in zip(spec.blocks, weights):
+            if weight is not None:
+                blocks.append(weight)
+            if b.bias:
+                piece = bias[:, b.rows[0] : b.rows[1]]
+                blocks.append(piece @ proj.left(b.left, b.n_rows).T if p else piece)
         return torch.cat(blocks, dim=1)
 
-    def _rows(self, grads, select, valid) -> torch.Tensor:
-        """All modules' rows ``[n, dims]`` for documents ``select`` (``None``: all)."""
+    def _rows(self, grads, valid, pick: Callable | None = None) -> torch.Tensor:
+        """All modules' rows ``[n, dims]``. ``pick`` maps each recorded ``[B, T, .]`` tensor
+        to the ``[n, T', .]`` units that become rows (``None``: the batch's documents);
+        ``valid [n, T', 1]`` marks the positions that count."""
         blocks, k = [], 0
-        pick = (lambda t: t) if select is None else (lambda t: t[select])
-        valid = pick(valid)
         for s in self.specs:
             block = None
-            for a, _ in self._records[s.name]:
-                part = self._module_rows(s, pick(a).float(), pick(grads[k]).float(), valid)
+            for recorded, _ in self._records[s.name]:
+                a, g = (recorded, grads[k]) if pick is None else (pick(recorded), pick(grads[k]))
+                part = self._module_rows(s, a.float(), g.float(), valid)
                 block = part if block is None else block + part
                 k += 1
             if block is None:
@@ -356,32 +414,41 @@ class GradientCollector:
             grads = [o.grad if o.grad is not None else torch.zeros_like(o) for o in outputs]
             a = self._records[self.specs[0].name][0][0]
             valid = torch.ones(a.shape[0], a.shape[1], 1, dtype=torch.bool, device=a.device)
-            result.append(self._rows(grads, None, valid).detach().cpu().numpy())
+            result.append(self._rows(grads, valid).detach().cpu().numpy())
 
     def _grad(self, loss, outputs, retain):
         return torch.autograd.grad(
             loss, outputs, retain_graph=retain, allow_unused=True, materialize_grads=True
         )
 
-    def _batch_rows(self, batch: Batch, counts: list[int]) -> list[torch.Tensor]:
-        """Per document of the batch, its rows ``[n_rows, dims]``."""
+    def _batch_rows(self, batch: Batch, positions: list[list[int]]) -> list[torch.Tensor]:
+        """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
+        document's row positions, :func:`row_positions`)."""
         clear_records(self._records)
-        losses = _token_loss(self.model, batch)
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            losses = _token_loss(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
-        if not self.gradients.per_token:
-            rows = self._rows(self._grad(losses.sum(), outputs, False), None, valid)
-            return [rows[b : b + 1] for b in range(len(batch.indices))]
-        positions = [
-            torch.nonzero(batch.loss_mask[b, 1:]).flatten() for b in range(len(batch.indices))
-        ]
-        per_doc = [[] for _ in batch.indices]
-        n_max = max(counts[i] for i in batch.indices)
+        mode = self.gradients.per_token
+        if mode == "none":
+            return list(self._rows(self._grad(losses.sum(), outputs, False), valid).split(1))
+        pos = [positions[i] for i in batch.indices]
+        if mode == "positional":  # every kept position becomes a unit of one token
+            width = batch.input_ids.shape[1]
+            keep = torch.tensor([b * width + t for b, p in enumerate(pos) for t in p],
+                                dtype=torch.long, device=self.device)
+            units = torch.ones(len(keep), 1, 1, dtype=torch.bool, device=self.device)
+            grads = self._grad(losses.sum(), outputs, False)
+            rows = self._rows(grads, units, lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
+            return list(rows.split([len(p) for p in pos]))
+        per_doc = [[] for _ in pos]
+        n_max = max(len(p) for p in pos)
         for k in range(n_max):
-            docs = [b for b, pos in enumerate(positions) if len(pos) > k]
-            loss = sum(losses[b, positions[b][k]] for b in docs)
+            docs = [b for b, p in enumerate(pos) if len(p) > k]
+            loss = sum(losses[b, pos[b][k] - 1] for b in docs)  # entry t-1: token t's loss
             sel = torch.tensor(docs, device=self.device)
-            rows = self._rows(self._grad(loss, outputs, k + 1 < n_max), sel, valid)
+            pick = partial(torch.index_select, dim=0, index=sel)
+            rows = self._rows(self._grad(loss, outputs, k + 1 < n_max), pick(valid), pick)
             for j, b in enumerate(docs):
                 per_doc[b].append(rows[j : j + 1])
         return [
@@ -393,23 +460,22 @@ class GradientCollector:
 
         Returns ``(array [rows, dims] float32, info)`` where ``info`` holds
         :meth:`layout_info` plus ``rows``, ``token_offsets`` and ``token_positions``
-        (both ``None`` unless ``per_token``).
+        (both ``None`` unless rows are per token).
         """
-        counts = validate_documents(docs)
-        per_token = self.gradients.per_token
-        n_rows = counts if per_token else [1] * len(docs)
+        validate_documents(docs)
+        token_rows = self.gradients.token_rows
+        positions = [row_positions(mask, self.gradients.per_token) for _, mask in docs]
+        n_rows = [len(p) for p in positions] if token_rows else [1] * len(docs)
         offsets = np.concatenate([[0], np.cumsum(n_rows, dtype=np.int64)]).astype(np.int64)
         out = np.zeros((int(offsets[-1]), self.dims), dtype=np.float32)
         with self._hooked():
             for batch in make_batches(docs, self.gradients.max_tokens_per_batch, 0, self.device):
-                for i, rows in zip(batch.indices, self._batch_rows(batch, counts)):
+                for i, rows in zip(batch.indices, self._batch_rows(batch, positions)):
                     out[offsets[i] : offsets[i + 1]] = rows.detach().cpu().numpy()
         info = self.layout_info()
         info["rows"] = int(out.shape[0])
-        info["token_offsets"] = offsets.tolist() if per_token else None
-        info["token_positions"] = (
-            [t for _, mask in docs for t, m in enumerate(mask) if m] if per_token else None
-        )
+        info["token_offsets"] = offsets.tolist() if token_rows else None
+        info["token_positions"] = [t for p in positions for t in p] if token_rows else None
         return out, info
 
 

@@ -51,7 +51,7 @@ def projection_matrix(
 
 
 class Projector:
-    """Caches ``(L, R)`` per module for a fixed ``(dim, kind, seed)``.
+    """Caches ``L`` and ``R`` matrices for a fixed ``(dim, kind, seed)``.
 
     ``dim == 0`` means no compression: :meth:`project` returns ``G`` unchanged.
     """
@@ -70,27 +70,27 @@ class Projector:
             raise ValueError(f"projection kind must be one of {PROJECTION_KINDS}, got {kind!r}")
         self.dim, self.kind, self.seed = dim, kind, seed
         self.device, self.dtype = torch.device(device), dtype
-        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[str, str, int], torch.Tensor] = {}
+
+    def _matrix(self, name: str, side: str, n: int) -> torch.Tensor:
+        key = (name, side, n)
+        if key not in self._cache:
+            self._cache[key] = projection_matrix(
+                self.seed, name, side, self.dim, n, self.kind, self.device, self.dtype
+            )
+        return self._cache[key]
+
+    def left(self, name: str, n: int) -> torch.Tensor:
+        """``L [p, n]`` seeded by ``name`` (the output side)."""
+        return self._matrix(name, "out", n)
+
+    def right(self, name: str, n: int) -> torch.Tensor:
+        """``R [p, n]`` seeded by ``name`` (the input side)."""
+        return self._matrix(name, "in", n)
 
     def matrices(self, name: str, out_features: int, in_features: int):
         """``(L [p, O], R [p, I])`` for module ``name``."""
-        if name not in self._cache:
-            self._cache[name] = (
-                projection_matrix(
-                    self.seed,
-                    name,
-                    "out",
-                    self.dim,
-                    out_features,
-                    self.kind,
-                    self.device,
-                    self.dtype,
-                ),
-                projection_matrix(
-                    self.seed, name, "in", self.dim, in_features, self.kind, self.device, self.dtype
-                ),
-            )
-        return self._cache[name]
+        return self.left(name, out_features), self.right(name, in_features)
 
     def project(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """``L G R^T`` for full gradients ``G [..., O, I]`` -> ``[..., p, p]``."""

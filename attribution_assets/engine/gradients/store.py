@@ -5,15 +5,20 @@
     format_version    int, 1
     rows, dims        int, the shape of gradients.npy
     dtype             "float32" | "float16"
-    modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}]
+    modules           [{name, start, stop, shape: [p_out, p_in] | [O, I], has_bias}], one entry
+                      per block: a whole module, or (``split: head``) one head of an attention
+                      projection, which adds {module, layer, head, kind: q|k|v|o} (the output
+                      projection's bias block: head null, shape [p] | [O]); see gradients/heads.py
     doc_ids           [str], one per document
     per_token         bool
+    per_token_mode    "positional" | "loss" | null (absent in older stores: "loss")
     token_offsets     [int] of len n_docs + 1 (rows of doc i: offsets[i]:offsets[i+1]) | null
-    token_positions   [int] per row, the target token index t in its document | null
+    token_positions   [int] per row, its token index t in its document | null
     projection        {dim, kind, seed}
     normalizer        {kind, eps, bias_correction} | null (settings only, never arrays)
     model_fingerprint str
     config_hash       str
+    producer          str, the code version that wrote it ("" when written outside a pipeline)
 
 Writes are atomic: a temporary sibling directory is filled, then renamed onto
 the final path (an existing shard is moved aside first and removed after).
@@ -23,7 +28,7 @@ Reads memory-map with ``allow_pickle=False``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,26 +40,45 @@ FORMAT_VERSION = 1
 ARRAY_FILE = "gradients.npy"
 INFO_FILE = "info.json"
 _COMPAT_KEYS = ("projection", "normalizer", "modules", "dims", "model_fingerprint")
+BLOCK_BYTES = 64 << 20  # rows written, hashed and checked at a time
 
 
-def _cast(array: np.ndarray, modules: list[dict], dtype: str) -> np.ndarray:
-    """Cast to ``dtype``; raise naming the module if a value is or becomes non-finite."""
-    if dtype not in ("float32", "float16"):
-        raise ValueError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
-    src = np.asarray(array, dtype=np.float32)
+def _cast(block: np.ndarray, modules: list[dict], dtype: str, first_row: int) -> np.ndarray:
+    """Rows ``block`` (starting at row ``first_row``) as a C-ordered ``dtype`` array (no copy
+    for float32 input stored as float32); raise naming the module if a value is or becomes
+    non-finite."""
+    src = np.asarray(block, dtype=np.float32)
     with np.errstate(over="ignore", invalid="ignore"):  # reported per module below
-        out = src.astype(dtype)
+        out = np.ascontiguousarray(src, dtype=dtype)
     for m in modules:
-        block = out[:, m["start"] : m["stop"]]
-        if not np.isfinite(block).all():
+        part = out[:, m["start"] : m["stop"]]
+        if not np.isfinite(part).all():
+            rows = f"rows {first_row}:{first_row + len(block)}"
             if np.isfinite(src[:, m["start"] : m["stop"]]).all():
                 peak = float(np.abs(src[:, m["start"] : m["stop"]]).max())
                 raise ValueError(
                     f"module {m['name']!r}: values overflow {dtype} "
-                    f"(max |x| = {peak:.3g}); store as float32 or rescale"
+                    f"(max |x| = {peak:.3g}, {rows}); store as float32 or rescale"
                 )
-            raise ValueError(f"module {m['name']!r}: gradients contain NaN or Inf")
+            raise ValueError(f"module {m['name']!r}: gradients contain NaN or Inf ({rows})")
     return out
+
+
+def _block_rows(dims: int, itemsize: int) -> int:
+    """Rows per block of about :data:`BLOCK_BYTES`."""
+    return max(1, BLOCK_BYTES // max(1, dims * itemsize))
+
+
+def _write_array(path: Path, array: np.ndarray, modules: list[dict], dtype: str) -> None:
+    """``array`` as a ``.npy`` file of ``dtype``, cast and checked block by block (never a
+    second full copy of the rows in memory)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(n) for n in array.shape)}
+    step = _block_rows(array.shape[1], 4)
+    with path.open("wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        for start in range(0, array.shape[0], step):
+            f.write(_cast(array[start : start + step], modules, dtype, start).data)
 
 
 def write_store(
@@ -69,6 +93,8 @@ def write_store(
     """Write ``array [rows, dims]`` and ``info`` (as from ``GradientCollector.collect``)."""
     path = Path(path)
     modules = info["modules"]
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"store dtype must be 'float32' or 'float16', got {dtype!r}")
     if array.ndim != 2 or array.shape[1] != info["dims"]:
         raise ValueError(f"array shape {array.shape} does not match dims={info['dims']}")
     per_token = bool(info.get("per_token"))
@@ -76,24 +102,25 @@ def write_store(
     n_docs = len(offsets) - 1 if per_token else array.shape[0]
     if len(doc_ids) != n_docs:
         raise ValueError(f"{len(doc_ids)} doc_ids for {n_docs} documents")
-    data = _cast(array, modules, dtype)
     meta = {
         "format_version": FORMAT_VERSION,
-        "rows": int(data.shape[0]),
-        "dims": int(data.shape[1]),
+        "rows": int(array.shape[0]),
+        "dims": int(array.shape[1]),
         "dtype": dtype,
         "modules": modules,
         "doc_ids": [str(d) for d in doc_ids],
         "per_token": per_token,
+        "per_token_mode": info.get("per_token_mode", "loss") if per_token else None,
         "token_offsets": offsets if per_token else None,
         "token_positions": info.get("token_positions") if per_token else None,
         "projection": info["projection"],
         "normalizer": info.get("normalizer"),
         "model_fingerprint": model_fingerprint,
         "config_hash": info.get("config_hash", ""),
+        "producer": info.get("producer", ""),
     }
     with atomic_dir(path) as tmp:
-        np.save(tmp / ARRAY_FILE, data, allow_pickle=False)
+        _write_array(tmp / ARRAY_FILE, array, modules, dtype)
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=1))
     return GradientStore(path)
 
@@ -145,14 +172,15 @@ class GradientStore:
 
     @property
     def module_names(self) -> list[str]:
-        return [m["name"] for m in self.info["modules"]]
+        """Hooked modules in column order (a module split by head is named once)."""
+        return list(dict.fromkeys(m.get("module", m["name"]) for m in self.info["modules"]))
 
     def module_slice(self, name: str) -> slice:
-        """Column range of module ``name`` (weight block, then bias block if any)."""
-        for m in self.info["modules"]:
-            if m["name"] == name:
-                return slice(m["start"], m["stop"])
-        raise KeyError(f"module {name!r} not in store {self.path}; have {self.module_names}")
+        """Column range of a module (all its blocks: weight, then bias if any) or of one block."""
+        found = [m for m in self.info["modules"] if name in (m["name"], m.get("module"))]
+        if not found:
+            raise KeyError(f"module {name!r} not in store {self.path}; have {self.module_names}")
+        return slice(found[0]["start"], found[-1]["stop"])
 
     def module_view(self, name: str) -> np.ndarray:
         """``[rows, stop - start]`` view of one module's columns."""
@@ -162,13 +190,31 @@ class GradientStore:
         """``[n_docs, dims]``: the rows, or per-token rows summed per document."""
         return document_rows(self.array, self.info)
 
-    def digest(self, block_rows: int = 65536) -> str:
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The rows in consecutive blocks of about :data:`BLOCK_BYTES`, read with plain file
+        reads into one reused buffer (each block is valid until the next one is read): unlike
+        touching the memory map, reading them leaves nothing resident."""
+        step = _block_rows(self.dims, self.array.itemsize)
+        buffer = np.empty((min(step, self.rows), self.dims), dtype=self.array.dtype)
+        with (self.path / ARRAY_FILE).open("rb") as f:
+            f.seek(self.array.offset)
+            for start in range(0, self.rows, step):
+                block = buffer[: min(step, self.rows - start)]
+                if block.size and f.readinto(block.reshape(-1).view(np.uint8)) != block.nbytes:
+                    raise ValueError(f"gradient store {self.path}: {ARRAY_FILE} is truncated")
+                yield block
+
+    def all_finite(self) -> bool:
+        """Whether every stored value is finite (read block by block)."""
+        return all(np.isfinite(block).all() for block in self.blocks())
+
+    def digest(self) -> str:
         """Content hash (settings, model fingerprint, array bytes): the store's data version."""
         def parts():
             yield str(self.info.get("config_hash", ""))
             yield str(self.info.get("model_fingerprint", ""))
-            for start in range(0, self.rows, block_rows):
-                yield np.ascontiguousarray(self.array[start:start + block_rows]).tobytes()
+            for block in self.blocks():
+                yield block.data
         return chain_digest(parts())
 
     def doc_rows(self, i: int) -> np.ndarray:
@@ -197,4 +243,8 @@ def document_rows(array: np.ndarray, info: dict) -> np.ndarray:
     if not info.get("per_token"):
         return array
     offsets = np.asarray(info["token_offsets"], dtype=np.int64)
-    return np.add.reduceat(np.asarray(array, dtype=np.float32), offsets[:-1], axis=0)
+    counts = np.diff(offsets)
+    out = np.zeros((len(counts), array.shape[1]), dtype=np.float32)
+    if (counts > 0).any():  # a document without rows sums to zero
+        out[counts > 0] = np.add.reduceat(array, offsets[:-1][counts > 0], axis=0, dtype=np.float32)
+    return out

@@ -2,6 +2,8 @@
 
 Conventions
 -----------
+* Plain-text files (``.txt``) are split into documents by ``text_unit``: ``paragraph``
+  (the default: blank-line separated), ``line`` or ``file``.
 * A *document* has a stable ``doc_id``: the value of ``id_column`` when given, else
   ``sha1(content)[:16]`` (with ``~N`` appended to the N-th repeat of identical
   content), so re-sharding or reordering never changes an id.
@@ -25,6 +27,7 @@ from attribution_assets.spec import DataSpec
 FORMAT_BY_SUFFIX = {
     ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text",
 }
+TEXT_UNITS = {"line": "line", "paragraph": "paragraph", "file": "document"}  # -> datasets' sample_by
 
 
 class DataError(ValueError):
@@ -33,10 +36,17 @@ class DataError(ValueError):
 
 @dataclass
 class TokenizedDoc:
+    """One token sequence; ``source_id`` is the document it came from (a chunk ``{id}#{k}`` of a
+    long document has ``source_id == id``; otherwise ``source_id == doc_id``)."""
+
     doc_id: str
     input_ids: list[int]
     loss_mask: list[int]
     text: str
+    source_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.source_id = self.source_id or self.doc_id
 
     @property
     def targets(self) -> int:
@@ -94,6 +104,37 @@ def _detect_format(path: Path, fmt: str) -> tuple[str, dict[str, Any]]:
     return builder, {"data_files": [str(path)]}
 
 
+def _builder_kwargs(builder: str, spec: DataSpec) -> dict[str, Any]:
+    """Reader options: the text encoding, and for plain text the unit of a document."""
+    if builder == "text":
+        return {"encoding": spec.encoding, "sample_by": TEXT_UNITS[spec.text_unit]}
+    return {"encoding": spec.encoding} if builder in ("json", "csv") else {}
+
+
+def _check_file(path: Path, builder: str, spec: DataSpec) -> None:
+    """Refuse an empty file, bytes that are not ``spec.encoding`` and malformed JSON lines before
+    ``datasets`` turns them into an unhelpful error; messages name the file, the line and the fix."""
+    if builder not in ("json", "csv", "text"):
+        return
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise DataError(f"{path} is empty; add documents or remove the file from the corpus.")
+    for number, line in enumerate(raw.splitlines(), 1):
+        try:
+            text = line.decode(spec.encoding)
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{path}, line {number}: bytes {line[exc.start:exc.end]!r} are not valid {spec.encoding} "
+                f"({exc.reason}). Set `encoding:` in the data section to the file's encoding "
+                f"(e.g. latin-1, cp1252) or re-encode the file as UTF-8.") from None
+        if builder == "json" and path.suffix == ".jsonl" and text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}, line {number}, column {exc.colno}: malformed JSON ({exc.msg}). "
+                                "Each line of a .jsonl file must be one JSON object.") from None
+
+
 def looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.sep in name and Path(name).suffix != ""
 
@@ -125,7 +166,9 @@ def load_records(spec: DataSpec):
                         raise DataError(f"{path} has splits {sorted(ds)}, not {spec.split!r}; set `split:`.")
                     ds = ds[spec.split]
             else:
-                ds = datasets.load_dataset(builder, split="train", **kwargs)
+                for file in kwargs["data_files"]:
+                    _check_file(Path(file), builder, spec)
+                ds = datasets.load_dataset(builder, split="train", **kwargs, **_builder_kwargs(builder, spec))
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001 - library errors get a clear context
@@ -260,7 +303,8 @@ def tokenize_documents(docs: Iterable[dict[str, Any]], tokenizer, spec: DataSpec
                 stats.skipped_short += 1
                 continue
             text = doc["text"] if len(pieces) == 1 else tokenizer.decode(piece_ids)
-            out.append(TokenizedDoc(doc_id, list(map(int, piece_ids)), list(map(int, piece_mask)), text))
+            out.append(TokenizedDoc(doc_id, list(map(int, piece_ids)), list(map(int, piece_mask)), text,
+                                    doc["doc_id"]))
             stats.rows += 1
             stats.tokens += len(piece_ids)
             stats.target_tokens += sum(piece_mask)
@@ -290,19 +334,20 @@ def assign_shards(doc_ids: list[str], shard_size: int, previous: dict[str, str] 
 
 
 def write_tokenized(path: Path, docs: list[TokenizedDoc], extra: dict[str, list] | None = None) -> None:
-    """Write tokenized docs as Parquet (``doc_id, text, input_ids, loss_mask, length``)."""
+    """Write tokenized docs as Parquet (``doc_id, source_doc_id, text, input_ids, loss_mask, length``)."""
     import polars as pl
 
     from attribution_assets.engine.io.atomic import atomic_file
 
     frame = pl.DataFrame({
         "doc_id": [d.doc_id for d in docs],
+        "source_doc_id": [d.source_id for d in docs],
         "text": [d.text for d in docs],
         "input_ids": pl.Series([d.input_ids for d in docs], dtype=pl.List(pl.Int32)),
         "loss_mask": pl.Series([d.loss_mask for d in docs], dtype=pl.List(pl.Int8)),
         "length": pl.Series([len(d.input_ids) for d in docs], dtype=pl.Int32),
         **(extra or {}),
-    }, schema_overrides={"doc_id": pl.String, "text": pl.String})
+    }, schema_overrides={"doc_id": pl.String, "source_doc_id": pl.String, "text": pl.String})
     with atomic_file(path) as tmp:
         frame.write_parquet(tmp)
 
@@ -310,6 +355,9 @@ def write_tokenized(path: Path, docs: list[TokenizedDoc], extra: dict[str, list]
 def read_tokenized(path: Path) -> list[TokenizedDoc]:
     import polars as pl
 
-    frame = pl.read_parquet(path, columns=["doc_id", "text", "input_ids", "loss_mask"])
-    return [TokenizedDoc(r["doc_id"], r["input_ids"], r["loss_mask"], r["text"])
-            for r in frame.iter_rows(named=True)]
+    frame = pl.read_parquet(path)
+    if "source_doc_id" not in frame.columns:  # written before chunks recorded their source
+        frame = frame.with_columns(source_doc_id=pl.col("doc_id"))
+    return [TokenizedDoc(r["doc_id"], r["input_ids"], r["loss_mask"], r["text"], r["source_doc_id"])
+            for r in frame.select("doc_id", "input_ids", "loss_mask", "text", "source_doc_id")
+            .iter_rows(named=True)]

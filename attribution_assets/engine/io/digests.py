@@ -27,11 +27,12 @@ def parts_digest(parts: Iterable[str | bytes], length: int = 16) -> str:
     return h.hexdigest()[:length]
 
 
-def chain_digest(parts: Iterable[str | bytes], length: int = 16) -> str:
-    """SHA-256 over ``parts`` concatenated (no separators): for fixed-layout byte streams."""
+def chain_digest(parts: Iterable[str | bytes | memoryview], length: int = 16) -> str:
+    """SHA-256 over ``parts`` (text, bytes or buffers) concatenated (no separators): for
+    fixed-layout byte streams."""
     h = hashlib.sha256()
     for part in parts:
-        h.update(part if isinstance(part, bytes) else part.encode())
+        h.update(part.encode() if isinstance(part, str) else part)
     return h.hexdigest()[:length]
 
 
@@ -67,3 +68,18 @@ def model_fingerprint(model) -> str:
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".model", ".gguf")
+
+
+def weights_stamp(name_or_path: str | Path) -> str:
+    """Cheap content stamp of a local model directory: names, sizes and modification times of its
+    weight, config and tokenizer files (SHA-256, 16 hex); "" when ``name_or_path`` is not a local
+    directory (a hub id: its revision identifies it). Replacing weights in place changes it."""
+    directory = Path(name_or_path).expanduser()
+    if not directory.is_dir():
+        return ""
+    entries = sorted((str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+                     for p in directory.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    return json_digest(entries)

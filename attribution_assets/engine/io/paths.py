@@ -59,6 +59,10 @@ class PipelinePaths:
     def tokens_glob(self) -> Path:
         return self.root / "tokenized_shards" / "*" / "tokens.parquet"
 
+    def tokenized_shards(self) -> list[str]:
+        """Shards whose token table exists, sorted."""
+        return sorted(p.parent.name for p in self.root.glob("tokenized_shards/shard-*/tokens.parquet"))
+
     @property
     def query_tokens(self) -> Path:
         return self.root / "tokenized_queries" / "tokens.parquet"
@@ -128,6 +132,11 @@ class PipelinePaths:
         """``scores/<shard>/token_scores.parquet``: ``query_id, doc_id, shard, token, score``."""
         return self.root / "scores" / shard / "token_scores.parquet"
 
+    def block_scores(self, shard: str) -> Path:
+        """``scores/<shard>/block_scores.parquet``: ``query_id, doc_id, shard, module, layer,
+        head, kind, contribution`` (pipelines with ``scoring.breakdown``)."""
+        return self.root / "scores" / shard / "block_scores.parquet"
+
     @property
     def scores_glob(self) -> Path:
         return self.scores("*")
@@ -135,6 +144,10 @@ class PipelinePaths:
     @property
     def token_scores_glob(self) -> Path:
         return self.token_scores("*")
+
+    @property
+    def block_scores_glob(self) -> Path:
+        return self.block_scores("*")
 
     @property
     def database(self) -> Path:

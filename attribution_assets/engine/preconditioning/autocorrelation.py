@@ -5,6 +5,11 @@ Shapes are ``[rows, dims]``; columns split into per-module blocks by a *layout*:
 of ``(name, start, stop)`` tuples or ``{"name", "start", "stop"}`` dicts, contiguous, in
 order, covering ``[0, dims)``. Sums are float64.
 
+Memory: TrackStar's per-module matrices are dense ``d_m x d_m`` float64 (``p = 64``:
+``4096² x 8`` bytes = 128 MiB per module). The accumulator reads at most ``2^24`` values
+of one module at a time and finalizes its sums in place; a loaded autocorrelation reads
+each module's matrix from disk when asked for it, so consumers hold one module at a time.
+
 On disk (a directory written atomically): ``autocorrelation.safetensors`` (one float64
 matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
 """
@@ -12,19 +17,21 @@ matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import zip_longest
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from attribution_assets.engine.gradients.collect import ShardRows
 from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.engine.io.tensors import StoredTensors
 
 TENSORS_FILE, SETTINGS_FILE = "autocorrelation.safetensors", "autocorrelation.json"
+CHUNK_VALUES = 1 << 24  # values of one module read (as float64) at a time: 128 MiB
 
 
 class Module(NamedTuple):
@@ -84,25 +91,39 @@ def check_same_layout(a: Layout, b: Layout, what: str) -> None:
             raise ValueError(f"{what}: layouts differ at module #{i}: {ma} vs {mb}")
 
 
-def _check_square(m: Module, matrix: np.ndarray, what: str) -> None:
-    if matrix.shape != (m.size, m.size):
+def matrix_shape(matrices: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    """Shape of ``matrices[name]``; mappings that compute or read a matrix when asked for it
+    (``StoredTensors``, :class:`RowMatrices`, ``MixedMatrices``) answer without doing so."""
+    shape = getattr(matrices, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(np.shape(matrices[name]))
+
+
+def _check_square(m: Module, matrices: Mapping[str, np.ndarray], what: str) -> None:
+    """Raise unless ``matrices[m.name]`` is ``[d_m, d_m]``."""
+    if m.name not in matrices:
+        raise ValueError(f"{what}: no matrix for module {m.name!r}")
+    shape = matrix_shape(matrices, m.name)
+    if shape != (m.size, m.size):
         raise ValueError(
-            f"{what} of module {m.name!r} has shape {matrix.shape}, expected "
+            f"{what} of module {m.name!r} has shape {shape}, expected "
             f"{(m.size, m.size)} for columns [{m.start}:{m.stop})"
         )
 
 
 @dataclass(frozen=True)
 class Autocorrelation:
-    """Per-module ``R_m = (1/n) sum g gᵀ`` (float64, ``[d_m, d_m]``) over ``n`` rows."""
+    """Per-module ``R_m = (1/n) sum g gᵀ`` (float64, ``[d_m, d_m]``) over ``n`` rows.
+
+    ``matrices`` is a mapping: a dict, or the file-backed mapping of a loaded one (each
+    access reads that module's matrix)."""
 
     layout: Layout
-    matrices: dict[str, np.ndarray]
+    matrices: Mapping[str, np.ndarray]
     n: int
 
     def __post_init__(self) -> None:
         for m in self.layout:
-            _check_square(m, self.matrices[m.name], "autocorrelation")
+            _check_square(m, self.matrices, "autocorrelation")
 
     def spectrum(self) -> np.ndarray:
         """All modules' eigenvalues pooled (= spectrum of the block-diagonal R), descending."""
@@ -113,44 +134,59 @@ class Autocorrelation:
 class AutocorrelationAccumulator:
     """Streaming ``sum g gᵀ`` per module; blocks of any float dtype, float64 sums.
 
-    ``update`` reads ``chunk_rows`` rows at a time, so memory-mapped shards never
-    need to fit in memory.
+    ``update`` reads ``chunk_rows`` rows of one module at a time (default: as many as make
+    :data:`CHUNK_VALUES` values), so memory-mapped shards never need to fit in memory.
+    :meth:`finalize` turns the sums into the result in place: the accumulator is spent.
     """
 
-    def __init__(self, layout: Sequence[Any], *, chunk_rows: int = 4096) -> None:
+    def __init__(self, layout: Sequence[Any], *, chunk_rows: int | None = None) -> None:
         self.layout = normalize_layout(layout)
-        self.chunk_rows = int(chunk_rows)
-        self.sums = {m.name: np.zeros((m.size, m.size)) for m in self.layout}
+        self.chunk_rows = chunk_rows
+        self.sums: dict[str, np.ndarray] | None = {m.name: np.zeros((m.size, m.size)) for m in self.layout}
         self.n = 0
+
+    def _live_sums(self) -> dict[str, np.ndarray]:
+        if self.sums is None:
+            raise ValueError("this accumulator was finalized; start a new one")
+        return self.sums
 
     def update(self, block: np.ndarray) -> AutocorrelationAccumulator:
         """Add rows ``block [n, dims]``; raises on non-finite values (naming the module)."""
+        sums = self._live_sums()
         check_columns(self.layout, block.shape, "gradient block")
-        for start in range(0, block.shape[0], self.chunk_rows):
-            stop = min(start + self.chunk_rows, block.shape[0])
-            for m in self.layout:
+        for m in self.layout:
+            step = self.chunk_rows or max(1, CHUNK_VALUES // m.size)
+            for start in range(0, block.shape[0], step):
+                stop = min(start + step, block.shape[0])
                 x = np.asarray(block[start:stop, m.start : m.stop], dtype=np.float64)
                 if not np.isfinite(x).all():
                     raise ValueError(
                         f"non-finite gradients in module {m.name!r}, rows {start}:{stop}"
                     )
-                self.sums[m.name] += x.T @ x
+                sums[m.name] += x.T @ x
+                del x
         self.n += int(block.shape[0])
         return self
 
     def merge(self, other: AutocorrelationAccumulator) -> AutocorrelationAccumulator:
         """Add another accumulator's sums (e.g. from another shard) into this one."""
         check_same_layout(self.layout, other.layout, "merge")
-        for name, s in other.sums.items():
-            self.sums[name] += s
+        sums = self._live_sums()
+        for name, s in other._live_sums().items():
+            sums[name] += s
         self.n += other.n
         return self
 
     def finalize(self) -> Autocorrelation:
+        """``R_m = (S + Sᵀ) / 2n`` computed in the sums' own memory (one module's temporary)."""
+        sums = self._live_sums()
         if self.n == 0:
             raise ValueError("no gradient rows were accumulated")
-        mats = {k: (s + s.T) / (2.0 * self.n) for k, s in self.sums.items()}
-        return Autocorrelation(self.layout, mats, self.n)
+        self.sums = None
+        for s in sums.values():
+            s += s.T  # NumPy buffers the overlapping transpose: one module's temporary
+            s /= 2.0 * self.n
+        return Autocorrelation(self.layout, sums, self.n)
 
 
 def accumulate(blocks: Iterable[np.ndarray], layout: Sequence[Any]) -> Autocorrelation:
@@ -159,6 +195,45 @@ def accumulate(blocks: Iterable[np.ndarray], layout: Sequence[Any]) -> Autocorre
     for block in blocks:
         acc.update(block)
     return acc.finalize()
+
+
+class RowMatrices(Mapping[str, np.ndarray]):
+    """``R_m = (1/n) x_mᵀ x_m`` of rows ``x [n, dims]``, computed per module when asked for:
+    for few rows (a query set) cheaper to recompute than to hold ``d_m²`` values per module."""
+
+    def __init__(self, rows: np.ndarray, layout: Layout):
+        self.rows, self.layout = rows, layout
+        self._modules = {m.name: m for m in layout}
+        for m in layout:
+            if not np.isfinite(rows[:, m.start : m.stop]).all():
+                raise ValueError(f"non-finite gradients in module {m.name!r}")
+
+    def shape(self, name: str) -> tuple[int, int]:
+        return (self._modules[name].size,) * 2
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        m = self._modules[name]
+        x = np.asarray(self.rows[:, m.start : m.stop], dtype=np.float64)
+        r = x.T @ x
+        r += r.T  # exactly symmetric, as the accumulator's result
+        r /= 2.0 * len(x)
+        return r
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._modules)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def row_autocorrelation(rows: np.ndarray, layout: Sequence[Any]) -> Autocorrelation:
+    """The autocorrelation of ``rows [n, dims]`` (few rows, e.g. queries), each module's
+    matrix computed when asked for (:class:`RowMatrices`); same values as :func:`accumulate`."""
+    layout = normalize_layout(layout)
+    check_columns(layout, rows.shape, "gradient rows")
+    if len(rows) == 0:
+        raise ValueError("no gradient rows were accumulated")
+    return Autocorrelation(layout, RowMatrices(rows, layout), len(rows))
 
 
 def save_autocorrelation(path: Path, autocorrelation: Autocorrelation) -> None:
@@ -171,9 +246,9 @@ def save_autocorrelation(path: Path, autocorrelation: Autocorrelation) -> None:
 
 
 def load_autocorrelation(path: Path) -> Autocorrelation:
-    """Read what :func:`save_autocorrelation` wrote."""
+    """What :func:`save_autocorrelation` wrote; each module's matrix is read when accessed."""
     meta = json.loads((Path(path) / SETTINGS_FILE).read_text())
-    matrices = load_file(str(Path(path) / TENSORS_FILE))
+    matrices = StoredTensors(Path(path) / TENSORS_FILE)
     return Autocorrelation(normalize_layout(meta["layout"]), matrices, int(meta["n"]))
 
 

@@ -16,25 +16,30 @@ dicts, contiguous, in order, covering ``[0, dims)``):
 - ``apply(x, power)``: ``x_m @ V diag((l + c*mean(l))**power) Vᵀ`` per module;
   ``power=-0.5`` gives ``R^{-1/2}`` (both sides, cosine scores), ``power=-1`` gives
   ``R^{-1}`` (query side only, inner-product scores). Output float32.
+- Memory (``d_m x d_m`` float64 blocks, 128 MiB each at ``p = 64``): the mixed ``R`` is
+  computed per module when asked for (never stored), eigendecompositions run one module
+  at a time, a loaded preconditioner reads ``R`` and ``V`` from disk per module, and only
+  the float32 operators of a power in use stay in memory.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.engine.io.tensors import StoredTensors, write_safetensors
 from attribution_assets.engine.preconditioning.autocorrelation import (
     Autocorrelation,
     _check_square,
     check_columns,
     check_same_layout,
+    matrix_shape,
     normalize_layout,
 )
 from attribution_assets.spec import ScoringSpec
@@ -47,6 +52,7 @@ FORMAT_VERSION = 1
 TENSORS_FILE, SETTINGS_FILE = "preconditioner.safetensors", "preconditioner.json"
 SYMMETRY_RTOL = 1e-8
 _SETTINGS = ("lam", "auto_top_k", "damping", "n_train", "n_query")
+CHUNK_BYTES = 64 << 20  # float32 rows preconditioned at once by ``apply``
 
 
 def auto_mixing_lambda(
@@ -89,10 +95,32 @@ def as_float32_tensor(x: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 eigendecomposition; NaNs (instead of an exception) for non-finite input."""
+    """float64 eigendecomposition (C-ordered vectors); NaNs for non-finite input."""
     if np.isfinite(matrix).all():
-        return np.linalg.eigh(matrix)
+        vals, vecs = np.linalg.eigh(matrix)
+        return vals, np.ascontiguousarray(vecs)
     return np.full(matrix.shape[0], np.nan), np.full(matrix.shape, np.nan)
+
+
+class MixedMatrices(Mapping[str, np.ndarray]):
+    """``lam * query[name] + (1 - lam) * train[name]`` computed when asked for (never stored)."""
+
+    def __init__(self, train: Mapping[str, np.ndarray], query: Mapping[str, np.ndarray], lam: float):
+        self.train, self.query, self.lam = train, query, float(lam)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return matrix_shape(self.train, name)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        mixed = self.lam * np.asarray(self.query[name], dtype=np.float64)
+        mixed += (1.0 - self.lam) * np.asarray(self.train[name], dtype=np.float64)
+        return mixed
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.train)
+
+    def __len__(self) -> int:
+        return len(self.train)
 
 
 class Preconditioner:
@@ -100,6 +128,9 @@ class Preconditioner:
 
     Build with :meth:`from_autocorrelation`. The constructor keeps matrices as given
     (shapes checked only), so :func:`check_preconditioner` can report on a bad one.
+    ``matrices`` (``R``) and ``eigvecs`` are mappings that may compute or read a module's
+    matrix when asked for it; ``eigvals`` is a dict. Without ``eigvals``/``eigvecs`` the
+    constructor decomposes ``R`` one module at a time.
     """
 
     def __init__(
@@ -112,7 +143,8 @@ class Preconditioner:
         auto_top_k: int | None = None,
         n_train: int = 0,
         n_query: int = 0,
-        eigen: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+        eigvals: Mapping[str, np.ndarray] | None = None,
+        eigvecs: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         self.layout = normalize_layout(layout)
         if not np.isfinite(damping) or damping < 0:
@@ -127,14 +159,17 @@ class Preconditioner:
                 f"matrices do not match the layout: missing {sorted(names - set(matrices))}, "
                 f"unexpected {sorted(set(matrices) - names)}"
             )
-        self.matrices, self.eigvals, self.eigvecs = {}, {}, {}  # name -> float64 arrays
         for m in self.layout:
-            r = np.asarray(matrices[m.name], dtype=np.float64)
-            _check_square(m, r, "matrix")
-            self.matrices[m.name] = r
-            vals, vecs = eigen[m.name] if eigen is not None else _eigh(r)
-            self.eigvals[m.name] = np.asarray(vals, dtype=np.float64)
-            self.eigvecs[m.name] = np.asarray(vecs, dtype=np.float64)
+            _check_square(m, matrices, "matrix")
+        if (eigvals is None) != (eigvecs is None):
+            raise ValueError("pass both eigvals and eigvecs, or neither")
+        self.matrices = matrices
+        if eigvals is None:
+            eigvals, eigvecs = {}, {}
+            for m in self.layout:  # one module's R and eigh workspace at a time
+                eigvals[m.name], eigvecs[m.name] = _eigh(np.asarray(matrices[m.name], dtype=np.float64))
+        self.eigvals = {m.name: np.asarray(eigvals[m.name], dtype=np.float64) for m in self.layout}
+        self.eigvecs = eigvecs
         self._cache: dict[tuple[float, str], list[torch.Tensor]] = {}
 
     @classmethod
@@ -161,10 +196,7 @@ class Preconditioner:
         elif isinstance(lam, str) or not 0.0 <= float(lam) <= 1.0:
             raise ValueError(f"lam must be a float in [0, 1], 'auto' or None, got {lam!r}")
         lam = float(lam)
-        mixed = {
-            m.name: lam * query.matrices[m.name] + (1.0 - lam) * train.matrices[m.name]
-            for m in train.layout
-        }
+        mixed = MixedMatrices(train.matrices, query.matrices, lam)
         counts = {"n_train": train.n, "n_query": query.n}
         return cls(train.layout, mixed, damping=damping, lam=lam, auto_top_k=top_k, **counts)
 
@@ -183,12 +215,15 @@ class Preconditioner:
         return (vecs * (damped + self.damping_shift(name)) ** power) @ vecs.T
 
     def _operators(self, power: float, device: torch.device) -> list[torch.Tensor]:
+        """float32 operators of ``power`` on ``device``, built one module at a time, cached."""
         key = (float(power), str(device))
         if key not in self._cache:
-            self._cache[key] = [
-                torch.from_numpy(self.operator(m.name, power).astype(np.float32)).to(device)
-                for m in self.layout
-            ]
+            ops = []
+            for m in self.layout:
+                op = self.operator(m.name, power)
+                ops.append(torch.from_numpy(op.astype(np.float32)).to(device))
+                del op
+            self._cache[key] = ops
         return self._cache[key]
 
     def apply_torch(self, x: torch.Tensor, power: float) -> torch.Tensor:
@@ -205,11 +240,13 @@ class Preconditioner:
         power: float,
         *,
         device: str | torch.device | None = None,
-        chunk_rows: int = 65536,
+        chunk_rows: int | None = None,
     ) -> np.ndarray:
-        """``x [n, dims]`` (any float dtype) -> ``x R^power`` per module, float32 ``[n, dims]``."""
+        """``x [n, dims]`` (any float dtype) -> ``x R^power`` per module, float32 ``[n, dims]``;
+        ``chunk_rows`` rows at a time (default: 64 MiB of float32 rows)."""
         check_columns(self.layout, tuple(x.shape), "preconditioner input")
         device = torch.device(device or "cpu")
+        chunk_rows = chunk_rows or max(1, CHUNK_BYTES // (4 * self.dims))
         out = np.empty(x.shape, dtype=np.float32)
         for start in range(0, x.shape[0], chunk_rows):
             res = self.apply_torch(as_float32_tensor(x[start : start + chunk_rows], device), power)
@@ -223,32 +260,37 @@ class Preconditioner:
         return head | {k: getattr(self, k) for k in _SETTINGS}
 
     def save(self, path: str | Path) -> Path:
-        """Write directory ``path`` (safetensors + JSON sidecar) atomically."""
+        """Write directory ``path`` (safetensors ``<module>/R``, ``/eigvals``, ``/eigvecs`` +
+        JSON sidecar) atomically, streaming one module's matrix at a time."""
         parts = {"R": self.matrices, "eigvals": self.eigvals, "eigvecs": self.eigvecs}
-        tensors = {
-            f"{m.name}/{k}": np.ascontiguousarray(v[m.name])
-            for k, v in parts.items()
-            for m in self.layout
-        }
+        entries, source = [], {}
+        for kind, mapping in parts.items():
+            for m in self.layout:
+                shape = (m.size,) if kind == "eigvals" else (m.size, m.size)
+                entries.append((f"{m.name}/{kind}", shape, np.float64))
+                source[f"{m.name}/{kind}"] = (mapping, m.name)
         with atomic_dir(path) as tmp:
-            save_file(tensors, tmp / TENSORS_FILE, metadata={"format": FORMAT})
+            write_safetensors(tmp / TENSORS_FILE, entries, lambda key: source[key][0][source[key][1]],
+                              metadata={"format": FORMAT})
             (tmp / SETTINGS_FILE).write_text(json.dumps(self.settings(), indent=2))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | Path) -> Preconditioner:
-        """Read a directory written by :meth:`save` (no pickle)."""
+        """Read a directory written by :meth:`save` (no pickle); ``R`` and the eigenvectors
+        stay on disk and are read per module when used."""
         path = Path(path)
         settings = json.loads((path / SETTINGS_FILE).read_text())
         if settings.get("format") != FORMAT or settings.get("version") != FORMAT_VERSION:
             raise ValueError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} directory")
-        tensors = load_file(path / TENSORS_FILE)
         layout = normalize_layout(settings["layout"])
-        matrices = {m.name: tensors[f"{m.name}/R"] for m in layout}
-        eigen = {
-            m.name: (tensors[f"{m.name}/eigvals"], tensors[f"{m.name}/eigvecs"]) for m in layout
-        }
-        return cls(layout, matrices, eigen=eigen, **{k: settings[k] for k in _SETTINGS})
+
+        def stored(kind: str) -> StoredTensors:
+            return StoredTensors(path / TENSORS_FILE, {m.name: f"{m.name}/{kind}" for m in layout})
+
+        eigvals = dict(stored("eigvals"))
+        return cls(layout, stored("R"), eigvals=eigvals, eigvecs=stored("eigvecs"),
+                   **{k: settings[k] for k in _SETTINGS})
 
 
 def check_preconditioner(p: Preconditioner) -> dict[str, Any]:
@@ -260,8 +302,8 @@ def check_preconditioner(p: Preconditioner) -> dict[str, Any]:
     ``positive_definite`` = that > 0 (a clearly non-PSD R fails even after damping).
     """
     modules = {}
-    for m in p.layout:
-        r, vals = p.matrices[m.name], p.eigvals[m.name]
+    for m in p.layout:  # one module's R and eigenvectors at a time
+        r, vals = np.asarray(p.matrices[m.name], dtype=np.float64), p.eigvals[m.name]
         finite = all(np.isfinite(a).all() for a in (r, vals, p.eigvecs[m.name]))
         asym = float(np.abs(r - r.T).max())
         scale = float(np.abs(r).max()) if finite else float("nan")

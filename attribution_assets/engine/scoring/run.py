@@ -32,9 +32,12 @@ from attribution_assets.engine.preconditioning.kfac import (
     KroneckerPreconditioner,
 )
 from attribution_assets.engine.preconditioning.preconditioners import Preconditioner
+from attribution_assets.engine.scoring.breakdown import breakdown_groups, contributions
 from attribution_assets.engine.scoring.scorer import prepare_queries, prepare_train, score_prepared
 from attribution_assets.engine.scoring.tables import (
     score_query_ids,
+    top_columns,
+    write_block_scores,
     write_scores,
     write_token_scores,
 )
@@ -64,14 +67,16 @@ def load_kronecker(spec: PipelineSpec, paths: PipelinePaths) -> KroneckerPrecond
 
 
 def query_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
-                    device=None) -> GradientCollector:
+                    device=None, autocast=None) -> GradientCollector:
     """The collector of query rows as the scorer takes them: the pipeline's collector, or for
-    ``ekfac`` / ``kfac`` one that preconditions each full query gradient before projecting."""
+    ``ekfac`` / ``kfac`` one that preconditions each query gradient (projected block, or full
+    gradient before projecting); ``autocast`` as in ``GradientCollector``."""
     if not spec.scoring.kronecker:
-        return make_collector(model, spec, paths, device)
+        return make_collector(model, spec, paths, device, autocast)
     if paths is None:
         raise ValueError("an EK-FAC / K-FAC query collector reads its factors: pass the pipeline's paths")
-    return GradientCollector(model, spec.gradients, device=device, transform=load_kronecker(spec, paths))
+    return GradientCollector(model, spec.gradients, device=device, autocast=autocast,
+                             transform=load_kronecker(spec, paths))
 
 
 def query_rows_path(spec: PipelineSpec, paths: PipelinePaths) -> Path:
@@ -90,6 +95,7 @@ class ShardScores:
     path: Path
     seconds: float
     version: str
+    block_rows: int = 0
 
 
 class QueryScorer:
@@ -119,16 +125,40 @@ class QueryScorer:
         return score_prepared(self.prepared, doc_rows, self.preconditioner, self.scoring.metric,
                               aggregate=self.aggregate)
 
+    def breakdown(self, doc_rows: np.ndarray, layout: Sequence[dict], scores: np.ndarray, top_k: int,
+                  level: str | None = None):
+        """``(contributions [P, G], pair query ids, pair doc indices, groups)`` for the pairs a
+        score table keeps (:func:`tables.top_columns` of ``scores [q', n]``), at ``level``
+        (default ``scoring.breakdown``); contributions add up to each pair's score."""
+        groups = breakdown_groups(layout, level or self.scoring.breakdown)
+        cols = top_columns(scores, top_k)
+        pair_rows = np.repeat(np.arange(scores.shape[0]), cols.shape[1])
+        pair_docs = cols.reshape(-1)
+        values = contributions(self.prepared, doc_rows, self.preconditioner, self.scoring.metric, groups,
+                               pair_rows, pair_docs, nearest=self.aggregate == "nearest")
+        return values, [self.query_ids[r] for r in pair_rows], pair_docs, groups
+
     def write_shard(self, rows: ShardRows, paths: PipelinePaths, top_k: int) -> ShardScores:
-        """Score one shard and write its tables (``scores`` and, for per-token rows, ``token_scores``)."""
+        """Score one shard and write its tables (``scores``; for per-token rows ``token_scores``;
+        with ``scoring.breakdown``, ``block_scores`` for the same kept pairs, else none)."""
         start = time.perf_counter()
-        matrix = self.score(rows.document_rows())
+        doc_rows = rows.document_rows()
+        matrix = self.score(doc_rows)
         n = write_scores(paths.scores(rows.shard), matrix, self.query_ids, rows.doc_ids, rows.shard, top_k)
         if rows.info.get("per_token"):
             write_token_scores(paths.token_scores(rows.shard), self.score(rows.array), self.query_ids,
                                rows.doc_ids, rows.info, rows.shard)
+        block_rows, parts = 0, [matrix.tobytes()]
+        if self.scoring.breakdown != "none":
+            values, pair_queries, pair_docs, groups = self.breakdown(doc_rows, rows.info["modules"], matrix,
+                                                                     top_k)
+            block_rows = write_block_scores(paths.block_scores(rows.shard), values, pair_queries,
+                                            [rows.doc_ids[j] for j in pair_docs], rows.shard, groups)
+            parts.append(values.tobytes())
+        else:
+            paths.block_scores(rows.shard).unlink(missing_ok=True)  # from an earlier breakdown setting
         return ShardScores(rows.shard, n, len(self.query_ids), len(rows.doc_ids), paths.scores(rows.shard),
-                           round(time.perf_counter() - start, 3), parts_digest([matrix.tobytes()]))
+                           round(time.perf_counter() - start, 3), parts_digest(parts), block_rows)
 
     def score_shards(self, shards: Iterable[ShardRows], paths: PipelinePaths,
                      top_k: int) -> Iterator[ShardScores]:

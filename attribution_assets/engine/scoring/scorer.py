@@ -55,7 +55,7 @@ Metric = Literal["cosine", "inner_product"]
 Aggregate = Literal["individual", "nearest", "mean", "sum"]
 METRICS = ("cosine", "inner_product")
 AGGREGATES = ("individual", "nearest", "mean", "sum")
-DEFAULT_CHUNK_ROWS = 65536
+CHUNK_BYTES = 64 << 20  # float32 training rows scored at a time (unless chunk_rows says)
 
 
 def _check_options(metric: str, aggregate: str) -> None:
@@ -149,14 +149,15 @@ def score_prepared(
     metric: Metric = "cosine",
     *,
     aggregate: Aggregate = "individual",
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """Prepared queries ``[q', d]`` x training rows ``[n, d]`` -> float32 ``[q', n]``.
 
     cosine: each training row becomes ``normalize(P^{-1/2} g_t)``; inner_product: raw
     ``g_t``. ``aggregate="nearest"`` max-reduces over query rows to ``[1, n]``; any
-    other value leaves the rows as prepared. Reads ``chunk_rows`` training rows at a time.
+    other value leaves the rows as prepared. Reads ``chunk_rows`` training rows at a time
+    (default: 64 MiB of float32 rows).
     """
     _check_options(metric, aggregate)
     dims = None if preconditioner is None else preconditioner.dims
@@ -165,6 +166,7 @@ def score_prepared(
     device = torch.device(device or "cpu")
     q = as_float32_tensor(prepared, device)
     n = train_block.shape[0]
+    chunk_rows = chunk_rows or max(1, CHUNK_BYTES // (4 * prepared.shape[1]))
     out = np.empty((1 if aggregate == "nearest" else q.shape[0], n), dtype=np.float32)
     for start in range(0, n, chunk_rows):
         t = _prepare_train(as_float32_tensor(train_block[start : start + chunk_rows], device),
@@ -184,7 +186,7 @@ def score(
     metric: Metric = "cosine",
     aggregate: Aggregate = "individual",
     unit_normalize: bool | None = None,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    chunk_rows: int | None = None,
     device: str | torch.device | None = None,
 ) -> np.ndarray:
     """``prepare_queries`` + ``score_prepared``: ``[q, d] x [n, d] -> [q', n]`` float32."""

@@ -1,5 +1,6 @@
 """Score tables: long-format Parquet per shard (``query_id, doc_id, shard, score``, plus
-``token`` in per-token tables), written atomically. Higher scores = stronger proponents."""
+``token`` in per-token tables; block tables ``query_id, doc_id, shard, module, layer, head, kind,
+contribution``), written atomically. Higher scores = stronger proponents."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import polars as pl
 from attribution_assets.engine.io.atomic import atomic_file
 
 SCORE_COLUMNS = ["query_id", "doc_id", "shard", "score"]
+BLOCK_COLUMNS = ["query_id", "doc_id", "shard", "module", "layer", "head", "kind", "contribution"]
 
 
 def score_query_ids(query_ids: Sequence[str], aggregate: str) -> list[str]:
@@ -19,21 +21,53 @@ def score_query_ids(query_ids: Sequence[str], aggregate: str) -> list[str]:
     return list(query_ids) if aggregate == "individual" else [f"__{aggregate}__"]
 
 
+def top_columns(scores: np.ndarray, top_k: int = 0) -> np.ndarray:
+    """``[q, k]`` column indices a score table keeps: per row the ``top_k`` highest scores
+    (ties in column order), every column when ``top_k`` is 0 or at least ``n``."""
+    q, n = scores.shape
+    if top_k and top_k < n:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+    return np.tile(np.arange(n), (q, 1))
+
+
 def write_scores(path: Path, scores: np.ndarray, query_ids: Sequence[str], doc_ids: Sequence[str],
                  shard: str, top_k: int = 0) -> int:
     """Write ``scores [q, n]`` long-format (per query, the ``top_k`` best, 0 = all); return rows."""
-    q, n = scores.shape
-    if top_k and top_k < n:
-        cols = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
-    else:
-        cols = np.tile(np.arange(n), (q, 1))
-    rows = np.repeat(np.arange(q), cols.shape[1])
+    cols = top_columns(scores, top_k)
+    rows = np.repeat(np.arange(scores.shape[0]), cols.shape[1])
     flat_cols = cols.reshape(-1)
     frame = pl.DataFrame({
         "query_id": pl.Series(np.asarray(query_ids, dtype=object)[rows], dtype=pl.String),
         "doc_id": pl.Series(np.asarray(doc_ids, dtype=object)[flat_cols], dtype=pl.String),
         "shard": pl.Series([shard] * len(rows), dtype=pl.String),
         "score": pl.Series(scores[rows, flat_cols].astype(np.float32), dtype=pl.Float32),
+    })
+    with atomic_file(path) as tmp:
+        frame.write_parquet(tmp)
+    return frame.height
+
+
+def write_block_scores(path: Path, contributions: np.ndarray, pair_query_ids: Sequence[str],
+                       pair_doc_ids: Sequence[str], shard: str, groups: Sequence) -> int:
+    """Long-format Parquet of ``contributions [P, G]`` (pair ``i`` = ``(pair_query_ids[i],
+    pair_doc_ids[i])``, group ``g`` = ``groups[g]``, a ``breakdown.Group``): one row per pair
+    and group, ``query_id, doc_id, shard, module, layer, head, kind, contribution``."""
+    n_pairs, n_groups = contributions.shape
+    pair = np.repeat(np.arange(n_pairs), n_groups)
+    group = np.tile(np.arange(n_groups), n_pairs)
+
+    def labels(field: str, dtype):
+        return pl.Series([getattr(g, field) for g in groups], dtype=dtype).gather(group)
+
+    frame = pl.DataFrame({
+        "query_id": pl.Series(np.asarray(pair_query_ids, dtype=object)[pair], dtype=pl.String),
+        "doc_id": pl.Series(np.asarray(pair_doc_ids, dtype=object)[pair], dtype=pl.String),
+        "shard": pl.Series([shard] * len(pair), dtype=pl.String),
+        "module": labels("module", pl.String),
+        "layer": labels("layer", pl.Int32),
+        "head": labels("head", pl.Int32),
+        "kind": labels("kind", pl.String),
+        "contribution": pl.Series(contributions.reshape(-1).astype(np.float32), dtype=pl.Float32),
     })
     with atomic_file(path) as tmp:
         frame.write_parquet(tmp)

@@ -7,25 +7,28 @@
 >>> attributor.search([("Q: Where was Mara born? A: Mara was born in", " Lisbon")], k=5)
 
 Query gradients go through the pipeline's own query collector (same projection, normalizer
-and module selection as the training side; for EK-FAC / K-FAC it preconditions each full
-gradient before projecting), then ``scoring.run.QueryScorer`` (same preconditioning and
-normalization as the score table). Documents come from the
-pipeline's FAISS index when one is built (``use_index``), else from a brute-force
-pass over the gradient stores with the score table's own functions, so a ``Flat``
-index, the brute-force path and the score table give the same numbers.
+and module selection as the training side; for EK-FAC / K-FAC it also preconditions each
+gradient, :func:`scoring.run.query_collector`), then ``scoring.run.QueryScorer`` (same
+preconditioning and normalization as the score table). Documents come from the
+pipeline's FAISS index when one is built (``use_index``), plus a brute-force pass over
+the shards the index does not cover yet (with a warning), else from a brute-force pass over
+the gradient stores with the score table's own functions, so a ``Flat`` index, the
+brute-force path and the score table give the same numbers. A streaming pipeline stores no
+training rows: they are recomputed from the tokenized shards (slow, but exact).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
-from attribution_assets.engine.gradients.collect import collect
+from attribution_assets.engine.gradients.collect import collect, make_collector, training_rows
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.models import load_pipeline_model
@@ -56,10 +59,24 @@ class Attributor:
         self.preconditioner = load_preconditioner(spec, paths)
         want_index = paths.faiss_index.exists() if use_index is None else use_index
         self.index = FaissIndex.load(paths.faiss_index) if want_index else None
-        self.store_paths = [paths.train_gradients(s) for s in paths.gradient_shards()]
-        if self.index is None and not self.store_paths:
-            raise FileNotFoundError(f"No FAISS index and no gradient stores under {paths.root}: materialize "
-                                    f"{spec.name}/train_gradients (and {spec.name}/faiss_index).")
+        if spec.scoring.mode == "streaming":  # no stored rows: recompute them from the tokens
+            shards = paths.tokenized_shards()
+            if not shards:
+                raise FileNotFoundError(f"No tokenized shards under {paths.root}: materialize "
+                                        f"{spec.name}/tokenized_shards first.")
+        else:
+            shards = paths.gradient_shards()
+            if self.index is None and not shards:
+                raise FileNotFoundError(f"No FAISS index and no gradient stores under {paths.root}: "
+                                        f"materialize {spec.name}/train_gradients (and {spec.name}/faiss_index).")
+        indexed = set() if self.index is None else {str(d) for part in self.index.ids for d in part}
+        #: shards searched by brute force: all without an index, else those the index does not cover
+        self.brute_force_shards = [s for s in shards if self.index is None or spec.scoring.mode == "streaming"
+                                   or not set(GradientStore(paths.train_gradients(s)).doc_ids) <= indexed]
+        if self.index is not None and self.brute_force_shards:
+            warnings.warn(f"{len(self.brute_force_shards)} shard(s) of {spec.name} are newer than its FAISS index "
+                          f"({', '.join(self.brute_force_shards)}): searched by brute force; re-materialize "
+                          f"{spec.name}/faiss_index to index them.", stacklevel=2)
         self._texts: dict[str, str] | None = None
 
     @classmethod
@@ -76,17 +93,24 @@ class Attributor:
     def top_k_rows(self, rows: np.ndarray, k: int = 10) -> list[list[Hit]]:
         """Top-``k`` documents for query gradient rows ``[q, dims]`` (pipeline conventions)."""
         scorer = QueryScorer(rows, None, self.preconditioner, self.spec.scoring, aggregate="individual")
+        best: list[list[tuple[float, str]]] = [[] for _ in range(len(rows))]
         if self.index is not None:
             ids, scores = self.index.search(scorer.prepared, k)
-            return [[Hit(d, float(s), self.text(d)) for d, s in zip(row_ids, row_scores) if d]
-                    for row_ids, row_scores in zip(ids, scores)]
-        best: list[list[tuple[float, str]]] = [[] for _ in range(len(rows))]
-        for path in self.store_paths:
-            store = GradientStore(path)
-            indices, values = top_k(scorer.score(store.document_rows()), k)
+            for q, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+                best[q] += [(float(s), d) for d, s in zip(row_ids, row_scores) if d]
+        for shard in training_rows(self.spec, self.paths, self.brute_force_shards,
+                                   collector=self._training_collector):
+            indices, values = top_k(scorer.score(shard.document_rows()), k)
             for q in range(len(rows)):
-                best[q] += [(float(v), store.doc_ids[i]) for i, v in zip(indices[q], values[q])]
+                best[q] += [(float(v), shard.doc_ids[i]) for i, v in zip(indices[q], values[q])]
         return [[Hit(d, s, self.text(d)) for s, d in sorted(row, key=lambda x: (-x[0], x[1]))[:k]] for row in best]
+
+    def _training_collector(self):
+        """The collector of streamed training rows: the pipeline's own (EK-FAC / K-FAC precondition
+        only the query side)."""
+        if self.spec.scoring.kronecker:
+            return make_collector(self.model, self.spec, self.paths, self.collector.device)
+        return self.collector
 
     @contextlib.contextmanager
     def trace(self, model=None, k: int = 10) -> Iterator[list[list[Hit]]]:

@@ -47,3 +47,14 @@ def test_diagnose_escalates_through_every_rung(tiny_model_dir):
     assert report.chosen is None
     assert [r["setting"] for r in report.rows][::2] == ["default", "math attention", "tf32 off"]
     assert "No setting reached the threshold" in dg.format_report(report)
+
+
+def test_reduced_precision_reports_its_error_against_float32(tiny_model_dir):
+    report = dg.diagnose(str(tiny_model_dir), dtype="bfloat16", n_docs=3, length=12, projection_dim=8)
+    first = report.rows[0]
+    assert first["condition"] == "bfloat16 vs float32" and 0.99 < first["min"] < 1.0
+    assert [r["condition"] for r in report.rows[1:3]] == ["batched", "padded"]
+    assert "| default | bfloat16 vs float32 |" in dg.format_report(report)
+    model = dg._load(str(tiny_model_dir), dg.Setting("default", "float32"), "cpu")[0]
+    docs = dg.make_documents(model.config.vocab_size, 3, 12)
+    assert dg.dtype_agreement(model, str(tiny_model_dir), docs).min() > 1 - 1e-6  # float32 vs itself

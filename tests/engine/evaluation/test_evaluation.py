@@ -26,6 +26,12 @@ def test_first_gold_ranks_hand_computed():
     assert metrics["recall@1"] == pytest.approx(1 / 3) and metrics["mrr"] == pytest.approx(2 / 3)
 
 
+def test_a_chunk_counts_for_its_source_document():
+    scores = np.array([[0.1, 0.9, 0.5, 0.2]])  # rows: a, huge#0, huge#1, b
+    ranks = evaluation.first_gold_ranks(scores, ["a", "huge", "huge", "b"], ["q"], {"q": ["huge"]})
+    assert ranks == {"q": 1}
+
+
 def test_bm25_ranks_rare_word_document_first():
     docs = ["The cat sat on the mat.", "Zorblax studied at Norwood.", "The cat ate the fish.",
             "Norwood is a town."]
@@ -55,6 +61,18 @@ def test_default_methods_and_configured():
                          gradients=GradientSpec(normalizer="adam"),
                          scoring=evaluation.ScoringSpec(metric="inner_product"))
     assert evaluation.default_methods(other)[-1].name == "configured"
+
+
+def test_kronecker_methods_the_gradient_settings_refuse_are_skipped_with_the_reason():
+    spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(), gradients=GradientSpec(split="head"))
+    usable, skipped = evaluation.available_methods(spec, None)
+    names = [m.name for m in usable]
+    assert "ekfac (full space)" in names and "cosine" in names
+    for name in ("ekfac", "ekfac (cosine)", "kfac", "kfac (cosine)"):
+        assert name not in names and "scoring.kfac_space: full" in skipped[name]
+    biased = dataclasses.replace(spec, gradients=GradientSpec(include_bias=True))
+    _, skipped = evaluation.available_methods(biased, None)
+    assert "`gradients.include_bias` must be false" in skipped["ekfac (full space)"]
 
 
 def test_markdown_table():

@@ -134,3 +134,53 @@ def test_float16_overflow_names_module(tmp_path):
             doc_ids=["x", "y"],
             model_fingerprint="f",
         )
+
+
+def _wide_info(dims: int) -> dict:
+    half = dims // 2
+    return {"dims": dims, "per_token": False, "projection": {"dim": 0, "kind": "rademacher", "seed": 0},
+            "modules": [{"name": "a", "start": 0, "stop": half, "shape": [1, half], "has_bias": False},
+                        {"name": "b", "start": half, "stop": dims, "shape": [1, half], "has_bias": False}]}
+
+
+def test_blocks_digest_and_finite_check_read_the_file_as_written(tmp_path, monkeypatch):
+    from attribution_assets.engine.gradients import store as store_module
+    from attribution_assets.engine.io.digests import chain_digest
+
+    monkeypatch.setattr(store_module, "BLOCK_BYTES", 3 * 8 * 4)  # blocks of 3 rows
+    array = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    array[7, 6] = 1e6
+    with pytest.raises(ValueError, match=r"module 'b': values overflow float16 .*rows 6:9"):
+        write_store(tmp_path / "h", array, _wide_info(8), doc_ids=list("abcdefghij"), model_fingerprint="f",
+                    dtype="float16")
+    store = write_store(tmp_path / "s", array, _wide_info(8), doc_ids=list("abcdefghij"), model_fingerprint="f")
+    blocks = [block.copy() for block in store.blocks()]
+    assert [len(b) for b in blocks] == [3, 3, 3, 1]
+    np.testing.assert_array_equal(np.concatenate(blocks), array)
+    np.testing.assert_array_equal(np.load(tmp_path / "s" / "gradients.npy"), array)
+    assert store.all_finite()
+    assert store.digest() == chain_digest(["", "f", array.tobytes()])
+
+
+def test_writing_and_checking_a_store_never_copies_the_rows(tmp_path):
+    """A 128 MiB gradient matrix is written (and hashed and checked) with at most a block
+    (64 MiB) of extra resident memory, not a second copy."""
+    from attribution_assets.engine.runtime import peak_rss_mb, reset_peak_rss
+
+    array = np.ones((1024, 32768), np.float32)
+    if not reset_peak_rss():
+        pytest.skip("no per-window peak RSS on this platform")
+    base = peak_rss_mb()
+    store = write_store(tmp_path / "s", array, _wide_info(32768), doc_ids=[str(i) for i in range(1024)],
+                        model_fingerprint="f")
+    assert store.all_finite() and len(store.digest()) == 16
+    assert peak_rss_mb() - base < 100
+
+
+def test_document_rows_of_token_rows_with_empty_documents():
+    from attribution_assets.engine.gradients.store import document_rows
+
+    rows = np.arange(12, dtype=np.float16).reshape(4, 3)
+    info = {"per_token": True, "token_offsets": [0, 0, 3, 3, 4, 4]}
+    expected = [[0, 0, 0], [9, 12, 15], [0, 0, 0], [9, 10, 11], [0, 0, 0]]
+    np.testing.assert_array_equal(document_rows(rows, info), expected)

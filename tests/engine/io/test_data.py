@@ -33,7 +33,7 @@ def test_local_formats_load_same_texts(tmp_path, fmt):
 
         path = tmp_path / "saved"
         datasets.Dataset.from_dict({"text": SENTENCES}).save_to_disk(str(path))
-    assert _texts(DataSpec(path=str(path))) == SENTENCES
+    assert _texts(DataSpec(path=str(path), text_unit="line")) == SENTENCES
 
 
 def test_directory_of_files(tmp_path):
@@ -98,6 +98,43 @@ def test_truncate_and_chunk(tiny_tokenizer):
     assert sum(len(r.input_ids) for r in rows) == n and stats.chunked == 1
     assert all(r.loss_mask[0] == 0 for r in rows)
     assert [r.doc_id for r in rows] == [f"{docs[0]['doc_id']}#{k}" for k in range(len(rows))]
+    assert {r.source_id for r in rows} == {docs[0]["doc_id"]}
+
+
+def test_chunks_keep_their_source_id_on_disk(tmp_path, tiny_tokenizer):
+    docs = data.build_documents([{"text": " ".join(SENTENCES)}, {"text": "short one"}], DataSpec())
+    rows, _ = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(max_length=10, overflow="chunk"))
+    data.write_tokenized(tmp_path / "t.parquet", rows)
+    back = data.read_tokenized(tmp_path / "t.parquet")
+    assert [(r.doc_id, r.source_id) for r in back] == [(r.doc_id, r.source_id) for r in rows]
+    assert back[-1].source_id == back[-1].doc_id == docs[1]["doc_id"]
+
+
+@pytest.mark.parametrize("name, body, encoding, message", [
+    ("empty.jsonl", b"", "utf-8", r"empty.jsonl is empty"),
+    ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "utf-8", r"bad.jsonl, line 2, column \d+: malformed JSON"),
+    ("latin.jsonl", b'{"text": "caf\xe9"}\n', "utf-8", r"latin.jsonl, line 1: bytes .* not valid utf-8.*`encoding:`"),
+    ("latin.csv", b"text\ncaf\xe9\n", "utf-8", r"latin.csv, line 2: bytes"),
+])
+def test_bad_files_name_file_line_and_fix(tmp_path, name, body, encoding, message):
+    (tmp_path / name).write_bytes(body)
+    with pytest.raises(data.DataError, match=message):
+        data.load_records(DataSpec(path=str(tmp_path / name), encoding=encoding))
+
+
+def test_encoding_setting_reads_latin1(tmp_path):
+    (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    assert data.load_records(DataSpec(path=str(tmp_path / "latin.jsonl"), encoding="latin-1"))[0]["text"] == "café"
+
+
+@pytest.mark.parametrize("unit, expected", [
+    ("paragraph", ["One a.\nOne b.", "Two."]), ("line", ["One a.", "One b.", "Two."]),
+    ("file", ["One a.\nOne b.\n\nTwo."]),
+])
+def test_text_unit_of_txt_files(tmp_path, unit, expected):
+    (tmp_path / "book.txt").write_text("One a.\nOne b.\n\nTwo.\n")
+    records = data.load_records(DataSpec(path=str(tmp_path / "book.txt"), text_unit=unit))
+    assert [r["text"].strip() for r in records if r["text"].strip()] == expected
 
 
 def test_empty_and_short_documents_are_skipped_and_counted(tiny_tokenizer):

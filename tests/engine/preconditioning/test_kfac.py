@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from attribution_assets.engine.gradients.collector import GradientCollector
-from attribution_assets.engine.gradients.projection import projection_matrix
+from attribution_assets.engine.gradients.projection import Projector, projection_matrix
 from attribution_assets.engine.preconditioning.kfac import (
     CorrectionSums,
     CovarianceSums,
@@ -22,6 +22,8 @@ from attribution_assets.engine.preconditioning.kfac import (
 )
 from attribution_assets.engine.scoring.run import QueryScorer
 from attribution_assets.spec import GradientSpec, ScoringSpec
+from tests.engine.gradients.test_collector import make_docs as lm_docs
+from tests.engine.gradients.test_heads import neox
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -347,3 +349,58 @@ def test_mismatches_and_bad_curvature_are_refused(model, fitted):
     report = KroneckerPreconditioner(eigen, CorrectionSums(correction.modules, broken, correction.sequences,
                                                            correction.eigen_digest)).report()
     assert not report["ok"] and not report["modules"]["down"]["finite"] and report["modules"]["up"]["positive"]
+
+
+def _per_module(rows, info, fn):
+    """``rows`` with ``fn(name, block [n, p, p]) -> [n, p, p]`` applied to each module's columns."""
+    out = rows.copy()
+    for m in info["modules"]:
+        block = torch.from_numpy(rows[:, m["start"]:m["stop"]].reshape(len(rows), *m["shape"]))
+        out[:, m["start"]:m["stop"]] = fn(m["name"], block.double()).reshape(len(rows), -1).numpy()
+    return out
+
+
+@pytest.mark.parametrize("per_token", ["none", "positional", "loss"])
+def test_projected_transform_preconditions_every_per_token_mode(model, fitted, per_token):
+    """Per-document and per-token rows alike: the transformed rows are the collector's own rows
+    (checked against autograd in tests/engine/gradients) preconditioned block by block."""
+    docs, collector, _, _ = fitted
+    eigen = KroneckerEigen.from_covariance(collector.covariance(docs), {"dim": 3, "kind": "rademacher", "seed": 0})
+    ekfac = KroneckerPreconditioner(eigen, collector.correction(docs, eigen), damping=0.1)
+    spec = GradientSpec(projection_dim=3, include=("*",), exclude=(), per_token=per_token, max_tokens_per_batch=12)
+    queries = make_docs(lengths=(4, 6, 3), seed=9)
+    plain, info = GradientCollector(model, spec).collect(queries)
+    rows, info_t = GradientCollector(model, spec, transform=ekfac).collect(queries)
+    assert info_t["rows"] == info["rows"] == (len(queries) if per_token == "none" else len(rows))
+    expected = _per_module(plain, info, ekfac.apply_full)
+    np.testing.assert_allclose(rows, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_full_space_transform_with_head_blocks():
+    """``split: head`` with ``kfac_space: full``: each head block is its slice of the
+    preconditioned full gradient, projected with the block's own L and R; a projected-space
+    transform refuses head blocks."""
+    net, docs = neox(), lm_docs((6, 9, 5))
+    curvature = CurvatureCollector(net, GradientSpec(projection_dim=0), "sampled", SEED)
+    eigen = KroneckerEigen.from_covariance(curvature.covariance(docs))
+    ekfac = KroneckerPreconditioner(eigen, curvature.correction(docs, eigen), damping=0.1)
+    full, info = GradientCollector(net, GradientSpec(projection_dim=0)).collect(docs)
+    preconditioned = _per_module(full, info, ekfac.apply_full)
+    p = 3
+    heads = GradientCollector(net, GradientSpec(projection_dim=p, split="head"), transform=ekfac)
+    rows, _ = heads.collect(docs)
+    projector = Projector(p, "rademacher", 0, "cpu", torch.float64)
+    starts = {m["name"]: m for m in info["modules"]}
+    for s in heads.specs:
+        g = preconditioned[:, starts[s.name]["start"]:starts[s.name]["stop"]].reshape(len(docs), *starts[s.name]["shape"])
+        for b in s.blocks:
+            piece = torch.from_numpy(g[:, b.rows[0]:b.rows[1], b.cols[0]:b.cols[1]]).double()
+            expected = (projector.left(b.left, b.n_rows) @ piece @ projector.right(b.right, b.n_cols).T)
+            expected = expected.reshape(len(docs), -1).numpy()
+            np.testing.assert_allclose(rows[:, b.start:b.stop], expected, rtol=1e-3,
+                                       atol=1e-4 * np.abs(expected).max())
+    assert any(len(s.blocks) > 1 for s in heads.specs)
+    projected = KroneckerEigen.from_covariance(curvature.covariance(docs), {"dim": p, "kind": "rademacher", "seed": 0})
+    with pytest.raises(ValueError, match="split: module, or scoring.kfac_space: full"):
+        GradientCollector(net, GradientSpec(projection_dim=p, split="head"),
+                          transform=KroneckerPreconditioner(projected, None))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -9,7 +11,10 @@ import scipy.linalg
 from attribution_assets.engine.preconditioning.autocorrelation import (
     Autocorrelation,
     AutocorrelationAccumulator,
+    load_autocorrelation,
     normalize_layout,
+    row_autocorrelation,
+    save_autocorrelation,
 )
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
@@ -29,11 +34,11 @@ def autocorr(x: np.ndarray) -> Autocorrelation:
     return AutocorrelationAccumulator(LAYOUT).update(x).finalize()
 
 
-def explicit_r(x: np.ndarray) -> dict[str, np.ndarray]:
+def explicit_r(x: np.ndarray, layout=LAYOUT) -> dict[str, np.ndarray]:
     x = x.astype(np.float64)
     return {
         m.name: x[:, m.start : m.stop].T @ x[:, m.start : m.stop] / len(x)
-        for m in normalize_layout(LAYOUT)
+        for m in normalize_layout(layout)
     }
 
 
@@ -50,6 +55,18 @@ def test_accumulator_matches_explicit_and_streaming_equals_one_shot():
         np.testing.assert_allclose(one_shot.matrices[name], r, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(streamed.matrices[name], r, rtol=1e-12, atol=1e-14)
         np.testing.assert_array_equal(streamed.matrices[name], streamed.matrices[name].T)
+
+
+def test_row_autocorrelation_equals_the_accumulator():
+    x = grads(np.random.default_rng(7), 9)
+    lazy, streamed = row_autocorrelation(x, LAYOUT), autocorr(x)
+    assert lazy.n == 9 and sorted(lazy.matrices) == sorted(streamed.matrices)
+    for name, r in streamed.matrices.items():
+        np.testing.assert_allclose(lazy.matrices[name], r, rtol=1e-12, atol=1e-14)
+        np.testing.assert_array_equal(lazy.matrices[name], lazy.matrices[name].T)
+    x[3, 8] = np.nan
+    with pytest.raises(ValueError, match="non-finite gradients in module 'mlp.down'"):
+        row_autocorrelation(x, LAYOUT)
 
 
 def test_merge_equals_combined_and_memmap_float16(tmp_path):
@@ -221,3 +238,49 @@ def test_clear_errors_for_layout_and_dims_mismatch():
         p.apply(np.zeros((2, 5)), -0.5)
     with pytest.raises(ValueError, match="no gradient rows"):
         AutocorrelationAccumulator(LAYOUT).finalize()
+
+
+def test_memory_holds_the_result_and_a_few_modules_at_a_time(tmp_path):
+    """NumPy allocations (tracemalloc) of accumulate, finalize, save, build, save, load, check
+    and apply, in units of one module's ``d x d`` float64 matrix: never a second full set."""
+    d, k = 256, 6
+    layout = normalize_layout([(f"m{i}", i * d, (i + 1) * d) for i in range(k)])
+    rng, module = np.random.default_rng(0), d * d * 8
+    rows = {"train": rng.normal(size=(300, k * d)).astype(np.float32),
+            "query": rng.normal(size=(20, k * d)).astype(np.float32) * 3}
+    tracemalloc.start()
+    try:
+        for name, x in rows.items():
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            acc = AutocorrelationAccumulator(layout, chunk_rows=64)
+            acc.update(x)
+            save_autocorrelation(tmp_path / name, acc.finalize())
+            del acc
+            assert (tracemalloc.get_traced_memory()[1] - base) / module < k + 2
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        train, query = load_autocorrelation(tmp_path / "train"), load_autocorrelation(tmp_path / "query")
+        p = Preconditioner.from_autocorrelation(train, query, lam="auto")
+        assert (tracemalloc.get_traced_memory()[1] - base) / module < k + 3  # eigenvectors + temporaries
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        lazy = Preconditioner.from_autocorrelation(train, row_autocorrelation(rows["query"], layout), lam=p.lam)
+        assert (tracemalloc.get_traced_memory()[1] - base) / module < k + 3
+        np.testing.assert_allclose(lazy.eigvals["m2"], p.eigvals["m2"], rtol=1e-9, atol=1e-12)
+        del lazy
+        tracemalloc.reset_peak()
+        held = tracemalloc.get_traced_memory()[0]
+        p.save(tmp_path / "p")
+        assert check_preconditioner(Preconditioner.load(tmp_path / "p"))["ok"]
+        assert (tracemalloc.get_traced_memory()[1] - held) / module < 4
+        del p
+        loaded = Preconditioner.load(tmp_path / "p")
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        loaded.apply(rows["query"], -0.5)
+        assert (tracemalloc.get_traced_memory()[1] - base) / module < k / 2 + 5  # float32 operators
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(loaded.matrices["m1"], loaded.lam * explicit_r(rows["query"], layout)["m1"]
+                               + (1 - loaded.lam) * explicit_r(rows["train"], layout)["m1"], rtol=1e-10)

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from transformers import AutoModelForCausalLM
 
+from attribution_assets.engine.gradients.batching import row_positions
 from attribution_assets.engine.gradients.collect import (
     collect,
     make_collector,
@@ -28,13 +29,14 @@ def _docs(tokenizer):
     return rows
 
 
-def test_per_token_inner_product_scores_sum_to_document_scores(tmp_path, tiny_model_dir, tiny_tokenizer):
+@pytest.mark.parametrize("mode", ["loss", "positional"])
+def test_per_token_inner_product_scores_sum_to_document_scores(tmp_path, tiny_model_dir, tiny_tokenizer, mode):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    spec = dataclasses.replace(demo_spec(), gradients=GradientSpec(projection_dim=4, per_token=True))
+    spec = dataclasses.replace(demo_spec(), gradients=GradientSpec(projection_dim=4, per_token=mode))
     collector = make_collector(model, spec)
     docs = _docs(tiny_tokenizer)
     array, info, _ = collect(collector, docs)
-    assert array.shape[0] == sum(d.targets for d in docs)
+    assert array.shape[0] == sum(len(row_positions(d.loss_mask, mode)) for d in docs)
     doc_rows = document_rows(array, info)
     scoring = ScoringSpec(metric="inner_product")
     precond = Preconditioner.from_autocorrelation(accumulate([doc_rows], info["modules"]), None, lam=None)

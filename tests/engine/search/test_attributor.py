@@ -42,7 +42,7 @@ def attributors(tiny_demo):
 def test_flat_index_brute_force_and_score_table_agree(tiny_demo, attributors):
     spec, paths = tiny_demo
     assert FaissIndex.load(paths.faiss_index).ntotal == sum(
-        len(pl.read_parquet(p)) for p in paths.root.glob("tokenized_shards/*/tokens.parquet"))
+        len(pl.read_parquet(paths.tokens(s))) for s in paths.tokenized_shards())
     flat, brute = attributors
     queries = _queries(paths)
     by_index = flat.search(_pairs(paths, queries), k=10)
@@ -80,3 +80,27 @@ def test_cli_query_from_argument_and_stdin(tiny_demo, monkeypatch, capsys):
     assert cli.main(["query", "--pipeline", "demo", "-k", "3"]) == 0
     assert capsys.readouterr().out == first
     assert len([line for line in first.splitlines() if line.strip()[:1].isdigit()]) == 3
+
+
+def test_shards_newer_than_the_index_are_searched_by_brute_force(tiny_demo, attributors, tmp_path):
+    import shutil
+
+    from attribution_assets.engine.io.paths import PipelinePaths
+    from attribution_assets.engine.scoring.run import load_preconditioner, prepared_training_blocks
+    from attribution_assets.engine.search.index import build_index
+
+    spec, paths = tiny_demo
+    _, brute = attributors
+    copy = PipelinePaths(tmp_path / "demo")
+    shutil.copytree(paths.root, copy.root, ignore=shutil.ignore_patterns("faiss_index"))
+    shards = copy.gradient_shards()
+    assert len(shards) >= 2
+    precond = load_preconditioner(spec, copy)
+    build_index(lambda: prepared_training_blocks(copy, shards[:1], precond, spec.scoring.metric), spec.index,
+                copy.faiss_index)  # an index built before the other shards existed
+    with pytest.warns(UserWarning, match="newer than its FAISS index"):
+        stale = Attributor(spec, copy, model=brute.model, tokenizer=brute.tokenizer)
+    assert stale.brute_force_shards == shards[1:]
+    pairs = _pairs(paths, _queries(paths, 2))
+    got, want = stale.search(pairs, k=5), brute.search(pairs, k=5)
+    assert [[h.doc_id for h in row] for row in got] == [[h.doc_id for h in row] for row in want]
