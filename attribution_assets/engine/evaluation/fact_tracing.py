@@ -58,7 +58,10 @@ from attribution_assets.engine.gradients.store import document_rows
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.preconditioning.autocorrelation import accumulate
+from attribution_assets.engine.preconditioning.autocorrelation import (
+    accumulate,
+    row_autocorrelation,
+)
 from attribution_assets.engine.preconditioning.kfac import (
     CovarianceSums,
     CurvatureCollector,
@@ -243,7 +246,7 @@ class GradientCache:
             (train, info), (query, _) = self.train(normalizer), self.query(normalizer, query_loss)
             layout = info["modules"]
             self._preconditioners[key] = trackstar_preconditioner(
-                accumulate([train], layout), accumulate([query], layout), scoring)
+                accumulate([train], layout), row_autocorrelation(query, layout), scoring)
         return self._preconditioners[key]
 
 
