@@ -82,9 +82,10 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
     values_key, query_key = key(spec, "ekfac_eigenvalues"), key(spec, "kfac_query_gradients")
     partitions = shards_partitions(spec)
     precision = compute_version(compute)
+    model_deps = [key(spec, "model")] + ([key(spec, "finetune")] if spec.finetune is not None else [])
 
     @dg.asset(key=cov_key, group_name=spec.name, partitions_def=partitions,
-              deps=[key(spec, "tokenized_shards"), key(spec, "model")],
+              deps=[key(spec, "tokenized_shards"), *model_deps],
               code_version=curvature_version("kfac-covariance-v1", spec, in_space=False) + precision, pool="gpu",
               automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
               check_specs=[_finite_check(cov_key, "covariance sum")],
@@ -157,7 +158,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
     assets = [kfac_covariance, kfac_factors, kfac_eigendecomposition]
     if ekfac:
         @dg.asset(key=corr_key, group_name=spec.name, partitions_def=partitions,
-                  deps=[key(spec, "tokenized_shards"), key(spec, "model"), eigen_key],
+                  deps=[key(spec, "tokenized_shards"), *model_deps, eigen_key],
                   code_version=curvature_version("ekfac-correction-v1", spec) + precision, pool="gpu",
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   check_specs=[_finite_check(corr_key, "eigenvalue-correction sum")],
@@ -213,7 +214,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
         assets += [ekfac_correction, ekfac_eigenvalues]
 
     @dg.asset(key=query_key, group_name=spec.name,
-              deps=[key(spec, "tokenized_queries"), key(spec, "model"), values_key if ekfac else eigen_key],
+              deps=[key(spec, "tokenized_queries"), *model_deps, values_key if ekfac else eigen_key],
               code_version=curvature_version("kfac-query-gradients-v1", spec) + "-"
               + spec.section_hash("gradients", "scoring") + precision, pool="gpu",
               check_specs=[*store_check_specs(query_key), _positive_check(query_key)],
