@@ -342,18 +342,29 @@ class GradientSpec:
         return self.per_token != "none"
 
 
+PRECONDITIONERS = ("trackstar", "ekfac", "kfac", "none")
+KRONECKER_PRECONDITIONERS = ("ekfac", "kfac")
+
+
 @dataclass(frozen=True)
 class ScoringSpec:
-    """TrackStar-style scoring (``engine.preconditioning``, ``engine.scoring``).
+    """How queries score training documents (``engine.preconditioning``, ``engine.scoring``).
 
     ``metric``: ``cosine`` (TrackStar) or ``inner_product``; ``aggregate``: score each query
     (``individual``) or a query set as one (``nearest``, ``mean``, ``sum``);
-    ``precondition``: apply the autocorrelation preconditioner, ``damping`` times the mean
-    eigenvalue added per module, mixing ``lam R_query + (1 - lam) R_train`` with ``mixing``
-    ``auto`` | a number in [0, 1] | ``off``; ``mode``: ``stored`` training gradients or
-    ``streaming`` (recomputed, never stored); ``top_k``: scores kept per query and shard
-    (0 = all); ``breakdown``: also write each block's contribution to those scores, per
-    ``module`` or per ``head`` (needs ``gradients.split: head``), summing to the score.
+    ``preconditioner``: ``trackstar`` (the autocorrelation of the projected gradients, mixing
+    ``lam R_query + (1 - lam) R_train`` with ``mixing`` ``auto`` | a number in [0, 1] |
+    ``off``), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
+    ``preconditioning.kfac``, applied to the query side only; labels
+    ``kfac_labels``: ``sampled`` from the model, seeded by ``kfac_seed``, or the data's
+    ``true`` labels; ``kfac_space``: ``projected``, the curvature of the projected rows, or
+    ``full``, each full query gradient preconditioned, then projected) or ``none``;
+    ``damping`` times each module's mean eigenvalue is added
+    before inverting. ``precondition: false`` is the older spelling of ``preconditioner:
+    none``. ``mode``: ``stored`` training gradients or ``streaming`` (recomputed, never
+    stored); ``top_k``: scores kept per query and shard (0 = all); ``breakdown``: also write
+    each block's contribution to those scores, per ``module`` or per ``head`` (needs
+    ``gradients.split: head``), summing to the score.
     ``train_rows``: ``post_hoc`` (training gradients of the final model) or ``train_time``
     (each document's rows recorded by the ``finetune`` asset, summed over the steps that saw it).
     """
@@ -361,8 +372,12 @@ class ScoringSpec:
     metric: str = "cosine"
     aggregate: str = "individual"
     precondition: bool = True
+    preconditioner: str = "trackstar"
     damping: float = 0.1
     mixing: str | float = "auto"
+    kfac_labels: str = "sampled"
+    kfac_seed: int = 0
+    kfac_space: str = "projected"
     mode: str = "stored"
     top_k: int = 100
     breakdown: str = "none"
@@ -373,6 +388,14 @@ class ScoringSpec:
         _check_choice(self, "metric", ("cosine", "inner_product"))
         _check_choice(self, "aggregate", ("individual", "nearest", "mean", "sum"))
         _check_bool(self, "precondition")
+        _check_choice(self, "preconditioner", PRECONDITIONERS)
+        if not self.precondition:
+            if self.preconditioner in KRONECKER_PRECONDITIONERS:
+                raise SpecValueError("precondition", f"is false but `preconditioner` is "
+                                                     f"{self.preconditioner!r}; drop `precondition` "
+                                                     "(the older spelling) and set `preconditioner`.")
+            object.__setattr__(self, "preconditioner", "none")
+        object.__setattr__(self, "precondition", self.preconditioner != "none")
         _check_float(self, "damping", 0.0, note=" (relative to each module's mean eigenvalue)")
         if self.mixing is False:  # YAML 1.1 reads an unquoted `off` as false
             object.__setattr__(self, "mixing", "off")
@@ -381,9 +404,17 @@ class ScoringSpec:
                                                    and 0 <= self.mixing <= 1)):
             raise SpecValueError("mixing", f"must be `auto`, `off` or a number in [0, 1] (the weight "
                                            f"of the query autocorrelation), got {_describe(self.mixing)}.")
+        _check_choice(self, "kfac_labels", ("sampled", "true"))
+        _check_int(self, "kfac_seed", 0)
+        _check_choice(self, "kfac_space", ("projected", "full"))
         _check_choice(self, "mode", ("stored", "streaming"))
         _check_int(self, "top_k", 0, note=" (0 keeps every score)")
         _check_choice(self, "breakdown", SCORE_BREAKDOWNS)
+
+    @property
+    def kronecker(self) -> bool:
+        """Whether the preconditioner is EK-FAC or K-FAC (query side, before projection)."""
+        return self.preconditioner in KRONECKER_PRECONDITIONERS
 
 
 @dataclass(frozen=True)
@@ -590,6 +621,25 @@ class PipelineSpec:
         if self.magic.enabled and self.queries is None:
             raise SpecValueError("magic.enabled", "needs a `queries` section: MAGIC scores the "
                                                   "training documents against each query.")
+        if self.scoring.kronecker:
+            kind = self.scoring.preconditioner
+            if self.gradients.normalizer != "none":
+                raise SpecValueError("gradients.normalizer", f"must be `none` with `scoring.preconditioner: "
+                                                             f"{kind}` (its curvature takes the place of the "
+                                                             "optimizer normalization), got "
+                                                             f"{self.gradients.normalizer!r}; set it to none "
+                                                             "or use `preconditioner: trackstar`.")
+            if self.gradients.include_bias:
+                raise SpecValueError("gradients.include_bias", f"must be false with `scoring.preconditioner: "
+                                                               f"{kind}` (it preconditions weight gradients "
+                                                               "only).")
+            if (self.gradients.split == "head" and self.scoring.kfac_space == "projected"
+                    and self.gradients.projection_dim):
+                raise SpecValueError("gradients.split", f"is `head`, but `scoring.preconditioner: {kind}` "
+                                                        "with `kfac_space: projected` has one curvature "
+                                                        "per whole module: set `scoring.kfac_space: full` "
+                                                        "(full gradients preconditioned, then split and "
+                                                        "projected) or `gradients.split: module`.")
 
     def _check_finetune(self) -> None:
         """A ``finetune`` section and ``scoring.train_rows`` fit the other sections."""

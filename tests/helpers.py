@@ -53,9 +53,10 @@ def tiny_demo_spec(gradients=None, **scoring):
     return demo_spec(**TINY_DEMO, gradients=gradients, scoring=ScoringSpec(top_k=0, **scoring))
 
 
-def materialize_tiny_demo(root, gradients=None, instance=None, **scoring):
+def materialize_tiny_demo(root, gradients=None, results=None, instance=None, **scoring):
     """The demo pipeline at a tiny size, every asset materialized under ``root`` (``gradients``:
-    a ``GradientSpec``, default the demo's), recorded in ``instance`` (default: ephemeral)."""
+    a ``GradientSpec`` in place of the demo's; ``results``: a list that receives each stage's
+    Dagster result), recorded in ``instance`` (default: ephemeral)."""
     import dagster as dg
 
     from attribution_assets.defs.runner import materialize_pipeline
@@ -63,7 +64,9 @@ def materialize_tiny_demo(root, gradients=None, instance=None, **scoring):
     spec = tiny_demo_spec(gradients, **scoring)
     defs = definitions_for([spec], root)
     instance = instance or dg.DagsterInstance.ephemeral()
-    materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    stages = materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    if results is not None:
+        results.extend(stages)
     return spec, PipelinePaths.under(root, spec.name)
 
 

@@ -14,6 +14,7 @@ from attribution_assets.defs.evaluation import evaluation_assets
 from attribution_assets.defs.finetune import finetune_assets
 from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
+from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.magic import magic_assets
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile, profile_from_json
 from attribution_assets.defs.runner import RECIPE_KEY, stage_jobs
@@ -25,7 +26,8 @@ def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.D
     """Assets, checks, stage jobs, sensor and schedule of one pipeline, under the key prefix
     ``[spec.name]``; assets that run the model carry the profile's precision in their version."""
     compute = profile.compute
-    assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *score_assets(spec, compute),
+    assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
+              *score_assets(spec, compute),
               *index_assets(spec), *evaluation_assets(spec, compute), *finetune_assets(spec, compute),
               *magic_assets(spec, compute)]
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}

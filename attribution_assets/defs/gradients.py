@@ -92,7 +92,7 @@ def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
     ]
 
 
-def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+def store_check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     descriptions = {"finite": "every gradient value is finite",
                     "row_count": "one row per document (or per target token)",
                     "settings": "projection and normalizer match the pipeline spec"}
@@ -100,7 +100,7 @@ def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
             for name in CHECKS]
 
 
-def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
+def expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
     if not spec.gradients.token_rows:
         return len(docs)
     return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
@@ -118,7 +118,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
                   deps=[key(spec, "tokenized_shards"), *model_deps],
                   code_version=version + ("-train-time" if train_time else ""), pool="gpu",
-                  check_specs=_check_specs(train_key),
+                  check_specs=store_check_specs(train_key),
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
@@ -160,7 +160,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
                 versions[shard] = store.digest()
-                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
                 context.add_asset_metadata(
                     {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
@@ -185,7 +185,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
 
         @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), *model_deps],
                   code_version=version, pool="gpu",
-                  check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
+                  check_specs=store_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
         def query_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource):
@@ -195,7 +195,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
             with progress_logs(context):
                 store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
                                              paths.query_gradients, model_fingerprint(spec, paths))
-            version, checks = store.digest(), store_checks(store, _expected_rows(docs, spec), spec, query_key)
+            version, checks = store.digest(), store_checks(store, expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
                           "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,

@@ -68,11 +68,19 @@ class Stage:
     partitioned: bool
 
 
+#: In dependency order. EK-FAC / K-FAC (``defs/kfac.py``): per-shard covariance sums with the
+#: shards, their merge and eigendecomposition, the per-shard eigenvalue correction and its merge,
+#: then the preconditioned query rows with the other fan-in assets.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"),
           False),
-    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorrelation"), True),
-    Stage("fan_in", ("train_autocorrelation", "preconditioner", "faiss_index"), False),
+    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorrelation", "kfac_covariance"),
+          True),
+    Stage("kfac_factors", ("kfac_factors", "kfac_eigendecomposition"), False),
+    Stage("ekfac_correction", ("ekfac_correction",), True),
+    Stage("ekfac_eigenvalues", ("ekfac_eigenvalues",), False),
+    Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
+          False),
     Stage("scores", ("scores",), True),
     Stage("database", ("attribution_db",), False),
 )
@@ -82,7 +90,7 @@ FINETUNE_STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
     Stage("tokens", ("tokenized_shards",), True),
     Stage("finetune", ("finetune", "query_gradients"), False),
-    Stage("shards", ("train_gradients", "shard_autocorrelation"), True),
+    Stage("shards", ("train_gradients", "shard_autocorrelation", "kfac_covariance"), True),
     *STAGES[2:],
 )
 

@@ -1,4 +1,6 @@
-"""Autocorrelation and preconditioner (fan-in), per-shard score tables, the DuckDB views."""
+"""TrackStar's autocorrelation and preconditioner (fan-in), per-shard score tables, the DuckDB
+views. With ``scoring.preconditioner: ekfac | kfac`` the scores take the preconditioned query
+rows of ``defs/kfac.py`` instead, and the TrackStar assets are not declared."""
 
 import dagster as dg
 import polars as pl
@@ -145,9 +147,12 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
 
     scores_key = key(spec, "scores")
+    kronecker = spec.scoring.kronecker
+    query_rows = key(spec, "kfac_query_gradients" if kronecker else "query_gradients")
+    trackstar = spec.scoring.preconditioner == "trackstar"
 
     @dg.asset(key=scores_key, group_name=spec.name, partitions_def=shards_partitions(spec),
-              deps=[train_source, key(spec, "query_gradients")] + ([precond_key] if spec.scoring.precondition else []),
+              deps=[train_source, query_rows] + ([precond_key] if trackstar else []),
               code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               backfill_policy=dg.BackfillPolicy.single_run(),
@@ -215,4 +220,5 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                                   passed=columns.get("scores") == SCORE_COLUMNS
                                   and all(view in columns for view in wanted))
 
-    return [shard_autocorrelation, train_autocorrelation, preconditioner, scores, attribution_db]
+    fan_in = [] if kronecker else [shard_autocorrelation, train_autocorrelation, preconditioner]
+    return [*fan_in, scores, attribution_db]

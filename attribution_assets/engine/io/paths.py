@@ -123,6 +123,35 @@ class PipelinePaths:
     def preconditioner(self) -> Path:
         return self.root / "preconditioner"
 
+    # EK-FAC / K-FAC (``preconditioning.kfac``)
+    def kfac_covariance(self, shard: str) -> Path:
+        """One shard's activation and pseudo-gradient covariance sums (``covariance.*``)."""
+        return self.root / "kfac_covariance" / shard
+
+    @property
+    def kfac_factors(self) -> Path:
+        """Every shard's covariance sums added up (same format as one shard's)."""
+        return self.root / "kfac_factors"
+
+    @property
+    def kfac_eigendecomposition(self) -> Path:
+        """Eigenvalues and eigenvectors of the factors ``A`` and ``S`` per module."""
+        return self.root / "kfac_eigendecomposition"
+
+    def ekfac_correction(self, shard: str) -> Path:
+        """One shard's eigenvalue-correction sums ``sum (Q_S^T G Q_A)^2`` (``correction.*``)."""
+        return self.root / "ekfac_correction" / shard
+
+    @property
+    def ekfac_eigenvalues(self) -> Path:
+        """Every shard's eigenvalue-correction sums added up (same format as one shard's)."""
+        return self.root / "ekfac_eigenvalues"
+
+    @property
+    def kfac_query_gradients(self) -> Path:
+        """A gradient store of the query rows preconditioned with EK-FAC / K-FAC, then projected."""
+        return self.root / "kfac_query_gradients"
+
     @property
     def faiss_index(self) -> Path:
         return self.root / "faiss_index"

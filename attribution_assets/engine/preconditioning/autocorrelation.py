@@ -128,8 +128,14 @@ class Autocorrelation:
             _check_square(m, self.matrices, "autocorrelation")
 
     def spectrum(self) -> np.ndarray:
-        """All modules' eigenvalues pooled (= spectrum of the block-diagonal R), descending."""
-        vals = [np.linalg.eigvalsh(self.matrices[m.name]) for m in self.layout]
+        """All modules' eigenvalues pooled (= spectrum of the block-diagonal R), descending.
+
+        Matrices of fewer rows than columns (:class:`RowMatrices`, e.g. a query set) take the
+        eigenvalues of the ``[n, n]`` Gram matrix instead of the ``[d_m, d_m]`` one: the same
+        nonzero eigenvalues, zeros for the rest, ``O(n² d_m)`` instead of ``O(d_m³)``."""
+        rows = self.matrices if isinstance(self.matrices, RowMatrices) else None
+        vals = [rows.eigenvalues(m.name) if rows is not None and self.n < m.size
+                else np.linalg.eigvalsh(self.matrices[m.name]) for m in self.layout]
         return np.sort(np.clip(np.concatenate(vals), 0.0, None))[::-1]
 
 
@@ -220,6 +226,17 @@ class RowMatrices(Mapping[str, np.ndarray]):
         r += r.T  # exactly symmetric, as the accumulator's result
         r /= 2.0 * len(x)
         return r
+
+    def eigenvalues(self, name: str) -> np.ndarray:
+        """``R_m``'s eigenvalues (ascending) from the Gram matrix ``x_m x_mᵀ / n`` ``[n, n]``
+        (its ``n`` eigenvalues are ``R_m``'s nonzero ones), padded with ``d_m - n`` zeros."""
+        m = self._modules[name]
+        x = np.asarray(self.rows[:, m.start : m.stop], dtype=np.float64)
+        gram = x @ x.T
+        gram += gram.T
+        gram /= 2.0 * len(x)
+        vals = np.linalg.eigvalsh(gram)
+        return np.concatenate([np.zeros(max(0, m.size - len(vals))), vals])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
