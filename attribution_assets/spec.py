@@ -207,7 +207,7 @@ class DemoSpec:
     AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
     """
 
-    people: int = 80
+    people: int = 100
     seed: int = 0
     relations: tuple[str, ...] = DEMO_RELATIONS
     train_templates_per_relation: int = 8
@@ -472,7 +472,7 @@ class PipelineSpec:
         return json_digest({s: _jsonable(getattr(self, s)) for s in sections}, length=12)
 
 
-def demo_spec(people: int = 80, shard_size: int = 256, gradients: GradientSpec | None = None,
+def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
               scoring: ScoringSpec | None = None, evaluation: EvaluationSpec | None = None,
               **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.

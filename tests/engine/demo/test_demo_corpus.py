@@ -28,13 +28,13 @@ def test_deterministic_per_seed():
 def test_default_sizes():
     corpus = generate_demo_corpus()
     counts, templates = corpus.counts(), DemoSpec().train_templates_per_relation
-    assert counts["fact"] == 80 * 4 * templates
-    assert counts["hard_distractor"] == 80 * 4
-    assert counts["queries"] == 80 * 4
+    assert counts["fact"] == 100 * 4 * templates
+    assert counts["hard_distractor"] == 100 * 4
+    assert counts["queries"] == 100 * 4
     assert counts["distractor"] > 0
-    assert counts["introduction"] == 20 * 2  # alias_fraction 0.25, two introductions each
-    assert sum(q["alias"] for q in corpus.queries) == 20
-    assert len({q["person"] for q in corpus.queries}) == 80
+    assert counts["introduction"] == 25 * 2  # alias_fraction 0.25, two introductions each
+    assert sum(q["alias"] for q in corpus.queries) == 25
+    assert len({q["person"] for q in corpus.queries}) == 100
     small = generate_demo_corpus(DemoSpec(people=5, relations=("employer",)))
     assert small.counts()["fact"] == 5 * templates
     assert {d["relation"] for d in small.documents if d["kind"] != "introduction"} == {"employer"}
