@@ -119,6 +119,10 @@ class DataSpec:
     ``chunk`` into pieces of ``max_length`` tokens. ``encoding``: of local text files (json,
     csv, txt). ``text_unit``: what one document of a ``.txt`` file is: ``paragraph``
     (blank-line separated, the default), ``line`` or ``file``.
+    ``reward_column`` (+ ``group_column``) or ``advantage_column`` with ``advantage_weighting``
+    ``grpo`` | ``dr_grpo``: each sequence's loss (and gradient row) is weighted by its
+    group-normalized advantage, divided by its length for GRPO; ``nan_rewards``: ``skip``
+    (drop and count) or ``error`` (see ``engine.io.advantages``).
     """
 
     path: str | None = None
@@ -136,6 +140,11 @@ class DataSpec:
     add_eos: bool | None = None
     encoding: str = "utf-8"
     text_unit: str = "paragraph"
+    reward_column: str | None = None
+    advantage_column: str | None = None
+    group_column: str | None = None
+    advantage_weighting: str = "none"
+    nan_rewards: str = "skip"
 
     def __post_init__(self):
         _check_choice(self, "format", DATA_FORMATS)
@@ -154,6 +163,32 @@ class DataSpec:
             _check_str(self, key)
         for key in ("split", "text_column"):
             _check_str(self, key, optional=False)
+        self._check_advantages()
+
+    def _check_advantages(self) -> None:
+        """GRPO / Dr. GRPO settings (``engine.io.advantages``)."""
+        for key in ("reward_column", "advantage_column", "group_column"):
+            _check_str(self, key)
+        _check_choice(self, "advantage_weighting", ADVANTAGE_WEIGHTINGS)
+        _check_choice(self, "nan_rewards", ("skip", "error"))
+        if self.reward_column and self.advantage_column:
+            raise SpecValueError("advantage_column", "and `reward_column` are both set; give rewards "
+                                                     "(turned into group-normalized advantages) or "
+                                                     "advantages, not both.")
+        if self.group_column and not self.reward_column:
+            raise SpecValueError("group_column", "normalizes rewards within groups: set `reward_column` "
+                                                 "too (or drop `group_column`).")
+        source = self.reward_column or self.advantage_column
+        if self.advantage_weighting != "none" and not source:
+            raise SpecValueError("advantage_weighting", f"is `{self.advantage_weighting}`, which weights "
+                                                        "each sequence by its advantage: set "
+                                                        "`reward_column` or `advantage_column`.")
+        if source and self.advantage_weighting == "none":
+            raise SpecValueError("advantage_weighting", "is `none` but rewards/advantages are given: "
+                                                        "choose `grpo` (loss / length) or `dr_grpo`.")
+        if source and self.overflow == "chunk":
+            raise SpecValueError("overflow", "is `chunk`, which would split a rewarded sequence; use "
+                                             "`truncate` with advantage weighting.")
 
     @property
     def mode(self) -> str:
@@ -164,6 +199,7 @@ class DataSpec:
         return "text"
 
 
+ADVANTAGE_WEIGHTINGS = ("none", "grpo", "dr_grpo")
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -171,7 +207,10 @@ MODEL_DTYPES = ("float32", "bfloat16", "float16")
 class ModelSpec:
     """A Hugging Face causal LM: local directory or hub id (``None`` for the demo's trained model).
 
-    ``model_kwargs`` pass through to ``from_pretrained`` (e.g. ``attn_implementation``).
+    ``model_kwargs`` pass through to ``from_pretrained`` (e.g. ``attn_implementation``, or
+    ``quantization_config`` for a bitsandbytes 4-/8-bit base). ``adapter``: a PEFT adapter
+    directory (``save_pretrained`` of a ``PeftModel``) loaded on top of the base model; select
+    its weights with ``gradients.include: ["*lora_A*", "*lora_B*"]``.
     """
 
     name_or_path: str | None = None
@@ -180,11 +219,12 @@ class ModelSpec:
     trust_remote_code: bool = False
     pad_token: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
 
     def __post_init__(self):
         _check_choice(self, "dtype", MODEL_DTYPES)
         _check_bool(self, "trust_remote_code")
-        for key in ("name_or_path", "revision", "pad_token"):
+        for key in ("name_or_path", "revision", "pad_token", "adapter"):
             _check_str(self, key)
         if not isinstance(self.model_kwargs, dict):
             raise SpecValueError("model_kwargs", f"must be a mapping, got {_describe(self.model_kwargs)}.")
@@ -322,6 +362,8 @@ class ScoringSpec:
     ``streaming`` (recomputed, never stored); ``top_k``: scores kept per query and shard
     (0 = all); ``breakdown``: also write each block's contribution to those scores, per
     ``module`` or per ``head`` (needs ``gradients.split: head``), summing to the score.
+    ``train_rows``: ``post_hoc`` (training gradients of the final model) or ``train_time``
+    (each document's rows recorded by the ``finetune`` asset, summed over the steps that saw it).
     """
 
     metric: str = "cosine"
@@ -332,8 +374,10 @@ class ScoringSpec:
     mode: str = "stored"
     top_k: int = 100
     breakdown: str = "none"
+    train_rows: str = "post_hoc"
 
     def __post_init__(self):
+        _check_choice(self, "train_rows", ("post_hoc", "train_time"))
         _check_choice(self, "metric", ("cosine", "inner_product"))
         _check_choice(self, "aggregate", ("individual", "nearest", "mean", "sum"))
         _check_bool(self, "precondition")
@@ -436,6 +480,40 @@ class EvaluationSpec:
                                               f"score), got {_describe(self.lds_top_k)}.")
 
 
+FINETUNE_OPTIMIZERS = ("adamw", "adafactor")
+
+
+@dataclass(frozen=True)
+class FinetuneSpec:
+    """Opt-in fine-tuning (``engine.training.finetune``): a ``transformers.Trainer`` trains the
+    pipeline's model on its tokenized corpus with ``AttributionCallback`` recording train-time
+    gradient rows (the ``gradients`` settings, normalized by the live optimizer's state), one
+    shard per ``steps_per_shard`` optimizer steps. Later assets use the fine-tuned model.
+    ``optimizer``: ``adamw`` (``torch.optim.AdamW``) or ``adafactor`` (transformers'; no relative
+    step); ``epochs``, ``batch_size`` (sequences per micro-batch), ``gradient_accumulation_steps``,
+    ``learning_rate`` (constant after ``warmup_steps`` linear warm-up), ``weight_decay``, ``seed``.
+    """
+
+    epochs: int = 1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    seed: int = 0
+    steps_per_shard: int = 100
+
+    def __post_init__(self):
+        for key in ("epochs", "batch_size", "gradient_accumulation_steps", "steps_per_shard"):
+            _check_int(self, key, 1)
+        for key in ("warmup_steps", "seed"):
+            _check_int(self, key, 0)
+        _check_float(self, "learning_rate", 0.0, low_open=True)
+        _check_float(self, "weight_decay", 0.0)
+        _check_choice(self, "optimizer", FINETUNE_OPTIMIZERS)
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """One pipeline: a model, a training corpus, a query set and the method's settings.
@@ -454,14 +532,39 @@ class PipelineSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     demo: DemoSpec | None = None
     schedule: str | None = None
+    finetune: FinetuneSpec | None = None
 
     def __post_init__(self):
         _check_int(self, "shard_size", 1, note=" (documents per shard partition)")
         _check_str(self, "schedule")
+        self._check_finetune()
         if self.scoring.breakdown == "head" and self.gradients.split != "head":
             raise SpecValueError("scoring.breakdown", "is `head`, which needs per-head gradient blocks: "
                                                       "set `gradients.split: head` (or use `breakdown: "
                                                       "module`).")
+
+    def _check_finetune(self) -> None:
+        """A ``finetune`` section and ``scoring.train_rows`` fit the other sections."""
+        if self.scoring.train_rows == "train_time" and self.finetune is None:
+            raise SpecValueError("scoring.train_rows", "is `train_time`, which reads the gradients the "
+                                                       "`finetune` asset records: add a `finetune` section "
+                                                       "(or use `post_hoc`).")
+        if self.finetune is None:
+            return
+        if self.gradients.token_rows:
+            raise SpecValueError("gradients.per_token", "must be `none` with `finetune`: train-time rows "
+                                                        "are per document.")
+        if self.model.adapter or self.model.model_kwargs.get("quantization_config") is not None:
+            raise SpecValueError("finetune", "trains the whole model; adapters and quantized bases are "
+                                             "not fine-tuned by the pipeline yet (use "
+                                             "engine.training.AttributionCallback with your own Trainer).")
+        if self.gradients.normalizer == "adam" and self.finetune.optimizer == "adafactor":
+            raise SpecValueError("gradients.normalizer", "is `adam`, which needs Adam's `exp_avg_sq`, but "
+                                                         "`finetune.optimizer` is `adafactor`: use the "
+                                                         "`adafactor` normalizer or the `adamw` optimizer.")
+        if self.scoring.train_rows == "train_time" and self.scoring.mode != "stored":
+            raise SpecValueError("scoring.mode", "must be `stored` with `train_rows: train_time` (the rows "
+                                                 "were recorded during training and cannot be recomputed).")
 
     @property
     def is_demo(self) -> bool:
@@ -506,10 +609,10 @@ def _jsonable(value: Any) -> Any:
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,
-    "evaluation": EvaluationSpec,
+    "evaluation": EvaluationSpec, "finetune": FinetuneSpec,
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
-              ("gradients", "optimizer_state")}
+              ("gradients", "optimizer_state"), ("model", "adapter")}
 
 
 def unknown_keys_message(unknown: list[str], valid: set[str], where: str) -> str:
@@ -567,7 +670,7 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if required not in raw:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
-    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation"):
+    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "finetune"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

@@ -35,6 +35,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         storage.ensure_writable()
         paths = storage.paths(spec)
         docs = corpus_io.corpus_documents(spec)
+        nan_skipped = data.drop_nan_advantages(docs, spec.corpus)
         shards = corpus_io.write_documents(paths.documents, docs, spec.shard_size)
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
         new = [s for s in shards if s not in existing]
@@ -49,9 +50,11 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata={"documents": len(docs), "duplicate_documents": duplicates, "shards": len(shards),
                       "new_shards": len(new), "shard_size": spec.shard_size, "path": path_metadata(paths.documents),
+                      **({"skipped_nan_rewards": nan_skipped} if spec.corpus.advantage_weighting != "none" else {}),
                       "seconds": timer.seconds,
                       "preview": dg.MetadataValue.md(_preview([d["text"] for d in docs]))},
-            data_version=dg.DataVersion(parts_digest(d["doc_id"] + d["content"] for d in docs)))
+            data_version=dg.DataVersion(parts_digest(d["doc_id"] + d["content"] + str(d.get("advantage", ""))
+                                                     for d in docs)))
 
     @dg.asset(key=key(spec, "query_set"), group_name=group, deps=[key(spec, "corpus")],
               code_version=code_version("queries-v1", spec, "queries", "demo"),
@@ -103,7 +106,8 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                 raise data.DataError(f"Every document of {shard} was empty or shorter than 2 tokens "
                                      f"({stats.skipped_empty} empty, {stats.skipped_short} short).")
             data.write_tokenized(paths.tokens(shard), rows, extra={"shard": [shard] * len(rows)})
-            versions[shard] = parts_digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}" for r in rows)
+            versions[shard] = parts_digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}"
+                                           + ("" if r.advantage is None else f":{r.advantage!r}") for r in rows)
             context.add_asset_metadata({**stats.as_metadata(), "path": path_metadata(paths.tokens(shard)),
                                         "seconds": timer.seconds, CONTENT_VERSION: versions[shard]},
                                        partition_key=shard)
@@ -176,7 +180,7 @@ def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
     def model(storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
-        loaded, _ = compute.load_model(spec, paths)
+        loaded, _ = compute.load_model(spec, paths, base=True)
         problem = max_length_problem(spec, position_limit(loaded.config.to_dict()))
         if problem:
             raise ValueError(problem)
@@ -195,4 +199,4 @@ def _preview(texts: list[str], n: int = 5) -> str:
 def pipeline_tokenizer(spec: PipelineSpec, storage: StorageResource):
     """The pipeline's tokenizer: the demo's trained one, else the model's."""
     paths = storage.paths(spec)
-    return load_tokenizer(spec.model, str(paths.tokenizer) if spec.is_demo else model_source(spec, paths))
+    return load_tokenizer(spec.model, str(paths.tokenizer) if spec.is_demo else model_source(spec, paths, base=True))

@@ -24,15 +24,20 @@ from attribution_assets.engine.gradients.collect import (
     reusable_store,
 )
 from attribution_assets.engine.gradients.collector import rows_hash
-from attribution_assets.engine.gradients.store import GradientStore
+from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.training.finetune import train_time_document_rows
 from attribution_assets.spec import PipelineSpec
 
 CHECKS = ("finite", "row_count", "settings")
 
 
 def model_fingerprint(spec: PipelineSpec, paths: PipelinePaths) -> str:
+    if spec.finetune is not None:  # gradients come from the fine-tuned model
+        if not paths.finetune_record.exists():
+            raise FileNotFoundError(f"{paths.finetune_record} does not exist; materialize {spec.name}/finetune first.")
+        return json.loads(paths.finetune_record.read_text())["fingerprint"]
     if not paths.model_record.exists():
         raise FileNotFoundError(f"{paths.model_record} does not exist; materialize {spec.name}/model first.")
     return json.loads(paths.model_record.read_text())["fingerprint"]
@@ -79,14 +84,17 @@ def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
 
 def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
     version = code_version("gradients-v1", spec, "gradients") + compute_version(compute)
+    train_time = spec.scoring.train_rows == "train_time"
+    model_deps = [key(spec, "model")] + ([key(spec, "finetune")] if spec.finetune is not None else [])
     assets = []
 
     if spec.scoring.mode == "stored":
         train_key = key(spec, "train_gradients")
 
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
-                  deps=[key(spec, "tokenized_shards"), key(spec, "model")],
-                  code_version=version, pool="gpu", check_specs=_check_specs(train_key),
+                  deps=[key(spec, "tokenized_shards"), *model_deps],
+                  code_version=version + ("-train-time" if train_time else ""), pool="gpu",
+                  check_specs=_check_specs(train_key),
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
@@ -102,10 +110,21 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
                 out = paths.train_gradients(shard)
-                store = None if force else reusable_store(out, docs, fingerprint, spec.gradients, version)
-                if store is None:
+                weighting = spec.corpus.advantage_weighting
+                store = None if force or train_time else reusable_store(
+                    out, docs, fingerprint, spec.gradients, version, weighting)
+                if train_time:  # the rows the fine-tuning run recorded, summed per document
+                    array, info = train_time_document_rows(
+                        [GradientStore(paths.train_time_gradients(s)) for s in paths.train_time_shards()],
+                        [d.doc_id for d in docs])
+                    store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
+                                        model_fingerprint=fingerprint, dtype=spec.gradients.dtype)
+                    meta = {"rows": store.rows, "dims": store.dims, "train_time": True,
+                            "untrained_documents": int((~array.any(axis=1)).sum())}
+                elif store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
-                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version)
+                    store, stats = collect_shard(collector, docs, out, fingerprint, producer=version,
+                                                 weighting=weighting)
                     meta = stats.as_metadata()
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
@@ -133,7 +152,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
     if spec.queries is not None:
         query_key = key(spec, "query_gradients")
 
-        @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), key(spec, "model")],
+        @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), *model_deps],
                   code_version=version, pool="gpu",
                   check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")

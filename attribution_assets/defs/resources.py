@@ -66,8 +66,9 @@ class ComputeResource(dg.ConfigurableResource):
         self._restore.clear()
 
     def cast(self, model):
-        """Cast ``model`` to ``precision`` (no-op for ``auto``)."""
-        if self.precision == "auto":
+        """Cast ``model`` to ``precision`` (no-op for ``auto`` and for quantized models, whose
+        weights keep the dtypes they were loaded with)."""
+        if self.precision == "auto" or models.is_quantized(model):
             return model
         if self.precision not in models.DTYPES:
             raise ValueError(f"Unknown precision {self.precision!r}; choose auto or one of {sorted(models.DTYPES)}.")
@@ -80,9 +81,10 @@ class ComputeResource(dg.ConfigurableResource):
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         return models.resolve_device(self.device)
 
-    def load_model(self, spec: PipelineSpec, paths: PipelinePaths):
-        """``(model, tokenizer)`` of the pipeline on this resource's device and precision."""
-        model, tokenizer = models.load_pipeline_model(spec, paths, self.torch_device())
+    def load_model(self, spec: PipelineSpec, paths: PipelinePaths, base: bool = False):
+        """``(model, tokenizer)`` of the pipeline on this resource's device and precision
+        (``base``: the model a ``finetune`` section starts from)."""
+        model, tokenizer = models.load_pipeline_model(spec, paths, self.torch_device(), base=base)
         return self.cast(model), tokenizer
 
 

@@ -59,6 +59,20 @@ STAGES: tuple[Stage, ...] = (
     Stage("scores", ("scores",), True),
     Stage("database", ("attribution_db",), False),
 )
+# With a `finetune` section, the model that gradients come from is trained on the tokenized
+# corpus first: query gradients wait for it and tokens get a stage of their own.
+FINETUNE_STAGES: tuple[Stage, ...] = (
+    Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
+    Stage("tokens", ("tokenized_shards",), True),
+    Stage("finetune", ("finetune", "query_gradients"), False),
+    Stage("shards", ("train_gradients",), True),
+    *STAGES[2:],
+)
+
+
+def pipeline_stages(spec: PipelineSpec) -> tuple[Stage, ...]:
+    """The stages of ``spec``, in order."""
+    return FINETUNE_STAGES if spec.finetune is not None else STAGES
 
 
 def job_name(spec: PipelineSpec, stage: Stage) -> str:
@@ -68,7 +82,7 @@ def job_name(spec: PipelineSpec, stage: Stage) -> str:
 def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey]) -> list:
     """One asset job per stage that has assets in this pipeline (named ``<pipeline>_<stage>``)."""
     jobs = []
-    for stage in STAGES:
+    for stage in pipeline_stages(spec):
         keys = [key(spec, n) for n in stage.assets if key(spec, n) in present]
         if keys:
             jobs.append(dg.define_asset_job(job_name(spec, stage), selection=keys,
@@ -235,7 +249,7 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
 
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
-                         stages: Sequence[Stage] = STAGES, log: Callable[[str], None] = print,
+                         stages: Sequence[Stage] | None = None, log: Callable[[str], None] = print,
                          log_level: str = "INFO", force: bool = False, slot_timeout: float = 0.0) -> list:
     """Run what each stage needs (everything with ``force``); raise if a run fails.
 
@@ -247,7 +261,7 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
     if force:
         base_tags[FORCE_TAG] = "true"
     results = []
-    for stage in stages:
+    for stage in pipeline_stages(spec) if stages is None else stages:
         plan = plan_stage(defs, spec, instance, stage, force)
         if not plan.keys:
             if any(key(spec, n) in defs.resolve_asset_graph().get_all_asset_keys() for n in stage.assets):

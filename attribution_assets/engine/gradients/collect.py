@@ -25,6 +25,7 @@ from attribution_assets.engine.gradients.store import (
     document_rows,
     write_store,
 )
+from attribution_assets.engine.io.advantages import sequence_weights
 from attribution_assets.engine.io.data import TokenizedDoc, read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.runtime import peak_rss_mb
@@ -37,6 +38,8 @@ def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> s
         return None
     if spec.gradients.optimizer_state:
         return spec.gradients.optimizer_state
+    if spec.finetune is not None and paths is not None:  # the fine-tuning run's final state
+        return str(paths.finetuned_optimizer)
     if spec.is_demo and paths is not None and (paths.model / "optimizer.pt").exists():
         return str(paths.model / "optimizer.pt")
     raise ValueError(f"Pipeline {spec.name!r} uses the {spec.gradients.normalizer!r} normalizer but has no "
@@ -73,12 +76,41 @@ class CollectStats:
         return meta
 
 
-def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple[np.ndarray, dict, CollectStats]:
-    """Gradient rows of ``docs``: ``(array [rows, dims] float32, info, stats)``."""
+def doc_weights(docs: Sequence[TokenizedDoc], weighting: str) -> np.ndarray | None:
+    """Each document's sequence weight ``w_b`` under ``corpus.advantage_weighting``
+    (``engine.io.advantages``); None for ``none``."""
+    if weighting == "none":
+        return None
+    missing = [d.doc_id for d in docs if d.advantage is None]
+    if missing:
+        raise ValueError(f"advantage_weighting is {weighting!r} but {len(missing)} tokenized documents "
+                         f"carry no advantage (e.g. {missing[:3]}); rematerialize `corpus` and "
+                         "`tokenized_shards`.")
+    return sequence_weights([d.advantage for d in docs], [d.targets for d in docs], weighting)
+
+
+def weight_rows(array: np.ndarray, info: dict, weights: np.ndarray) -> None:
+    """Scale each document's rows (its one row, or its per-token rows) by ``weights`` in place."""
+    if info.get("per_token"):
+        counts = np.diff(np.asarray(info["token_offsets"], dtype=np.int64))
+        array *= np.repeat(weights, counts).astype(np.float32)[:, None]
+    else:
+        array *= weights.astype(np.float32)[:, None]
+
+
+def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc],
+            weighting: str = "none") -> tuple[np.ndarray, dict, CollectStats]:
+    """Gradient rows of ``docs``: ``(array [rows, dims] float32, info, stats)``; with an advantage
+    ``weighting`` (``grpo`` / ``dr_grpo``) each document's rows are times its sequence weight and
+    ``info`` records ``advantage_weighting`` and ``sequence_weights``."""
     if collector.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(collector.device)
     start = time.perf_counter()
+    weights = doc_weights(docs, weighting)
     array, info = collector.collect([(d.input_ids, d.loss_mask) for d in docs])
+    if weights is not None:
+        weight_rows(array, info, weights)
+        info["advantage_weighting"], info["sequence_weights"] = weighting, weights.tolist()
     seconds = time.perf_counter() - start
     device_mb = (torch.cuda.max_memory_allocated(collector.device) / 2**20
                  if collector.device.type == "cuda" else None)
@@ -88,10 +120,11 @@ def collect(collector: GradientCollector, docs: Sequence[TokenizedDoc]) -> tuple
 
 
 def collect_shard(collector: GradientCollector, docs: Sequence[TokenizedDoc], out: Path,
-                  model_fingerprint: str, producer: str = "") -> tuple[GradientStore, CollectStats]:
+                  model_fingerprint: str, producer: str = "",
+                  weighting: str = "none") -> tuple[GradientStore, CollectStats]:
     """Collect ``docs`` and write a gradient store at ``out`` (atomically); ``producer`` names
     the code that wrote it (recorded in ``info.json``, see :func:`reusable_store`)."""
-    array, info, stats = collect(collector, docs)
+    array, info, stats = collect(collector, docs, weighting)
     info["producer"] = producer
     store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
                         model_fingerprint=model_fingerprint, dtype=collector.gradients.dtype)
@@ -99,7 +132,7 @@ def collect_shard(collector: GradientCollector, docs: Sequence[TokenizedDoc], ou
 
 
 def reusable_store(path: Path, docs: Sequence[TokenizedDoc], model_fingerprint: str,
-                   gradients: GradientSpec, producer: str) -> GradientStore | None:
+                   gradients: GradientSpec, producer: str, weighting: str = "none") -> GradientStore | None:
     """The complete store at ``path`` when it holds exactly these documents' rows from the same
     model, settings and producing code (e.g. written by a run that was killed before it could
     record it), else None. Stores are written atomically, so one that opens is complete."""
@@ -111,6 +144,8 @@ def reusable_store(path: Path, docs: Sequence[TokenizedDoc], model_fingerprint: 
     same = (info.get("producer") == producer and info.get("model_fingerprint") == model_fingerprint
             and store.doc_ids == [d.doc_id for d in docs]
             and info.get("config_hash") == rows_hash(gradients, info.get("normalizer")))
+    weights = doc_weights(docs, weighting)
+    same = same and info.get("sequence_weights") == (None if weights is None else weights.tolist())
     return store if same else None
 
 
@@ -141,7 +176,7 @@ def training_rows(spec: PipelineSpec, paths: PipelinePaths, shards: Sequence[str
         for shard in shards:
             made = made or collector()
             docs = read_tokenized(paths.tokens(shard))
-            array, info, _ = collect(made, docs)
+            array, info, _ = collect(made, docs, spec.corpus.advantage_weighting)
             yield ShardRows(shard, array, info, [d.doc_id for d in docs])
         return
     first = reference

@@ -49,6 +49,7 @@ from attribution_assets.engine.gradients.batching import (
     validate_documents,
 )
 from attribution_assets.engine.gradients.heads import Block, module_blocks
+from attribution_assets.engine.gradients.loss import token_nll
 from attribution_assets.engine.gradients.projection import Projector
 from attribution_assets.engine.io.digests import json_digest
 from attribution_assets.spec import GradientSpec
@@ -122,6 +123,13 @@ def select_modules(
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
+        if _quantized(mod):
+            raise ValueError(
+                f"module {name!r} has quantized weights ({type(mod).__name__}, "
+                f"{type(mod.weight).__name__} {mod.weight.dtype}): their gradient is not defined. "
+                "Take gradients of a PEFT adapter on top (`model.adapter` with `gradients.include: "
+                "['*lora_A*', '*lora_B*']`) or of unquantized modules (add the module to "
+                "`gradients.exclude`)")
         transposed = not isinstance(mod, nn.Linear)
         inp, out = mod.weight.shape if transposed else mod.weight.shape[::-1]
         specs.append(
@@ -143,6 +151,14 @@ def select_modules(
     return specs
 
 
+def _quantized(module: nn.Module) -> bool:
+    """bitsandbytes 4-/8-bit linears (subclasses of ``nn.Linear``) and integer-stored weights."""
+    weight = getattr(module, "weight", None)
+    return weight is not None and (not weight.dtype.is_floating_point \
+        or type(weight).__name__ in ("Params4bit", "Int8Params") \
+        or type(module).__module__.split(".")[0] == "bitsandbytes")
+
+
 def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_t g_t a_tᵀ``: ``[B, O, I]`` from ``g [B, T, O]`` and ``a [B, T, I]`` (a broadcast
     product for single-position units: a batched matmul of inner size 1 is ~15x slower)."""
@@ -152,8 +168,9 @@ def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    # every position's logits, contiguous (no slice copy); the last one's target is a dummy
+    targets = torch.roll(batch.input_ids, -1, dims=1)
+    nll = token_nll(logits.flatten(0, 1), targets.flatten()).view(targets.shape)[:, :-1]
     return torch.where(batch.loss_mask[:, 1:].bool(), nll, torch.zeros_like(nll))
 
 
@@ -164,6 +181,8 @@ class GradientCollector:
     ``device``: where batches go (default: the model's device). ``autocast``: a dtype
     (``torch.bfloat16`` / ``torch.float16``) to run the forward pass in under
     ``torch.autocast`` with the weights as they are (None: off). Products are float32.
+    ``live_normalizer``: the normalizer is bound later, per optimizer step
+    (:meth:`bind_normalizer`), so none is needed now.
     """
 
     def __init__(
@@ -173,6 +192,7 @@ class GradientCollector:
         normalizer=None,
         device: torch.device | str | None = None,
         autocast: torch.dtype | None = None,
+        live_normalizer: bool = False,
     ):
         self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
@@ -181,7 +201,7 @@ class GradientCollector:
                 f"gradients.normalizer={cfg.normalizer!r} but a {normalizer.kind!r} "
                 "normalizer was passed"
             )
-        if normalizer is None and cfg.normalizer != "none":
+        if normalizer is None and cfg.normalizer != "none" and not live_normalizer:
             raise ValueError(
                 f"gradients.normalizer={cfg.normalizer!r} needs optimizer state: pass "
                 "normalizer=make_normalizer(kind, optimizer_or_checkpoint, model)"
@@ -192,6 +212,7 @@ class GradientCollector:
         )
         self.projector = Projector(cfg.projection_dim, cfg.projection_kind, cfg.seed, self.device)
         self.specs = select_modules(model, cfg.include, cfg.exclude, cfg.include_bias)
+        self._spec_by_name = {s.name: s for s in self.specs}
         blocks = module_blocks(
             model, [(s.name, s.out_features, s.in_features, s.has_bias) for s in self.specs], cfg.split
         )
@@ -230,7 +251,7 @@ class GradientCollector:
         """Eval mode, frozen parameters, and hooks recording ``(a, output)`` per call."""
         model = self.model
         was_training = model.training
-        flags = [(p, p.requires_grad) for p in model.parameters()]
+        flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
         handles = []
 
         def pre_hook(module, args):
@@ -330,18 +351,47 @@ class GradientCollector:
         """All modules' rows ``[n, dims]``. ``pick`` maps each recorded ``[B, T, .]`` tensor
         to the ``[n, T', .]`` units that become rows (``None``: the batch's documents);
         ``valid [n, T', 1]`` marks the positions that count."""
-        blocks, k = [], 0
+        calls, k = {}, 0
         for s in self.specs:
-            block = None
+            calls[s.name] = []
             for recorded, _ in self._records[s.name]:
                 a, g = (recorded, grads[k]) if pick is None else (pick(recorded), pick(grads[k]))
-                part = self._module_rows(s, a.float(), g.float(), valid)
-                block = part if block is None else block + part
+                calls[s.name].append((a, g))
                 k += 1
-            if block is None:
-                block = torch.zeros(valid.shape[0], s.stop - s.start, device=self.device)
-            blocks.append(block)
-        return torch.cat(blocks, dim=1)
+        return self.hook_rows(calls, valid)
+
+    def hook_rows(self, calls: dict[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                  valid: torch.Tensor) -> torch.Tensor:
+        """Rows ``[n, dims]`` (float32) from each hooked module's calls ``(a [n, T, I], g [n, T, O])``
+        (input activations and output gradients, summed over calls), ``valid [n, T, 1]`` marking
+        the positions that count: the same projection and normalization as :meth:`collect`, for
+        hooks run elsewhere (e.g. ``engine.training.callback`` during a Trainer's backward)."""
+        blocks: dict[str, torch.Tensor] = {}
+        for name, pairs in calls.items():
+            for a, g in pairs:
+                part = self.module_rows(name, a, g, valid)
+                blocks[name] = part if name not in blocks else blocks[name] + part
+        return self.assemble(blocks, valid.shape[0])
+
+    def module_rows(self, name: str, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One call of hooked module ``name``: its columns ``[n, stop - start]`` (float32)."""
+        return self._module_rows(self._spec_by_name[name], a.float(), g.float(), valid)
+
+    def assemble(self, blocks: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """Rows ``[n, dims]`` from per-module blocks (:meth:`module_rows`, summed over calls);
+        a module without a block gets zeros."""
+        return torch.cat([blocks[s.name] if s.name in blocks
+                          else torch.zeros(n, s.stop - s.start, device=self.device) for s in self.specs], dim=1)
+
+    def bind_normalizer(self, normalizer) -> None:
+        """Normalize with ``normalizer`` from now on (e.g. a live optimizer's state of the current
+        step); its kind must be ``gradients.normalizer``."""
+        if normalizer is None or normalizer.kind != self.gradients.normalizer:
+            kind = normalizer.kind if normalizer is not None else None
+            raise ValueError(f"gradients.normalizer={self.gradients.normalizer!r} but a {kind!r} "
+                             "normalizer was passed")
+        normalizer.bind(self.specs, self.device)
+        self.normalizer = normalizer
 
     @contextmanager
     def trace(self):

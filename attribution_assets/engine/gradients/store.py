@@ -19,6 +19,11 @@
     model_fingerprint str
     config_hash       str
     producer          str, the code version that wrote it ("" when written outside a pipeline)
+    training          {steps: [int], epochs: [float]}, one entry per row: the optimizer step and
+                      epoch of train-time rows (engine/training/callback.py); absent post hoc
+    advantage_weighting "grpo" | "dr_grpo", with sequence_weights [float] per document: each
+                      document's rows are times its weight (engine/io/advantages.py); absent
+                      without advantage weighting
 
 Writes are atomic: a temporary sibling directory is filled, then renamed onto
 the final path (an existing shard is moved aside first and removed after).
@@ -119,6 +124,9 @@ def write_store(
         "config_hash": info.get("config_hash", ""),
         "producer": info.get("producer", ""),
     }
+    for optional in ("training", "advantage_weighting", "sequence_weights"):
+        if info.get(optional) is not None:
+            meta[optional] = info[optional]
     with atomic_dir(path) as tmp:
         _write_array(tmp / ARRAY_FILE, array, modules, dtype)
         (tmp / INFO_FILE).write_text(json.dumps(meta, indent=1))

@@ -58,6 +58,8 @@ def write_documents(path: Path, docs: list[dict[str, Any]], shard_size: int) -> 
         "doc_id": [d["doc_id"] for d in docs], "source_row": [d["source_row"] for d in docs],
         "shard": shards, "content": [d["content"] for d in docs], "text": [d["text"] for d in docs],
     }, schema_overrides={"source_row": pl.Int64})
+    if any("advantage" in d for d in docs):
+        frame = frame.with_columns(advantage=pl.Series([d.get("advantage") for d in docs], dtype=pl.Float64))
     with atomic_file(path) as tmp:
         frame.write_parquet(tmp)
     return sorted(set(shards))

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from attribution_assets.engine.io import advantages
 from attribution_assets.engine.io.digests import text_id
 from attribution_assets.spec import DataSpec
 
@@ -44,6 +47,7 @@ class TokenizedDoc:
     loss_mask: list[int]
     text: str
     source_id: str = ""
+    advantage: float | None = None  # GRPO / Dr. GRPO (engine.io.advantages); None without
 
     def __post_init__(self) -> None:
         self.source_id = self.source_id or self.doc_id
@@ -175,7 +179,8 @@ def load_records(spec: DataSpec):
             raise DataError(f"Could not read {path} as {builder}: {type(exc).__name__}: {exc}") from None
     if len(ds) == 0:
         raise DataError(f"Dataset {spec.path} is empty (0 rows); point `path:` at data with documents.")
-    needed = [c for c in (spec.id_column, spec.gold_column) if c]
+    needed = [c for c in (spec.id_column, spec.gold_column, spec.reward_column, spec.advantage_column,
+                          spec.group_column) if c]
     if spec.mode == "text":
         needed.append(spec.text_column)
     elif spec.mode == "prompt_completion":
@@ -211,8 +216,12 @@ def display_text(content: dict[str, Any]) -> str:
 
 def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec) -> list[dict[str, Any]]:
     """Rows ``{doc_id, content (JSON str), text, gold_doc_ids?}`` with stable ids."""
-    docs, seen = [], {}
+    docs, seen, values, groups = [], {}, [], []
+    source = spec.reward_column or spec.advantage_column
     for row, record in enumerate(records):
+        if source:  # GRPO / Dr. GRPO: NaN where the cell is missing or not a finite number
+            values.append(float(record[source]) if advantages.finite(record[source]) else float("nan"))
+            groups.append(str(record[spec.group_column]) if spec.group_column else "")
         content = content_of(record, spec)
         encoded = json.dumps(content, sort_keys=True, ensure_ascii=False)
         if spec.id_column:
@@ -231,7 +240,26 @@ def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec) -> list[d
             gold = record[spec.gold_column]
             doc["gold_doc_ids"] = [str(g) for g in (gold if isinstance(gold, list) else [gold]) if g is not None]
         docs.append(doc)
+    if source:
+        adv = (advantages.group_advantages(values, groups, spec.advantage_weighting)
+               if spec.reward_column else values)
+        for doc, a in zip(docs, adv):
+            doc["advantage"] = float(a)
     return docs
+
+
+def drop_nan_advantages(docs: list[dict[str, Any]], spec: DataSpec) -> int:
+    """Remove (in place) documents whose reward/advantage is missing or not finite and return how
+    many (``nan_rewards: skip``), or raise naming them (``error``)."""
+    bad = [i for i, d in enumerate(docs) if "advantage" in d and not np.isfinite(d["advantage"])]
+    if bad and spec.nan_rewards == "error":
+        column = spec.reward_column or spec.advantage_column
+        raise DataError(f"{len(bad)} document(s) have no finite value in `{column}` (source rows "
+                        f"{[docs[i]['source_row'] for i in bad[:5]]}); fix the data or set "
+                        "`nan_rewards: skip` to drop them.")
+    for i in reversed(bad):
+        del docs[i]
+    return len(bad)
 
 
 def _assistant_spans(messages: list[dict[str, Any]], tokenizer) -> tuple[str, list[tuple[int, int]]]:
@@ -304,7 +332,7 @@ def tokenize_documents(docs: Iterable[dict[str, Any]], tokenizer, spec: DataSpec
                 continue
             text = doc["text"] if len(pieces) == 1 else tokenizer.decode(piece_ids)
             out.append(TokenizedDoc(doc_id, list(map(int, piece_ids)), list(map(int, piece_mask)), text,
-                                    doc["doc_id"]))
+                                    doc["doc_id"], doc.get("advantage")))
             stats.rows += 1
             stats.tokens += len(piece_ids)
             stats.target_tokens += sum(piece_mask)
@@ -346,6 +374,8 @@ def write_tokenized(path: Path, docs: list[TokenizedDoc], extra: dict[str, list]
         "input_ids": pl.Series([d.input_ids for d in docs], dtype=pl.List(pl.Int32)),
         "loss_mask": pl.Series([d.loss_mask for d in docs], dtype=pl.List(pl.Int8)),
         "length": pl.Series([len(d.input_ids) for d in docs], dtype=pl.Int32),
+        **({"advantage": pl.Series([d.advantage for d in docs], dtype=pl.Float64)}
+           if any(d.advantage is not None for d in docs) else {}),
         **(extra or {}),
     }, schema_overrides={"doc_id": pl.String, "source_doc_id": pl.String, "text": pl.String})
     with atomic_file(path) as tmp:
@@ -358,6 +388,9 @@ def read_tokenized(path: Path) -> list[TokenizedDoc]:
     frame = pl.read_parquet(path)
     if "source_doc_id" not in frame.columns:  # written before chunks recorded their source
         frame = frame.with_columns(source_doc_id=pl.col("doc_id"))
-    return [TokenizedDoc(r["doc_id"], r["input_ids"], r["loss_mask"], r["text"], r["source_doc_id"])
-            for r in frame.select("doc_id", "input_ids", "loss_mask", "text", "source_doc_id")
+    if "advantage" not in frame.columns:
+        frame = frame.with_columns(advantage=pl.lit(None, dtype=pl.Float64))
+    return [TokenizedDoc(r["doc_id"], r["input_ids"], r["loss_mask"], r["text"], r["source_doc_id"],
+                         r["advantage"])
+            for r in frame.select("doc_id", "input_ids", "loss_mask", "text", "source_doc_id", "advantage")
             .iter_rows(named=True)]

@@ -34,8 +34,11 @@ def _check_source(name_or_path: str) -> None:
             "saved with `save_pretrained` (config.json + weights) or at a hub id such as 'EleutherAI/pythia-70m'.")
 
 
-def model_source(spec: PipelineSpec, paths: PipelinePaths) -> str:
-    """Where a pipeline's model loads from: its ``model.name_or_path``, or the demo's trained model."""
+def model_source(spec: PipelineSpec, paths: PipelinePaths, base: bool = False) -> str:
+    """Where a pipeline's model loads from: its ``model.name_or_path``, or the demo's trained model;
+    with a ``finetune`` section the fine-tuned model, unless ``base`` (what fine-tuning starts from)."""
+    if spec.finetune is not None and not base:
+        return str(paths.finetuned_model)
     return str(paths.model) if spec.is_demo else str(spec.model.name_or_path)
 
 
@@ -80,15 +83,56 @@ def load_model(model: ModelSpec, device: str | torch.device = "cpu", source: str
         raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}.")
     kwargs = {"revision": model.revision, "trust_remote_code": model.trust_remote_code,
               "dtype": DTYPES[dtype], **model.model_kwargs}
+    if isinstance(kwargs.get("quantization_config"), dict):  # from YAML: bitsandbytes unless named
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        kwargs["quantization_config"] = AutoQuantizationConfig.from_dict(
+            {"quant_method": "bitsandbytes", **kwargs["quantization_config"]})
+    quantized = kwargs.get("quantization_config") is not None or kwargs.get("load_in_4bit") \
+        or kwargs.get("load_in_8bit")
+    if quantized:  # placed by from_pretrained: quantized weights must never be moved with .to()
+        kwargs.setdefault("device_map", {"": str(torch.device(device))})
     try:
         loaded = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"Could not load a causal LM from {name_or_path!r}: {type(exc).__name__}: {exc}") from None
-    return loaded.to(device).eval()
+        hint = (" (bitsandbytes quantization needs `pip install bitsandbytes` and, for most of its "
+                "kernels, a CUDA device; use an unquantized model on this machine)") if quantized else ""
+        raise ModelLoadError(f"Could not load a causal LM from {name_or_path!r}: {type(exc).__name__}: "
+                             f"{exc}{hint}") from None
+    if not is_quantized(loaded):
+        loaded = loaded.to(device)
+    if model.adapter:
+        loaded = _with_adapter(loaded, model.adapter)
+    return loaded.eval()
+
+
+def is_quantized(model) -> bool:
+    """Whether ``model`` holds quantized (bitsandbytes, GPTQ, ...) weights placed at load time."""
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "hf_quantizer", None)
+                or getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _with_adapter(base, adapter: str):
+    """``base`` with the PEFT adapter at ``adapter`` (its weights on the base model's device)."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise ModelLoadError(f"`model.adapter` names a PEFT adapter ({adapter}) but peft is not installed: "
+                             "pip install 'attribution-assets[training]' (or pip install peft).") from None
+    _check_source(adapter)
+    if not (Path(os.path.expanduser(adapter)) / "adapter_config.json").is_file():
+        raise ModelLoadError(f"Adapter directory {adapter} has no adapter_config.json; point "
+                             "`model.adapter` at a directory written by PeftModel.save_pretrained.")
+    try:
+        return PeftModel.from_pretrained(base, adapter)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"Could not load the PEFT adapter {adapter!r} onto the base model: "
+                             f"{type(exc).__name__}: {exc}") from None
 
 
 def load_pipeline_model(spec: PipelineSpec, paths: PipelinePaths, device: str | torch.device = "cpu",
-                        dtype: str | None = None):
-    """``(model, tokenizer)`` of a pipeline: the one way every caller loads a pipeline's model."""
-    source = model_source(spec, paths)
+                        dtype: str | None = None, base: bool = False):
+    """``(model, tokenizer)`` of a pipeline: the one way every caller loads a pipeline's model
+    (``base``: the model fine-tuning starts from, see :func:`model_source`)."""
+    source = model_source(spec, paths, base)
     return load_model(spec.model, device, source, dtype), load_tokenizer(spec.model, source)

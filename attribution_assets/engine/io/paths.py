@@ -81,6 +81,35 @@ class PipelinePaths:
     def query_gradients(self) -> Path:
         return self.root / "query_gradients"
 
+    # fine-tuning (opt-in): the fine-tuned model and the train-time gradient shards
+    @property
+    def finetuned_model(self) -> Path:
+        """``finetune/model``: ``save_pretrained`` output, tokenizer and ``optimizer.pt``."""
+        return self.root / "finetune" / "model"
+
+    @property
+    def finetuned_optimizer(self) -> Path:
+        """The fine-tuning optimizer's final state (``torch.optim`` state dict)."""
+        return self.finetuned_model / "optimizer.pt"
+
+    @property
+    def finetune_record(self) -> Path:
+        """``finetune/record.json``: fingerprint, steps, shards of the fine-tuning run."""
+        return self.root / "finetune" / "record.json"
+
+    @property
+    def train_time_root(self) -> Path:
+        return self.root / "finetune" / "gradients"
+
+    def train_time_gradients(self, shard: str) -> Path:
+        """A train-time gradient store (``steps_<first>-<last>``, ``engine.training.callback``)."""
+        return self.train_time_root / shard
+
+    def train_time_shards(self) -> list[str]:
+        """Train-time gradient stores that exist, in step order."""
+        base = self.train_time_root
+        return sorted(p.name for p in base.glob("steps_*") if p.is_dir()) if base.is_dir() else []
+
     # preconditioning and search
     @property
     def autocorrelation(self) -> Path:

@@ -1,0 +1,73 @@
+"""GRPO / Dr. GRPO advantages and per-sequence loss weights (``DataSpec.advantage_weighting``).
+
+- Advantages: ``advantage_column`` gives them as they are; ``reward_column`` (+ ``group_column``:
+  the prompt group each completion belongs to; without it the whole corpus is one group) turns
+  rewards ``r`` into group-normalized advantages: GRPO ``(r - mean_g) / (std_g + 1e-4)`` (``std``
+  with ``ddof=1``, 0 for a group of one; as TRL's ``GRPOTrainer``) and Dr. GRPO ``r - mean_g``
+  (Liu et al. 2025 drop the std division). Non-finite rewards (or advantages) take no part in
+  their group's statistics and get a NaN advantage: ``nan_rewards: skip`` drops those documents
+  (the corpus asset counts them), ``error`` refuses the corpus.
+- Sequence weight ``w_b`` of a document with advantage ``A_b`` and ``n_b`` target tokens:
+  ``A_b / n_b`` for ``grpo`` (each sequence's loss divided by its length), ``A_b`` for
+  ``dr_grpo``, 1 for ``none``. Training minimizes ``sum_b w_b S_b`` (``S_b``: the summed token
+  loss, i.e. ``-A log p`` per token for policy gradients) and a document's gradient row is
+  ``w_b`` times the gradient of ``S_b``, so a higher score still means "training on this
+  document, weighted as the optimizer weighted it, lowers the query's loss" (a proponent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+GRPO_EPS = 1e-4
+
+
+class AdvantageError(ValueError):
+    """Rewards or advantages cannot be used as configured; the message names the fix."""
+
+
+def group_advantages(rewards: Sequence[float], groups: Sequence[str] | None, weighting: str) -> np.ndarray:
+    """Group-normalized advantages ``[n]`` (NaN where the reward is not finite)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    keys = list(groups) if groups is not None else ["" for _ in range(len(r))]
+    out = np.full(len(r), np.nan)
+    finite = np.isfinite(r)
+    for key in dict.fromkeys(keys):
+        members = np.array([k == key for k in keys]) & finite
+        values = r[members]
+        if not len(values):
+            continue
+        centered = values - values.mean()
+        if weighting == "dr_grpo":
+            out[members] = centered
+        else:
+            std = values.std(ddof=1) if len(values) > 1 else 0.0
+            out[members] = centered / (std + GRPO_EPS)
+    return out
+
+
+def sequence_weights(advantages: Sequence[float], target_counts: Sequence[int], weighting: str) -> np.ndarray:
+    """``w_b`` per sequence (see the module docstring); ``none`` gives ones."""
+    n = np.asarray(target_counts, dtype=np.float64)
+    if weighting == "none":
+        return np.ones(len(n))
+    a = np.asarray(advantages, dtype=np.float64)
+    if len(a) != len(n):
+        raise AdvantageError(f"{len(a)} advantages for {len(n)} sequences")
+    if not np.isfinite(a).all():
+        raise AdvantageError("a sequence has no finite advantage; drop it (`nan_rewards: skip`) first")
+    if weighting == "grpo":
+        if (n <= 0).any():
+            raise AdvantageError("a sequence has no target tokens, so GRPO cannot divide by its length")
+        return a / n
+    if weighting == "dr_grpo":
+        return a
+    raise AdvantageError(f"advantage_weighting must be none, grpo or dr_grpo, got {weighting!r}")
+
+
+def finite(value) -> bool:
+    """Whether a reward cell holds a finite number (None, strings and NaN do not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
