@@ -315,7 +315,7 @@ class GradientSpec:
     when projected.
     """
 
-    projection_dim: int = 16
+    projection_dim: int = 32
     projection_kind: str = "rademacher"
     seed: int = 0
     include: tuple[str, ...] = ("*",)
