@@ -120,6 +120,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        partition_key=partition, tags={PIPELINE_TAG: spec.name, STAGE_TAG: "evaluation"},
                        run_config={"loggers": {"console": {"config": {"log_level": _log_level(args)}}}})
 
+    if spec.magic.enabled:  # MAGIC's training run and every query batch it lacks, before fact tracing
+        from .defs.magic import magic_batches
+
+        if instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
+            run("magic_training")
+        done = instance.get_materialized_partitions(key(spec, "magic_scores"))
+        for batch in instance.get_dynamic_partitions(magic_batches(spec).name):
+            if batch not in done:
+                run("magic_scores", batch)
     run("fact_tracing")
     if args.lds:
         if key(spec, "lds") not in present:

@@ -350,18 +350,29 @@ class GradientSpec:
         return self.per_token != "none"
 
 
+PRECONDITIONERS = ("trackstar", "ekfac", "kfac", "none")
+KRONECKER_PRECONDITIONERS = ("ekfac", "kfac")
+
+
 @dataclass(frozen=True)
 class ScoringSpec:
-    """TrackStar-style scoring (``engine.preconditioning``, ``engine.scoring``).
+    """How queries score training documents (``engine.preconditioning``, ``engine.scoring``).
 
     ``metric``: ``cosine`` (TrackStar) or ``inner_product``; ``aggregate``: score each query
     (``individual``) or a query set as one (``nearest``, ``mean``, ``sum``);
-    ``precondition``: apply the autocorrelation preconditioner, ``damping`` times the mean
-    eigenvalue added per module, mixing ``lam R_query + (1 - lam) R_train`` with ``mixing``
-    ``auto`` | a number in [0, 1] | ``off``; ``mode``: ``stored`` training gradients or
-    ``streaming`` (recomputed, never stored); ``top_k``: scores kept per query and shard
-    (0 = all); ``breakdown``: also write each block's contribution to those scores, per
-    ``module`` or per ``head`` (needs ``gradients.split: head``), summing to the score.
+    ``preconditioner``: ``trackstar`` (the autocorrelation of the projected gradients, mixing
+    ``lam R_query + (1 - lam) R_train`` with ``mixing`` ``auto`` | a number in [0, 1] |
+    ``off``), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
+    ``preconditioning.kfac``, applied to the query side only; labels
+    ``kfac_labels``: ``sampled`` from the model, seeded by ``kfac_seed``, or the data's
+    ``true`` labels; ``kfac_space``: ``projected``, the curvature of the projected rows, or
+    ``full``, each full query gradient preconditioned, then projected) or ``none``;
+    ``damping`` times each module's mean eigenvalue is added
+    before inverting. ``precondition: false`` is the older spelling of ``preconditioner:
+    none``. ``mode``: ``stored`` training gradients or ``streaming`` (recomputed, never
+    stored); ``top_k``: scores kept per query and shard (0 = all); ``breakdown``: also write
+    each block's contribution to those scores, per ``module`` or per ``head`` (needs
+    ``gradients.split: head``), summing to the score.
     ``train_rows``: ``post_hoc`` (training gradients of the final model) or ``train_time``
     (each document's rows recorded by the ``finetune`` asset, summed over the steps that saw it).
     """
@@ -369,8 +380,12 @@ class ScoringSpec:
     metric: str = "cosine"
     aggregate: str = "individual"
     precondition: bool = True
+    preconditioner: str = "trackstar"
     damping: float = 0.1
     mixing: str | float = "auto"
+    kfac_labels: str = "sampled"
+    kfac_seed: int = 0
+    kfac_space: str = "projected"
     mode: str = "stored"
     top_k: int = 100
     breakdown: str = "none"
@@ -381,6 +396,14 @@ class ScoringSpec:
         _check_choice(self, "metric", ("cosine", "inner_product"))
         _check_choice(self, "aggregate", ("individual", "nearest", "mean", "sum"))
         _check_bool(self, "precondition")
+        _check_choice(self, "preconditioner", PRECONDITIONERS)
+        if not self.precondition:
+            if self.preconditioner in KRONECKER_PRECONDITIONERS:
+                raise SpecValueError("precondition", f"is false but `preconditioner` is "
+                                                     f"{self.preconditioner!r}; drop `precondition` "
+                                                     "(the older spelling) and set `preconditioner`.")
+            object.__setattr__(self, "preconditioner", "none")
+        object.__setattr__(self, "precondition", self.preconditioner != "none")
         _check_float(self, "damping", 0.0, note=" (relative to each module's mean eigenvalue)")
         if self.mixing is False:  # YAML 1.1 reads an unquoted `off` as false
             object.__setattr__(self, "mixing", "off")
@@ -389,9 +412,17 @@ class ScoringSpec:
                                                    and 0 <= self.mixing <= 1)):
             raise SpecValueError("mixing", f"must be `auto`, `off` or a number in [0, 1] (the weight "
                                            f"of the query autocorrelation), got {_describe(self.mixing)}.")
+        _check_choice(self, "kfac_labels", ("sampled", "true"))
+        _check_int(self, "kfac_seed", 0)
+        _check_choice(self, "kfac_space", ("projected", "full"))
         _check_choice(self, "mode", ("stored", "streaming"))
         _check_int(self, "top_k", 0, note=" (0 keeps every score)")
         _check_choice(self, "breakdown", SCORE_BREAKDOWNS)
+
+    @property
+    def kronecker(self) -> bool:
+        """Whether the preconditioner is EK-FAC or K-FAC (query side, before projection)."""
+        return self.preconditioner in KRONECKER_PRECONDITIONERS
 
 
 @dataclass(frozen=True)
@@ -480,6 +511,76 @@ class EvaluationSpec:
                                               f"score), got {_describe(self.lds_top_k)}.")
 
 
+MAGIC_OPTIMIZERS = ("adamw", "sgd")
+MAGIC_SCHEDULES = ("cosine", "linear", "constant")
+MAGIC_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class MagicSpec:
+    """MAGIC: exact metagradients of query losses through a deterministic training run
+    (``engine.magic``); opt-in, since it retrains the model.
+
+    The run: the demo model from its seeded init (other pipelines: from the pipeline model's
+    weights) on the pipeline's tokenized documents, no dropout, one seeded shuffle per epoch,
+    ``optimizer`` ``adamw`` (``beta1``, ``beta2``, ``eps``, decoupled ``weight_decay``) or
+    ``sgd`` (``momentum``, L2 ``weight_decay``), learning rate ``lr`` with ``warmup_steps``
+    linear warmup then ``schedule`` decay (``cosine`` or ``linear`` to 0, or ``constant``).
+    ``lr``, ``weight_decay``, ``warmup_steps``, ``batch_size``, ``epochs`` and ``seed`` left
+    null take the demo's values (:meth:`resolved`). A checkpoint every ``checkpoint_every``
+    steps bounds the reverse pass's memory to one segment; ``query_batch_size`` queries per
+    ``magic_scores`` partition; ``dtype`` of the run (float64 for exactness tests).
+    """
+
+    enabled: bool = False
+    optimizer: str = "adamw"
+    schedule: str = "cosine"
+    lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    seed: int | None = None
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    checkpoint_every: int = 50
+    query_batch_size: int = 8
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _check_bool(self, "enabled")
+        _check_choice(self, "optimizer", MAGIC_OPTIMIZERS)
+        _check_choice(self, "schedule", MAGIC_SCHEDULES)
+        _check_choice(self, "dtype", MAGIC_DTYPES)
+        if self.lr is not None:
+            _check_float(self, "lr", 0.0, low_open=True)
+        if self.weight_decay is not None:
+            _check_float(self, "weight_decay", 0.0)
+        for key in ("batch_size", "epochs"):
+            _check_int(self, key, 1, optional=True)
+        for key in ("warmup_steps", "seed"):
+            _check_int(self, key, 0, optional=True)
+        _check_float(self, "momentum", 0.0, 1.0, note=" (0 = plain SGD)")
+        for key in ("beta1", "beta2"):
+            _check_float(self, key, 0.0, 1.0)
+            if getattr(self, key) >= 1:
+                raise SpecValueError(key, f"must be below 1, got {getattr(self, key)!r}.")
+        _check_float(self, "eps", 0.0, low_open=True)
+        _check_int(self, "checkpoint_every", 1, note=" (steps per replay segment)")
+        _check_int(self, "query_batch_size", 1, note=" (queries per magic_scores partition)")
+
+    def resolved(self, demo: DemoSpec | None) -> MagicSpec:
+        """This spec with every null training setting taken from ``demo`` (or ``DemoSpec()``)."""
+        demo = demo or DemoSpec()
+        return dataclasses.replace(self, **{k: getattr(demo, k) for k in MAGIC_FROM_DEMO
+                                            if getattr(self, k) is None})
+
+
+MAGIC_FROM_DEMO = ("lr", "weight_decay", "warmup_steps", "batch_size", "epochs", "seed")
+
+
 FINETUNE_OPTIMIZERS = ("adamw", "adafactor")
 
 
@@ -532,6 +633,7 @@ class PipelineSpec:
     evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
     demo: DemoSpec | None = None
     schedule: str | None = None
+    magic: MagicSpec = field(default_factory=MagicSpec)
     finetune: FinetuneSpec | None = None
 
     def __post_init__(self):
@@ -542,6 +644,28 @@ class PipelineSpec:
             raise SpecValueError("scoring.breakdown", "is `head`, which needs per-head gradient blocks: "
                                                       "set `gradients.split: head` (or use `breakdown: "
                                                       "module`).")
+        if self.magic.enabled and self.queries is None:
+            raise SpecValueError("magic.enabled", "needs a `queries` section: MAGIC scores the "
+                                                  "training documents against each query.")
+        if self.scoring.kronecker:
+            kind = self.scoring.preconditioner
+            if self.gradients.normalizer != "none":
+                raise SpecValueError("gradients.normalizer", f"must be `none` with `scoring.preconditioner: "
+                                                             f"{kind}` (its curvature takes the place of the "
+                                                             "optimizer normalization), got "
+                                                             f"{self.gradients.normalizer!r}; set it to none "
+                                                             "or use `preconditioner: trackstar`.")
+            if self.gradients.include_bias:
+                raise SpecValueError("gradients.include_bias", f"must be false with `scoring.preconditioner: "
+                                                               f"{kind}` (it preconditions weight gradients "
+                                                               "only).")
+            if (self.gradients.split == "head" and self.scoring.kfac_space == "projected"
+                    and self.gradients.projection_dim):
+                raise SpecValueError("gradients.split", f"is `head`, but `scoring.preconditioner: {kind}` "
+                                                        "with `kfac_space: projected` has one curvature "
+                                                        "per whole module: set `scoring.kfac_space: full` "
+                                                        "(full gradients preconditioned, then split and "
+                                                        "projected) or `gradients.split: module`.")
 
     def _check_finetune(self) -> None:
         """A ``finetune`` section and ``scoring.train_rows`` fit the other sections."""
@@ -577,7 +701,7 @@ class PipelineSpec:
 
 def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec | None = None,
               scoring: ScoringSpec | None = None, evaluation: EvaluationSpec | None = None,
-              **demo_kwargs: Any) -> PipelineSpec:
+              magic: MagicSpec | None = None, **demo_kwargs: Any) -> PipelineSpec:
     """The embedded default pipeline: synthetic facts, a locally trained tokenizer and model.
 
     Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus, with each
@@ -595,6 +719,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
         scoring=scoring or ScoringSpec(top_k=0, breakdown="module"),
         evaluation=evaluation or EvaluationSpec(),
         demo=DemoSpec(people=people, **demo_kwargs),
+        magic=magic or MagicSpec(),
     )
 
 
@@ -606,10 +731,29 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def spec_to_json(spec: PipelineSpec) -> dict[str, Any]:
+    """The spec as plain JSON values (``spec_from_json`` rebuilds an equal spec), e.g. to
+    rebuild a pipeline's definitions in another process."""
+    return _jsonable(spec)
+
+
+def spec_from_json(raw: dict[str, Any]) -> PipelineSpec:
+    """The :class:`PipelineSpec` that :func:`spec_to_json` wrote (validated again)."""
+    sections = {**_SECTIONS, "demo": DemoSpec}
+
+    def build(cls, values):
+        types = {f.name: f.default for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) and isinstance(types.get(k), tuple) else v
+                      for k, v in values.items()})
+
+    return PipelineSpec(**{k: build(sections[k], v) if k in sections and v is not None else v
+                           for k, v in raw.items()})
+
+
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,
-    "evaluation": EvaluationSpec, "finetune": FinetuneSpec,
+    "evaluation": EvaluationSpec, "magic": MagicSpec, "finetune": FinetuneSpec,
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
               ("gradients", "optimizer_state"), ("model", "adapter")}
@@ -670,7 +814,8 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
         if required not in raw:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
-    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "finetune"):
+    for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "magic",
+                    "finetune"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

@@ -46,9 +46,10 @@ def save_tiny_model(path: Path, tokenizer, seed=0):
 TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64, "train_templates_per_relation": 3}
 
 
-def materialize_tiny_demo(root, gradients=None, **scoring):
+def materialize_tiny_demo(root, gradients=None, results=None, **scoring):
     """The demo pipeline at a tiny size, every asset materialized under ``root`` (``gradients``:
-    a ``GradientSpec``, default the demo's)."""
+    a ``GradientSpec`` in place of the demo's; ``results``: a list that receives each stage's
+    Dagster result)."""
     import dagster as dg
 
     from attribution_assets.defs.runner import materialize_pipeline
@@ -57,7 +58,9 @@ def materialize_tiny_demo(root, gradients=None, **scoring):
     spec = demo_spec(**TINY_DEMO, gradients=gradients, scoring=ScoringSpec(top_k=0, **scoring))
     defs = definitions_for([spec], root)
     instance = dg.DagsterInstance.ephemeral()
-    materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    stages = materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
+    if results is not None:
+        results.extend(stages)
     return spec, PipelinePaths.under(root, spec.name)
 
 

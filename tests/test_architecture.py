@@ -63,6 +63,8 @@ def test_only_the_paths_module_joins_asset_directories():
     names = {"corpus", "query_set", "tokenizer", "tokenized_shards", "tokenized_queries",
              "train_gradients", "query_gradients", "train_autocorrelation", "preconditioner",
              "faiss_index", "scores", "evaluation", "lds_retrain", "attribution.duckdb",
+             "kfac_covariance", "kfac_factors", "kfac_eigendecomposition", "ekfac_correction",
+             "ekfac_eigenvalues", "kfac_query_gradients",
              "documents.parquet", "queries.parquet", "tokens.parquet", "scores.parquet",
              "token_scores.parquet", "model.json"}
     owner = PACKAGE / "engine" / "io" / "paths.py"

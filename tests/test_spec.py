@@ -109,6 +109,9 @@ def _with(section, values):
     ("scoring", {"mixing": "banana"}, r"`scoring.mixing` must be `auto`, `off` or a number in \[0, 1\]"),
     ("scoring", {"mixing": 1.5}, r"`scoring.mixing` must be"),
     ("scoring", {"precondition": "yes"}, r"`scoring.precondition` must be true or false"),
+    ("scoring", {"preconditioner": "fisher"}, r"`scoring.preconditioner` is 'fisher' .*; choose one of"),
+    ("scoring", {"preconditioner": "ekfac", "precondition": False}, r"`scoring.precondition` is false but"),
+    ("scoring", {"kfac_labels": "model"}, r"`scoring.kfac_labels` is 'model' .*\['sampled', 'true'\]"),
     ("index", {"use_gpu": "maybe"}, r"`index.use_gpu` must be `auto`, true or false"),
     ("evaluation", {"lds_fraction": 0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\]"),
 ])
@@ -129,6 +132,41 @@ def test_unknown_pipeline_key_suggests_the_nearest(tmp_path):
     body["pipelines"][0]["shard_size"] = "10"
     with pytest.raises(PipelineSpecError, match=r"`shard_size` must be an integer >= 1"):
         load_pipeline_file(_write(tmp_path, body))
+
+
+def test_kronecker_preconditioners_refuse_optimizer_normalization_and_biases(tmp_path):
+    body = _with("scoring", {"preconditioner": "ekfac"})
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.scoring.kronecker and spec.gradients.normalizer == "none"
+    for gradients, message in [({"normalizer": "adafactor"}, r"`gradients.normalizer` must be `none` with "
+                                                             r"`scoring.preconditioner: ekfac`"),
+                               ({"include_bias": True}, r"`gradients.include_bias` must be false")]:
+        body["pipelines"][0]["gradients"] = gradients
+        with pytest.raises(PipelineSpecError, match=message):
+            load_pipeline_file(_write(tmp_path, body))
+
+
+def test_projected_kronecker_preconditioners_refuse_head_blocks(tmp_path):
+    body = _with("scoring", {"preconditioner": "kfac"})
+    body["pipelines"][0]["gradients"] = {"split": "head"}
+    with pytest.raises(PipelineSpecError, match=r"`gradients.split` is `head`, but `scoring.preconditioner: kfac` "
+                                                r"with `kfac_space: projected` .* set `scoring.kfac_space: full`"):
+        load_pipeline_file(_write(tmp_path, body))
+    body["pipelines"][0]["scoring"]["kfac_space"] = "full"
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.gradients.split == "head" and spec.scoring.kfac_space == "full"
+    body["pipelines"][0]["scoring"]["kfac_space"] = "projected"
+    body["pipelines"][0]["gradients"]["projection_dim"] = 0  # unprojected: the full space itself
+    (spec,) = load_pipeline_file(_write(tmp_path, body))
+    assert spec.gradients.projection_dim == 0
+
+
+def test_precondition_is_the_older_spelling_of_preconditioner_none():
+    from attribution_assets.spec import ScoringSpec
+
+    assert ScoringSpec(precondition=False) == ScoringSpec(preconditioner="none")
+    assert ScoringSpec().preconditioner == "trackstar" and ScoringSpec().precondition
+    assert ScoringSpec(preconditioner="kfac").kronecker and not ScoringSpec().kronecker
 
 
 def test_yaml_booleans_in_string_settings(tmp_path):

@@ -4,8 +4,10 @@
   spec sections they read are hashed into it) or an updated upstream partition.
 * ``tokenized_shards`` ignores re-materializations of ``corpus``: shards are
   append-only, so new data costs only the new shards' work.
-* Fan-in assets (``train_autocorrelation``) rebuild when missing, when their code
-  version changes, or from the pipeline's schedule / on demand, never once per new shard.
+* Fan-in assets (``train_autocorrelation``, ``kfac_factors``) rebuild when missing, when
+  their code version changes, or from the pipeline's schedule / on demand, never once per
+  new shard. A new K-FAC eigenbasis re-runs every shard's ``ekfac_correction``, then
+  ``ekfac_eigenvalues`` (which waits for the corrections, not for the eigenbasis).
 * The sensor watches a pipeline's corpus directory and re-materializes ``corpus`` when
   its files change; the conditions above then fill in the new shards.
 """
@@ -73,7 +75,9 @@ def rebuild_schedule(spec: PipelineSpec) -> dg.ScheduleDefinition | None:
     """Periodic rebuild of the fan-in assets (off until switched on in the UI)."""
     if spec.queries is None:
         return None
-    targets = [key(spec, "train_autocorrelation"), key(spec, "preconditioner")]
+    names = ("kfac_factors", "kfac_eigendecomposition") if spec.scoring.kronecker else \
+        ("train_autocorrelation", "preconditioner")  # EK-FAC's corrections follow by automation
+    targets = [key(spec, name) for name in names]
     if spec.index.enabled and spec.scoring.mode == "stored":
         targets.append(key(spec, "faiss_index"))
     return dg.ScheduleDefinition(name=f"{spec.name}_rebuild", cron_schedule=spec.schedule or "0 3 * * *",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import warnings
 
 import dagster as dg
@@ -12,21 +14,25 @@ from attribution_assets.defs.evaluation import evaluation_assets
 from attribution_assets.defs.finetune import finetune_assets
 from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
-from attribution_assets.defs.profiles import DeploymentProfile, load_profile
-from attribution_assets.defs.runner import stage_jobs
+from attribution_assets.defs.kfac import kfac_assets
+from attribution_assets.defs.magic import magic_assets
+from attribution_assets.defs.profiles import DeploymentProfile, load_profile, profile_from_json
+from attribution_assets.defs.runner import RECIPE_KEY, stage_jobs
 from attribution_assets.defs.scores import score_assets
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.spec import PipelineSpec, spec_from_json, spec_to_json
 
 
 def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.Definitions:
     """Assets, checks, stage jobs, sensor and schedule of one pipeline, under the key prefix
     ``[spec.name]``; assets that run the model carry the profile's precision in their version."""
     compute = profile.compute
-    assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *score_assets(spec, compute),
-              *index_assets(spec), *evaluation_assets(spec, compute), *finetune_assets(spec, compute)]
+    assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
+              *score_assets(spec, compute),
+              *index_assets(spec), *evaluation_assets(spec, compute), *finetune_assets(spec, compute),
+              *magic_assets(spec, compute)]
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
-    return dg.Definitions(assets=assets, jobs=stage_jobs(spec, present), sensors=[sensor] if sensor else [],
+    return dg.Definitions(assets=assets, jobs=stage_jobs(spec, present, profile.retry_policy()), sensors=[sensor] if sensor else [],
                           schedules=[schedule] if schedule else [])
 
 
@@ -44,9 +50,25 @@ def build_definitions(specs: list[PipelineSpec], profile: DeploymentProfile | No
     (default: the profile ``$ATTRIBUTION_RESOURCES`` names, else ``local``); ``spec_errors``
     (pipelines that failed validation) appear as placeholder assets with the message."""
     profile = profile or load_profile()
+    recipe = json.dumps({"specs": [spec_to_json(s) for s in specs], "profile": profile.to_json()})
     shared = dg.Definitions(assets=invalid_pipeline_specs(spec_errors or []),
                             resources={"storage": profile.storage, "compute": profile.compute},
-                            executor=profile.executor_definition())
+                            executor=profile.executor_definition(), metadata={RECIPE_KEY: recipe})
     with warnings.catch_warnings():  # `backfill_policy` on assets is marked beta in Dagster 1.13
         warnings.simplefilter("ignore", dg.BetaWarning)
         return dg.Definitions.merge(shared, *(pipeline_definitions(s, profile) for s in specs))
+
+
+def definitions_from_recipe(recipe: str, executor: str | None = None) -> dg.Definitions:
+    """The definitions ``recipe`` describes (in a worker process); ``executor`` overrides the
+    profile's executor kind (a worker runs its shard range in its own process)."""
+    raw = json.loads(recipe)
+    profile = profile_from_json(raw["profile"])
+    if executor is not None:
+        profile = dataclasses.replace(profile, executor=executor)
+    return build_definitions([spec_from_json(s) for s in raw["specs"]], profile)
+
+
+def job_from_recipe(recipe: str, job_name: str, executor: str | None = None) -> dg.JobDefinition:
+    """One job of :func:`definitions_from_recipe` (what ``build_reconstructable_job`` calls)."""
+    return definitions_from_recipe(recipe, executor).resolve_job_def(job_name)

@@ -1,6 +1,7 @@
 """Per-shard training gradients and query gradients (the engine's collector, called thinly)."""
 
 import json
+import sys
 
 import dagster as dg
 
@@ -28,7 +29,7 @@ from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.training.finetune import train_time_document_rows
-from attribution_assets.spec import PipelineSpec
+from attribution_assets.spec import PipelineSpec, spec_to_json
 
 CHECKS = ("finite", "row_count", "settings")
 
@@ -51,6 +52,28 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
+def torchrun_collect_shard(context: dg.AssetExecutionContext, spec: PipelineSpec, storage: StorageResource,
+                           compute: ComputeResource, shard: str, fingerprint: str, producer: str) -> dict:
+    """Collect one shard with ``compute.processes_per_shard`` torchrun ranks through Dagster Pipes
+    (rank 0 writes the store); the ranks' logs and their custom message come back through Pipes.
+    Raises (``DagsterPipesExecutionError``, with the ranks' output) if any rank fails."""
+    root = storage.ensure_writable()
+    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shard": shard,
+           "fingerprint": fingerprint, "producer": producer, "device": compute.device,
+           "precision": compute.precision, "autocast": compute.autocast, "threads": compute.threads,
+           "fsdp": compute.fsdp}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={compute.processes_per_shard}", "--max-restarts=0",
+               "-m", "attribution_assets.engine.gradients.distributed"]
+    invocation = dg.PipesSubprocessClient().run(
+        command=command, context=context, extras={"job": job},
+        env={"ATTRIBUTION_DEVICE": compute.device, "OMP_NUM_THREADS": str(max(compute.threads, 1))})
+    (message,) = invocation.get_custom_messages() or [None]
+    if message is None:
+        raise RuntimeError(f"torchrun for shard {shard} exited without reporting its store.")
+    return message
+
+
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
@@ -68,7 +91,7 @@ def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
     ]
 
 
-def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
+def store_check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
     descriptions = {"finite": "every gradient value is finite",
                     "row_count": "one row per document (or per target token)",
                     "settings": "projection and normalizer match the pipeline spec"}
@@ -76,7 +99,7 @@ def _check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
             for name in CHECKS]
 
 
-def _expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
+def expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
     if not spec.gradients.token_rows:
         return len(docs)
     return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
@@ -94,7 +117,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
         @dg.asset(key=train_key, group_name=spec.name, partitions_def=shards_partitions(spec),
                   deps=[key(spec, "tokenized_shards"), *model_deps],
                   code_version=version + ("-train-time" if train_time else ""), pool="gpu",
-                  check_specs=_check_specs(train_key),
+                  check_specs=store_check_specs(train_key),
                   automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
@@ -121,6 +144,12 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                                         model_fingerprint=fingerprint, dtype=spec.gradients.dtype)
                     meta = {"rows": store.rows, "dims": store.dims, "train_time": True,
                             "untrained_documents": int((~array.any(axis=1)).sum())}
+                elif store is None and compute.processes_per_shard > 1:
+                    message = torchrun_collect_shard(context, spec, storage, compute, shard, fingerprint, version)
+                    store = GradientStore(out)
+                    meta = {"rows": store.rows, "dims": store.dims, "ranks": message["ranks"],
+                            "backend": message["backend"], "tokens": message["tokens"],
+                            "rank_seconds": dg.MetadataValue.json(message["rank_seconds"])}
                 elif store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
                     store, stats = collect_shard(collector, docs, out, fingerprint, producer=version,
@@ -129,7 +158,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
                 versions[shard] = store.digest()
-                for result in store_checks(store, _expected_rows(docs, spec), spec, train_key):
+                for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
                 context.add_asset_metadata(
                     {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
@@ -154,7 +183,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
 
         @dg.asset(key=query_key, group_name=spec.name, deps=[key(spec, "tokenized_queries"), *model_deps],
                   code_version=version, pool="gpu",
-                  check_specs=_check_specs(query_key), automation_condition=rebuild_condition(),
+                  check_specs=store_check_specs(query_key), automation_condition=rebuild_condition(),
                   description="Gradients of the query loss (completion tokens where given), same projection.")
         def query_gradients(storage: StorageResource, compute: ComputeResource):
             timer = Timer()
@@ -162,7 +191,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
             docs = data.read_tokenized(paths.query_tokens)
             store, stats = collect_shard(pipeline_collector(spec, storage, compute), docs,
                                          paths.query_gradients, model_fingerprint(spec, paths))
-            version, checks = store.digest(), store_checks(store, _expected_rows(docs, spec), spec, query_key)
+            version, checks = store.digest(), store_checks(store, expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
                 metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
                           "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,

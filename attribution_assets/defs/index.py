@@ -19,6 +19,7 @@ from attribution_assets.engine.scoring.run import (
     QueryScorer,
     load_preconditioner,
     prepared_training_blocks,
+    query_rows_path,
 )
 from attribution_assets.engine.search.index import FaissIndex, IndexInfo, build_index, self_recall
 from attribution_assets.spec import PipelineSpec
@@ -34,8 +35,8 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     calibrated = _calibrated(spec)
     deps = [dg.AssetDep(key(spec, "train_gradients"), partition_mapping=dg.AllPartitionMapping())]
     if calibrated:  # an `auto` nprobe / efSearch is measured on the pipeline's queries
-        deps.append(key(spec, "query_gradients"))
-    if spec.scoring.precondition:
+        deps.append(key(spec, "kfac_query_gradients" if spec.scoring.kronecker else "query_gradients"))
+    if spec.scoring.preconditioner == "trackstar":
         deps.append(key(spec, "preconditioner"))
 
     @dg.asset(key=index_key, group_name=spec.name, deps=deps,
@@ -75,9 +76,10 @@ def _calibrated(spec: PipelineSpec) -> bool:
 def _calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np.ndarray:
     """Up to ``CALIBRATION_QUERIES`` query rows (seeded sample) prepared as the Attributor
     searches them (one row per query), for calibrating an ``auto`` nprobe / efSearch."""
-    rows = GradientStore(paths.query_gradients).document_rows()
+    path = query_rows_path(spec, paths)
+    rows = GradientStore(path).document_rows()
     if not len(rows):
-        raise ValueError(f"{paths.query_gradients} holds no query rows, but index.nprobe / index.ef_search "
+        raise ValueError(f"{path} holds no query rows, but index.nprobe / index.ef_search "
                          "`auto` is calibrated on the pipeline's queries: add queries and re-materialize "
                          "query_gradients, or set the parameter to an integer")
     size = min(CALIBRATION_QUERIES, len(rows))

@@ -5,11 +5,16 @@ A profile is a YAML file (``resources/<name>.yaml`` in the project, or any path)
 
 ``storage``: :class:`StorageResource` fields (``root``); ``compute``: :class:`ComputeResource`
 fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``); ``executor``: ``kind``
-(``in_process`` or ``multiprocess``) and, for ``multiprocess``, ``max_concurrent``.
+(``in_process`` or ``multiprocess``), for ``multiprocess`` ``max_concurrent`` (worker processes:
+the runner runs that many shard ranges at once, each loading the model once), and
+``max_retries`` (retries of a failed step, each shard range on its own; default 0); for
+``k8s`` (Dagster's ``k8s_job_executor``: every step a Kubernetes job, needs the ``[k8s]``
+extra) ``k8s``, the executor's own config (image, namespace, volumes, resource requests).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +29,7 @@ from attribution_assets.spec import unknown_keys_message
 
 PROFILE_ENV = "ATTRIBUTION_RESOURCES"
 DEFAULT_PROFILE = "local"
-EXECUTORS = ("in_process", "multiprocess")
+EXECUTORS = ("in_process", "multiprocess", "k8s")
 _SECTIONS = {"storage", "compute", "executor"}
 
 
@@ -42,11 +47,42 @@ class DeploymentProfile:
     compute: ComputeResource
     executor: str = "in_process"
     max_concurrent: int | None = None
+    max_retries: int = 0
+    k8s: dict | None = None
+
+    @property
+    def workers(self) -> int:
+        """Shard ranges the runner runs at once (worker processes): ``max_concurrent`` of a
+        ``multiprocess`` profile, else 1."""
+        return (self.max_concurrent or os.cpu_count() or 1) if self.executor == "multiprocess" else 1
+
+    def retry_policy(self) -> dg.RetryPolicy | None:
+        return dg.RetryPolicy(max_retries=self.max_retries) if self.max_retries else None
+
+    def to_json(self) -> str:
+        """The profile as the YAML mapping it came from (storage root resolved), as JSON:
+        :func:`profile_from_json` rebuilds it in another process."""
+        executor: dict[str, Any] = {"kind": self.executor, "max_retries": self.max_retries}
+        if self.max_concurrent:
+            executor["max_concurrent"] = self.max_concurrent
+        if self.k8s is not None:
+            executor["k8s"] = self.k8s
+        return json.dumps({"name": self.name, "source": str(self.source) if self.source else None,
+                           "storage": {"root": self.storage.root},
+                           "compute": self.compute.model_dump(exclude={"_restore"}), "executor": executor})
 
     def executor_definition(self) -> dg.ExecutorDefinition:
         if self.executor == "multiprocess":
             config: dict[str, Any] = {"max_concurrent": self.max_concurrent} if self.max_concurrent else {}
             return dg.multiprocess_executor.configured(config, name="multiprocess")
+        if self.executor == "k8s":
+            try:
+                from dagster_k8s import k8s_job_executor
+            except ImportError:
+                raise ProfileError(f"Profile {self.name!r} uses the `k8s` executor, which needs dagster-k8s: "
+                                   "`pip install -c constraints.txt '.[k8s]'`.") from None
+            config = {**(self.k8s or {}), **({"max_concurrent": self.max_concurrent} if self.max_concurrent else {})}
+            return k8s_job_executor.configured(config, name="k8s")
         return dg.in_process_executor.configured({}, name="in_process")
 
 
@@ -106,24 +142,48 @@ def load_profile(name_or_path: str | None = None) -> DeploymentProfile:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ProfileError(f"{where}: not valid YAML ({exc}).") from None
+    return profile_from_mapping(raw, where, name=path.stem, source=path)
+
+
+EXECUTOR_KEYS = {"kind", "max_concurrent", "max_retries", "k8s"}
+
+
+def _check_count(value: Any, key: str, low: int, where: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise ProfileError(f"{where}: `executor.{key}` must be an integer >= {low}, got {value!r}.")
+
+
+def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = None) -> DeploymentProfile:
+    """Validate a profile mapping (the YAML's sections) and build the profile."""
     if not isinstance(raw, dict):
         raise ProfileError(f"{where}: expected a mapping with sections {sorted(_SECTIONS)}.")
     unknown = sorted(set(raw) - _SECTIONS, key=str)
     if unknown:
         raise ProfileError(f"{where}: " + unknown_keys_message(unknown, _SECTIONS, "the profile"))
     executor = _section(raw, "executor", where)
-    bad = sorted(set(executor) - {"kind", "max_concurrent"}, key=str)
+    bad = sorted(set(executor) - EXECUTOR_KEYS, key=str)
     if bad:
-        raise ProfileError(f"{where}: " + unknown_keys_message(bad, {"kind", "max_concurrent"}, "`executor`"))
+        raise ProfileError(f"{where}: " + unknown_keys_message(bad, EXECUTOR_KEYS, "`executor`"))
     kind = executor.get("kind", "in_process")
     if kind not in EXECUTORS:
         raise ProfileError(f"{where}: `executor.kind` is {kind!r}; choose one of {list(EXECUTORS)}.")
     max_concurrent = executor.get("max_concurrent")
-    if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
-                                       or max_concurrent < 1):
-        raise ProfileError(f"{where}: `executor.max_concurrent` must be an integer >= 1, got {max_concurrent!r}.")
+    _check_count(max_concurrent, "max_concurrent", 1, where)
+    max_retries = executor.get("max_retries", 0)
+    _check_count(max_retries, "max_retries", 0, where)
+    k8s = executor.get("k8s")
+    if k8s is not None and (kind != "k8s" or not isinstance(k8s, dict)):
+        raise ProfileError(f"{where}: `executor.k8s` is the k8s_job_executor's config: a mapping, and only "
+                           f"with `kind: k8s` (kind is {kind!r}).")
     return DeploymentProfile(
-        name=path.stem, source=path,
+        name=name, source=source,
         storage=_resource(StorageResource, _section(raw, "storage", where), "storage", where),
         compute=_resource(ComputeResource, _section(raw, "compute", where), "compute", where),
-        executor=kind, max_concurrent=max_concurrent)
+        executor=kind, max_concurrent=max_concurrent, max_retries=max_retries or 0, k8s=k8s)
+
+
+def profile_from_json(text: str) -> DeploymentProfile:
+    """The profile that :meth:`DeploymentProfile.to_json` wrote."""
+    raw = json.loads(text)
+    name, source = raw.pop("name"), raw.pop("source")
+    return profile_from_mapping(raw, f"profile {name!r}", name, Path(source) if source else None)

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field, PrivateAttr, field_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -35,6 +35,11 @@ class ComputeResource(dg.ConfigurableResource):
     the cores this process may use: its CPU affinity capped by its cgroup CPU quota
     (``engine.runtime.available_cores``). When several steps share a machine (the
     multiprocess executor, a backfill, two deployments), set it to cores / concurrent steps.
+    ``processes_per_shard``: above 1, a training-gradient step launches that many ranks with
+    torchrun through Dagster Pipes (``engine.gradients.distributed``: gloo on CPU, NCCL on
+    GPUs, one GPU per rank), each collecting a contiguous slice of the shard; ``threads`` is
+    then per rank. ``fsdp``: the ranks shard the model's parameters with FSDP2 (models that do
+    not fit one device; every rank then collects the whole shard, so it saves memory, not time).
     """
 
     device: str = "auto"
@@ -42,6 +47,8 @@ class ComputeResource(dg.ConfigurableResource):
     allow_tf32: bool = False
     autocast: str = "off"
     threads: int = Field(default=0, ge=0)
+    processes_per_shard: int = Field(default=1, ge=1)
+    fsdp: bool = False
     _restore: list = PrivateAttr(default_factory=list)
 
     @field_validator("autocast", mode="before")
@@ -52,6 +59,13 @@ class ComputeResource(dg.ConfigurableResource):
         if value not in AUTOCAST:
             raise ValueError(f"autocast must be one of {list(AUTOCAST)}, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_fsdp(self):
+        if self.fsdp and self.processes_per_shard < 2:
+            raise ValueError("fsdp shards the parameters over torchrun ranks: set processes_per_shard >= 2 "
+                             "(or fsdp: false)")
+        return self
 
     def autocast_dtype(self):
         """The ``torch.autocast`` dtype of gradient steps (None: off)."""

@@ -6,6 +6,17 @@ code version changed, upstream data changed) says which assets and shards need w
 ``force`` everything runs. A partitioned stage is one run per contiguous range of shards (a
 single-run backfill: the model loads once).
 
+Parallel shards: with a ``multiprocess`` profile (``max_concurrent`` = N), a partitioned stage
+splits its shards into N contiguous ranges and runs each range as its own run in a worker
+process (``ProcessPoolExecutor``, spawned), N at once: each worker loads the model once for
+its range. Workers rebuild the definitions from the recipe that ``build_definitions``
+records (specs + profile) through Dagster's ``build_reconstructable_job``. Unpartitioned
+stages are chains (each asset needs the previous one) and run in this process: a step
+process each would only add its startup (``dagster dev`` runs them under the profile's
+multiprocess executor, whose ``max_concurrent`` also bounds concurrent steps there). Runs of different ranges are
+independent: one that fails does not stop the others; the stage raises after all of them
+ended, naming each failed range. The ``local`` profile keeps everything in this process.
+
 Crash safety: every run is tagged with the host and pid that launched it. Runs of this host
 whose process is gone (``kill -9``, the OOM killer) are marked failed and their concurrency
 slots freed before the next run starts, so a killed run never blocks later ones; a pool whose
@@ -14,15 +25,19 @@ slots are all held by live runs fails fast with the run that holds them.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import dagster as dg
 import yaml
+from dagster._core.definitions.reconstruct import ReconstructableJob, build_reconstructable_job
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
@@ -40,6 +55,8 @@ DAGSTER_YAML = {
 HOST_TAG, PID_TAG = "attribution/host", "attribution/pid"
 PIPELINE_TAG, STAGE_TAG, FORCE_TAG = "attribution/pipeline", "attribution/stage", "attribution/force"
 POOLS = ("gpu",)
+#: Definitions metadata key of the recipe (specs + profile, JSON) that rebuilds them in a worker.
+RECIPE_KEY = "attribution/recipe"
 
 
 @dataclass(frozen=True)
@@ -51,11 +68,19 @@ class Stage:
     partitioned: bool
 
 
+#: In dependency order. EK-FAC / K-FAC (``defs/kfac.py``): per-shard covariance sums with the
+#: shards, their merge and eigendecomposition, the per-shard eigenvalue correction and its merge,
+#: then the preconditioned query rows with the other fan-in assets.
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"),
           False),
-    Stage("shards", ("tokenized_shards", "train_gradients"), True),
-    Stage("fan_in", ("train_autocorrelation", "preconditioner", "faiss_index"), False),
+    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorrelation", "kfac_covariance"),
+          True),
+    Stage("kfac_factors", ("kfac_factors", "kfac_eigendecomposition"), False),
+    Stage("ekfac_correction", ("ekfac_correction",), True),
+    Stage("ekfac_eigenvalues", ("ekfac_eigenvalues",), False),
+    Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
+          False),
     Stage("scores", ("scores",), True),
     Stage("database", ("attribution_db",), False),
 )
@@ -65,7 +90,7 @@ FINETUNE_STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
     Stage("tokens", ("tokenized_shards",), True),
     Stage("finetune", ("finetune", "query_gradients"), False),
-    Stage("shards", ("train_gradients",), True),
+    Stage("shards", ("train_gradients", "shard_autocorrelation", "kfac_covariance"), True),
     *STAGES[2:],
 )
 
@@ -79,15 +104,17 @@ def job_name(spec: PipelineSpec, stage: Stage) -> str:
     return f"{spec.name}_{stage.name}"
 
 
-def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey]) -> list:
-    """One asset job per stage that has assets in this pipeline (named ``<pipeline>_<stage>``)."""
+def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey], retry_policy: dg.RetryPolicy | None = None) -> list:
+    """One asset job per stage that has assets in this pipeline (named ``<pipeline>_<stage>``);
+    ``retry_policy``: the profile's retries of a failed step."""
     jobs = []
     for stage in pipeline_stages(spec):
         keys = [key(spec, n) for n in stage.assets if key(spec, n) in present]
         if keys:
             jobs.append(dg.define_asset_job(job_name(spec, stage), selection=keys,
                                             partitions_def=shards_partitions(spec) if stage.partitioned else None,
-                                            description=f"{spec.name}: {', '.join(k.path[-1] for k in keys)}"))
+                                            description=f"{spec.name}: {', '.join(k.path[-1] for k in keys)}",
+                                            op_retry_policy=retry_policy))
     return jobs
 
 
@@ -248,6 +275,115 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
     return StagePlan(stage, chosen, [], reasons)
 
 
+class StageRunError(RuntimeError):
+    """Runs of a stage failed (in worker processes); ``failed_in`` names the first step and shards."""
+
+    def __init__(self, message: str, failed_in: str):
+        super().__init__(message)
+        self.failed_in = failed_in
+
+
+def recipe_of(defs: dg.Definitions) -> str | None:
+    """The recipe (JSON: specs + profile) ``build_definitions`` recorded in ``defs``, if any."""
+    value = (defs.metadata or {}).get(RECIPE_KEY)
+    return None if value is None else getattr(value, "value", value)
+
+
+def _profile_workers(recipe: str | None) -> int:
+    """Worker processes of the recipe's profile (1 without one); a ``k8s`` profile is refused:
+    its runs are launched by the Dagster deployment on the cluster, not by this process."""
+    if recipe is None:
+        return 1
+    from attribution_assets.defs.profiles import profile_from_json
+
+    profile = profile_from_json(json.loads(recipe)["profile"])
+    if profile.executor == "k8s":
+        raise ValueError(f"Profile {profile.name!r} runs steps as Kubernetes jobs: launch its runs through the "
+                         "Dagster deployment on the cluster (the UI, a backfill, `dagster job launch`), "
+                         "not through this local runner.")
+    return profile.workers
+
+
+def reconstructable_job(recipe: str, name: str, executor: str | None = None) -> ReconstructableJob:
+    """The job ``name`` of the definitions ``recipe`` describes, rebuildable in another process
+    (``executor`` overrides the profile's executor kind)."""
+    return build_reconstructable_job("attribution_assets.defs.factory", "job_from_recipe",
+                                     reconstructable_args=(recipe, name, executor))
+
+
+def split_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], parts: int) -> list[tuple[str, str]]:
+    """Split contiguous shard ``ranges`` (keys of ``order``) until there are ``parts`` of them
+    (or every range is one shard), halving the longest each time; ranges keep their order."""
+    position = {s: i for i, s in enumerate(order)}
+    groups = [list(order[position[a]:position[b] + 1]) for a, b in ranges]
+    while groups and len(groups) < parts:
+        longest = max(range(len(groups)), key=lambda i: len(groups[i]))
+        group = groups[longest]
+        if len(group) < 2:
+            break
+        half = (len(group) + 1) // 2
+        groups[longest:longest + 1] = [group[:half], group[half:]]
+    return [(g[0], g[-1]) for g in groups]
+
+
+def _step_errors(result) -> str:
+    failures = result.get_step_failure_events()
+    return "; ".join(f"{e.step_key}: {e.event_specific_data.error.message.strip()}" for e in failures) \
+        or "the run failed before any step"
+
+
+def run_range(recipe: str, name: str, instance_ref, keys: list[list[str]], run_id: str, tags: dict,
+              run_config: dict) -> str | None:
+    """In a worker process: run job ``name`` over the shard range in ``tags`` in this process and
+    record each shard's data version; return None, or the failed steps' errors."""
+    instance = dg.DagsterInstance.from_ref(instance_ref)
+    job = reconstructable_job(recipe, name, "in_process").get_definition()
+    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in keys],
+                                    run_id=run_id, tags=tags, run_config=run_config, raise_on_error=False)
+    if not result.success:
+        return _step_errors(result)
+    record_partition_versions(instance, result)
+    return None
+
+
+def _shard_label(first: str | None, last: str | None) -> str:
+    return "" if first is None else f" [{first}]" if first == last else f" [{first} .. {last}]"
+
+
+def _run_in_workers(recipe: str, name: str, instance: dg.DagsterInstance, keys: list[dg.AssetKey],
+                    ranges: list[tuple[str, str]], workers: int, tags: dict, run_config: dict,
+                    log: Callable[[str], None]) -> list:
+    """Each range a run in a worker process, ``workers`` at once; raise after all ended if any failed."""
+    if not instance.is_persistent:
+        raise ValueError("Running shards in worker processes needs a persistent Dagster instance (one "
+                         "under $DAGSTER_HOME, e.g. `persistent_instance()`), not an ephemeral one; or "
+                         "use the `local` profile.")
+    log(f"{name}: {len(ranges)} shard ranges in {min(workers, len(ranges))} worker processes")
+    failures, runs = [], []
+    context = get_context("spawn")  # fresh interpreters: no forked torch or sqlite state
+    with ProcessPoolExecutor(max_workers=min(workers, len(ranges)), mp_context=context) as pool:
+        futures = {}
+        for first, last in ranges:
+            run_id = make_new_run_id()
+            range_tags = {**tags, "dagster/asset_partition_range_start": first,
+                          "dagster/asset_partition_range_end": last}
+            future = pool.submit(run_range, recipe, name, instance.get_ref(), [list(k.path) for k in keys],
+                                 run_id, range_tags, run_config)
+            futures[future] = (first, last, run_id)
+        for future in as_completed(futures):
+            first, last, run_id = futures[future]
+            error = future.result()
+            runs.append(instance.get_run_by_id(run_id))
+            if error is not None:
+                where = (_failed_step(instance, run_id) or name) + _shard_label(first, last)
+                failures.append((where, error, run_id))
+                log(f"failed: {where} (run {run_id}): {error}")
+    if failures:
+        raise StageRunError("; ".join(f"{where} (run {run_id}): {error}" for where, error, run_id in failures),
+                            failures[0][0])
+    return runs
+
+
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
                          stages: Sequence[Stage] | None = None, log: Callable[[str], None] = print,
                          log_level: str = "INFO", force: bool = False, slot_timeout: float = 0.0) -> list:
@@ -255,12 +391,20 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
 
     ``log_level`` filters Dagster's console logger (``DEBUG`` shows every event);
     ``slot_timeout``: seconds to wait for a free ``gpu`` pool slot held by another live run.
+    With a ``multiprocess`` profile, shard ranges run in worker processes (module docstring);
+    returns the in-process runs' results and the worker runs' ``DagsterRun`` records.
     """
     run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
     base_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PIPELINE_TAG: spec.name}
     if force:
         base_tags[FORCE_TAG] = "true"
-    results = []
+    results: list = []
+    recipe = recipe_of(defs)
+    workers = _profile_workers(recipe)
+
+    def shards_of(stage: Stage) -> list[str]:  # every shard, in partition order
+        return instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
+
     for stage in pipeline_stages(spec) if stages is None else stages:
         plan = plan_stage(defs, spec, instance, stage, force)
         if not plan.keys:
@@ -272,6 +416,10 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
         check_pools(instance, slot_timeout)
         job = defs.resolve_job_def(job_name(spec, stage))
         tags = {**base_tags, STAGE_TAG: stage.name}
+        ranges = split_ranges(plan.ranges, shards_of(stage), workers) if workers > 1 else plan.ranges
+        if len(ranges) > 1 and workers > 1:  # workers > 1 only with a recipe
+            results += _run_in_workers(recipe, job.name, instance, plan.keys, ranges, workers, tags, run_config, log)
+            continue
         for first, last in plan.ranges or [(None, None)]:
             range_tags = {} if first is None else {"dagster/asset_partition_range_start": first,
                                                    "dagster/asset_partition_range_end": last}
@@ -281,8 +429,8 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
                                                 tags={**tags, **range_tags}, run_config=run_config,
                                                 raise_on_error=True)
             except Exception as exc:  # re-raised as is, with where it failed in ``failed_in``
-                shards = "" if first is None else f" [{first}]" if first == last else f" [{first} .. {last}]"
-                exc.failed_in = (_failed_step(instance, run_id) or f"{spec.name} {stage.name}") + shards
+                exc.failed_in = (_failed_step(instance, run_id) or f"{spec.name} {stage.name}") + \
+                    _shard_label(first, last)
                 raise
             record_partition_versions(instance, result)
             results.append(result)

@@ -1,4 +1,6 @@
-"""Autocorrelation and preconditioner (fan-in), per-shard score tables, the DuckDB views."""
+"""TrackStar's autocorrelation and preconditioner (fan-in), per-shard score tables, the DuckDB
+views. With ``scoring.preconditioner: ekfac | kfac`` the scores take the preconditioned query
+rows of ``defs/kfac.py`` instead, and the TrackStar assets are not declared."""
 
 import dagster as dg
 
@@ -19,9 +21,11 @@ from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.digests import files_digest, json_digest
 from attribution_assets.engine.preconditioning.autocorrelation import (
     load_autocorrelation,
+    merge_accumulators,
     row_autocorrelation,
+    save_accumulator,
     save_autocorrelation,
-    training_autocorrelation,
+    shard_accumulator,
 )
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
@@ -44,21 +48,52 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
     train_source = key(spec, "tokenized_shards") if streaming else key(spec, "train_gradients")
     precond_key = key(spec, "preconditioner")
     autocorr_key = key(spec, "train_autocorrelation")
+    shard_autocorr_key = key(spec, "shard_autocorrelation")
+
+    @dg.asset(key=shard_autocorr_key, group_name=spec.name, partitions_def=shards_partitions(spec),
+              deps=[train_source],
+              code_version=code_version("shard-autocorrelation-v1", spec, "model", "demo", "corpus", "gradients")
+              + model_version,
+              pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
+              backfill_policy=dg.BackfillPolicy.single_run(),
+              description="One shard's per-module sums S = sum g g^T of its document rows and their count: "
+                          "a new shard adds its block, the merge never recomputes the others.")
+    def shard_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource,
+                              compute: ComputeResource):
+        paths = storage.paths(spec)
+        rows = training_rows(spec, paths, context.partition_keys,
+                             collector=lambda: pipeline_collector(spec, storage, compute))
+        versions = {}
+        for shard_rows in rows:
+            timer = Timer()
+            accumulator = shard_accumulator(shard_rows)
+            out = paths.shard_autocorrelation(shard_rows.shard)
+            save_accumulator(out, accumulator)
+            versions[shard_rows.shard] = files_digest(out)
+            context.add_asset_metadata(
+                {"rows": accumulator.n, "modules": len(accumulator.layout), "path": path_metadata(out),
+                 "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
+                 CONTENT_VERSION: versions[shard_rows.shard]},
+                partition_key=shard_rows.shard)
+        single = next(iter(versions.values())) if len(versions) == 1 else None
+        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
 
     @dg.asset(key=autocorr_key, group_name=spec.name,
-              deps=[dg.AssetDep(train_source, partition_mapping=ALL)],
-              code_version=code_version("autocorrelation-v1", spec, "model", "demo", "corpus", "gradients")
+              deps=[dg.AssetDep(shard_autocorr_key, partition_mapping=ALL)],
+              code_version=code_version("autocorrelation-v2", spec, "model", "demo", "corpus", "gradients")
               + model_version,
-              pool="gpu" if streaming else None, automation_condition=rebuild_condition(on_deps_updated=False),
-              description="Per-module autocorrelation (1/n) sum g g^T of the training gradients, streamed "
-                          "shard by shard; rebuilt on schedule or on demand, not once per new shard.")
-    def train_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource,
-                              compute: ComputeResource) -> dg.MaterializeResult:
+              automation_condition=rebuild_condition(on_deps_updated=False),
+              description="Per-module autocorrelation (1/n) sum g g^T of the training gradients: the merge "
+                          "of every shard's sums (cheap: no gradient rows are read).")
+    def train_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
-        train = training_autocorrelation(training_rows(
-            spec, paths, shards, collector=lambda: pipeline_collector(spec, storage, compute)))
+        missing = [s for s in shards if not paths.shard_autocorrelation(s).exists()]
+        if missing:
+            raise FileNotFoundError(f"No shard autocorrelation for {missing[:4]} of pipeline {spec.name!r}; "
+                                    f"materialize {spec.name}/shard_autocorrelation for those shards first.")
+        train = merge_accumulators([paths.shard_autocorrelation(s) for s in shards])
         save_autocorrelation(paths.autocorrelation, train)
         return dg.MaterializeResult(
             metadata={"shards": len(shards), "n_train": train.n, "modules": len(train.layout),
@@ -95,9 +130,12 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                                   metadata={"modules": dg.MetadataValue.json(report["modules"])})
 
     scores_key = key(spec, "scores")
+    kronecker = spec.scoring.kronecker
+    query_rows = key(spec, "kfac_query_gradients" if kronecker else "query_gradients")
+    trackstar = spec.scoring.preconditioner == "trackstar"
 
     @dg.asset(key=scores_key, group_name=spec.name, partitions_def=shards_partitions(spec),
-              deps=[train_source, key(spec, "query_gradients")] + ([precond_key] if spec.scoring.precondition else []),
+              deps=[train_source, query_rows] + ([precond_key] if trackstar else []),
               code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               backfill_policy=dg.BackfillPolicy.single_run(),
@@ -147,4 +185,5 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                                   passed=columns.get("scores") == SCORE_COLUMNS
                                   and all(view in columns for view in wanted))
 
-    return [train_autocorrelation, preconditioner, scores, attribution_db]
+    fan_in = [] if kronecker else [shard_autocorrelation, train_autocorrelation, preconditioner]
+    return [*fan_in, scores, attribution_db]

@@ -10,7 +10,7 @@ from attribution_assets.defs.automation import directory_state
 from attribution_assets.defs.runner import FORCE_TAG, materialize_pipeline
 from tests.helpers import definitions_for, user_pipeline_spec
 
-TRAIN_SIDE = {"tokenized_shards", "train_gradients", "train_autocorrelation"}
+TRAIN_SIDE = {"tokenized_shards", "train_gradients", "shard_autocorrelation", "train_autocorrelation"}
 
 
 def _requested(result) -> dict[str, set]:
@@ -47,8 +47,8 @@ def test_projection_change_rebuilds_gradient_side_only(pipeline):
     spec, storage, instance, cursor, _ = pipeline
     changed = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, projection_dim=8))
     requested = _requested(_evaluate(changed, storage, instance, cursor))
-    assert set(requested) == {"train_gradients", "query_gradients", "train_autocorrelation", "preconditioner",
-                              "scores", "faiss_index"}
+    assert set(requested) == {"train_gradients", "query_gradients", "shard_autocorrelation", "train_autocorrelation",
+                              "preconditioner", "scores", "faiss_index"}
     assert requested["train_gradients"] == set(instance.get_dynamic_partitions("ops_shards"))
 
 
@@ -81,7 +81,8 @@ def test_new_file_becomes_new_shards_without_touching_old_ones(pipeline):
     assert len(new) == 2 and all(s > max(before) for s in new)
     requested = _requested(_evaluate(spec, storage, instance, cursor))
     # Only the new shards' own work; the fan-in over all shards waits for the schedule.
-    assert requested == {"tokenized_shards": set(new), "train_gradients": set(new), "scores": set(new)}
+    assert requested == {"tokenized_shards": set(new), "train_gradients": set(new),
+                         "shard_autocorrelation": set(new), "scores": set(new)}
 
 
 def test_single_run_backfill_loads_the_model_once(pipeline, monkeypatch):

@@ -19,7 +19,7 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     run = dict(instance=instance, resources=defs.resources, raise_on_error=True)
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "fact_tracing"])], **run)
     table = pl.read_parquet(tmp_path / "demo" / "evaluation" / "fact_tracing.parquet")
-    assert {"bm25", "dot", "cosine"} <= set(table["method"])
+    assert {"bm25", "dot", "cosine", "trackstar (adafactor)", "ekfac", "kfac"} <= set(table["method"])
     assert table.filter(pl.col("configured"))["method"].unique().to_list() == ["trackstar (adafactor)"]
     assert table.filter(pl.col("method") == "bm25")["recall@50"][0] > 0
     partitions = [f"subset-{k:03d}-seed-{s}" for k in range(2) for s in (0, 1)]

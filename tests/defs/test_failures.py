@@ -71,8 +71,8 @@ def test_nan_gradients_fail_and_nothing_downstream_runs(pipeline, monkeypatch):
     spec, defs, instance, root = pipeline
     real = collect_module.collect
 
-    def poisoned(collector, docs):
-        array, info, stats = real(collector, docs)
+    def poisoned(collector, docs, *args):
+        array, info, stats = real(collector, docs, *args)
         array[0, 0] = np.nan
         return array, info, stats
 

@@ -48,7 +48,8 @@ def test_a_setting_change_reruns_only_what_it_affects(ops):
                  _plan_lines(definitions_for([changed], base / "storage"), changed, instance))
     assert "query_gradients: has a new code version" in lines["ops prepare"]
     assert "corpus" not in lines["ops prepare"] and "model" not in lines["ops prepare"]
-    assert lines["ops shards"] == "train_gradients: 2 of 2 shards has a new code version"
+    assert lines["ops shards"] == ("train_gradients: 2 of 2 shards has a new code version; "
+                                   "shard_autocorrelation: 2 of 2 shards has a new code version")
     assert lines["ops scores"].startswith("scores: 2 of 2 shards")
 
 

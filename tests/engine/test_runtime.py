@@ -52,6 +52,8 @@ def test_peak_window_forgets_earlier_peaks():
     block = np.ones(64 << 20, dtype=np.uint8)  # 64 MiB, touched
     high = runtime.peak_rss_mb()
     del block
+    if runtime._status_mib("VmRSS") > high - 48:
+        pytest.skip("the allocator kept the freed block resident: no lower peak to observe")
     if not runtime.reset_peak_rss():
         pytest.skip("this kernel keeps VmHWM on clear_refs: the peak covers the process's life")
     assert runtime.peak_rss_mb() < high - 48

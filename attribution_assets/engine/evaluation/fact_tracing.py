@@ -20,12 +20,23 @@ Methods (:class:`Method`):
   inner products and no unit normalization: additive like an influence function, the
   form the linear datamodeling score (``lds``) sums, though ``R`` is the (mixed)
   gradient autocorrelation, not the Hessian: influence-like.
+* ``ekfac`` / ``kfac``: the influence function ``g_qᵀ (F + lam I)^{-1} g_t`` with the EK-FAC /
+  K-FAC Gauss-Newton ``F`` of ``preconditioning.kfac`` (sampled labels, fitted on the
+  training documents, in the projected space), no optimizer normalization: the
+  preconditioned query row scored by inner product with the projected training rows.
+  ``ekfac (cosine)`` / ``kfac (cosine)``: the same preconditioned query and the raw
+  training row, both unit-normalized. ``ekfac (full space)``: each full query gradient
+  preconditioned with the full-space EK-FAC, then projected (``kfac_space: full``).
 * ``configured``: the pipeline's own ``gradients``/``scoring`` settings (only when they
   differ from every method above).
+* ``magic``: the pipeline's MAGIC score tables (``engine.magic``; pipelines with
+  ``magic.enabled``), exact metagradients of the completion loss through the MAGIC
+  training run (a separate, deterministic run, not the pipeline model's own training).
 
 Gradients go through ``gradients.collect`` (the assets' code path),
 with the pipeline's projection; they are computed once per (normalizer, query loss)
-and shared by all methods, and preconditioners once per (normalizer, query loss). Query loss: ``"completion"`` (the query's ``loss_mask``,
+and shared by all methods, TrackStar preconditioners once per (normalizer, query loss), the
+K-FAC factors once per label setting (EK-FAC's correction once more). Query loss: ``"completion"`` (the query's ``loss_mask``,
 the answer, as TrackStar does) or ``"full"`` (every query token but the first).
 
 With ``evaluation.tail_patch_k > 0`` each row also gets ``tail_patch``: the mean increase of
@@ -36,6 +47,7 @@ the answer's log-probability after one training step on the method's top documen
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,63 +66,96 @@ from attribution_assets.engine.gradients.collect import (
     make_collector,
     optimizer_state_source,
 )
+from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.store import document_rows
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.preconditioning.autocorrelation import accumulate
+from attribution_assets.engine.magic import pipeline as magic_pipeline
+from attribution_assets.engine.preconditioning.autocorrelation import (
+    accumulate,
+    row_autocorrelation,
+)
+from attribution_assets.engine.preconditioning.kfac import (
+    CovarianceSums,
+    CurvatureCollector,
+    KroneckerEigen,
+    KroneckerPreconditioner,
+    projection_for,
+)
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
     trackstar_preconditioner,
 )
 from attribution_assets.engine.scoring.run import QueryScorer
-from attribution_assets.spec import PipelineSpec, ScoringSpec
+from attribution_assets.spec import PipelineSpec, ScoringSpec, SpecValueError
 
 QUERY_LOSSES = ("completion", "full")
 
 
 @dataclass(frozen=True)
 class Method:
-    """How to score: ``kind`` ``bm25`` or ``gradient`` (normalizer + scoring settings)."""
+    """How to score: ``kind`` ``bm25`` or ``gradient`` (normalizer + scoring settings;
+    ``preconditioner`` as in ``ScoringSpec``: ``none``, ``trackstar``, ``ekfac``, ``kfac``)."""
 
     name: str
     kind: str = "gradient"
     normalizer: str = "none"
     metric: str = "cosine"
-    precondition: bool = False
+    preconditioner: str = "none"
     mixing: str | float = "auto"
     damping: float = 0.1
+    kfac_labels: str = "sampled"
+    kfac_seed: int = 0
+    kfac_space: str = "projected"
 
     def scoring(self) -> ScoringSpec:
-        return ScoringSpec(metric=self.metric, precondition=self.precondition, mixing=self.mixing,
-                           damping=self.damping, top_k=0)
+        return ScoringSpec(metric=self.metric, preconditioner=self.preconditioner, mixing=self.mixing,
+                           damping=self.damping, kfac_labels=self.kfac_labels, kfac_seed=self.kfac_seed,
+                           kfac_space=self.kfac_space, top_k=0)
+
+    @classmethod
+    def configured(cls, spec: PipelineSpec) -> Method:
+        """The pipeline's own ``gradients.normalizer`` and ``scoring`` settings."""
+        s = spec.scoring
+        return cls("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
+                   preconditioner=s.preconditioner, mixing=s.mixing, damping=s.damping,
+                   kfac_labels=s.kfac_labels, kfac_seed=s.kfac_seed, kfac_space=s.kfac_space)
 
 
 RANDOM = Method("random", kind="random")
 BM25 = Method("bm25", kind="bm25")
 DOT = Method("dot", metric="inner_product")
 COSINE = Method("cosine")
+EKFAC = Method("ekfac", preconditioner="ekfac", metric="inner_product")
+EKFAC_COSINE = Method("ekfac (cosine)", preconditioner="ekfac")
+KFAC = Method("kfac", preconditioner="kfac", metric="inner_product")
+KFAC_COSINE = Method("kfac (cosine)", preconditioner="kfac")
+EKFAC_FULL = Method("ekfac (full space)", preconditioner="ekfac", metric="inner_product", kfac_space="full")
 
 
 def trackstar(normalizer: str = "adafactor", name: str | None = None, **scoring) -> Method:
     """TrackStar (preconditioned cosine) with the given optimizer normalizer."""
-    return Method(name or f"trackstar ({normalizer})", normalizer=normalizer, precondition=True,
+    return Method(name or f"trackstar ({normalizer})", normalizer=normalizer, preconditioner="trackstar",
                   **scoring)
 
 
 PRECONDITIONED_DOT = trackstar("adafactor", name="preconditioned dot (adafactor)", metric="inner_product")
+MAGIC = Method("magic", kind="magic")
 
 
 def default_methods(spec: PipelineSpec) -> list[Method]:
-    """Random (reference), BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
-    products (``g_q R^-1 g_t``, influence-like), and the pipeline's own settings."""
+    """Random (reference), BM25, dot, cosine, TrackStar with each normalizer, TrackStar's
+    preconditioner with inner products (``g_q R^-1 g_t``, influence-like), EK-FAC and K-FAC
+    influence (inner product and cosine; EK-FAC also in the full space), and the pipeline's own
+    settings."""
     methods = [RANDOM, BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
-               PRECONDITIONED_DOT]
-    s = spec.scoring
-    configured = Method("configured", normalizer=spec.gradients.normalizer, metric=s.metric,
-                        precondition=s.precondition, mixing=s.mixing, damping=s.damping)
+               PRECONDITIONED_DOT, EKFAC, EKFAC_COSINE, KFAC, KFAC_COSINE, EKFAC_FULL]
+    configured = Method.configured(spec)
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
         methods.append(configured)
+    if spec.magic.enabled:
+        methods.append(MAGIC)
     return methods
 
 
@@ -118,11 +163,16 @@ def available_methods(spec: PipelineSpec, paths: PipelinePaths | None,
                       methods: Sequence[Method] | None = None) -> tuple[list[Method], dict[str, str]]:
     """The methods (default: :func:`default_methods`) that the pipeline's inputs allow, and
     ``{name: reason}`` for those skipped: an optimizer normalizer needs optimizer state,
-    BM25 needs the ``bm25s`` package."""
+    BM25 needs the ``bm25s`` package, EK-FAC / K-FAC need gradient settings they can take
+    (the spec validation's message)."""
     import importlib.util
 
     usable, skipped = [], {}
     for m in methods or default_methods(spec):
+        if m.kind == "magic" and (paths is None or not paths.magic_score_batches()):
+            skipped[m.name] = ("no MAGIC score tables: set `magic.enabled: true` and materialize "
+                               "`magic_training` and every `magic_scores` partition")
+            continue
         if m.kind == "bm25" and importlib.util.find_spec("bm25s") is None:
             skipped[m.name] = "the bm25s package is not installed (pip install 'attribution-assets[eval]')"
             continue
@@ -134,16 +184,22 @@ def available_methods(spec: PipelineSpec, paths: PipelinePaths | None,
                 skipped[m.name] = (f"the {m.normalizer!r} normalizer needs optimizer state: set "
                                    "`gradients.optimizer_state` to an optimizer.pt or a Trainer checkpoint")
                 continue
+        if m.kind == "gradient" and m.scoring().kronecker:
+            try:
+                dataclasses.replace(spec, scoring=m.scoring(), gradients=dataclasses.replace(
+                    spec.gradients, normalizer=m.normalizer))
+            except SpecValueError as error:
+                skipped[m.name] = str(error)
+                continue
         usable.append(m)
     return usable, skipped
 
 
 def configured_name(spec: PipelineSpec, methods: Sequence[Method]) -> str:
     """Name of the method in ``methods`` that matches the pipeline's own settings."""
-    s = spec.scoring
+    configured = Method.configured(spec)
     for m in methods:
-        if m.kind == "gradient" and (m.normalizer, m.metric, m.precondition, m.mixing, m.damping) == (
-                spec.gradients.normalizer, s.metric, s.precondition, s.mixing, s.damping):
+        if m.kind == "gradient" and dataclasses.replace(m, name="configured") == configured:
             return m.name
     return "configured"
 
@@ -184,6 +240,10 @@ class GradientCache:
         self.docs, self.queries = list(docs), list(queries)
         self._rows: dict[tuple[str, str], tuple[np.ndarray, dict]] = {}
         self._preconditioners: dict[tuple, Preconditioner] = {}
+        self._covariance: dict[tuple, tuple[CurvatureCollector, CovarianceSums]] = {}
+        self._eigen: dict[tuple, KroneckerEigen] = {}
+        self._kronecker: dict[tuple, KroneckerPreconditioner] = {}
+        self._kronecker_queries: dict[tuple, np.ndarray] = {}
         self.seconds: dict[str, float] = {}
 
     def _collect(self, normalizer: str, which: str, docs: list[TokenizedDoc]):
@@ -214,26 +274,75 @@ class GradientCache:
             (train, info), (query, _) = self.train(normalizer), self.query(normalizer, query_loss)
             layout = info["modules"]
             self._preconditioners[key] = trackstar_preconditioner(
-                accumulate([train], layout), accumulate([query], layout), scoring)
+                accumulate([train], layout), row_autocorrelation(query, layout), scoring)
         return self._preconditioners[key]
+
+
+    def kronecker(self, scoring: ScoringSpec) -> KroneckerPreconditioner:
+        """EK-FAC / K-FAC fitted on the training documents: covariance sums once per label
+        setting, eigendecomposition once per space, EK-FAC's correction once more, damped."""
+        labels = (scoring.kfac_labels, scoring.kfac_seed)
+        if labels not in self._covariance:
+            start = time.perf_counter()
+            collector = CurvatureCollector(self.model, self.spec.gradients, *labels)
+            self._covariance[labels] = (collector, collector.covariance(self._pairs()))
+            self.seconds["kfac covariance"] = time.perf_counter() - start
+        collector, covariance = self._covariance[labels]
+        space = (*labels, scoring.kfac_space)
+        if space not in self._eigen:
+            projection = projection_for(self.spec.gradients, scoring.kfac_space)
+            self._eigen[space] = KroneckerEigen.from_covariance(covariance, projection)
+        key = (scoring.preconditioner, *space, scoring.damping)
+        if key not in self._kronecker:
+            eigen, correction = self._eigen[space], None
+            if scoring.preconditioner == "ekfac":
+                start = time.perf_counter()
+                correction = collector.correction(self._pairs(), eigen)
+                self.seconds[f"ekfac correction ({scoring.kfac_space})"] = time.perf_counter() - start
+            self._kronecker[key] = KroneckerPreconditioner(eigen, correction, scoring.damping)
+        return self._kronecker[key]
+
+    def _pairs(self) -> list[tuple[list[int], list[int]]]:
+        return [(d.input_ids, d.loss_mask) for d in self.docs]
+
+    def kronecker_query(self, query_loss: str, scoring: ScoringSpec) -> np.ndarray:
+        """``[q, d]`` query rows preconditioned with EK-FAC / K-FAC and projected (no normalizer)."""
+        key = (scoring.preconditioner, scoring.kfac_labels, scoring.kfac_seed, scoring.kfac_space,
+               scoring.damping, query_loss)
+        if key not in self._kronecker_queries:
+            gradients = dataclasses.replace(self.spec.gradients, normalizer="none", per_token="none")
+            collector = GradientCollector(self.model, gradients, transform=self.kronecker(scoring))
+            array, info, stats = collect(collector, with_query_loss(self.queries, query_loss))
+            self._kronecker_queries[key] = document_rows(array, info)
+            self.seconds[f"{scoring.preconditioner}/query-{query_loss}"] = stats.seconds
+        return self._kronecker_queries[key]
 
 
 def gradient_scores(method: Method, cache: GradientCache, query_loss: str) -> np.ndarray:
     """``[q, n]`` scores of a gradient method (same functions as the score assets)."""
     train, info = cache.train(method.normalizer)
-    query, _ = cache.query(method.normalizer, query_loss)
     scoring = method.scoring()
-    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if method.precondition else None
+    if scoring.kronecker:
+        if method.normalizer != "none":
+            raise ValueError(f"method {method.name!r}: {scoring.preconditioner} needs normalizer 'none'")
+        return QueryScorer(cache.kronecker_query(query_loss, scoring), None, None, scoring).score(train)
+    query, _ = cache.query(method.normalizer, query_loss)
+    trackstar = scoring.preconditioner == "trackstar"
+    precond = cache.preconditioner(method.normalizer, query_loss, scoring) if trackstar else None
     return QueryScorer(query, None, precond, scoring).score(train)
 
 
 def method_scores(methods: Sequence[Method], cache: GradientCache,
                   query_loss: str = "completion") -> dict[str, np.ndarray]:
-    """``{name: [q, n]}`` for each method (BM25 always sees the full query text)."""
+    """``{name: [q, n]}`` for each method (BM25 always sees the full query text; MAGIC's
+    tables hold the completion loss)."""
     out = {}
     for m in methods:
         if m.kind == "random":
             out[m.name] = random_scores(len(cache.queries), len(cache.docs))
+        elif m.kind == "magic":
+            out[m.name] = magic_pipeline.read_scores(cache.paths, [q.doc_id for q in cache.queries],
+                                                     [d.doc_id for d in cache.docs])
         elif m.kind == "bm25":
             out[m.name] = bm25_scores([d.text for d in cache.docs], [q.text for q in cache.queries])
         else:
@@ -294,11 +403,13 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
     mine = configured_name(spec, methods)
     rows, all_scores = [], {}
     for query_loss in query_losses:
-        todo = [m for m in methods if m.kind == "gradient" or query_loss == query_losses[0]]
+        once = ("bm25", "magic", "random")  # no query loss of their own: one row
+        todo = [m for m in methods if m.kind not in once or query_loss == query_losses[0]]
         all_scores[query_loss] = method_scores(todo, cache, query_loss)
         for m in todo:
             ranks = first_gold_ranks(all_scores[query_loss][m.name], doc_ids, query_ids, gold)
-            row = {"method": m.name, "query_loss": query_loss if m.kind == "gradient" else "full text",
+            loss_name = {"bm25": "full text", "random": "full text", "magic": "completion"}.get(m.kind, query_loss)
+            row = {"method": m.name, "query_loss": loss_name,
                    "configured": m.name == mine, **recall_and_mrr(ranks, ks)}
             if patch is not None:
                 patcher, sample = patch

@@ -32,7 +32,7 @@ Conventions (DESIGN.md "Math conventions"):
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -159,6 +159,56 @@ def _quantized(module: nn.Module) -> bool:
         or type(module).__module__.split(".")[0] == "bitsandbytes")
 
 
+@contextmanager
+def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[dict[str, list]]:
+    """Eval mode, frozen parameters, and hooks appending ``(input, output)`` to
+    ``records[name]`` per call of each module in ``specs``; yields ``records``.
+
+    Inputs are made to require grad, so every hooked output has a gradient even with frozen
+    parameters; outputs retain their ``.grad`` (read by ``trace()``). Callers empty the
+    lists between batches (:func:`clear_records`).
+    """
+    was_training = model.training
+    flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
+    records: dict[str, list] = {s.name: [] for s in specs}
+    handles = []
+
+    def pre_hook(module, args):
+        x = args[0]
+        if not x.requires_grad:  # lets gradients reach every hooked output
+            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+        return None
+
+    def make_hook(name):
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and output.requires_grad:
+                output.retain_grad()  # read by trace(); autograd.grad() ignores it
+            records[name].append((args[0].detach(), output))
+
+        return hook
+
+    try:
+        model.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for s in specs:
+            handles.append(s.module.register_forward_pre_hook(pre_hook))
+            handles.append(s.module.register_forward_hook(make_hook(s.name)))
+        yield records
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def clear_records(records: dict[str, list]) -> None:
+    """Empty every module's call list (the hooks keep appending to the same lists)."""
+    for calls in records.values():
+        calls.clear()
+
+
 def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``sum_t g_t a_tᵀ``: ``[B, O, I]`` from ``g [B, T, O]`` and ``a [B, T, I]`` (a broadcast
     product for single-position units: a batched matmul of inner size 1 is ~15x slower)."""
@@ -183,6 +233,12 @@ class GradientCollector:
     ``torch.autocast`` with the weights as they are (None: off). Products are float32.
     ``live_normalizer``: the normalizer is bound later, per optimizer step
     (:meth:`bind_normalizer`), so none is needed now.
+    ``transform``: a linear map of each example's weight gradient, ``transform.apply_full(name,
+    G [B, O, I]) -> [B, O, I]`` before the projection, or with ``transform.projected`` of the
+    projected block ``[B, p, p]`` (the EK-FAC / K-FAC query-side preconditioner of
+    ``preconditioning.kfac``); it checks the modules with ``transform.check_modules([(name, O,
+    I), ...], projection_settings)``. Weight blocks only: no bias, no normalizer, whole-module
+    blocks when projected (``gradients.split: module``).
     """
 
     def __init__(
@@ -193,6 +249,7 @@ class GradientCollector:
         device: torch.device | str | None = None,
         autocast: torch.dtype | None = None,
         live_normalizer: bool = False,
+        transform=None,
     ):
         self.model, self.gradients, self.autocast = model, gradients or GradientSpec(), autocast
         cfg = self.gradients
@@ -206,7 +263,12 @@ class GradientCollector:
                 f"gradients.normalizer={cfg.normalizer!r} needs optimizer state: pass "
                 "normalizer=make_normalizer(kind, optimizer_or_checkpoint, model)"
             )
-        self.normalizer = normalizer
+        if transform is not None and (normalizer is not None or cfg.include_bias):
+            raise ValueError(
+                "a gradient transform (EK-FAC / K-FAC) acts on weight gradients without "
+                "optimizer normalization: set gradients.normalizer: none and include_bias: false"
+            )
+        self.normalizer, self.transform = normalizer, transform
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
@@ -225,6 +287,14 @@ class GradientCollector:
         self.dims = col
         if normalizer is not None:
             normalizer.bind(self.specs, self.device)
+        if transform is not None:
+            transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs],
+                                    self.projector.settings())
+            if transform.projected and any(len(s.blocks) != 1 for s in self.specs):
+                raise ValueError(
+                    "a projected EK-FAC / K-FAC transform maps whole-module blocks: set "
+                    "gradients.split: module, or scoring.kfac_space: full"
+                )
         self._records: dict[str, list] = {}
 
     @property
@@ -248,41 +318,13 @@ class GradientCollector:
 
     @contextmanager
     def _hooked(self):
-        """Eval mode, frozen parameters, and hooks recording ``(a, output)`` per call."""
-        model = self.model
-        was_training = model.training
-        flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
-        handles = []
-
-        def pre_hook(module, args):
-            x = args[0]
-            if not x.requires_grad:  # lets gradients reach every hooked output
-                return (x.detach().requires_grad_(True),) + tuple(args[1:])
-            return None
-
-        def make_hook(name):
-            def hook(module, args, output):
-                if torch.is_grad_enabled() and output.requires_grad:
-                    output.retain_grad()  # read by trace(); autograd.grad() ignores it
-                self._records[name].append((args[0].detach(), output))
-
-            return hook
-
-        try:
-            model.eval()
-            for p, _ in flags:
-                p.requires_grad_(False)
-            for s in self.specs:
-                handles.append(s.module.register_forward_pre_hook(pre_hook))
-                handles.append(s.module.register_forward_hook(make_hook(s.name)))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            model.train(was_training)
-            self._records = {}
+        """:func:`hooked_modules` over this collector's modules, recording into ``_records``."""
+        with hooked_modules(self.model, self.specs) as records:
+            self._records = records
+            try:
+                yield
+            finally:
+                self._records = {}
 
     def _module_rows(
         self, spec: ModuleSpec, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor
@@ -293,11 +335,15 @@ class GradientCollector:
         else ``g_rᵀ a_c``; products with a matrix shared by several blocks are formed once.
         Padding is masked at the cheapest point (after projecting ``a`` and ``g``); an
         Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling ``g`` and ``a``).
+        A normalizer that does not factor, or a full-space ``transform``, needs each example's
+        full ``[O, I]`` gradient (formed in chunks); a projected ``transform`` maps the projected
+        whole-module block.
         """
-        norm, p, proj = self.normalizer, self.gradients.projection_dim, self.projector
+        norm, p, proj, transform = (self.normalizer, self.gradients.projection_dim, self.projector,
+                                    self.transform)
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
         weights: list[torch.Tensor | None] = []
-        if p and (norm is None or factors is not None):
+        if p and (norm is None or factors is not None) and (transform is None or transform.projected):
             done: dict[tuple, torch.Tensor] = {}
 
             def projected(side, key, span):
@@ -314,7 +360,10 @@ class GradientCollector:
                     weights.append(None)
                     continue
                 g_p, a_p = projected(0, b.left, b.rows), projected(1, b.right, b.cols)
-                weights.append(_outer_sum(g_p, a_p).flatten(1))
+                weight = _outer_sum(g_p, a_p)
+                if transform is not None:
+                    weight = transform.apply_full(spec.name, weight)
+                weights.append(weight.flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))
@@ -325,6 +374,8 @@ class GradientCollector:
                     full = full * factors[0][:, None] * factors[1]
                 elif norm is not None:
                     full = norm.scale_full(spec.name, full)
+                if transform is not None:
+                    full = transform.apply_full(spec.name, full)
                 for part, b in zip(parts, spec.blocks):
                     if b.cols is None:
                         continue
@@ -405,7 +456,7 @@ class GradientCollector:
         """
         result: list[np.ndarray] = []
         with self._hooked():
-            self._records = {s.name: [] for s in self.specs}
+            clear_records(self._records)
             yield result
             outputs = [o for s in self.specs for _, o in self._records[s.name]]
             if not outputs:
@@ -423,7 +474,7 @@ class GradientCollector:
     def _batch_rows(self, batch: Batch, positions: list[list[int]]) -> list[torch.Tensor]:
         """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
         document's row positions, :func:`row_positions`)."""
-        self._records = {s.name: [] for s in self.specs}
+        clear_records(self._records)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             losses = _token_loss(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]

@@ -115,9 +115,42 @@ class PipelinePaths:
     def autocorrelation(self) -> Path:
         return self.root / "train_autocorrelation"
 
+    def shard_autocorrelation(self, shard: str) -> Path:
+        """One shard's autocorrelation sums (``engine.preconditioning.autocorrelation.save_accumulator``)."""
+        return self.root / "shard_autocorrelation" / shard
+
     @property
     def preconditioner(self) -> Path:
         return self.root / "preconditioner"
+
+    # EK-FAC / K-FAC (``preconditioning.kfac``)
+    def kfac_covariance(self, shard: str) -> Path:
+        """One shard's activation and pseudo-gradient covariance sums (``covariance.*``)."""
+        return self.root / "kfac_covariance" / shard
+
+    @property
+    def kfac_factors(self) -> Path:
+        """Every shard's covariance sums added up (same format as one shard's)."""
+        return self.root / "kfac_factors"
+
+    @property
+    def kfac_eigendecomposition(self) -> Path:
+        """Eigenvalues and eigenvectors of the factors ``A`` and ``S`` per module."""
+        return self.root / "kfac_eigendecomposition"
+
+    def ekfac_correction(self, shard: str) -> Path:
+        """One shard's eigenvalue-correction sums ``sum (Q_S^T G Q_A)^2`` (``correction.*``)."""
+        return self.root / "ekfac_correction" / shard
+
+    @property
+    def ekfac_eigenvalues(self) -> Path:
+        """Every shard's eigenvalue-correction sums added up (same format as one shard's)."""
+        return self.root / "ekfac_eigenvalues"
+
+    @property
+    def kfac_query_gradients(self) -> Path:
+        """A gradient store of the query rows preconditioned with EK-FAC / K-FAC, then projected."""
+        return self.root / "kfac_query_gradients"
 
     @property
     def faiss_index(self) -> Path:
@@ -167,3 +200,31 @@ class PipelinePaths:
 
     def lds_retrain(self, partition: str) -> Path:
         return self.root / "lds_retrain" / partition
+
+    # MAGIC (pipelines with ``magic.enabled``)
+    @property
+    def magic_training(self) -> Path:
+        """The MAGIC training run: ``run.json`` and one ``step-NNNNNN/`` folder per checkpoint."""
+        return self.root / "magic_training"
+
+    @property
+    def magic_run(self) -> Path:
+        """``magic_training/run.json``: settings, documents digest, steps, checkpoint steps."""
+        return self.magic_training / "run.json"
+
+    def magic_checkpoint(self, step: int) -> Path:
+        """``magic_training/step-NNNNNN/state.safetensors``: the state after ``step`` steps."""
+        return self.magic_training / f"step-{step:06d}" / "state.safetensors"
+
+    def magic_scores(self, batch: str) -> Path:
+        """``magic_scores/<batch>/scores.parquet``: ``query_id, doc_id, shard, score``."""
+        return self.root / "magic_scores" / batch / "scores.parquet"
+
+    @property
+    def magic_scores_glob(self) -> Path:
+        return self.magic_scores("*")
+
+    def magic_score_batches(self) -> list[str]:
+        """Query batches whose MAGIC score table exists, sorted."""
+        return sorted(p.parent.name for p in self.root.glob("magic_scores/batch-*/scores.parquet"))
+

@@ -11,7 +11,9 @@ of one module at a time and finalizes its sums in place; a loaded autocorrelatio
 each module's matrix from disk when asked for it, so consumers hold one module at a time.
 
 On disk (a directory written atomically): ``autocorrelation.safetensors`` (one float64
-matrix per module) and ``autocorrelation.json`` (``n`` and the layout).
+matrix per module) and ``autocorrelation.json`` (``n`` and the layout). A shard's
+accumulator is saved the same way with its raw sums ``S_m = sum g gᵀ`` (``"sums": true``);
+merging saved shard sums gives the autocorrelation of all shards without their rows.
 """
 
 from __future__ import annotations
@@ -126,8 +128,14 @@ class Autocorrelation:
             _check_square(m, self.matrices, "autocorrelation")
 
     def spectrum(self) -> np.ndarray:
-        """All modules' eigenvalues pooled (= spectrum of the block-diagonal R), descending."""
-        vals = [np.linalg.eigvalsh(self.matrices[m.name]) for m in self.layout]
+        """All modules' eigenvalues pooled (= spectrum of the block-diagonal R), descending.
+
+        Matrices of fewer rows than columns (:class:`RowMatrices`, e.g. a query set) take the
+        eigenvalues of the ``[n, n]`` Gram matrix instead of the ``[d_m, d_m]`` one: the same
+        nonzero eigenvalues, zeros for the rest, ``O(n² d_m)`` instead of ``O(d_m³)``."""
+        rows = self.matrices if isinstance(self.matrices, RowMatrices) else None
+        vals = [rows.eigenvalues(m.name) if rows is not None and self.n < m.size
+                else np.linalg.eigvalsh(self.matrices[m.name]) for m in self.layout]
         return np.sort(np.clip(np.concatenate(vals), 0.0, None))[::-1]
 
 
@@ -219,6 +227,17 @@ class RowMatrices(Mapping[str, np.ndarray]):
         r /= 2.0 * len(x)
         return r
 
+    def eigenvalues(self, name: str) -> np.ndarray:
+        """``R_m``'s eigenvalues (ascending) from the Gram matrix ``x_m x_mᵀ / n`` ``[n, n]``
+        (its ``n`` eigenvalues are ``R_m``'s nonzero ones), padded with ``d_m - n`` zeros."""
+        m = self._modules[name]
+        x = np.asarray(self.rows[:, m.start : m.stop], dtype=np.float64)
+        gram = x @ x.T
+        gram += gram.T
+        gram /= 2.0 * len(x)
+        vals = np.linalg.eigvalsh(gram)
+        return np.concatenate([np.zeros(max(0, m.size - len(vals))), vals])
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._modules)
 
@@ -261,3 +280,41 @@ def training_autocorrelation(shards: Iterable[ShardRows]) -> Autocorrelation:
     if acc is None:
         raise ValueError("no shards to accumulate: materialize the corpus and its shards first")
     return acc.finalize()
+
+
+def shard_accumulator(rows: ShardRows) -> AutocorrelationAccumulator:
+    """The sums of one shard's document rows (stored or streamed)."""
+    return AutocorrelationAccumulator(rows.info["modules"]).update(rows.document_rows())
+
+
+def save_accumulator(path: Path, accumulator: AutocorrelationAccumulator) -> None:
+    """Write an accumulator's raw sums, ``n`` and layout to the directory ``path`` (atomically)."""
+    sums = accumulator._live_sums()
+    with atomic_dir(path) as tmp:
+        save_file({m.name: sums[m.name] for m in accumulator.layout}, str(tmp / TENSORS_FILE))
+        (tmp / SETTINGS_FILE).write_text(json.dumps(
+            {"n": accumulator.n, "sums": True, "layout": [m._asdict() for m in accumulator.layout]}))
+
+
+def load_accumulator(path: Path, in_memory: bool = True) -> AutocorrelationAccumulator:
+    """What :func:`save_accumulator` wrote; ``in_memory=False`` reads each module's sums when
+    accessed (enough to :meth:`~AutocorrelationAccumulator.merge` it into another)."""
+    meta = json.loads((Path(path) / SETTINGS_FILE).read_text())
+    if not meta.get("sums"):
+        raise ValueError(f"{path} holds a finalized autocorrelation, not an accumulator's sums")
+    accumulator = AutocorrelationAccumulator(meta["layout"])
+    stored = StoredTensors(Path(path) / TENSORS_FILE)
+    accumulator.sums = {m.name: stored[m.name] for m in accumulator.layout} if in_memory else stored
+    accumulator.n = int(meta["n"])
+    return accumulator
+
+
+def merge_accumulators(paths: Sequence[Path]) -> Autocorrelation:
+    """The autocorrelation of every saved accumulator in ``paths`` (in order): the first one's
+    sums in memory, the others added one module at a time."""
+    if not paths:
+        raise ValueError("no shard autocorrelations to merge: materialize the shards first")
+    merged = load_accumulator(paths[0])
+    for path in paths[1:]:
+        merged.merge(load_accumulator(path, in_memory=False))
+    return merged.finalize()

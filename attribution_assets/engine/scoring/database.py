@@ -13,6 +13,8 @@ Views
 ``documents(doc_id, source_doc_id, shard, text)`` (a chunk ``{id}#{k}`` has ``source_doc_id = id``)
 ``queries(query_id, text, gold_doc_ids)``
 ``top_influences(query_id, rank, doc_id, source_doc_id, score, text)`` (rank 1 = highest score)
+``magic_scores(query_id, doc_id, shard, score)`` and ``magic_top_influences`` (as
+``top_influences``), when MAGIC score tables exist (pipelines with ``magic.enabled``)
 
 With ``scoring.breakdown`` (``module`` or ``head``), over the block tables, whose rows are the
 same (query, document) pairs as ``scores`` and whose contributions add up to each score:
@@ -46,10 +48,11 @@ def _relative(path: Path, paths: PipelinePaths) -> str:
     return str(Path(path).relative_to(paths.database.parent)).replace("'", "''")
 
 
-def view_sql(paths: PipelinePaths, with_token_scores: bool = False, breakdown: str = "none") -> list[str]:
+def view_sql(paths: PipelinePaths, with_token_scores: bool = False, breakdown: str = "none",
+             magic: bool = False) -> list[str]:
     """CREATE VIEW statements over one pipeline's Parquet files (``breakdown``: the pipeline's
-    ``scoring.breakdown``), with paths relative to the database file (resolved through
-    DuckDB's ``file_search_path``, see :func:`connect`)."""
+    ``scoring.breakdown``; ``magic``: with the MAGIC views), with paths relative to the database
+    file (resolved through DuckDB's ``file_search_path``, see :func:`connect`)."""
     scores = _relative(paths.scores_glob, paths)
     tokens = _relative(paths.tokens_glob, paths)
     queries = _relative(paths.queries, paths)
@@ -64,6 +67,14 @@ def view_sql(paths: PipelinePaths, with_token_scores: bool = False, breakdown: s
         "row_number() OVER (PARTITION BY s.query_id ORDER BY s.score DESC, s.doc_id) AS rank, "
         "s.doc_id, d.source_doc_id, s.score, d.text FROM scores s JOIN documents d USING (doc_id, shard)",
     ]
+    if magic:
+        statements += [
+            f"CREATE OR REPLACE VIEW magic_scores AS SELECT query_id, doc_id, shard, score "
+            f"FROM read_parquet('{_relative(paths.magic_scores_glob, paths)}')",
+            "CREATE OR REPLACE VIEW magic_top_influences AS SELECT s.query_id, "
+            "row_number() OVER (PARTITION BY s.query_id ORDER BY s.score DESC, s.doc_id) AS rank, "
+            "s.doc_id, d.source_doc_id, s.score, d.text FROM magic_scores s JOIN documents d USING (doc_id, shard)",
+        ]
     if with_token_scores:
         token_scores = _relative(paths.token_scores_glob, paths)
         statements.append(f"CREATE OR REPLACE VIEW token_scores AS SELECT query_id, doc_id, shard, token, "
@@ -101,14 +112,15 @@ def view_sql(paths: PipelinePaths, with_token_scores: bool = False, breakdown: s
 
 
 def build_database(paths: PipelinePaths, with_token_scores: bool = False, breakdown: str = "none") -> Path:
-    """Write ``paths.database`` (atomically) holding the views; return its path."""
+    """Write ``paths.database`` (atomically) holding the views (the MAGIC views when MAGIC score
+    tables exist); return its path."""
     import duckdb
 
     with atomic_file(paths.database) as tmp:
         tmp.unlink()
         with duckdb.connect(str(tmp)) as con:
             con.execute(f"SET file_search_path = '{_quoted(paths.database.parent)}'")
-            for statement in view_sql(paths, with_token_scores, breakdown):
+            for statement in view_sql(paths, with_token_scores, breakdown, bool(paths.magic_score_batches())):
                 con.execute(statement)
     return paths.database
 

@@ -4,6 +4,12 @@ The one path from gradients to numbers for score tables, the Attributor's brute-
 search and the FAISS index input: :class:`QueryScorer` holds the prepared queries and
 the preconditioner; training rows come from ``gradients.collect.training_rows``, stored
 or streamed, so this stage never asks which.
+
+Preconditioners: ``trackstar`` acts on projected rows (a :class:`Preconditioner` the scorer
+applies); ``ekfac`` / ``kfac`` act on each query's full gradient before projection, so the
+query rows come out of :func:`query_collector` already preconditioned (stored as
+``kfac_query_gradients``) and the scorer sees no preconditioner: training rows stay
+projected and raw, and the score tables, index and DuckDB views are the same code.
 """
 
 from __future__ import annotations
@@ -15,10 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from attribution_assets.engine.gradients.collect import ShardRows
+from attribution_assets.engine.gradients.collect import ShardRows, make_collector
+from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.store import GradientStore, document_rows
 from attribution_assets.engine.io.digests import parts_digest
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.preconditioning.kfac import (
+    CorrectionSums,
+    KroneckerEigen,
+    KroneckerPreconditioner,
+)
 from attribution_assets.engine.preconditioning.preconditioners import Preconditioner
 from attribution_assets.engine.scoring.breakdown import breakdown_groups, contributions
 from attribution_assets.engine.scoring.scorer import prepare_queries, prepare_train, score_prepared
@@ -33,13 +45,43 @@ from attribution_assets.spec import PipelineSpec, ScoringSpec
 
 
 def load_preconditioner(spec: PipelineSpec, paths: PipelinePaths) -> Preconditioner | None:
-    """The pipeline's preconditioner (None when ``scoring.precondition`` is off)."""
-    if not spec.scoring.precondition:
+    """The pipeline's TrackStar preconditioner: None for ``none``, and for ``ekfac`` / ``kfac``
+    (their query rows are preconditioned when collected: :func:`query_collector`)."""
+    if spec.scoring.preconditioner != "trackstar":
         return None
     if not paths.preconditioner.exists():
         raise FileNotFoundError(f"{paths.preconditioner} does not exist; materialize "
                                 f"{spec.name}/preconditioner first.")
     return Preconditioner.load(paths.preconditioner)
+
+
+def load_kronecker(spec: PipelineSpec, paths: PipelinePaths) -> KroneckerPreconditioner:
+    """The pipeline's EK-FAC (eigendecomposition + merged eigenvalue correction) or K-FAC
+    (eigendecomposition) preconditioner, damped with ``scoring.damping``."""
+    if not spec.scoring.kronecker:
+        raise ValueError(f"Pipeline {spec.name!r} uses scoring.preconditioner "
+                         f"{spec.scoring.preconditioner!r}, not ekfac or kfac.")
+    eigen = KroneckerEigen.load(paths.kfac_eigendecomposition)
+    correction = CorrectionSums.load(paths.ekfac_eigenvalues) if spec.scoring.preconditioner == "ekfac" else None
+    return KroneckerPreconditioner(eigen, correction, spec.scoring.damping)
+
+
+def query_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
+                    device=None, autocast=None) -> GradientCollector:
+    """The collector of query rows as the scorer takes them: the pipeline's collector, or for
+    ``ekfac`` / ``kfac`` one that preconditions each query gradient (projected block, or full
+    gradient before projecting); ``autocast`` as in ``GradientCollector``."""
+    if not spec.scoring.kronecker:
+        return make_collector(model, spec, paths, device, autocast)
+    if paths is None:
+        raise ValueError("an EK-FAC / K-FAC query collector reads its factors: pass the pipeline's paths")
+    return GradientCollector(model, spec.gradients, device=device, autocast=autocast,
+                             transform=load_kronecker(spec, paths))
+
+
+def query_rows_path(spec: PipelineSpec, paths: PipelinePaths) -> Path:
+    """The gradient store of the query rows the scorer takes (:func:`query_collector`'s)."""
+    return paths.kfac_query_gradients if spec.scoring.kronecker else paths.query_gradients
 
 
 @dataclass
@@ -72,8 +114,8 @@ class QueryScorer:
     @classmethod
     def for_pipeline(cls, spec: PipelineSpec, paths: PipelinePaths, aggregate: str | None = None,
                      preconditioner: Preconditioner | None = None) -> QueryScorer:
-        """The pipeline's own queries (``query_gradients``) and preconditioner."""
-        store = GradientStore(paths.query_gradients)
+        """The pipeline's own queries (:func:`query_rows_path`) and preconditioner."""
+        store = GradientStore(query_rows_path(spec, paths))
         precond = preconditioner if preconditioner is not None else load_preconditioner(spec, paths)
         scorer = cls(store.document_rows(), store.doc_ids, precond, spec.scoring, aggregate)
         scorer.query_info = store.info

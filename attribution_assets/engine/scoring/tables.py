@@ -31,15 +31,17 @@ def top_columns(scores: np.ndarray, top_k: int = 0) -> np.ndarray:
 
 
 def write_scores(path: Path, scores: np.ndarray, query_ids: Sequence[str], doc_ids: Sequence[str],
-                 shard: str, top_k: int = 0) -> int:
-    """Write ``scores [q, n]`` long-format (per query, the ``top_k`` best, 0 = all); return rows."""
+                 shard: str | Sequence[str], top_k: int = 0) -> int:
+    """Write ``scores [q, n]`` long-format (per query, the ``top_k`` best, 0 = all); return rows.
+    ``shard``: of every document, or one per document (a table over several shards)."""
     cols = top_columns(scores, top_k)
     rows = np.repeat(np.arange(scores.shape[0]), cols.shape[1])
     flat_cols = cols.reshape(-1)
+    shards = [shard] * len(rows) if isinstance(shard, str) else np.asarray(shard, dtype=object)[flat_cols]
     frame = pl.DataFrame({
         "query_id": pl.Series(np.asarray(query_ids, dtype=object)[rows], dtype=pl.String),
         "doc_id": pl.Series(np.asarray(doc_ids, dtype=object)[flat_cols], dtype=pl.String),
-        "shard": pl.Series([shard] * len(rows), dtype=pl.String),
+        "shard": pl.Series(shards, dtype=pl.String),
         "score": pl.Series(scores[rows, flat_cols].astype(np.float32), dtype=pl.Float32),
     })
     with atomic_file(path) as tmp:

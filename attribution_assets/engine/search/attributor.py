@@ -6,8 +6,9 @@
 >>> result[0]          # top-10 documents for the first example: [Hit(doc_id, score, text)]
 >>> attributor.search([("Q: Where was Mara born? A: Mara was born in", " Lisbon")], k=5)
 
-Query gradients go through the pipeline's own collector (same projection, normalizer
-and module selection as the training side), then ``scoring.run.QueryScorer`` (same
+Query gradients go through the pipeline's own query collector (same projection, normalizer
+and module selection as the training side; for EK-FAC / K-FAC it also preconditions each
+gradient, :func:`scoring.run.query_collector`), then ``scoring.run.QueryScorer`` (same
 preconditioning and normalization as the score table). Documents come from the
 pipeline's FAISS index when one is built (``use_index``), plus a brute-force pass over
 the shards the index does not cover yet (with a warning), else from a brute-force pass over
@@ -32,7 +33,7 @@ from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.models import load_pipeline_model
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.scoring.run import QueryScorer, load_preconditioner
+from attribution_assets.engine.scoring.run import QueryScorer, load_preconditioner, query_collector
 from attribution_assets.engine.scoring.scorer import top_k
 from attribution_assets.engine.search.index import FaissIndex
 from attribution_assets.spec import PipelineSpec
@@ -54,7 +55,7 @@ class Attributor:
         self.model, self.tokenizer = model, tokenizer
         if self.model is None or self.tokenizer is None:
             self.model, self.tokenizer = load_pipeline_model(spec, paths, device)
-        self.collector = make_collector(self.model, spec, paths, device)
+        self.collector = query_collector(self.model, spec, paths, device)
         self.preconditioner = load_preconditioner(spec, paths)
         want_index = paths.faiss_index.exists() if use_index is None else use_index
         self.index = FaissIndex.load(paths.faiss_index) if want_index else None
@@ -98,11 +99,18 @@ class Attributor:
             for q, (row_ids, row_scores) in enumerate(zip(ids, scores)):
                 best[q] += [(float(s), d) for d, s in zip(row_ids, row_scores) if d]
         for shard in training_rows(self.spec, self.paths, self.brute_force_shards,
-                                   collector=lambda: self.collector):
+                                   collector=self._training_collector):
             indices, values = top_k(scorer.score(shard.document_rows()), k)
             for q in range(len(rows)):
                 best[q] += [(float(v), shard.doc_ids[i]) for i, v in zip(indices[q], values[q])]
         return [[Hit(d, s, self.text(d)) for s, d in sorted(row, key=lambda x: (-x[0], x[1]))[:k]] for row in best]
+
+    def _training_collector(self):
+        """The collector of streamed training rows: the pipeline's own (EK-FAC / K-FAC precondition
+        only the query side)."""
+        if self.spec.scoring.kronecker:
+            return make_collector(self.model, self.spec, self.paths, self.collector.device)
+        return self.collector
 
     @contextlib.contextmanager
     def trace(self, model=None, k: int = 10) -> Iterator[list[list[Hit]]]:

@@ -59,12 +59,25 @@ def test_default_methods_and_configured():
                         gradients=GradientSpec(normalizer="adafactor"))
     names = [m.name for m in evaluation.default_methods(spec)]
     assert names == ["random", "bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
-                     "trackstar (adam)", "preconditioned dot (adafactor)"]
+                     "trackstar (adam)", "preconditioned dot (adafactor)", "ekfac", "ekfac (cosine)",
+                     "kfac", "kfac (cosine)", "ekfac (full space)"]
     assert evaluation.configured_name(spec, evaluation.default_methods(spec)) == "trackstar (adafactor)"
     other = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                          gradients=GradientSpec(normalizer="adam"),
                          scoring=evaluation.ScoringSpec(metric="inner_product"))
     assert evaluation.default_methods(other)[-1].name == "configured"
+
+
+def test_kronecker_methods_the_gradient_settings_refuse_are_skipped_with_the_reason():
+    spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(), gradients=GradientSpec(split="head"))
+    usable, skipped = evaluation.available_methods(spec, None)
+    names = [m.name for m in usable]
+    assert "ekfac (full space)" in names and "cosine" in names
+    for name in ("ekfac", "ekfac (cosine)", "kfac", "kfac (cosine)"):
+        assert name not in names and "scoring.kfac_space: full" in skipped[name]
+    biased = dataclasses.replace(spec, gradients=GradientSpec(include_bias=True))
+    _, skipped = evaluation.available_methods(biased, None)
+    assert "`gradients.include_bias` must be false" in skipped["ekfac (full space)"]
 
 
 def test_markdown_table():

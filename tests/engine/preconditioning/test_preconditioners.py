@@ -164,6 +164,26 @@ def test_auto_lambda_follows_trackstar_rule():
         auto_mixing_lambda(train, diag_autocorr([0.0] * 12))
 
 
+@pytest.mark.parametrize("n_query", [2, 5, 20])
+def test_query_spectrum_from_the_gram_matrix_equals_the_full_eigendecomposition(n_query):
+    """Fewer query rows than a module's columns: the spectrum (and TrackStar's auto lambda)
+    from the [n, n] Gram matrices equals eigvalsh of the [d, d] matrices (2 and 5 rows: every
+    module or some; 20 rows: none, the matrices themselves)."""
+    rng = np.random.default_rng(n_query)
+    train, rows = autocorr(grads(rng, 60)), grads(rng, n_query, scale=3.0)
+    lazy = row_autocorrelation(rows, LAYOUT)
+    dense = Autocorrelation(normalize_layout(LAYOUT), explicit_r(rows), n_query)
+    old = np.sort(np.clip(np.concatenate([np.linalg.eigvalsh(dense.matrices[m.name]) for m in dense.layout]),
+                          0.0, None))[::-1]
+    got = lazy.spectrum()
+    assert got.shape == old.shape == (DIMS,)
+    np.testing.assert_allclose(got, old, rtol=1e-10, atol=1e-12 * old[0])
+    for top_k in (1, 3, 50):
+        lam, k = auto_mixing_lambda(train, lazy, top_k)
+        lam_old, k_old = auto_mixing_lambda(train, dense, top_k)
+        assert k == k_old and lam == pytest.approx(lam_old, rel=1e-10)
+
+
 def test_save_load_round_trip_exact(tmp_path):
     rng = np.random.default_rng(4)
     p = Preconditioner.from_autocorrelation(autocorr(grads(rng, 30)), autocorr(grads(rng, 4)))

@@ -1,0 +1,555 @@
+"""EK-FAC and K-FAC influence preconditioners (George et al. 2018, "Fast Approximate Natural
+Gradient Descent in a Kronecker-factored Eigenbasis"; Grosse et al. 2023, "Studying Large
+Language Model Generalization with Influence Functions").
+
+Conventions, per hooked module with weight gradient ``G [O, I]`` (``gradients.collector``:
+input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_t g_t a_tᵀ``):
+
+- **Pseudo-gradients.** The loss is the summed NLL of a document's target tokens
+  (``loss_mask``) with labels *sampled* from the model's own predictive distribution
+  (``labels="sampled"``, the papers' choice: in expectation over the labels this Fisher is
+  the Gauss-Newton matrix of the cross-entropy) or the document's own tokens
+  (``labels="true"``, the empirical Fisher). Sampling is deterministic per document
+  (:func:`sample_labels`): batching never changes the labels.
+- **Factors: expectations over tokens.** Every non-padding token of every document (once
+  per call of the module): ``A = (1/N_tok) sum_t a_t a_tᵀ`` ``[I, I]`` and
+  ``S = (1/N_tok) sum_t g_t g_tᵀ`` ``[O, O]``. Stored as float64 sums and counts
+  (:class:`CovarianceSums`), so shards merge by adding.
+- **Curvature: expectation over sequences** (one example = one document, the
+  influence-function convention): ``F = (1/N_seq) sum_n vec(G_n) vec(G_n)ᵀ``, ``vec``
+  row-major (index ``o*I + i``). With ``A = Q_A diag(e_A) Q_Aᵀ`` and
+  ``S = Q_S diag(e_S) Q_Sᵀ`` (:class:`KroneckerEigen`), K-FAC is ``F ≈ T (S ⊗ A)``,
+  ``T = N_tok / N_seq`` (tokens per document; exact if tokens were independent), whose
+  eigenvalues in the basis ``Q_S ⊗ Q_A`` are ``C = T outer(e_S, e_A)`` ``[O, I]``. EK-FAC keeps
+  the basis and replaces them with ``C[o, i] = (1/N_seq) sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2``,
+  the diagonal of ``F`` in that basis, from a second pass over the data
+  (:class:`CorrectionSums`).
+- **Preconditioning** (:class:`KroneckerPreconditioner`), never an ``(O*I)^2`` matrix:
+  ``(F + lam I)^{-1} vec(G) = vec(Q_S ((Q_Sᵀ G Q_A) / (C + lam)) Q_Aᵀ)`` with
+  ``lam = damping * mean(C)`` per module (1.0 in place of an all-zero mean), the relative
+  damping of TrackStar's ``preconditioners``. Scale-free: multiplying ``F`` by ``c``
+  multiplies every score by ``1/c``.
+- **Space.** ``full``: the above on ``[O, I]``; a query's full gradient is preconditioned,
+  then projected (``L G' Rᵀ``) and scored against projected training rows. ``projected``
+  (with a projection ``L [p, O]``, ``R [p, I]``): the same method for the model
+  reparametrized as ``W = W_0 + Lᵀ Θ R``, whose gradient is exactly the projected row
+  ``L G R^T`` ``[p, p]`` (as in LoGra): factors ``R A Rᵀ`` and ``L S Lᵀ`` (exact projections
+  of the token covariances), corrections of ``L G_n Rᵀ``; queries are preconditioned after
+  projection. Projecting a fully preconditioned query instead leaves the Johnson-Lindenstrauss
+  cross-talk of the training rows' dominant (high-curvature) directions, which the damped
+  inverse has removed from the query: measured in docs/ekfac.md.
+- **Memory** per module: ``I^2 + O^2`` float64 for the factors and again for the full-space
+  eigenvectors, ``O*I`` for EK-FAC's full-space ``C`` (``2 p^2`` and ``p^2`` when projected).
+
+On disk: a directory (written atomically) with ``<kind>.safetensors`` (float64 arrays keyed
+``<module>/<array>``) and ``<kind>.json`` (modules, counts, label settings).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from itertools import chain, zip_longest
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import load_file, save_file
+from torch import nn
+
+from attribution_assets.engine.gradients.batching import Document, make_batches, validate_documents
+from attribution_assets.engine.gradients.collector import (
+    clear_records,
+    hooked_modules,
+    select_modules,
+)
+from attribution_assets.engine.gradients.projection import projection_matrix
+from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.engine.io.digests import chain_digest, stable_seed
+from attribution_assets.spec import GradientSpec
+
+FORMAT = "attribution-assets/kfac"
+FORMAT_VERSION = 1
+LABELS = ("sampled", "true")
+SPACES = ("projected", "full")
+_CHUNK_FLOATS = 1 << 24  # float64 entries of rotated per-document gradients [B, O, I] at once
+
+
+@dataclass(frozen=True)
+class KroneckerModule:
+    """One hooked module: its weight gradient is ``[out_features, in_features]``."""
+
+    name: str
+    out_features: int
+    in_features: int
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "out_features": self.out_features, "in_features": self.in_features}
+
+
+def _modules_from_json(items: Sequence[dict]) -> tuple[KroneckerModule, ...]:
+    return tuple(KroneckerModule(str(m["name"]), int(m["out_features"]), int(m["in_features"]))
+                 for m in items)
+
+
+def _check_same(a: Any, b: Any, what: str, fix: str) -> None:
+    if a != b:
+        raise ValueError(f"{what} differ ({a!r} vs {b!r}); {fix}")
+
+
+def _write(path: str | Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
+    with atomic_dir(path) as tmp:
+        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
+                  str(tmp / f"{kind}.safetensors"), metadata={"format": FORMAT})
+        head = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
+        (tmp / f"{kind}.json").write_text(json.dumps(head | meta, indent=1))
+    return Path(path)
+
+
+def _read(path: str | Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
+    path = Path(path)
+    meta_path = path / f"{kind}.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} does not exist; materialize the asset that writes it first.")
+    meta = json.loads(meta_path.read_text())
+    if (meta.get("format"), meta.get("version"), meta.get("kind")) != (FORMAT, FORMAT_VERSION, kind):
+        raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} {kind!r} file")
+    return load_file(str(path / f"{kind}.safetensors")), meta
+
+
+def sample_labels(log_probs: torch.Tensor, tokens: Sequence[int], seed: int) -> torch.Tensor:
+    """Labels ``[n]`` drawn from ``softmax`` rows of ``log_probs [n, V]`` (one document's
+    positions), deterministically: one uniform per position from a CPU generator seeded with
+    ``stable_seed(seed, "kfac-labels", tokens)``, mapped through the float64 CDF."""
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(stable_seed(seed, "kfac-labels", ",".join(str(int(t)) for t in tokens)))
+    u = torch.rand(log_probs.shape[0], 1, generator=gen, dtype=torch.float64)
+    cdf = log_probs.detach().double().exp().cumsum(-1).cpu()
+    labels = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
+    return labels.clamp_max(log_probs.shape[-1] - 1).to(log_probs.device)
+
+
+@dataclass
+class CovarianceSums:
+    """Per module float64 sums ``sum_t a_t a_tᵀ`` (``activation``, ``[I, I]``) and
+    ``sum_t g_t g_tᵀ`` (``gradient``, ``[O, O]``) over ``tokens[name]`` tokens of
+    ``sequences`` documents. Shards merge by adding (:meth:`merge`)."""
+
+    modules: tuple[KroneckerModule, ...]
+    activation: dict[str, np.ndarray]
+    gradient: dict[str, np.ndarray]
+    tokens: dict[str, int]
+    sequences: int
+    labels: str
+    seed: int
+
+    KIND = "covariance"
+
+    def merge(self, other: CovarianceSums) -> CovarianceSums:
+        """The sums of both (e.g. two shards); modules and label settings must agree."""
+        fix = "compute every shard's covariance with the same model and settings"
+        _check_same(self.modules, other.modules, "covariance modules", fix)
+        _check_same((self.labels, self.seed), (other.labels, other.seed), "label settings", fix)
+        return CovarianceSums(
+            self.modules, {k: v + other.activation[k] for k, v in self.activation.items()},
+            {k: v + other.gradient[k] for k, v in self.gradient.items()},
+            {k: v + other.tokens[k] for k, v in self.tokens.items()},
+            self.sequences + other.sequences, self.labels, self.seed)
+
+    def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(A [I, I], S [O, O])``: the token means, symmetrized."""
+        n = self.tokens[name]
+        if n == 0:
+            raise ValueError(f"module {name!r}: no tokens were accumulated; add documents to the shards")
+        a, s = self.activation[name], self.gradient[name]
+        return (a + a.T) / (2.0 * n), (s + s.T) / (2.0 * n)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in (*self.activation.values(), *self.gradient.values()))
+
+    def finite(self) -> dict[str, bool]:
+        return {m.name: bool(np.isfinite(self.activation[m.name]).all()
+                             and np.isfinite(self.gradient[m.name]).all()) for m in self.modules}
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {f"{m.name}/{side}": getattr(self, side)[m.name]
+                   for m in self.modules for side in ("activation", "gradient")}
+        return _write(path, self.KIND, tensors, {
+            "modules": [m.as_json() for m in self.modules], "tokens": self.tokens,
+            "sequences": self.sequences, "labels": self.labels, "seed": self.seed})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CovarianceSums:
+        tensors, meta = _read(path, cls.KIND)
+        modules = _modules_from_json(meta["modules"])
+        return cls(modules, {m.name: tensors[f"{m.name}/activation"] for m in modules},
+                   {m.name: tensors[f"{m.name}/gradient"] for m in modules},
+                   {k: int(v) for k, v in meta["tokens"].items()}, int(meta["sequences"]),
+                   meta["labels"], int(meta["seed"]))
+
+
+def merge_all(parts: Iterable[Any], what: str) -> Any:
+    """``parts[0].merge(parts[1]).merge(...)``; raises if there is none."""
+    total = None
+    for part in parts:
+        total = part if total is None else total.merge(part)
+    if total is None:
+        raise ValueError(f"no {what} to merge: materialize the corpus and its shards first")
+    return total
+
+
+def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float64 eigendecomposition; NaNs (instead of an exception) for non-finite input."""
+    if np.isfinite(matrix).all():
+        return np.linalg.eigh(matrix)
+    return np.full(matrix.shape[0], np.nan), np.full(matrix.shape, np.nan)
+
+
+def _condition(values: np.ndarray) -> float | None:
+    """``max / min`` of eigenvalues, the minimum clamped at ``max * eps`` (so at most 1/eps);
+    ``None`` for non-finite values."""
+    if not np.isfinite(values).all():
+        return None
+    top, eps = float(values.max()), np.finfo(np.float64).eps
+    return float(top / max(float(values.min()), top * eps) if top > 0 else 1.0 / eps)
+
+
+def projection_for(gradients: GradientSpec, space: str) -> dict | None:
+    """The projection (``Projector.settings()``) the curvature lives under: ``None`` for the
+    ``full`` space or without projection (``projection_dim: 0``)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "full" or gradients.projection_dim == 0:
+        return None
+    return {"dim": gradients.projection_dim, "kind": gradients.projection_kind, "seed": gradients.seed}
+
+
+def _projections(projection: dict, m: KroneckerModule) -> tuple[np.ndarray, np.ndarray]:
+    """float64 ``(L [p, O], R [p, I])`` of module ``m``, the gradient collector's matrices."""
+    p, kind, seed = projection["dim"], projection["kind"], projection["seed"]
+    return tuple(projection_matrix(seed, m.name, side, p, n, kind).double().numpy()
+                 for side, n in (("out", m.out_features), ("in", m.in_features)))
+
+
+def _finite_or_none(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+@dataclass
+class KroneckerEigen:
+    """Eigendecomposition of each module's ``A`` and ``S`` (float64, ascending eigenvalues,
+    eigenvectors in columns) and its tokens per document ``T``; with a ``projection``
+    (``{dim, kind, seed}``) of the projected factors ``R A Rᵀ`` and ``L S Lᵀ`` (``[p, p]``)."""
+
+    modules: tuple[KroneckerModule, ...]
+    activation_values: dict[str, np.ndarray]
+    activation_vectors: dict[str, np.ndarray]
+    gradient_values: dict[str, np.ndarray]
+    gradient_vectors: dict[str, np.ndarray]
+    tokens_per_sequence: dict[str, float]
+    sequences: int
+    labels: str
+    seed: int
+    projection: dict | None = None
+
+    KIND = "eigendecomposition"
+    _ARRAYS = ("activation_values", "activation_vectors", "gradient_values", "gradient_vectors")
+
+    @classmethod
+    def from_covariance(cls, covariance: CovarianceSums, projection: dict | None = None) -> KroneckerEigen:
+        """Eigendecompose ``A`` and ``S`` (``projection``: of ``R A Rᵀ`` and ``L S Lᵀ``)."""
+        if covariance.sequences == 0:
+            raise ValueError("the covariance holds no documents; materialize kfac_covariance for the shards")
+        parts: dict[str, dict[str, np.ndarray]] = {k: {} for k in cls._ARRAYS}
+        for m in covariance.modules:
+            a, s = covariance.factors(m.name)
+            if projection is not None:
+                left, right = _projections(projection, m)
+                a, s = right @ a @ right.T, left @ s @ left.T
+            parts["activation_values"][m.name], parts["activation_vectors"][m.name] = _eigh(a)
+            parts["gradient_values"][m.name], parts["gradient_vectors"][m.name] = _eigh(s)
+        per_seq = {m.name: covariance.tokens[m.name] / covariance.sequences for m in covariance.modules}
+        return cls(covariance.modules, **parts, tokens_per_sequence=per_seq, sequences=covariance.sequences,
+                   labels=covariance.labels, seed=covariance.seed, projection=projection)
+
+    def bases(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(B_A [I, k_A], B_S [O, k_S])`` with ``Q_Sᵀ G Q_A = B_Sᵀ G B_A`` for a full gradient
+        ``G``: the eigenvectors, or ``Rᵀ Q_A`` and ``Lᵀ Q_S`` in the projected space."""
+        q_a, q_s = self.activation_vectors[name], self.gradient_vectors[name]
+        if self.projection is None:
+            return q_a, q_s
+        left, right = _projections(self.projection, next(m for m in self.modules if m.name == name))
+        return right.T @ q_a, left.T @ q_s
+
+    def digest(self) -> str:
+        """Content hash of the eigenbases (what an eigenvalue correction was computed in)."""
+        arrays = (np.ascontiguousarray(getattr(self, k)[m.name]).tobytes() for m in self.modules
+                  for k in self._ARRAYS)  # one array's bytes at a time
+        return chain_digest(chain([json.dumps(self.projection, sort_keys=True)], arrays))
+
+    def kfac_curvature(self, name: str) -> np.ndarray:
+        """K-FAC's eigenvalues ``T outer(e_S, e_A)`` ``[O, I]`` (tiny negatives clamped to 0)."""
+        e_s = np.clip(self.gradient_values[name], 0.0, None)
+        e_a = np.clip(self.activation_values[name], 0.0, None)
+        return self.tokens_per_sequence[name] * np.outer(e_s, e_a)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, k)[m.name].nbytes for m in self.modules for k in self._ARRAYS)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Per module: finite, smallest eigenvalue and condition number of ``A`` and ``S``."""
+        out = {}
+        for m in self.modules:
+            arrays = [getattr(self, k)[m.name] for k in self._ARRAYS]
+            out[m.name] = {
+                "finite": bool(all(np.isfinite(x).all() for x in arrays)),
+                "min_eigenvalue_A": _finite_or_none(self.activation_values[m.name].min()),
+                "min_eigenvalue_S": _finite_or_none(self.gradient_values[m.name].min()),
+                "condition_A": _condition(self.activation_values[m.name]),
+                "condition_S": _condition(self.gradient_values[m.name]),
+            }
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        tensors = {f"{m.name}/{k}": getattr(self, k)[m.name] for m in self.modules for k in self._ARRAYS}
+        return _write(path, self.KIND, tensors, {
+            "modules": [m.as_json() for m in self.modules], "tokens_per_sequence": self.tokens_per_sequence,
+            "sequences": self.sequences, "labels": self.labels, "seed": self.seed,
+            "projection": self.projection})
+
+    @classmethod
+    def load(cls, path: str | Path) -> KroneckerEigen:
+        tensors, meta = _read(path, cls.KIND)
+        modules = _modules_from_json(meta["modules"])
+        parts = {k: {m.name: tensors[f"{m.name}/{k}"] for m in modules} for k in cls._ARRAYS}
+        return cls(modules, **parts, tokens_per_sequence={k: float(v) for k, v in
+                                                          meta["tokens_per_sequence"].items()},
+                   sequences=int(meta["sequences"]), labels=meta["labels"], seed=int(meta["seed"]),
+                   projection=meta["projection"])
+
+
+@dataclass
+class CorrectionSums:
+    """EK-FAC's eigenvalue-correction sums ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` per module over
+    ``sequences`` documents (``[O, I]``; ``[p, p]`` of ``L G_n Rᵀ`` when projected), in the
+    eigenbasis whose :meth:`KroneckerEigen.digest` is ``eigen_digest``. Shards in the same
+    basis merge by adding."""
+
+    modules: tuple[KroneckerModule, ...]
+    squares: dict[str, np.ndarray]
+    sequences: int
+    eigen_digest: str
+
+    KIND = "correction"
+
+    def merge(self, other: CorrectionSums) -> CorrectionSums:
+        fix = "re-materialize ekfac_correction for every shard after kfac_eigendecomposition"
+        _check_same(self.modules, other.modules, "correction modules", fix)
+        _check_same(self.eigen_digest, other.eigen_digest, "the eigenbases of the corrections", fix)
+        return CorrectionSums(self.modules, {k: v + other.squares[k] for k, v in self.squares.items()},
+                              self.sequences + other.sequences, self.eigen_digest)
+
+    def curvature(self, name: str) -> np.ndarray:
+        """EK-FAC's eigenvalues ``[O, I]``: the mean over documents."""
+        if self.sequences == 0:
+            raise ValueError("the eigenvalue correction holds no documents")
+        return self.squares[name] / self.sequences
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in self.squares.values())
+
+    def finite(self) -> dict[str, bool]:
+        return {m.name: bool(np.isfinite(self.squares[m.name]).all()) for m in self.modules}
+
+    def save(self, path: str | Path) -> Path:
+        return _write(path, self.KIND, {f"{m.name}/squares": self.squares[m.name] for m in self.modules},
+                      {"modules": [m.as_json() for m in self.modules], "sequences": self.sequences,
+                       "eigen_digest": self.eigen_digest})
+
+    @classmethod
+    def load(cls, path: str | Path) -> CorrectionSums:
+        tensors, meta = _read(path, cls.KIND)
+        modules = _modules_from_json(meta["modules"])
+        return cls(modules, {m.name: tensors[f"{m.name}/squares"] for m in modules},
+                   int(meta["sequences"]), meta["eigen_digest"])
+
+
+class CurvatureCollector:
+    """The two passes over documents (``(input_ids, loss_mask)`` pairs) with pseudo-gradients:
+    :meth:`covariance` (factors) and :meth:`correction` (EK-FAC's eigenvalues).
+
+    Modules: ``gradients.include`` / ``exclude`` (as the gradient collector selects them);
+    batches: ``gradients.max_tokens_per_batch`` (speed and memory only, never the result).
+    """
+
+    def __init__(self, model: nn.Module, gradients: GradientSpec | None = None, labels: str = "sampled",
+                 seed: int = 0, device: torch.device | str | None = None):
+        if labels not in LABELS:
+            raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
+        self.model, self.gradients = model, gradients or GradientSpec()
+        self.labels, self.seed = labels, int(seed)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.specs = select_modules(model, self.gradients.include, self.gradients.exclude)
+        self.modules = tuple(KroneckerModule(s.name, s.out_features, s.in_features) for s in self.specs)
+
+    def _loss(self, batch, docs: Sequence[Document]) -> torch.Tensor:
+        """Summed NLL of the target tokens under sampled (or true) labels."""
+        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        if self.labels == "true":
+            targets = batch.input_ids[:, 1:]
+        else:
+            targets = torch.zeros_like(batch.input_ids[:, 1:])
+            for row, i in enumerate(batch.indices):
+                n = len(docs[i][0]) - 1
+                targets[row, :n] = sample_labels(logp[row, :n], docs[i][0], self.seed)
+        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
+        return (nll * batch.loss_mask[:, 1:].to(nll.dtype)).sum()
+
+    def _batches(self, docs: Sequence[Document]) -> Iterator[tuple[Any, torch.Tensor, dict[str, list]]]:
+        """Per batch: ``(batch, valid [B, T] bool, {module: [(a [B, T, I], g [B, T, O]), ...]})``."""
+        validate_documents(docs)
+        with hooked_modules(self.model, self.specs) as records:
+            for batch in make_batches(docs, self.gradients.max_tokens_per_batch, 0, self.device):
+                clear_records(records)
+                loss = self._loss(batch, docs)
+                outputs = [o for s in self.specs for _, o in records[s.name]]
+                grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True))
+                calls = {s.name: [(a, next(grads)) for a, _ in records[s.name]] for s in self.specs}
+                yield batch, batch.attention_mask.bool(), calls
+
+    def covariance(self, docs: Sequence[Document]) -> CovarianceSums:
+        """Token sums of ``a aᵀ`` and ``g gᵀ`` per module (padding excluded), float64."""
+        sums = {m.name: (torch.zeros((m.in_features,) * 2, dtype=torch.float64, device=self.device),
+                         torch.zeros((m.out_features,) * 2, dtype=torch.float64, device=self.device))
+                for m in self.modules}
+        tokens = {m.name: 0 for m in self.modules}
+        for _, valid, calls in self._batches(docs):
+            for name, pairs in calls.items():
+                for a, g in pairs:
+                    a_v, g_v = a[valid].double(), g[valid].double()
+                    sums[name][0].add_(a_v.T @ a_v)
+                    sums[name][1].add_(g_v.T @ g_v)
+                    tokens[name] += int(a_v.shape[0])
+        return CovarianceSums(self.modules, {k: v[0].cpu().numpy() for k, v in sums.items()},
+                              {k: v[1].cpu().numpy() for k, v in sums.items()}, tokens, len(docs),
+                              self.labels, self.seed)
+
+    def correction(self, docs: Sequence[Document], eigen: KroneckerEigen) -> CorrectionSums:
+        """Per module ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` over the documents (``G_n`` projected
+        when ``eigen`` is), float64."""
+        _check_same(self.modules, eigen.modules, "modules of the collector and the eigendecomposition",
+                    "use the same model and gradients.include / exclude")
+        _check_same((self.labels, self.seed), (eigen.labels, eigen.seed), "label settings",
+                    "use the eigendecomposition's kfac_labels and kfac_seed")
+        bases = {m.name: tuple(torch.from_numpy(x).to(self.device) for x in eigen.bases(m.name))
+                 for m in self.modules}
+        squares = {name: torch.zeros(q_s.shape[1], q_a.shape[1], dtype=torch.float64, device=self.device)
+                   for name, (q_a, q_s) in bases.items()}
+        for batch, valid, calls in self._batches(docs):
+            mask = valid[..., None]
+            for m in self.modules:
+                q_a, q_s = bases[m.name]
+                chunk = max(1, _CHUNK_FLOATS // squares[m.name].numel())
+                if not calls[m.name]:
+                    continue
+                for start in range(0, len(batch.indices), chunk):
+                    rotated = 0.0
+                    for a, g in calls[m.name]:  # a module called twice adds both calls' gradients
+                        g_r = torch.where(mask[start:start + chunk], g[start:start + chunk].double(), 0.0) @ q_s
+                        a_r = a[start:start + chunk].double() @ q_a
+                        rotated = rotated + g_r.transpose(1, 2) @ a_r
+                    squares[m.name].add_((rotated ** 2).sum(0))
+        return CorrectionSums(self.modules, {k: v.cpu().numpy() for k, v in squares.items()}, len(docs),
+                              eigen.digest())
+
+
+class KroneckerPreconditioner:
+    """Damped inverse of EK-FAC (``correction`` given) or K-FAC (``correction=None``) per
+    module (module docstring): the ``transform`` of a ``GradientCollector``, applied to full
+    weight gradients before projection, or (``projected``) to the projected ``[p, p]`` blocks,
+    so query rows come out preconditioned and projected."""
+
+    def __init__(self, eigen: KroneckerEigen, correction: CorrectionSums | None = None,
+                 damping: float = 0.1):
+        if not np.isfinite(damping) or damping < 0:
+            raise ValueError(f"damping must be a finite number >= 0, got {damping}")
+        if correction is not None:
+            _check_same(correction.modules, eigen.modules, "modules of the correction and eigendecomposition",
+                        "re-materialize ekfac_correction and ekfac_eigenvalues")
+            if correction.eigen_digest != eigen.digest():
+                raise ValueError("the eigenvalue correction was computed in another eigenbasis than the "
+                                 "current eigendecomposition: re-materialize ekfac_correction (every shard) "
+                                 "and ekfac_eigenvalues")
+        self.eigen, self.damping = eigen, float(damping)
+        self.kind = "kfac" if correction is None else "ekfac"
+        self.projection = eigen.projection
+        self.modules = {m.name: m for m in eigen.modules}
+        self.curvature = {m.name: eigen.kfac_curvature(m.name) if correction is None
+                          else correction.curvature(m.name) for m in eigen.modules}
+        self._cache: dict[tuple[str, str, torch.dtype], tuple[torch.Tensor, ...]] = {}
+
+    def shift(self, name: str) -> float:
+        """``damping * mean(C)`` of one module (mean 1.0 for an all-zero C)."""
+        mean = float(self.curvature[name].mean())
+        return self.damping * (mean if mean > 0 else 1.0)
+
+    @property
+    def projected(self) -> bool:
+        return self.projection is not None
+
+    def check_modules(self, modules: Sequence[tuple[str, int, int]], projection: dict | None = None) -> None:
+        """Raise naming the first module whose name or ``(O, I)`` shape is not the factors', or
+        when projected factors meet another ``projection`` (``Projector.settings()``)."""
+        if self.projected and projection != self.projection:
+            raise ValueError(f"the {self.kind} factors live in the projection {self.projection} but the "
+                             f"gradient collector projects with {projection}; re-materialize "
+                             "kfac_eigendecomposition (and the eigenvalue correction) after changing it")
+        got = [(str(n), int(o), int(i)) for n, o, i in modules]
+        have = [(m.name, m.out_features, m.in_features) for m in self.modules.values()]
+        for ours, theirs in zip_longest(have, got):
+            if ours != theirs:
+                raise ValueError(f"the {self.kind} factors do not match the gradient collector's modules: "
+                                 f"factors have {ours}, the collector has {theirs}; compute the factors with "
+                                 "the same model and gradients.include / exclude")
+
+    def _tensors(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        key = (name, str(device), dtype)
+        if key not in self._cache:
+            inverse = 1.0 / (self.curvature[name] + self.shift(name))
+            self._cache[key] = tuple(torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=dtype)
+                                     for x in (self.eigen.gradient_vectors[name],
+                                               self.eigen.activation_vectors[name], inverse))
+        return self._cache[key]
+
+    def apply_full(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """``Q_S ((Q_Sᵀ G Q_A) / (C + lam)) Q_Aᵀ`` for ``G [..., O, I]`` (``[..., p, p]`` projected
+        blocks when ``projected``), same device and dtype."""
+        q_s, q_a, inverse = self._tensors(name, grad.device, grad.dtype)
+        return q_s @ ((q_s.T @ grad @ q_a) * inverse) @ q_a.T
+
+    @property
+    def nbytes(self) -> int:
+        return self.eigen.nbytes + sum(c.nbytes for c in self.curvature.values())
+
+    def report(self) -> dict[str, Any]:
+        """Per module: finite, smallest curvature eigenvalue, smallest after damping (``positive``
+        when > 0), condition number after damping; ``ok`` when every module passes."""
+        modules = {}
+        for name, c in self.curvature.items():
+            if not np.isfinite(c).all():
+                modules[name] = {"finite": False, "min_eigenvalue": None, "min_damped_eigenvalue": None,
+                                 "positive": False, "damped_condition": None}
+                continue
+            lam, low = self.shift(name), float(c.min())
+            modules[name] = {
+                "finite": True, "min_eigenvalue": low, "min_damped_eigenvalue": low + lam,
+                "positive": bool(low + lam > 0),
+                "damped_condition": float((c.max() + lam) / (low + lam)) if low + lam > 0 else None,
+            }
+        return {"ok": all(v["finite"] and v["positive"] for v in modules.values()), "modules": modules}

@@ -1,0 +1,173 @@
+"""Scale-out on one machine: training-gradient throughput of 4 shards in one process vs 2 worker
+processes (the `multiprocess` profile), and of one shard in 1 vs 2 torchrun ranks (the
+`torchrun` profile's engine entry point); each configuration's startup cost.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--docs-per-shard 48] [--hidden 256]
+
+A small random GPT-NeoX (no download) over generated documents. Both sides use all cores: one
+process with ``threads = cores``, or ``workers x 1`` thread. Prints a Markdown table (for
+docs/scale-out.md) with the load average before and after: on a shared machine the figures
+move with what else runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from attribution_assets.defs.factory import build_definitions  # noqa: E402
+from attribution_assets.defs.profiles import DeploymentProfile  # noqa: E402
+from attribution_assets.defs.resources import ComputeResource, StorageResource  # noqa: E402
+from attribution_assets.defs.runner import STAGES, Stage, materialize_pipeline, split_ranges  # noqa: E402
+from attribution_assets.engine.io.data import read_tokenized  # noqa: E402
+from attribution_assets.engine.io.paths import PipelinePaths  # noqa: E402
+from attribution_assets.spec import load_pipeline_file, spec_to_json  # noqa: E402
+
+WORDS = ["river", "city", "port", "north", "old", "born", "works", "studied", "builds", "small",
+         "satellites", "university", "lisbon", "mara", "quill", "tomas", "reyes", "orbitex",
+         "norwood", "ada", "finch", "the", "a", "of", "in", "at", "for", "and", "is", "was"]
+
+
+def build_inputs(base: Path, shards: int, docs_per_shard: int, words: int, hidden: int, layers: int):
+    """A random tokenizer-compatible model and a corpus of ``shards x docs_per_shard`` documents."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from tests.helpers import train_tiny_tokenizer
+
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(shards * docs_per_shard)]
+    tokenizer = train_tiny_tokenizer(texts[:200], vocab_size=300)
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                           num_attention_heads=4, intermediate_size=4 * hidden, max_position_embeddings=512,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    GPTNeoXForCausalLM(config).save_pretrained(base / "model")
+    tokenizer.save_pretrained(base / "model")
+    (base / "corpus").mkdir()
+    (base / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (base / "queries.jsonl").write_text(json.dumps({"prompt": "mara quill was born in", "completion": " lisbon"}))
+    body = {"pipelines": [{"name": "bench", "model": {"name_or_path": str(base / "model")},
+                           "corpus": {"path": "corpus", "max_length": 256}, "shard_size": docs_per_shard,
+                           "queries": {"path": "queries.jsonl", "max_length": 64, "prompt_column": "prompt",
+                                       "completion_column": "completion"},
+                           "gradients": {"projection_dim": 16}}]}
+    (base / "pipelines.yaml").write_text(yaml.safe_dump(body))
+    (spec,) = load_pipeline_file(base / "pipelines.yaml")
+    return spec
+
+
+def profile(root: Path, threads: int, executor: str = "in_process", workers: int | None = None):
+    return DeploymentProfile("bench", None, StorageResource(root=str(root)), ComputeResource(threads=threads),
+                             executor=executor, max_concurrent=workers)
+
+
+def shard_seconds(instance: dg.DagsterInstance) -> dict[str, float]:
+    """Each shard's collect seconds (train_gradients metadata) of the latest materializations."""
+    records = instance.fetch_materializations(dg.AssetKey(["bench", "train_gradients"]), limit=1000).records
+    seconds = {}
+    for record in records:  # newest first
+        m = record.asset_materialization
+        if m.partition not in seconds and "seconds" in m.metadata:
+            seconds[m.partition] = m.metadata["seconds"].value
+    return seconds
+
+
+def time_stage(defs, spec, instance) -> tuple[float, dict[str, float]]:
+    began = time.perf_counter()
+    materialize_pipeline(defs, spec, instance, stages=[Stage("shards", ("train_gradients",), True)],
+                         log=lambda _: None, log_level="CRITICAL", force=True)
+    wall = time.perf_counter() - began
+    return wall, shard_seconds(instance)
+
+
+def torchrun(spec, root: Path, shard: str, ranks: int, threads: int, out: Path, fingerprint: str) -> tuple[float, dict]:
+    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shard": shard, "fingerprint": fingerprint,
+           "producer": "bench", "device": "cpu", "threads": threads, "out": str(out)}
+    path = out.parent / f"job-{ranks}.json"
+    path.write_text(json.dumps(job))
+    began = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={ranks}", "-m", "attribution_assets.engine.gradients.distributed",
+                           str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)})
+    wall = time.perf_counter() - began
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return wall, json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--docs-per-shard", type=int, default=48)
+    parser.add_argument("--words", type=int, default=120)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        base = Path(tmp)
+        spec = build_inputs(base, args.shards, args.docs_per_shard, args.words, args.hidden, args.layers)
+        storage = base / "storage"
+        (base / "home").mkdir()
+        instance = dg.DagsterInstance.local_temp(tempdir=str(base / "home"))
+        local = build_definitions([spec], profile(storage, cores))
+        materialize_pipeline(local, spec, instance, stages=STAGES[:2], log=lambda _: None, log_level="CRITICAL")
+        paths = PipelinePaths.under(storage, spec.name)
+        tokens = sum(len(d.input_ids) for s in paths.gradient_shards() for d in read_tokenized(paths.tokens(s)))
+        rows = []
+        one_wall, one_shards = time_stage(local, spec, instance)
+        rows.append(("1 process", f"threads={cores}", one_wall, sum(one_shards.values())))
+        multi = build_definitions([spec], profile(storage, max(1, cores // args.workers), "multiprocess",
+                                                  args.workers))
+        multi_wall, multi_shards = time_stage(multi, spec, instance)
+        order = paths.gradient_shards()
+        ranges = split_ranges([(order[0], order[-1])], order, args.workers)  # what the runner ran
+        per_worker = [sum(multi_shards[s] for s in order[order.index(a):order.index(b) + 1]) for a, b in ranges]
+        rows.append((f"{args.workers} worker processes", f"threads={max(1, cores // args.workers)} each",
+                     multi_wall, max(per_worker)))
+        shard = paths.gradient_shards()[0]
+        fingerprint = json.loads(paths.model_record.read_text())["fingerprint"]
+        shard_tokens = sum(len(d.input_ids) for d in read_tokenized(paths.tokens(shard)))
+        t1_wall, t1 = torchrun(spec, storage, shard, 1, cores, base / "t1", fingerprint)
+        t2_wall, t2 = torchrun(spec, storage, shard, args.workers, max(1, cores // args.workers), base / "t2",
+                               fingerprint)
+    load_after = os.getloadavg()
+
+    print(f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers; {args.shards} shards x "
+          f"{args.docs_per_shard} docs x ~{args.words} words ({tokens} tokens); projection 16; cores {cores}")
+    print(f"load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
+          f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f}\n")
+    print("| train gradients, 4 shards | threads | wall s | tokens/s (wall) | compute s | startup s | speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for name, threads, wall, compute in rows:
+        print(f"| {name} | {threads} | {wall:.1f} | {tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} | "
+              f"{one_wall / wall:.2f}x |")
+    print("\n| one shard via torchrun | wall s | tokens/s (wall) | rank collect s | startup s | speedup |")
+    print("|---|---|---|---|---|---|")
+    for name, wall, report in ((f"1 rank, threads={cores}", t1_wall, t1),
+                               (f"{args.workers} ranks (gloo), threads={max(1, cores // args.workers)} each",
+                                t2_wall, t2)):
+        compute = max(report["rank_seconds"])
+        print(f"| {name} | {wall:.1f} | {shard_tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} | "
+              f"{t1_wall / wall:.2f}x (collect {max(t1['rank_seconds']) / compute:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
