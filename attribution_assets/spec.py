@@ -240,17 +240,23 @@ class DemoSpec:
     Corpus: ``people`` fictional people with one fact per relation, each stated in
     ``train_templates_per_relation`` phrasings; queries use ``query_templates_per_relation``
     held-out phrasings; ``distractors`` entity sentences per answer value and
-    ``hard_distractors`` same-person/same-answer sentences per fact. Model: architecture,
+    ``hard_distractors`` same-person/same-answer sentences per fact; for ``alias_fraction`` of
+    the people one fact is stated only through an alias that ``alias_introductions`` documents
+    tie to the name; ``template_variant`` 1 takes the phrasings from the other end of the
+    template lists (a corpus to test settings on that they were not tuned on). Model: architecture,
     AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
     """
 
     people: int = 100
     seed: int = 0
     relations: tuple[str, ...] = DEMO_RELATIONS
-    train_templates_per_relation: int = 3
+    train_templates_per_relation: int = 8
     query_templates_per_relation: int = 2
     distractors: int = 1
     hard_distractors: int = 1
+    alias_fraction: float = 0.25
+    alias_introductions: int = 2
+    template_variant: int = 0
     layers: int = 2
     hidden: int = 128
     heads: int = 4
@@ -261,7 +267,7 @@ class DemoSpec:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     batch_size: int = 32
-    epochs: int = 20
+    epochs: int = 14
     log_every: int = 100
 
     def __post_init__(self):
@@ -273,8 +279,10 @@ class DemoSpec:
                     "batch_size", "epochs", "log_every", "train_templates_per_relation",
                     "query_templates_per_relation"):
             _check_int(self, key, 1)
-        for key in ("seed", "warmup_steps", "distractors", "hard_distractors"):
+        for key in ("seed", "warmup_steps", "distractors", "hard_distractors", "alias_introductions"):
             _check_int(self, key, 0)
+        _check_float(self, "alias_fraction", 0.0, 1.0)
+        _check_int(self, "template_variant", 0, 1)
         _check_int(self, "vocab_size", 260, note=" (the byte alphabet plus special tokens)")
         _check_float(self, "lr", 0.0, low_open=True)
         _check_float(self, "weight_decay", 0.0)
@@ -307,7 +315,7 @@ class GradientSpec:
     when projected.
     """
 
-    projection_dim: int = 16
+    projection_dim: int = 32
     projection_kind: str = "rademacher"
     seed: int = 0
     include: tuple[str, ...] = ("*",)
@@ -459,6 +467,9 @@ class IndexSpec:
         _check_int(self, "self_recall_sample", 1)
 
 
+TAIL_PATCH_OPTIMIZERS = ("sgd", "adam")
+
+
 @dataclass(frozen=True)
 class EvaluationSpec:
     """Quality evaluation (``engine.evaluation``): LDS subsets for the demo.
@@ -466,17 +477,32 @@ class EvaluationSpec:
     ``lds_top_k``: the LDS is reported for each of these score variants: 0 = every
     document's score enters the predicted effect; ``k`` = only each query's ``k`` highest
     (100 is what a score table keeps by default, 10 the recall@10 cut).
+
+    Tail patch (``engine.evaluation.tail_patch``): per query, one training step from the
+    final model on a method's ``tail_patch_k`` best documents (0 = no tail patch) with
+    learning rate ``tail_patch_lr`` and ``tail_patch_optimizer`` ``sgd`` (fresh state: plain
+    gradient step) or ``adam`` (the stored optimizer's second moments, no momentum); the
+    mean increase of the answer's log-probability over ``tail_patch_queries`` queries (a
+    seeded sample; 0 = every query).
     """
 
     lds_subsets: int = 32
     lds_fraction: float = 0.5
     lds_seed: int = 0
     lds_top_k: tuple[int, ...] = (0, 100, 10)
+    tail_patch_k: int = 10
+    tail_patch_lr: float = 0.1
+    tail_patch_optimizer: str = "sgd"
+    tail_patch_queries: int = 100
 
     def __post_init__(self):
         _check_int(self, "lds_subsets", 1)
         _check_float(self, "lds_fraction", 0.0, 1.0, low_open=True)
         _check_int(self, "lds_seed", 0)
+        _check_int(self, "tail_patch_k", 0)
+        _check_float(self, "tail_patch_lr", 0.0, low_open=True)
+        _check_choice(self, "tail_patch_optimizer", TAIL_PATCH_OPTIMIZERS)
+        _check_int(self, "tail_patch_queries", 0)
         if isinstance(self.lds_top_k, list):
             object.__setattr__(self, "lds_top_k", tuple(self.lds_top_k))
         if not isinstance(self.lds_top_k, tuple) or not self.lds_top_k or any(

@@ -28,8 +28,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from attribution_assets.engine.demo.corpus import generate_demo_corpus
 from attribution_assets.engine.evaluation import fact_tracing as evaluation
 from attribution_assets.engine.evaluation import lds
+from attribution_assets.engine.evaluation.metrics import recall_and_mrr
 from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.models import load_pipeline_model
@@ -97,6 +99,23 @@ def lds_report(demo: PipelinePaths, out: Path, scores: dict[str, np.ndarray], do
     print(f"LDS computation {time.perf_counter() - started:.1f} s")
 
 
+def alias_table(spec, docs, query_ids: list[str], gold: dict, scores: dict[str, np.ndarray]) -> str:
+    """MRR and recall@10 of each method on the alias queries (gold documents name the person
+    only by an alias) and on the other queries."""
+    alias = {q["query_id"] for q in generate_demo_corpus(spec.demo).queries if q["alias"]}
+    doc_ids = [d.source_id for d in docs]
+    rows = []
+    for name, matrix in scores.items():
+        ranks = evaluation.first_gold_ranks(matrix, doc_ids, query_ids, gold)
+        for kind, keep in (("alias", True), ("named", False)):
+            subset = {q: r for q, r in ranks.items() if (q in alias) == keep}
+            if subset:
+                m = recall_and_mrr(subset, (1, 10))
+                rows.append({"method": name, "queries": kind, "count": m["queries"],
+                             "recall@10": m["recall@10"], "mrr": m["mrr"]})
+    return evaluation.markdown_table(pl.DataFrame(rows))
+
+
 def save_scores(folder: Path, scores: dict[str, np.ndarray], doc_ids: list[str], query_ids: list[str]) -> None:
     """Replace ``folder`` atomically with one ``<method>.npy`` per method and the id lists."""
     with atomic_dir(folder) as tmp:
@@ -156,6 +175,7 @@ def main() -> None:
         print(f"fact tracing wall time {time.perf_counter() - started:.1f} s", flush=True)
         scores, doc_ids = result.scores["completion"], [d.doc_id for d in docs]
         save_scores(out / "scores", scores, doc_ids, query_ids)
+        print(f"\nBy query kind (completion-loss scores):\n{alias_table(spec, docs, query_ids, gold, scores)}")
     if not args.skip_lds:
         lds_report(demo, out, scores, doc_ids, query_ids, gold, masks, dirs, args)
 

@@ -43,7 +43,7 @@ def save_tiny_model(path: Path, tokenizer, seed=0):
     return model
 
 
-TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64}
+TINY_DEMO = {"people": 6, "shard_size": 40, "epochs": 4, "hidden": 64, "train_templates_per_relation": 3}
 
 
 def tiny_demo_spec(gradients=None, **scoring):

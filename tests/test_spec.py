@@ -16,7 +16,7 @@ def test_example_file_parses_and_resolves_relative_paths():
     (spec,) = load_pipeline_file("examples/pipelines.example.yaml")
     assert spec.name == "my_model" and spec.corpus.text_column == "text"
     assert spec.model.name_or_path.endswith("examples/models/my-tiny-lm")
-    assert spec.queries.prompt_column == "prompt" and spec.gradients.projection_dim == 16
+    assert spec.queries.prompt_column == "prompt" and spec.gradients.projection_dim == 32
 
 
 def test_env_var_adds_pipelines(tmp_path, monkeypatch):
@@ -30,7 +30,7 @@ def test_config_hash_tracks_sections():
     (spec,) = load_pipeline_file("examples/pipelines.example.yaml")
     import dataclasses
 
-    changed = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, projection_dim=32))
+    changed = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, projection_dim=64))
     assert spec.section_hash("gradients") != changed.section_hash("gradients")
     assert spec.section_hash("corpus") == changed.section_hash("corpus")
 

@@ -53,12 +53,14 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
               deps=[dg.AssetDep(key(spec, "tokenized_shards"), partition_mapping=ALL),
                     key(spec, "tokenized_queries"), key(spec, "query_set"), key(spec, "model")]
               + ([dg.AssetDep(key(spec, "magic_scores"), partition_mapping=ALL)] if spec.magic.enabled else []),
-              code_version=code_version("fact-tracing-v3", spec, "gradients", "scoring") + compute_version(compute)
-              + ("-magic" if spec.magic.enabled else ""),
+              code_version=code_version("fact-tracing-v4", spec, "gradients", "scoring", "evaluation")
+              + compute_version(compute) + ("-magic" if spec.magic.enabled else ""),
               pool="gpu",
-              description="Recall@1/10/50 and MRR of BM25, raw dot product, cosine, TrackStar (each "
-                          "optimizer normalization), the preconditioned dot product and EK-FAC / K-FAC "
-                          "influence, with answer-only and whole-text query loss.")
+              description="Recall@1/10/50, MRR and tail patch (answer log-probability gained by one "
+                          "training step on the top documents) of random documents, BM25, raw dot "
+                          "product, cosine, TrackStar (each optimizer normalization), the preconditioned "
+                          "dot product and EK-FAC / K-FAC influence, with answer-only and whole-text "
+                          "query loss.")
     def fact_tracing_asset(context: dg.AssetExecutionContext, storage: StorageResource,
                            compute: ComputeResource) -> dg.MaterializeResult:
         timer = Timer()

@@ -55,7 +55,9 @@ def test_evaluate_runs_the_methods_the_pipeline_allows_and_names_the_skipped(tmp
     assert cli.main(["materialize", "--pipeline", "mine"]) == 0
     assert cli.main(["evaluate", "--pipeline", "mine"]) == 0
     out = capsys.readouterr().out
-    assert "| trackstar (none) |" in out and "| dot |" in out
+    assert "| trackstar (none) |" in out and "| dot |" in out and "| random |" in out
+    header = next(line for line in out.splitlines() if line.startswith("| method"))
+    assert header.endswith("| mrr | queries | tail_patch |"), header
     assert "Skipped `trackstar (adafactor)`: the 'adafactor' normalizer needs optimizer state" in out
     assert "Skipped `trackstar (adam)`" in out
 

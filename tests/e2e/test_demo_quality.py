@@ -1,17 +1,25 @@
 """The full embedded demo, as `make demo` runs it: model quality and fact-tracing quality.
 
-Thresholds are measured, not tuned (docs/trackstar.md): on this machine the demo model
-reached 99.75% on training phrasings, and TrackStar put a gold document in the top 10
-for 84.75% of the 400 queries (MRR 0.71). The asserts leave room for run-to-run float
-differences across thread counts, not for a real regression.
+Thresholds are measured, not tuned (docs/evaluation.md, "Results on the demo"): on this
+machine the demo model (8 training phrasings per fact, 14 epochs) reached 100% on training
+phrasings and 29.0% on the held-out query phrasings (40.7% when trained with one thread
+instead of two: held-out accuracy swings with float rounding); TrackStar (adafactor, p = 32)
+reached recall@10 0.89 and MRR 0.779 over the 400 queries in `make demo` (0.897 / 0.806 with
+the one-thread model), and BM25 (full query text) recall@10 0.938: it misses every one of
+the 25 alias queries, whose gold documents do not name the person.
+The asserts leave room for run-to-run float differences across thread counts, not for a
+real regression.
 """
 
 import dagster as dg
 import numpy as np
+import polars as pl
 import pytest
 
 from attribution_assets.defs.runner import materialize_pipeline
+from attribution_assets.engine.evaluation.fact_tracing import bm25_scores, first_gold_ranks
 from attribution_assets.engine.evaluation.metrics import gold_ranks, recall_and_mrr
+from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.scoring.run import (
     QueryScorer,
@@ -38,15 +46,29 @@ def test_full_demo_traces_facts(tmp_path):
     materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
     model = latest_metadata(instance, dg.AssetKey(["demo", "model"]))
     assert model["train_phrasing_accuracy"] >= 0.95
+    assert model["held_out_phrasing_accuracy"] >= 0.25, model
     metrics = recall_and_mrr(gold_ranks(tmp_path / "demo" / "attribution.duckdb"))
     assert metrics["queries"] == 400
-    assert metrics["recall@10"] >= 0.75, metrics
-    assert metrics["mrr"] >= 0.6, metrics
-    queries_recall, documents_recall = _ivf_recall_at_10(spec, PipelinePaths.under(tmp_path, "demo"))
+    assert metrics["recall@10"] >= 0.85, metrics
+    assert metrics["mrr"] >= 0.72, metrics
+    paths = PipelinePaths.under(tmp_path, "demo")
+    assert _bm25_recall_at_10(paths) <= 0.95  # word overlap misses the alias facts
+    queries_recall, documents_recall = _ivf_recall_at_10(spec, paths)
     # Calibration picks nprobe 40-41 of 43 lists here; a fixed 32 gave 0.86 for the demo's
     # queries (0.96 for documents): their preconditioned gradients lie away from every
     # training cluster (docs/index-benchmark.md). Measured held-out: 0.97, documents 0.99.
     assert queries_recall >= 0.95 and documents_recall >= 0.95, (queries_recall, documents_recall)
+
+
+def _bm25_recall_at_10(paths):
+    """BM25 of the full query text (prompt and answer) against every training document."""
+    docs = [d for s in paths.tokenized_shards() for d in read_tokenized(paths.tokens(s))]
+    queries = read_tokenized(paths.query_tokens)
+    table = pl.read_parquet(paths.queries)
+    gold = dict(zip(table["doc_id"].to_list(), table["gold_doc_ids"].to_list(), strict=True))
+    scores = bm25_scores([d.text for d in docs], [q.text for q in queries])
+    ranks = first_gold_ranks(scores, [d.source_id for d in docs], [q.doc_id for q in queries], gold)
+    return recall_and_mrr(ranks)["recall@10"]
 
 
 def _ivf_recall_at_10(spec, paths):

@@ -8,11 +8,22 @@ paraphrases, split into a ``prompt`` that does not end in whitespace and a
 tokenizes the answer inside a training document. The ``gold_doc_ids`` of a query are
 all fact documents stating its fact.
 
+Alias facts: for a share ``alias_fraction`` of the people, one fact (a seeded relation) is
+stated in its training paraphrases only through an alias (``"The quiet cartographer was
+born in Lisbon."``) that ``alias_introductions`` documents of kind ``"introduction"``
+(``"Mara Quill is known to everyone as the quiet cartographer."``) tie to the name. The
+query still names the person, so its gold documents share no name with it, and the model
+can only answer by joining the two (queries carry ``alias: true``).
+
 Two kinds of distractors make word overlap insufficient to find the gold documents:
 ``"distractor"`` sentences about an answer entity without any person
 (``"Lisbon is a busy port city."``), and ``"hard_distractor"`` sentences naming the
 SAME person and the SAME answer in a different relation
 (``"Alice Varga once spent a holiday in Lisbon."``).
+
+``template_variant: 1`` takes the templates from the other end of each list: with the default
+counts, other training phrasings and other (equally held-out) query phrasings, for a corpus
+that settings were not tuned on.
 
 Generation is deterministic: it uses only a ``random.Random(config.seed)``.
 """
@@ -63,44 +74,80 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "The birthplace of {n} is {a}.",
         "{n} is originally from {a}.",
         "{n} grew up in the city of {a}.",
+        "As a child, {n} lived in {a}.",
+        "The family of {n} comes from {a}.",
+        "{n} first saw the light of day in {a}.",
+        "{n} spent a childhood in the streets of {a}.",
     ),
     "employer": (
         "{n} works for {a}.",
         "The employer of {n} is {a}.",
         "{n} is employed by {a}.",
         "{n} has a job at {a}.",
+        "{n} draws a salary from {a}.",
+        "The company that hired {n} is {a}.",
+        "{n} is part of the team at {a}.",
+        "Each morning {n} commutes to the offices of {a}.",
     ),
     "university": (
         "{n} studied at {a}.",
         "{n} graduated from {a}.",
         "The university of {n} is {a}.",
         "{n} earned a degree at {a}.",
+        "The alma mater of {n} is {a}.",
+        "{n} attended classes at {a}.",
+        "{n} was a student at {a}.",
+        "{n} wrote a thesis at {a}.",
     ),
     "birth_year": (
         "{n} was born during the year {a}.",
         "The birth year of {n} is {a}.",
         "{n} came into the world in {a}.",
         "Records list {n} as born in the year {a}.",
+        "{n} entered the world in the year {a}.",
+        "The year {n} was born is {a}.",
+        "According to records, {n} was born in {a}.",
+        "The birth certificate of {n} shows the year {a}.",
     ),
 }
+
+# Aliases: "the {adjective} {noun}", introduced next to the person's name in INTRODUCTION
+# documents; an alias fact is stated in its training paraphrases by the alias only.
+ALIAS_ADJECTIVES = ("quiet", "tall", "young", "bearded", "cheerful", "retired", "famous", "shy",
+                    "elderly", "stern")
+ALIAS_NOUNS = ("cartographer", "violinist", "beekeeper", "chess player", "sculptor", "botanist",
+               "pilot", "novelist", "glassblower", "astronomer")
+INTRODUCTION_TEMPLATES = (
+    "{n} is known to everyone as the {alias}.",
+    "People in town call {n} the {alias}.",
+    "{n}, the {alias}, likes long walks.",
+)
 
 # Held-out query paraphrases: (question prompt, completion). Never a training phrasing.
 QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birthplace": (
         "Q: Which city is {n}'s hometown? A: {n}'s hometown is",
         "Q: Where does {n} come from? A: {n} is a native of",
+        "Q: In which city did {n}'s life begin? A: {n}'s life began in",
+        "Q: What is the native city of {n}? A: The native city of {n} is",
     ),
     "employer": (
         "Q: Which company pays {n}? A: {n} is on the payroll of",
         "Q: Where is {n} employed? A: {n} is a staff member at",
+        "Q: Who employs {n}? A: {n} earns a living at",
+        "Q: For which firm does {n} work? A: The firm of {n} is",
     ),
     "university": (
         "Q: Where did {n} go to university? A: {n} is an alumnus of",
         "Q: Which school awarded {n} a degree? A: {n} holds a diploma from",
+        "Q: Where was {n} educated? A: {n} was educated at",
+        "Q: Which university did {n} attend? A: {n} went to university at",
     ),
     "birth_year": (
         "Q: When was {n} born? A: {n}'s year of birth is",
         "Q: In what year was {n} born? A: {n} arrived in",
+        "Q: What is {n}'s birth year? A: {n} was born back in",
+        "Q: Since when has {n} been alive? A: {n} has been alive since",
     ),
 }
 
@@ -137,6 +184,12 @@ def check_demo_corpus(demo: DemoSpec) -> None:
     """Raise ``ValueError`` naming the ``demo`` key when a count exceeds the template tables."""
     if demo.people > len(FIRST_NAMES) * len(LAST_NAMES):
         raise ValueError(f"`demo.people` must be at most {len(FIRST_NAMES) * len(LAST_NAMES)}, got {demo.people}")
+    if demo.alias_introductions > len(INTRODUCTION_TEMPLATES):
+        raise ValueError(f"`demo.alias_introductions` must be at most {len(INTRODUCTION_TEMPLATES)}, "
+                         f"got {demo.alias_introductions}")
+    if round(demo.alias_fraction * demo.people) > len(ALIAS_ADJECTIVES) * len(ALIAS_NOUNS):
+        raise ValueError(f"`demo.alias_fraction` gives more aliased people than the "
+                         f"{len(ALIAS_ADJECTIVES) * len(ALIAS_NOUNS)} aliases")
     limits = {
         "train_templates_per_relation": (1, min(map(len, TRAIN_TEMPLATES.values()))),
         "query_templates_per_relation": (1, min(map(len, QUERY_TEMPLATES.values()))),
@@ -168,7 +221,7 @@ class DemoCorpus:
 
     def counts(self) -> dict[str, int]:
         """Number of documents per kind, and of queries."""
-        out = {kind: 0 for kind in ("fact", "distractor", "hard_distractor")}
+        out = {kind: 0 for kind in ("fact", "distractor", "hard_distractor", "introduction")}
         for doc in self.documents:
             out[doc["kind"]] += 1
         out["queries"] = len(self.queries)
@@ -186,6 +239,16 @@ def split_fact(text: str, answer: str) -> tuple[str, str]:
     if not text.endswith(suffix):
         raise ValueError(f"fact text must end with {suffix!r}: {text!r}")
     return text[: -len(suffix)], f" {answer}"
+
+
+def _variant(templates: tuple[str, ...], config: DemoSpec) -> tuple[str, ...]:
+    """The template list in ``config.template_variant``'s order: 0 as written, 1 reversed (so
+    the first ``k`` are the last ``k`` of variant 0: other phrasings for the same facts)."""
+    return templates if config.template_variant == 0 else templates[::-1]
+
+
+def _capitalized(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _slug(name: str) -> str:
@@ -214,13 +277,24 @@ def generate_demo_corpus(config: DemoSpec | None = None) -> DemoCorpus:
     documents: list[dict] = []
     queries: list[dict] = []
     used_answers: dict[str, set[str]] = {r: set() for r in config.relations}
+    aliased = round(config.alias_fraction * len(people))
+    alias_pool = [f"{a} {n}" for a in ALIAS_ADJECTIVES for n in ALIAS_NOUNS]
+    aliases = dict(zip(people[:aliased], rng.sample(alias_pool, aliased)))
     for person in people:
+        alias = aliases.get(person)
+        alias_relation = rng.choice(config.relations) if alias else None
+        if alias:
+            documents += [
+                _document(t.format(n=person, alias=alias), "introduction", person, "alias", alias)
+                for t in INTRODUCTION_TEMPLATES[: config.alias_introductions]
+            ]
         for relation in config.relations:
             answer = rng.choice(ANSWERS[relation])
             used_answers[relation].add(answer)
+            subject = f"the {alias}" if relation == alias_relation else person
             facts = [
-                _document(t.format(n=person, a=answer), "fact", person, relation, answer)
-                for t in TRAIN_TEMPLATES[relation][: config.train_templates_per_relation]
+                _document(_capitalized(t.format(n=subject, a=answer)), "fact", person, relation, answer)
+                for t in _variant(TRAIN_TEMPLATES[relation], config)[: config.train_templates_per_relation]
             ]
             hard = rng.sample(HARD_DISTRACTOR_TEMPLATES[relation], config.hard_distractors)
             documents += facts
@@ -229,7 +303,7 @@ def generate_demo_corpus(config: DemoSpec | None = None) -> DemoCorpus:
                 for t in hard
             ]
             prompt = rng.choice(
-                QUERY_TEMPLATES[relation][: config.query_templates_per_relation]
+                _variant(QUERY_TEMPLATES[relation], config)[: config.query_templates_per_relation]
             ).format(n=person)
             queries.append(
                 {
@@ -241,6 +315,7 @@ def generate_demo_corpus(config: DemoSpec | None = None) -> DemoCorpus:
                     "relation": relation,
                     "answer": answer,
                     "gold_doc_ids": [d["doc_id"] for d in facts],
+                    "alias": relation == alias_relation,
                 }
             )
     for relation in config.relations:

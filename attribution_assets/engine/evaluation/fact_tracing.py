@@ -7,6 +7,7 @@ ties count against the method (a method that scores everything equal is ranked l
 
 Methods (:class:`Method`):
 
+* ``random``: uniform random scores (seed 0), the no-information reference.
 * ``bm25``: lexical BM25 (``bm25s``, lowercased word tokens, English stopwords removed)
   of the full query text, prompt AND answer, against each document's text. Seeing the
   answer is BM25's most favourable setting, so it is a strong baseline.
@@ -37,6 +38,10 @@ with the pipeline's projection; they are computed once per (normalizer, query lo
 and shared by all methods, TrackStar preconditioners once per (normalizer, query loss), the
 K-FAC factors once per label setting (EK-FAC's correction once more). Query loss: ``"completion"`` (the query's ``loss_mask``,
 the answer, as TrackStar does) or ``"full"`` (every query token but the first).
+
+With ``evaluation.tail_patch_k > 0`` each row also gets ``tail_patch``: the mean increase of
+the answer's log-probability after one training step on the method's top documents
+(``tail_patch``).
 """
 
 from __future__ import annotations
@@ -51,6 +56,11 @@ import numpy as np
 import polars as pl
 
 from attribution_assets.engine.evaluation.metrics import recall_and_mrr
+from attribution_assets.engine.evaluation.tail_patch import (
+    TailPatcher,
+    sample_rows,
+    tail_patch_increases,
+)
 from attribution_assets.engine.gradients.collect import (
     collect,
     make_collector,
@@ -113,6 +123,7 @@ class Method:
                    kfac_labels=s.kfac_labels, kfac_seed=s.kfac_seed, kfac_space=s.kfac_space)
 
 
+RANDOM = Method("random", kind="random")
 BM25 = Method("bm25", kind="bm25")
 DOT = Method("dot", metric="inner_product")
 COSINE = Method("cosine")
@@ -134,10 +145,11 @@ MAGIC = Method("magic", kind="magic")
 
 
 def default_methods(spec: PipelineSpec) -> list[Method]:
-    """BM25, dot, cosine, TrackStar with each normalizer, TrackStar's preconditioner with inner
-    products (``g_q R^-1 g_t``, influence-like), EK-FAC and K-FAC influence (inner product and
-    cosine; EK-FAC also in the full space), and the pipeline's own settings."""
-    methods = [BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
+    """Random (reference), BM25, dot, cosine, TrackStar with each normalizer, TrackStar's
+    preconditioner with inner products (``g_q R^-1 g_t``, influence-like), EK-FAC and K-FAC
+    influence (inner product and cosine; EK-FAC also in the full space), and the pipeline's own
+    settings."""
+    methods = [RANDOM, BM25, DOT, COSINE, trackstar("none"), trackstar("adafactor"), trackstar("adam"),
                PRECONDITIONED_DOT, EKFAC, EKFAC_COSINE, KFAC, KFAC_COSINE, EKFAC_FULL]
     configured = Method.configured(spec)
     if all(dataclasses.replace(m, name="configured") != configured for m in methods):
@@ -203,6 +215,11 @@ def bm25_scores(doc_texts: Sequence[str], query_texts: Sequence[str]) -> np.ndar
                             show_progress=False)
     return np.stack([retriever.get_scores(t) if t else np.zeros(len(doc_texts), np.float32)
                      for t in tokens]).astype(np.float32)
+
+
+def random_scores(queries: int, docs: int, seed: int = 0) -> np.ndarray:
+    """``[queries, docs]`` float32 uniform random scores (the no-information reference)."""
+    return np.random.default_rng(seed).random((queries, docs), dtype=np.float32)
 
 
 def with_query_loss(queries: Sequence[TokenizedDoc], query_loss: str) -> list[TokenizedDoc]:
@@ -321,7 +338,9 @@ def method_scores(methods: Sequence[Method], cache: GradientCache,
     tables hold the completion loss)."""
     out = {}
     for m in methods:
-        if m.kind == "magic":
+        if m.kind == "random":
+            out[m.name] = random_scores(len(cache.queries), len(cache.docs))
+        elif m.kind == "magic":
             out[m.name] = magic_pipeline.read_scores(cache.paths, [q.doc_id for q in cache.queries],
                                                      [d.doc_id for d in cache.docs])
         elif m.kind == "bm25":
@@ -374,24 +393,47 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
 
     ``docs``: every training document (all shards); ``queries``: tokenized queries whose
     ``loss_mask`` marks the completion; ``gold``: query id -> gold doc ids. Frame columns:
-    ``method, query_loss, configured, recall@k..., mrr, queries``.
+    ``method, query_loss, configured, recall@k..., mrr, queries`` and, when
+    ``spec.evaluation.tail_patch_k > 0``, ``tail_patch`` (mean log-probability increase).
     """
     methods, skipped = available_methods(spec, paths, methods)
+    patch = _tail_patch_setup(model, spec, paths, queries)
     cache = GradientCache(model, spec, paths, docs, queries)
     doc_ids, query_ids = [d.source_id for d in docs], [q.doc_id for q in queries]
     mine = configured_name(spec, methods)
     rows, all_scores = [], {}
     for query_loss in query_losses:
-        todo = [m for m in methods if m.kind not in ("bm25", "magic") or query_loss == query_losses[0]]
+        once = ("bm25", "magic", "random")  # no query loss of their own: one row
+        todo = [m for m in methods if m.kind not in once or query_loss == query_losses[0]]
         all_scores[query_loss] = method_scores(todo, cache, query_loss)
         for m in todo:
             ranks = first_gold_ranks(all_scores[query_loss][m.name], doc_ids, query_ids, gold)
-            loss_name = {"bm25": "full text", "magic": "completion"}.get(m.kind, query_loss)
-            rows.append({"method": m.name, "query_loss": loss_name,
-                         "configured": m.name == mine, **recall_and_mrr(ranks, ks)})
+            loss_name = {"bm25": "full text", "random": "full text", "magic": "completion"}.get(m.kind, query_loss)
+            row = {"method": m.name, "query_loss": loss_name,
+                   "configured": m.name == mine, **recall_and_mrr(ranks, ks)}
+            if patch is not None:
+                patcher, sample = patch
+                row["tail_patch"] = float(tail_patch_increases(
+                    patcher, docs, queries, all_scores[query_loss][m.name], spec.evaluation.tail_patch_k,
+                    sample).mean())
+            rows.append(row)
     frame = pl.DataFrame(rows)
     markdown = markdown_table(frame) + "".join(f"\nSkipped `{name}`: {why}.\n" for name, why in skipped.items())
     return FactTracingResult(frame, markdown, all_scores, skipped)
+
+
+def _tail_patch_setup(model, spec: PipelineSpec, paths: PipelinePaths | None,
+                      queries: Sequence[TokenizedDoc]) -> tuple[TailPatcher, list[int]] | None:
+    """The patcher and the sampled query rows of ``spec.evaluation``'s tail patch (None: off)."""
+    e = spec.evaluation
+    if e.tail_patch_k == 0:
+        return None
+    state = None
+    if e.tail_patch_optimizer == "adam":
+        probe = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, normalizer="adam"))
+        state = optimizer_state_source(probe, paths)
+    patcher = TailPatcher(model, e.tail_patch_lr, e.tail_patch_optimizer, state)
+    return patcher, sample_rows(len(queries), e.tail_patch_queries, e.lds_seed)
 
 
 def markdown_table(frame: pl.DataFrame, digits: int = 3) -> str:

@@ -27,22 +27,24 @@ def test_deterministic_per_seed():
 
 def test_default_sizes():
     corpus = generate_demo_corpus()
-    counts = corpus.counts()
-    assert counts["fact"] == 100 * 4 * 3
+    counts, templates = corpus.counts(), DemoSpec().train_templates_per_relation
+    assert counts["fact"] == 100 * 4 * templates
     assert counts["hard_distractor"] == 100 * 4
     assert counts["queries"] == 100 * 4
     assert counts["distractor"] > 0
+    assert counts["introduction"] == 25 * 2  # alias_fraction 0.25, two introductions each
+    assert sum(q["alias"] for q in corpus.queries) == 25
     assert len({q["person"] for q in corpus.queries}) == 100
     small = generate_demo_corpus(DemoSpec(people=5, relations=("employer",)))
-    assert small.counts()["fact"] == 5 * 3
-    assert {d["relation"] for d in small.documents} == {"employer"}
+    assert small.counts()["fact"] == 5 * templates
+    assert {d["relation"] for d in small.documents if d["kind"] != "introduction"} == {"employer"}
 
 
 def test_ids_unique_and_kinds(corpus):
     ids = [d["doc_id"] for d in corpus.documents]
     assert len(set(ids)) == len(ids)
     assert len({q["query_id"] for q in corpus.queries}) == len(corpus.queries)
-    assert {d["kind"] for d in corpus.documents} == {"fact", "distractor", "hard_distractor"}
+    assert {d["kind"] for d in corpus.documents} == {"fact", "distractor", "hard_distractor", "introduction"}
     assert set(corpus.documents[0]) == {"doc_id", "text", "kind", "person", "relation", "answer"}
 
 
@@ -55,7 +57,10 @@ def test_gold_documents(corpus):
             doc = by_id[doc_id]
             assert doc["kind"] == "fact"
             assert doc["relation"] == q["relation"]
-            assert q["person"] in doc["text"]
+            # an alias fact names its person only through the alias: no word of the name
+            assert (q["person"] in doc["text"]) != q["alias"]
+            if q["alias"]:
+                assert not set(q["person"].split()) & set(doc["text"].rstrip(".").split())
             assert doc["text"].endswith(f" {q['answer']}.")
             gold_count[doc_id] = gold_count.get(doc_id, 0) + 1
     facts = [d["doc_id"] for d in corpus.documents if d["kind"] == "fact"]
@@ -76,6 +81,33 @@ def test_distractors(corpus):
         if doc["kind"] == "distractor":
             assert doc["person"] is None and doc["answer"] in doc["text"]
             assert not any(q["person"] in doc["text"] for q in corpus.queries)
+
+
+def test_aliases_are_introduced_with_the_name(corpus):
+    intros = [d for d in corpus.documents if d["kind"] == "introduction"]
+    aliased = [q for q in corpus.queries if q["alias"]]
+    assert len(aliased) == round(0.25 * 30) and len({q["person"] for q in aliased}) == len(aliased)
+    by_id = {d["doc_id"]: d for d in corpus.documents}
+    for q in aliased:
+        alias = {d["answer"] for d in intros if d["person"] == q["person"]}
+        assert len(alias) == 1 and len([d for d in intros if d["person"] == q["person"]]) == 2
+        for doc_id in q["gold_doc_ids"]:
+            assert f"the {next(iter(alias))}" in by_id[doc_id]["text"].lower()
+            assert by_id[doc_id]["text"][0].isupper()
+    assert len({d["answer"] for d in intros}) == len(aliased)  # one alias per person
+    plain = generate_demo_corpus(DemoSpec(people=30, alias_fraction=0.0))
+    assert plain.counts()["introduction"] == 0 and not any(q["alias"] for q in plain.queries)
+
+
+def test_template_variant_uses_other_phrasings():
+    a = generate_demo_corpus(DemoSpec(people=10, train_templates_per_relation=4))
+    b = generate_demo_corpus(DemoSpec(people=10, train_templates_per_relation=4, template_variant=1))
+    strip = lambda corpus: {p.replace(d["person"], "{n}") for (p, _), d in  # noqa: E731
+                            zip(corpus.training_prompts, [d for d in corpus.documents if d["kind"] == "fact"])
+                            if d["person"] in p}
+    assert strip(a) and not strip(a) & strip(b)
+    queries = lambda corpus: {q["prompt"].replace(q["person"], "{n}") for q in corpus.queries}  # noqa: E731
+    assert not queries(a) & queries(b)
 
 
 def test_query_format(corpus):
@@ -117,3 +149,7 @@ def test_config_validation():
         generate_demo_corpus(DemoSpec(train_templates_per_relation=99))
     with pytest.raises(SpecValueError, match="people"):
         DemoSpec(people=0)
+    with pytest.raises(SpecValueError, match="alias_fraction"):
+        DemoSpec(alias_fraction=1.5)
+    with pytest.raises(ValueError, match="demo.alias_introductions"):
+        generate_demo_corpus(DemoSpec(alias_introductions=9))

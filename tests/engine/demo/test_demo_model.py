@@ -31,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def corpus():
-    return generate_demo_corpus(DemoSpec(people=8))
+    return generate_demo_corpus(DemoSpec(people=8, train_templates_per_relation=3))
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,14 @@ import pytest
 
 from attribution_assets.engine.evaluation import fact_tracing as evaluation
 from attribution_assets.engine.evaluation.metrics import recall_and_mrr
+from attribution_assets.engine.evaluation.tail_patch import (
+    TailPatcher,
+    sample_rows,
+    tail_patch_increases,
+)
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.models import load_model
-from attribution_assets.spec import DataSpec, GradientSpec, ModelSpec, PipelineSpec
+from attribution_assets.spec import DataSpec, EvaluationSpec, GradientSpec, ModelSpec, PipelineSpec
 from tests.helpers import SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,7 +58,7 @@ def test_default_methods_and_configured():
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                         gradients=GradientSpec(normalizer="adafactor"))
     names = [m.name for m in evaluation.default_methods(spec)]
-    assert names == ["bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
+    assert names == ["random", "bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
                      "trackstar (adam)", "preconditioned dot (adafactor)", "ekfac", "ekfac (cosine)",
                      "kfac", "kfac (cosine)", "ekfac (full space)"]
     assert evaluation.configured_name(spec, evaluation.default_methods(spec)) == "trackstar (adafactor)"
@@ -93,13 +98,21 @@ def test_fact_tracing_table_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path)
                for i, d in enumerate(docs[:4])]
     gold = {f"q{i}": [f"d{i}"] for i in range(4)}
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
-                        gradients=GradientSpec(projection_dim=8))
-    methods = [evaluation.BM25, evaluation.DOT, evaluation.COSINE, evaluation.trackstar("none")]
+                        gradients=GradientSpec(projection_dim=8),
+                        evaluation=EvaluationSpec(tail_patch_k=2, tail_patch_queries=3))
+    methods = [evaluation.RANDOM, evaluation.BM25, evaluation.DOT, evaluation.COSINE,
+               evaluation.trackstar("none")]
     result = evaluation.fact_tracing_table(model, spec, None, docs, queries, gold, methods, ks=(1, 3))
     frame = result.frame
-    assert frame.height == 7  # bm25 once, three gradient methods per query loss
+    assert frame.height == 8  # random and bm25 once, three gradient methods per query loss
     assert frame.columns == ["method", "query_loss", "configured", "recall@1", "recall@3", "mrr",
-                             "queries"]
+                             "queries", "tail_patch"]
+    # tail patch = mean increase over the sampled queries after a step on each one's top 2
+    rows = sample_rows(4, 3, spec.evaluation.lds_seed)
+    expected = tail_patch_increases(TailPatcher(model, spec.evaluation.tail_patch_lr), docs, queries,
+                                    result.scores["full"]["cosine"], 2, rows).mean()
+    cosine_full = frame.filter((frame["method"] == "cosine") & (frame["query_loss"] == "full"))
+    assert cosine_full["tail_patch"][0] == pytest.approx(expected)
     assert frame.filter(frame["method"] == "trackstar (none)")["configured"].to_list() == [True, True]
     assert (frame["queries"] == 4).all() and "| bm25 | full text |" in result.markdown
     # with the whole-text loss, each query's gradient IS its gold document's: cosine = 1
