@@ -180,7 +180,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                      **breakdown},
                     partition_key=result.shard)
             samples = []
-            if spec.scoring.aggregate == "individual":
+            if spec.scoring.aggregate == "individual" and spec.scoring.train_rows == "post_hoc":
                 model, tokenizer = compute.load_model(spec, paths)
                 samples = explain_samples(spec, paths, model, tokenizer, SAMPLE_QUERIES, SAMPLE_K)
         if samples:
@@ -188,8 +188,10 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
             explained = {"explanations": dg.MetadataValue.md(explanation_markdown(samples, str(paths.explanations))),
                          "explanations_path": path_metadata(paths.explanations)}
         else:
-            explained = {"explanations": f"none: scores rank the `{spec.scoring.aggregate}` aggregate of the "
-                                         "queries, not single queries"}
+            explained = {"explanations": (
+                f"none: scores rank the `{spec.scoring.aggregate}` aggregate of the queries, not single queries"
+                if spec.scoring.aggregate != "individual" else
+                "none: scores use train-time rows, which are not sums of the final model's token rows")}
         single = next(iter(versions.values())) if len(versions) == 1 else None
         yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
                                    metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,

@@ -63,8 +63,9 @@ def test_magic_assets(tmp_path):
     grad, _ = metagradient(engine_run, sequence_loss(engine_run, [(queries[0].input_ids, queries[0].loss_mask)]))
     first = table.filter(pl.col("query_id") == queries[0].doc_id)
     expected = dict(zip([d.doc_id for d in docs], (-grad).tolist()))
+    # float32 through every training step, with the thread count of the asset's run vs this one's
     np.testing.assert_allclose(first["score"].to_numpy(), [expected[d] for d in first["doc_id"]],
-                               rtol=1e-5, atol=1e-7)
+                               rtol=1e-4, atol=1e-6)
     matrix = magic_pipeline.read_scores(paths, [q.doc_id for q in queries], [d.doc_id for d in docs])
     assert matrix.shape == (len(queries), len(docs)) and np.abs(matrix).sum(axis=1).min() > 0
     # DuckDB views (next to a stand-in for the pipeline's own score table, which the views need)

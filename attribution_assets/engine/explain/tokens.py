@@ -80,7 +80,7 @@ def positional_collector(model, spec: PipelineSpec, paths: PipelinePaths | None 
                          device=None, autocast: torch.dtype | None = None) -> GradientCollector:
     """The pipeline's collector (projection, normalizer, modules) with ``per_token: positional``."""
     gradients = dataclasses.replace(spec.gradients, per_token="positional")
-    return make_collector(model, dataclasses.replace(spec, gradients=gradients), paths, device, autocast)
+    return make_collector(model, spec, paths, device, autocast, gradients=gradients)
 
 
 def token_contributions(token_rows: np.ndarray, prepared_query: np.ndarray,

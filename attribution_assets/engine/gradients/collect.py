@@ -48,11 +48,14 @@ def optimizer_state_source(spec: PipelineSpec, paths: PipelinePaths | None) -> s
 
 
 def make_collector(model, spec: PipelineSpec, paths: PipelinePaths | None = None,
-                   device: Any = None, autocast: torch.dtype | None = None) -> GradientCollector:
-    """A collector with the pipeline's projection and normalizer (same on query and train side)."""
+                   device: Any = None, autocast: torch.dtype | None = None,
+                   gradients: GradientSpec | None = None) -> GradientCollector:
+    """A collector with the pipeline's projection and normalizer (same on query and train side);
+    ``gradients`` replaces ``spec.gradients`` (e.g. another ``per_token`` mode) where given."""
+    gradients = gradients or spec.gradients
     source = optimizer_state_source(spec, paths)
-    normalizer = make_normalizer(spec.gradients.normalizer, source, model) if source else None
-    return GradientCollector(model, spec.gradients, normalizer, device, autocast)
+    normalizer = make_normalizer(gradients.normalizer, source, model) if source else None
+    return GradientCollector(model, gradients, normalizer, device, autocast)
 
 
 @dataclass
