@@ -101,7 +101,7 @@ def torchrun(spec, root: Path, shard: str, ranks: int, threads: int, out: Path, 
     path.write_text(json.dumps(job))
     began = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           f"--nproc-per-node={ranks}", "-m", "attribution_assets.engine.gradients.distributed",
+                           f"--nproc-per-node={ranks}", "-m", "attribution_assets.defs.torchrun_ranks",
                            str(path)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)})
     wall = time.perf_counter() - began

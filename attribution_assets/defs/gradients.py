@@ -65,7 +65,7 @@ def torchrun_collect_shard(context: dg.AssetExecutionContext, spec: PipelineSpec
            "fsdp": compute.fsdp}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc-per-node={compute.processes_per_shard}", "--max-restarts=0",
-               "-m", "attribution_assets.engine.gradients.distributed"]
+               "-m", "attribution_assets.defs.torchrun_ranks"]
     invocation = dg.PipesSubprocessClient().run(
         command=command, context=context, extras={"job": job},
         env={"ATTRIBUTION_DEVICE": compute.device, "OMP_NUM_THREADS": str(max(compute.threads, 1))})

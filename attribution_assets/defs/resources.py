@@ -36,8 +36,8 @@ class ComputeResource(dg.ConfigurableResource):
     (``engine.runtime.available_cores``). When several steps share a machine (the
     multiprocess executor, a backfill, two deployments), set it to cores / concurrent steps.
     ``processes_per_shard``: above 1, a training-gradient step launches that many ranks with
-    torchrun through Dagster Pipes (``engine.gradients.distributed``: gloo on CPU, NCCL on
-    GPUs, one GPU per rank), each collecting a contiguous slice of the shard; ``threads`` is
+    torchrun through Dagster Pipes (``defs.torchrun_ranks``: gloo on CPU, NCCL on GPUs, one
+    GPU per rank), each collecting a contiguous slice of the shard; ``threads`` is
     then per rank. ``fsdp``: the ranks shard the model's parameters with FSDP2 (models that do
     not fit one device; every rank then collects the whole shard, so it saves memory, not time).
     """

@@ -140,7 +140,7 @@ def test_fsdp2_ranks_give_the_single_process_rows(pipelines, tmp_path):
            "threads": 1, "fsdp": True, "out": str(tmp_path / "fsdp_store")}
     (tmp_path / "job.json").write_text(json.dumps(job))
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "attribution_assets.engine.gradients.distributed", str(tmp_path / "job.json")],
+                           "-m", "attribution_assets.defs.torchrun_ranks", str(tmp_path / "job.json")],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,6 +1,7 @@
-"""One shard's gradient rows from several processes: ``torchrun --nproc-per-node N -m
-attribution_assets.engine.gradients.distributed JOB.json`` (or launched through Dagster Pipes,
-which passes the job as the ``job`` extra).
+"""One shard's gradient rows from several processes, the body of every torchrun rank
+(:func:`run`). The entry point is ``torchrun --nproc-per-node N -m
+attribution_assets.defs.torchrun_ranks [JOB.json]``, which reads the job from the file or from
+Dagster Pipes (the ``job`` extra) and reports back there; this module knows neither.
 
 Each rank loads the model once and collects a contiguous slice of the shard's batches (the
 batches one process would make, split into N runs of about equal padded tokens:
@@ -26,12 +27,9 @@ Job (JSON): ``spec`` (``spec.spec_to_json``), ``storage_root``, ``shard``, ``fin
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import time
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,33 +151,24 @@ def write_shard(job: dict, parts: Sequence[tuple[Sequence[int], np.ndarray, dict
     return out
 
 
-def _open_pipes(stack: ExitStack):
-    """Dagster Pipes when launched through Pipes (``dagster-pipes`` only, no Dagster): its
-    context closes with the exception that ended the rank, so the step's error shows it."""
-    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
-        return None
-    from dagster_pipes import open_dagster_pipes
-
-    return stack.enter_context(open_dagster_pipes())
-
-
-def run(job_file: str | None = None) -> None:
-    """The entry point of every rank (under torchrun: ``RANK``/``WORLD_SIZE`` set)."""
+def run(read_job: Callable[[], dict], report: Callable[[dict], None]) -> None:
+    """Every rank's body (under torchrun: ``RANK``/``WORLD_SIZE`` set). Rank 0 calls
+    ``read_job()`` for the job and, after writing the store, ``report(message)`` with its path,
+    rows, tokens and per-rank figures; other ranks call neither."""
     backend = "nccl" if models.resolve_device(os.environ.get("ATTRIBUTION_DEVICE", "auto")).type == "cuda" \
         and torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     try:
-        with ExitStack() as stack:
-            _run_rank(_open_pipes(stack) if dist.get_rank() == 0 else None, job_file, backend)
+        _run_rank(read_job, report, backend)
     finally:
         dist.destroy_process_group()
 
 
-def _run_rank(pipes, job_file: str | None, backend: str) -> None:
+def _run_rank(read_job: Callable[[], dict], report: Callable[[dict], None], backend: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     box: list[Any] = [None]
     if rank == 0:
-        box[0] = pipes.extras["job"] if pipes is not None else json.loads(Path(job_file).read_text())
+        box[0] = read_job()
     dist.broadcast_object_list(box, src=0)
     job = box[0]
     restore = limit_threads(int(job.get("threads", 0)))
@@ -200,13 +189,5 @@ def _run_rank(pipes, job_file: str | None, backend: str) -> None:
                    "rank_seconds": [s["seconds"] for s in all_stats],
                    "rank_parameters": [s["local_parameters"] for s in all_stats],
                    "parameters": all_stats[0]["parameters"]}
-        if pipes is not None:
-            pipes.log.info(f"{world} ranks ({backend}) wrote {message['rows']} rows to {out}")
-            pipes.report_custom_message(message)
-        else:
-            print(json.dumps(message))
+        report(message)
     dist.barrier()
-
-
-if __name__ == "__main__":
-    run(sys.argv[1] if len(sys.argv) > 1 else None)
