@@ -250,7 +250,7 @@ class DemoSpec:
     people: int = 100
     seed: int = 0
     relations: tuple[str, ...] = DEMO_RELATIONS
-    train_templates_per_relation: int = 8
+    train_templates_per_relation: int = 12
     query_templates_per_relation: int = 2
     distractors: int = 1
     hard_distractors: int = 1
@@ -267,7 +267,7 @@ class DemoSpec:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     batch_size: int = 32
-    epochs: int = 14
+    epochs: int = 16
     log_every: int = 100
 
     def __post_init__(self):
