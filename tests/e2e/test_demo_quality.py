@@ -1,12 +1,12 @@
 """The full embedded demo, as `make demo` runs it: model quality and fact-tracing quality.
 
 Thresholds are measured, not tuned (docs/evaluation.md, "Results on the demo"): on this
-machine the demo model (8 training phrasings per fact, 14 epochs) reached 100% on training
-phrasings and 29.0% on the held-out query phrasings (40.7% when trained with one thread
-instead of two: held-out accuracy swings with float rounding); TrackStar (adafactor, p = 32)
-reached recall@10 0.89 and MRR 0.779 over the 400 queries in `make demo` (0.897 / 0.806 with
-the one-thread model), and BM25 (full query text) recall@10 0.938: it misses every one of
-the 25 alias queries, whose gold documents do not name the person.
+machine the demo model (12 training phrasings per fact, 16 epochs) reached 100% on training
+phrasings and 62.8% on the held-out query phrasings with two threads (61.0% with one; 42.2%
+and 58.0% for seed 1: held-out accuracy swings with float rounding and the corpus draw);
+TrackStar (adafactor, p = 32) reached recall@10 0.89 and MRR 0.775 over the 400 queries, and
+BM25 (full query text) recall@10 0.938: it misses every one of the 25 alias queries, whose
+gold documents do not name the person.
 The asserts leave room for run-to-run float differences across thread counts, not for a
 real regression.
 """
@@ -46,7 +46,7 @@ def test_full_demo_traces_facts(tmp_path):
     materialize_pipeline(defs, spec, instance, log=lambda _: None, log_level="WARNING")
     model = latest_metadata(instance, dg.AssetKey(["demo", "model"]))
     assert model["train_phrasing_accuracy"] >= 0.95
-    assert model["held_out_phrasing_accuracy"] >= 0.25, model
+    assert model["held_out_phrasing_accuracy"] >= 0.40, model
     metrics = recall_and_mrr(gold_ranks(tmp_path / "demo" / "attribution.duckdb"))
     assert metrics["queries"] == 400
     assert metrics["recall@10"] >= 0.85, metrics
