@@ -89,11 +89,20 @@ def finetune(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, docs: S
     return record
 
 
+def train_time_stores(spec: PipelineSpec, paths: PipelinePaths) -> list[GradientStore]:
+    """The train-time gradient stores of the pipeline's training run, in step order: the
+    ``finetune`` asset's, else the demo model's own (``demo.record_epochs``)."""
+    if spec.finetune is not None:
+        return [GradientStore(paths.train_time_gradients(s)) for s in paths.train_time_shards()]
+    return [GradientStore(p) for p in paths.demo_train_time_stores()]
+
+
 def train_time_document_rows(stores: Sequence[GradientStore], doc_ids: Sequence[str]) -> tuple[np.ndarray, dict]:
     """``(array [len(doc_ids), dims] float32, info)``: each document's train-time rows summed over
     the steps that saw it (zero where none did); ``info`` is the first store's (settings, layout)."""
     if not stores:
-        raise FileNotFoundError("no train-time gradient shards: materialize the pipeline's `finetune` asset")
+        raise FileNotFoundError("no train-time gradient shards: materialize the pipeline's `finetune` asset "
+                                "(the demo: its `model` with `demo.record_epochs` >= 1)")
     first = stores[0].info
     index = {d: i for i, d in enumerate(doc_ids)}
     out = np.zeros((len(doc_ids), first["dims"]), dtype=np.float64)
