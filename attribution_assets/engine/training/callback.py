@@ -80,7 +80,10 @@ def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) 
     positions (``labels[:, 1:] != -100``, predicted from ``logits[:, :-1]``), read by least
     squares at each document's first and last target (two ``V``-wide rows per document, not
     ``T``); 0 for a document without targets or without gradient. Raises when the two disagree
-    (the loss is then not ``c_b`` times the document's summed token cross-entropy)."""
+    (the loss is then not ``c_b`` times the document's summed token cross-entropy).
+    The least squares leave out the target entry ``c_b (p_t - 1)``, which cancels to float32
+    noise when ``p_t`` rounds near 1 (a memorized token); the other entries ``c_b p_v`` keep
+    their relative precision (the full row is used where they all underflow to 0)."""
     target = labels[:, 1:]
     keep = target != IGNORE
     has = keep.any(1)
@@ -89,10 +92,16 @@ def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) 
     last = torch.where(has, width - 1 - keep.flip(1).int().argmax(1), 0)
     batch = torch.arange(labels.shape[0], device=labels.device).repeat(2)
     pos = torch.cat([first, last])
-    d = torch.softmax(logits[batch, pos].detach().float(), dim=-1)
-    d[torch.arange(len(d), device=d.device), target[batch, pos].clamp_min(0)] -= 1.0
-    g = grad[batch, pos].float()
-    c = ((g * d).sum(-1).double() / (d * d).sum(-1).double().clamp_min(1e-300)).view(2, -1)
+    d = torch.softmax(logits[batch, pos].detach().float(), dim=-1).double()
+    rows, cols = torch.arange(len(d), device=d.device), target[batch, pos].clamp_min(0)
+    g = grad[batch, pos].double()
+    other = torch.ones_like(d)
+    other[rows, cols] = 0.0
+    d_other = d * other
+    d[rows, cols] -= 1.0
+    num, den = (g * d_other).sum(-1), (d_other * d_other).sum(-1)
+    full = (g * d).sum(-1) / (d * d).sum(-1).clamp_min(1e-300)
+    c = torch.where(den > 0, num / den.clamp_min(1e-300), full).view(2, -1)
     c = torch.where(has, c, 0.0)
     spread = (c[0] - c[1]).abs()
     if bool((spread > 1e-3 * c.abs().amax(0) + 1e-30).any()):
