@@ -106,6 +106,7 @@ def train_time_document_rows(stores: Sequence[GradientStore], doc_ids: Sequence[
     first = stores[0].info
     index = {d: i for i, d in enumerate(doc_ids)}
     out = np.zeros((len(doc_ids), first["dims"]), dtype=np.float64)
+    total = torch.from_numpy(out)  # shares memory with `out`; index_add_ sums repeated documents
     for store in stores:
         for key in ("dims", "modules", "projection", "normalizer", "config_hash"):
             if store.info.get(key) != first.get(key):
@@ -113,7 +114,7 @@ def train_time_document_rows(stores: Sequence[GradientStore], doc_ids: Sequence[
         rows = [(r, index[d]) for r, d in enumerate(store.doc_ids) if d in index]
         if rows:
             src, dst = (np.array(x) for x in zip(*rows))
-            np.add.at(out, dst, np.asarray(store.array[src], dtype=np.float64))
+            total.index_add_(0, torch.from_numpy(dst), torch.from_numpy(np.asarray(store.array[src], np.float64)))
     info = {k: first[k] for k in ("dims", "modules", "projection", "normalizer", "config_hash")}
     info.update(per_token=False, rows=len(doc_ids), producer=first.get("producer", ""))
     return out.astype(np.float32), info
