@@ -685,8 +685,7 @@ class PipelineSpec:
                                                        "(the demo: set `demo.record_epochs` >= 1), or use "
                                                        "`post_hoc`.")
         if self.finetune is None:
-            if self.records_train_time:
-                self._check_train_time_rows()
+            self._check_train_time_rows()
             return
         if self.gradients.token_rows:
             raise SpecValueError("gradients.per_token", "must be `none` with `finetune`: train-time rows "
