@@ -45,11 +45,13 @@ def model_fingerprint(spec: PipelineSpec, paths: PipelinePaths) -> str:
     return json.loads(paths.model_record.read_text())["fingerprint"]
 
 
-def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource):
-    """The pipeline's collector on the compute resource's device (loads the model)."""
+def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource, model=None):
+    """The pipeline's collector on the compute resource's device (loads the model unless given
+    the one ``compute.load_model`` returned)."""
     storage.ensure_writable()
     paths = storage.paths(spec)
-    model, _ = compute.load_model(spec, paths)
+    if model is None:
+        model, _ = compute.load_model(spec, paths)
     return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 

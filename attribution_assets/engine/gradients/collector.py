@@ -216,7 +216,7 @@ def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return g.transpose(1, 2) * a if a.shape[1] == 1 else g.transpose(1, 2) @ a
 
 
-def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def masked_token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # every position's logits, contiguous (no slice copy); the last one's target is a dummy
@@ -477,7 +477,7 @@ class GradientCollector:
         document's row positions, :func:`row_positions`)."""
         clear_records(self._records)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            losses = _token_loss(self.model, batch)
+            losses = masked_token_losses(self.model, batch)
         outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
         mode = self.gradients.per_token
