@@ -160,8 +160,19 @@ def _quantized(module: nn.Module) -> bool:
         or type(module).__module__.split(".")[0] == "bitsandbytes")
 
 
+class HookRecords(dict):
+    """``name -> [(input, output), ...]`` per call of each hooked module, plus ``leaves``: the
+    inputs the hooks turned into leaves that require grad (inputs of hooked modules with no
+    hooked module upstream). Every hooked output that reaches the loss lies on a path from a
+    leaf to the loss, so a backward pass to the leaves runs every output's gradient hook."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__({name: [] for name in names})
+        self.leaves: list[torch.Tensor] = []
+
+
 @contextmanager
-def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[dict[str, list]]:
+def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[HookRecords]:
     """Eval mode, frozen parameters, and hooks appending ``(input, output)`` to
     ``records[name]`` per call of each module in ``specs``; yields ``records``.
 
@@ -171,13 +182,15 @@ def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[di
     """
     was_training = model.training
     flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
-    records: dict[str, list] = {s.name: [] for s in specs}
+    records = HookRecords([s.name for s in specs])
     handles = []
 
     def pre_hook(module, args):
         x = args[0]
         if not x.requires_grad:  # lets gradients reach every hooked output
-            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+            leaf = x.detach().requires_grad_(True)
+            records.leaves.append(leaf)
+            return (leaf,) + tuple(args[1:])
         return None
 
     def make_hook(name):
@@ -204,10 +217,11 @@ def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[di
         model.train(was_training)
 
 
-def clear_records(records: dict[str, list]) -> None:
-    """Empty every module's call list (the hooks keep appending to the same lists)."""
+def clear_records(records: HookRecords) -> None:
+    """Empty every module's call list and the leaves (the hooks keep appending to them)."""
     for calls in records.values():
         calls.clear()
+    records.leaves.clear()
 
 
 def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -472,26 +486,55 @@ class GradientCollector:
             loss, outputs, retain_graph=retain, allow_unused=True, materialize_grads=True
         )
 
+    def _streamed_rows(self, loss: torch.Tensor, valid: torch.Tensor, n: int,
+                       pick: Callable | None = None) -> torch.Tensor:
+        """Rows ``[n, dims]`` of ``loss`` (as :meth:`_rows` of its output gradients), each
+        module call's block formed in that output's gradient hook as the backward pass reaches
+        it, so no two calls' output gradients are held at once and each call's input is freed
+        once used. The backward pass runs to the hook-made leaves (``HookRecords.leaves``)."""
+        blocks: dict[str, torch.Tensor] = {}
+        handles = []
+        for s in self.specs:
+            for recorded, output in self._records[s.name]:
+                held = [recorded]
+
+                def on_grad(g, spec=s, held=held):
+                    a = held.pop()
+                    a, g = (a, g.detach()) if pick is None else (pick(a), pick(g.detach()))
+                    part = self._module_rows(spec, a.float(), g.float(), valid)
+                    blocks[spec.name] = part if spec.name not in blocks else blocks[spec.name] + part
+
+                handles.append(output.register_hook(on_grad))
+        leaves = list(self._records.leaves)
+        clear_records(self._records)  # the hooks hold the inputs until their gradient arrives
+        try:
+            if leaves and loss.requires_grad:
+                torch.autograd.grad(loss, leaves, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return self.assemble(blocks, n)
+
     def _batch_rows(self, batch: Batch, positions: list[list[int]]) -> list[torch.Tensor]:
         """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
         document's row positions, :func:`row_positions`)."""
         clear_records(self._records)
         with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
             losses = masked_token_losses(self.model, batch)
-        outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
         mode = self.gradients.per_token
         if mode == "none":
-            return list(self._rows(self._grad(losses.sum(), outputs, False), valid).split(1))
+            return list(self._streamed_rows(losses.sum(), valid, len(batch.indices)).split(1))
         pos = [positions[i] for i in batch.indices]
         if mode == "positional":  # every kept position becomes a unit of one token
             width = batch.input_ids.shape[1]
             keep = torch.tensor([b * width + t for b, p in enumerate(pos) for t in p],
                                 dtype=torch.long, device=self.device)
             units = torch.ones(len(keep), 1, 1, dtype=torch.bool, device=self.device)
-            grads = self._grad(losses.sum(), outputs, False)
-            rows = self._rows(grads, units, lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
+            rows = self._streamed_rows(losses.sum(), units, len(keep),
+                                       lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
             return list(rows.split([len(p) for p in pos]))
+        outputs = [o for s in self.specs for _, o in self._records[s.name]]
         per_doc = [[] for _ in pos]
         n_max = max(len(p) for p in pos)
         for k in range(n_max):
