@@ -169,6 +169,18 @@ class HookRecords(dict):
     def __init__(self, names: Sequence[str]):
         super().__init__({name: [] for name in names})
         self.leaves: list[torch.Tensor] = []
+        self.prepare: Callable[[str, torch.Tensor], object] | None = None  # input -> what is kept
+
+
+@dataclass
+class ProjectedInput:
+    """A hooked call's input already projected: ``(right key, column span) -> a_c R_bᵀ`` masked,
+    ``[B, T, p]`` each (what :meth:`GradientCollector._module_rows` needs of ``a``)."""
+
+    parts: dict[tuple, torch.Tensor]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ProjectedInput:
+        return ProjectedInput({k: fn(v) for k, v in self.parts.items()})
 
 
 @contextmanager
@@ -197,7 +209,8 @@ def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[Ho
         def hook(module, args, output):
             if torch.is_grad_enabled() and output.requires_grad:
                 output.retain_grad()  # read by trace(); autograd.grad() ignores it
-            records[name].append((args[0].detach(), output))
+            x = args[0].detach()
+            records[name].append((x if records.prepare is None else records.prepare(name, x), output))
 
         return hook
 
@@ -341,10 +354,36 @@ class GradientCollector:
             finally:
                 self._records = {}
 
+    def _projects_inputs(self, spec: ModuleSpec) -> bool:
+        """Whether ``spec``'s rows need only projected inputs (no full ``[O, I]`` gradient)."""
+        norm, transform = self.normalizer, self.transform
+        return bool(self.gradients.projection_dim) and (norm is None or norm.factored) \
+            and (transform is None or transform.projected)
+
+    def _project_input(self, spec: ModuleSpec, a: torch.Tensor, valid: torch.Tensor):
+        """``a [B, T, I]`` as :class:`ProjectedInput` (masked by ``valid [B, T, 1]``), or ``a``
+        itself when the module's rows need the full gradient."""
+        if not self._projects_inputs(spec):
+            return a
+        norm, proj = self.normalizer, self.projector
+        factors = norm.factors(spec.name) if norm is not None else None
+        parts = {}
+        with torch.autocast(a.device.type, enabled=False):  # float32 products, as in the backward
+            for b in spec.blocks:
+                span = b.cols
+                if span is None or (b.right, span) in parts:
+                    continue
+                m = proj.right(b.right, span[1] - span[0])
+                if factors is not None:
+                    m = m * factors[1][span[0] : span[1]]
+                parts[b.right, span] = torch.where(valid, a[..., span[0] : span[1]].float() @ m.T, 0.0)
+        return ProjectedInput(parts)
+
     def _module_rows(
-        self, spec: ModuleSpec, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor
+        self, spec: ModuleSpec, a: torch.Tensor | ProjectedInput, g: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Rows ``[B, stop - start]`` from ``a [B, T, I]``, ``g [B, T, O]``, ``valid [B, T, 1]``.
+        """Rows ``[B, stop - start]`` from ``a [B, T, I]`` (or its :meth:`_project_input`),
+        ``g [B, T, O]``, ``valid [B, T, 1]``.
 
         Block ``b`` (rows ``r``, columns ``c`` of ``G``) is ``(g_r L_bᵀ)ᵀ (a_c R_bᵀ)`` projected,
         else ``g_rᵀ a_c``; products with a matrix shared by several blocks are formed once.
@@ -358,8 +397,10 @@ class GradientCollector:
                                     self.transform)
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
         weights: list[torch.Tensor | None] = []
-        if p and (norm is None or factors is not None) and (transform is None or transform.projected):
+        if self._projects_inputs(spec):
             done: dict[tuple, torch.Tensor] = {}
+            if isinstance(a, ProjectedInput):
+                done.update({(1, *k): v for k, v in a.parts.items()})
 
             def projected(side, key, span):
                 if (side, key, span) not in done:
@@ -499,9 +540,11 @@ class GradientCollector:
                 held = [recorded]
 
                 def on_grad(g, spec=s, held=held):
-                    a = held.pop()
-                    a, g = (a, g.detach()) if pick is None else (pick(a), pick(g.detach()))
-                    part = self._module_rows(spec, a.float(), g.float(), valid)
+                    a, g = held.pop(), g.detach()
+                    if pick is not None:
+                        a, g = (a.map(pick) if isinstance(a, ProjectedInput) else pick(a)), pick(g)
+                    part = self._module_rows(spec, a if isinstance(a, ProjectedInput) else a.float(),
+                                             g.float(), valid)
                     blocks[spec.name] = part if spec.name not in blocks else blocks[spec.name] + part
 
                 handles.append(output.register_hook(on_grad))
@@ -519,10 +562,15 @@ class GradientCollector:
         """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
         document's row positions, :func:`row_positions`)."""
         clear_records(self._records)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            losses = masked_token_losses(self.model, batch)
         valid = batch.attention_mask.bool()[..., None]
         mode = self.gradients.per_token
+        if mode != "loss":  # keep only projected inputs when the rows need no more
+            self._records.prepare = lambda name, a: self._project_input(self._spec_by_name[name], a, valid)
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                losses = masked_token_losses(self.model, batch)
+        finally:
+            self._records.prepare = None
         if mode == "none":
             return list(self._streamed_rows(losses.sum(), valid, len(batch.indices)).split(1))
         pos = [positions[i] for i in batch.indices]
