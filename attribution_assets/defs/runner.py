@@ -84,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
           False),
     Stage("scores", ("scores",), True),
-    Stage("database", ("attribution_db",), False),
+    Stage("database", ("attribution_db", "train_time_fact_tracing"), False),
 )
 # With a `finetune` section, the model that gradients come from is trained on the tokenized
 # corpus first: query gradients wait for it and tokens get a stage of their own.
