@@ -55,9 +55,24 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
             m = fact_tracing.recall_and_mrr(ranks)
             lines += ["", f"Fact tracing over {m['queries']} queries: a gold document is ranked first for "
                           f"{m['recall@1']:.0%}, in the top 10 for {m['recall@10']:.0%}; MRR {m['mrr']:.3f}."]
+            lines += train_time_lines(spec, latest_metadata(instance, key(spec, "train_time_fact_tracing")))
         lines += ["", f"Your own SQL: cd {db.parent} && duckdb -readonly {db.name}",
                   "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
     return "\n".join(lines)
+
+
+def train_time_lines(spec: PipelineSpec, meta: dict) -> list[str]:
+    """The fact-tracing figures from the training run's own rows next to the post-hoc rows
+    (the ``train_time_fact_tracing`` asset's metadata; none without it)."""
+    if spec.scoring.train_rows == "train_time":
+        return ["  (scores from train-time rows: gradients recorded during training, summed per document)"]
+    if not meta:
+        return []
+    when = (f"the last {spec.demo.record_epochs} epoch(s) of the model's training" if spec.is_demo
+            else "the fine-tuning run")
+    return [f"Same queries, rows recorded during {when} (train time) vs the final model (post hoc):"] + [
+        f"  {name:<10} recall@1 {meta[f'{rows}_recall@1']:.0%}, recall@10 {meta[f'{rows}_recall@10']:.0%}, "
+        f"MRR {meta[f'{rows}_mrr']:.3f}" for rows, name in (("train_time", "train time"), ("post_hoc", "post hoc"))]
 
 
 def format_top_k(db: Path, query_id: str, k: int = 5) -> str:

@@ -245,6 +245,11 @@ class DemoSpec:
     tie to the name; ``template_variant`` 1 takes the phrasings from the other end of the
     template lists (a corpus to test settings on that they were not tuned on). Model: architecture,
     AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
+    ``record_epochs``: during the last this many epochs the model's own training records
+    train-time gradient rows (``engine.training.callback.TrainTimeRecorder`` with the
+    pipeline's ``gradients`` settings, normalized by the live AdamW state; one shard per epoch,
+    in the model's directory), which ``scoring.train_rows: train_time`` scores with and the
+    ``train_time_fact_tracing`` asset evaluates; 0 = off. The trained model is the same either way.
     """
 
     people: int = 100
@@ -269,6 +274,7 @@ class DemoSpec:
     batch_size: int = 32
     epochs: int = 16
     log_every: int = 100
+    record_epochs: int = 0
 
     def __post_init__(self):
         _check_strings(self, "relations")
@@ -288,6 +294,10 @@ class DemoSpec:
         _check_float(self, "weight_decay", 0.0)
         if self.hidden % self.heads:
             raise SpecValueError("heads", f"must divide hidden ({self.hidden}), got {self.heads}.")
+        _check_int(self, "record_epochs", 0, note=" (0 = no train-time rows)")
+        if self.record_epochs > self.epochs:
+            raise SpecValueError("record_epochs", f"is {self.record_epochs}, more than the {self.epochs} "
+                                                  "training epochs: set it to at most `epochs` (0 = off).")
 
 
 GRADIENT_NORMALIZERS = ("none", "adam", "adafactor")
@@ -669,11 +679,13 @@ class PipelineSpec:
 
     def _check_finetune(self) -> None:
         """A ``finetune`` section and ``scoring.train_rows`` fit the other sections."""
-        if self.scoring.train_rows == "train_time" and self.finetune is None:
+        if self.scoring.train_rows == "train_time" and not self.records_train_time:
             raise SpecValueError("scoring.train_rows", "is `train_time`, which reads the gradients the "
                                                        "`finetune` asset records: add a `finetune` section "
-                                                       "(or use `post_hoc`).")
+                                                       "(the demo: set `demo.record_epochs` >= 1), or use "
+                                                       "`post_hoc`.")
         if self.finetune is None:
+            self._check_train_time_rows()
             return
         if self.gradients.token_rows:
             raise SpecValueError("gradients.per_token", "must be `none` with `finetune`: train-time rows "
@@ -686,13 +698,25 @@ class PipelineSpec:
             raise SpecValueError("gradients.normalizer", "is `adam`, which needs Adam's `exp_avg_sq`, but "
                                                          "`finetune.optimizer` is `adafactor`: use the "
                                                          "`adafactor` normalizer or the `adamw` optimizer.")
+        self._check_train_time_rows()
+
+    def _check_train_time_rows(self) -> None:
         if self.scoring.train_rows == "train_time" and self.scoring.mode != "stored":
             raise SpecValueError("scoring.mode", "must be `stored` with `train_rows: train_time` (the rows "
                                                  "were recorded during training and cannot be recomputed).")
+        if self.scoring.train_rows == "train_time" and self.gradients.token_rows:
+            raise SpecValueError("gradients.per_token", "must be `none` with `train_rows: train_time`: "
+                                                        "train-time rows are per document.")
 
     @property
     def is_demo(self) -> bool:
         return self.demo is not None
+
+    @property
+    def records_train_time(self) -> bool:
+        """Whether a training run of this pipeline records train-time rows: a ``finetune``
+        section, or the demo with ``demo.record_epochs`` >= 1."""
+        return self.finetune is not None or (self.demo is not None and self.demo.record_epochs > 0)
 
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections, used as code/config versions."""
@@ -706,7 +730,8 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
 
     Every score is kept (``top_k=0``) so that evaluations can rank the whole corpus, with each
     module's contribution (``breakdown: module``) for the report's layer view.
-    ``demo_kwargs`` set :class:`DemoSpec` fields.
+    ``demo_kwargs`` set :class:`DemoSpec` fields; ``record_epochs`` defaults to 1 (the last
+    epoch records train-time rows, so ``attribution demo`` reports fact tracing from them too).
     """
     return PipelineSpec(
         name="demo",
@@ -718,7 +743,7 @@ def demo_spec(people: int = 100, shard_size: int = 256, gradients: GradientSpec 
         gradients=gradients or GradientSpec(projection_dim=32, normalizer="adafactor"),
         scoring=scoring or ScoringSpec(top_k=0, breakdown="module"),
         evaluation=evaluation or EvaluationSpec(),
-        demo=DemoSpec(people=people, **demo_kwargs),
+        demo=DemoSpec(people=people, **{"record_epochs": 1, **demo_kwargs}),
         magic=magic or MagicSpec(),
     )
 

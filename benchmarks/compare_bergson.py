@@ -228,6 +228,7 @@ def summarize(name: str, order: list[tuple[str, dict]], n_docs: int, seq_len: in
     runs = {tool: [r for t, r in order if t == tool] for tool in ("ours", "bergson")}
     ours, theirs = runs["ours"][0], runs["bergson"][0]
     gemm = statistics.median(r["gemm_flops_per_s"] for r in runs["ours"])
+    floor = statistics.median(r["tokens"] / r["floor_seconds"] for r in runs["ours"])
     bound = gemm / (4 * (ours["linear_weights"] + ours["lm_head_weights"]))
     rows = []
     for tool, label in (("ours", "ours"), ("bergson", "Bergson 2.5.1")):
@@ -243,6 +244,7 @@ def summarize(name: str, order: list[tuple[str, dict]], n_docs: int, seq_len: in
                 "process s": statistics.median(r["process_seconds"] for r in rs),
                 "peak RSS MiB": statistics.median(r["peak_rss_mb"] for r in rs),
                 "fraction of bound": tps / bound,
+                "fraction of floor": tps / floor,
                 "others' cores": max(r["others"] for r in rs),
             }
         )
@@ -259,6 +261,9 @@ def summarize(name: str, order: list[tuple[str, dict]], n_docs: int, seq_len: in
         f"included); matmul bound = {gemm / 1e9:.1f} GFLOP/s / (4 x ({ours['linear_weights']:,} "
         f"hooked + {ours['lm_head_weights']:,} LM head weights); excludes attention scores) "
         f"= {bound:.0f} tokens/s",
+        f"{name}: model floor {floor:.1f} tokens/s ({floor / bound:.3f} of the bound; median of our "
+        "runs): the bare forward, loss and activation backward of the same batches, no hooks; "
+        "no hook-based collector can run faster",
         f"{name}: runs in order (tokens/s; cores busy just before; cores other processes "
         "used during): "
         + ", ".join(
@@ -278,6 +283,7 @@ COLUMNS = [
     ("peak RSS MiB", "{:.0f}"),
     ("ours/Bergson", "{:.2f}"),
     ("fraction of bound", "{:.3f}"),
+    ("fraction of floor", "{:.3f}"),
     ("others' cores", "{:.2f}"),
 ]
 
@@ -414,6 +420,7 @@ def child_ours(args: argparse.Namespace, docs: list[list[int]]) -> dict:
     vocab, hidden = model.get_output_embeddings().weight.shape
     return {
         "seconds": seconds,
+        "floor_seconds": model_floor_seconds(model, pairs, args.tokens_per_batch),
         "modules": len(collector.specs),
         "dims": collector.dims,
         "linear_weights": sum(i * o for i, o in shapes),
@@ -421,6 +428,38 @@ def child_ours(args: argparse.Namespace, docs: list[list[int]]) -> dict:
         "total_params": sum(p.numel() for p in model.parameters()),
         "shapes": [*shapes, (hidden, vocab)],
     }
+
+
+def model_floor_seconds(model, pairs: list, tokens_per_batch: int) -> float:
+    """Seconds of the bare model work any hook-based collector does on ``pairs``: the forward
+    pass, the summed token loss and the backward pass down to the input embeddings' output (the
+    gradient w.r.t. activations only: every parameter frozen), on the same batches as ours, with
+    no hook, projection or row. It reaches one step further than a collector must (the first
+    layer's input gradients), so it is a slightly generous floor."""
+    import torch
+
+    from attribution_assets.engine.gradients.batching import make_batches
+    from attribution_assets.engine.gradients.collector import masked_token_losses
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    embedded: list = []
+
+    def keep(module, args, output):
+        output = output.detach().requires_grad_(True)
+        embedded.append(output)
+        return output
+
+    handle = model.get_input_embeddings().register_forward_hook(keep)
+    try:
+        start = time.perf_counter()
+        for batch in make_batches(pairs, tokens_per_batch, 0, torch.device("cpu")):
+            embedded.clear()
+            loss = masked_token_losses(model, batch).sum()
+            torch.autograd.grad(loss, embedded)
+        return time.perf_counter() - start
+    finally:
+        handle.remove()
 
 
 def child_bergson(args: argparse.Namespace, docs: list[list[int]]) -> dict:

@@ -152,7 +152,8 @@ def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
 
     @dg.asset(key=key(spec, "model"), group_name=spec.name,
               deps=[key(spec, "corpus"), key(spec, "tokenizer"), key(spec, "query_set")],
-              code_version=code_version("demo-model-v1", spec, "demo"),
+              code_version=code_version("demo-model-v1", spec, "demo")
+              + (f"-rows-{spec.section_hash('gradients')}" if spec.demo.record_epochs else ""),
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="Small GPT-NeoX trained on the demo corpus (with its AdamW state for normalization).")
     def model(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:

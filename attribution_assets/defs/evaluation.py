@@ -21,7 +21,7 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.evaluation import fact_tracing, lds
+from attribution_assets.engine.evaluation import fact_tracing, lds, train_time
 from attribution_assets.engine.io import corpus as corpus_io
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.atomic import atomic_dir
@@ -142,3 +142,38 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
                                               "seconds": timer.seconds})
 
     return [fact_tracing_asset, lds_retrain, lds_asset]
+
+
+def train_time_evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
+    """``train_time_fact_tracing``: fact tracing from the training run's own rows next to the
+    post-hoc rows (``engine.evaluation.train_time``), for a pipeline that records train-time
+    rows, scores post hoc and has gold queries; part of ``attribution demo`` (its last stage)."""
+    if not (spec.records_train_time and spec.scoring.train_rows == "post_hoc" and spec.scoring.mode == "stored"
+            and spec.queries is not None and (spec.is_demo or spec.queries.gold_column)):
+        return []
+    precond = [key(spec, "preconditioner")] if spec.scoring.preconditioner == "trackstar" else []
+
+    @dg.asset(key=key(spec, "train_time_fact_tracing"), group_name=f"{spec.name}_evaluation",
+              deps=[dg.AssetDep(key(spec, "train_gradients"), partition_mapping=ALL), key(spec, "model"),
+                    key(spec, "query_gradients"), key(spec, "query_set"), *precond]
+              + ([key(spec, "finetune")] if spec.finetune is not None else []),
+              code_version=code_version("train-time-fact-tracing-v1", spec, "gradients", "scoring", "demo",
+                                        "finetune"),
+              description="Recall@1/10/50 and MRR of the pipeline's scoring from train-time rows (summed "
+                          "per document over the recorded steps, their own TrackStar preconditioner) "
+                          "next to the post-hoc rows of the final model.")
+    def train_time_fact_tracing(context: dg.AssetExecutionContext,
+                                storage: StorageResource) -> dg.MaterializeResult:
+        timer = Timer()
+        paths = storage.paths(spec)
+        shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
+        frame, markdown = train_time.train_time_fact_tracing(spec, paths, shards, _gold(paths))
+        fact_tracing.write_tables(frame, markdown, paths.evaluation, "train_time_fact_tracing")
+        figures = {f"{row['train_rows']}_{m}": row[m] for row in frame.iter_rows(named=True)
+                   for m in ("recall@1", "recall@10", "mrr")}
+        return dg.MaterializeResult(metadata={
+            "table": dg.MetadataValue.md(markdown), **figures, "queries": int(frame["queries"][0]),
+            "path": path_metadata(paths.evaluation / "train_time_fact_tracing.parquet"),
+            "seconds": timer.seconds})
+
+    return [train_time_fact_tracing]

@@ -10,7 +10,7 @@ import dagster as dg
 
 from attribution_assets.defs.automation import new_data_sensor, rebuild_schedule
 from attribution_assets.defs.corpus import corpus_assets
-from attribution_assets.defs.evaluation import evaluation_assets
+from attribution_assets.defs.evaluation import evaluation_assets, train_time_evaluation_assets
 from attribution_assets.defs.finetune import finetune_assets
 from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
@@ -29,7 +29,7 @@ def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.D
     assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
               *score_assets(spec, compute),
               *index_assets(spec), *evaluation_assets(spec, compute), *finetune_assets(spec, compute),
-              *magic_assets(spec, compute)]
+              *magic_assets(spec, compute), *train_time_evaluation_assets(spec)]
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     return dg.Definitions(assets=assets, jobs=stage_jobs(spec, present, profile.retry_policy()), sensors=[sensor] if sensor else [],

@@ -29,7 +29,7 @@ from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.training.finetune import train_time_document_rows
+from attribution_assets.engine.training.finetune import train_time_document_rows, train_time_stores
 from attribution_assets.spec import PipelineSpec, spec_to_json
 
 CHECKS = ("finite", "row_count", "settings")
@@ -45,11 +45,13 @@ def model_fingerprint(spec: PipelineSpec, paths: PipelinePaths) -> str:
     return json.loads(paths.model_record.read_text())["fingerprint"]
 
 
-def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource):
-    """The pipeline's collector on the compute resource's device (loads the model)."""
+def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource, model=None):
+    """The pipeline's collector on the compute resource's device (loads the model unless given
+    the one ``compute.load_model`` returned)."""
     storage.ensure_writable()
     paths = storage.paths(spec)
-    model, _ = compute.load_model(spec, paths)
+    if model is None:
+        model, _ = compute.load_model(spec, paths)
     return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
@@ -137,10 +139,9 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 weighting = spec.corpus.advantage_weighting
                 store = None if force or train_time else reusable_store(
                     out, docs, fingerprint, spec.gradients, version, weighting)
-                if train_time:  # the rows the fine-tuning run recorded, summed per document
-                    array, info = train_time_document_rows(
-                        [GradientStore(paths.train_time_gradients(s)) for s in paths.train_time_shards()],
-                        [d.doc_id for d in docs])
+                if train_time:  # the rows the training run recorded, summed per document
+                    array, info = train_time_document_rows(train_time_stores(spec, paths),
+                                                           [d.doc_id for d in docs])
                     store = write_store(out, array, info, doc_ids=[d.doc_id for d in docs],
                                         model_fingerprint=fingerprint, dtype=spec.gradients.dtype)
                     meta = {"rows": store.rows, "dims": store.dims, "train_time": True,

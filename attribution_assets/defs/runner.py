@@ -8,8 +8,10 @@ single-run backfill: the model loads once).
 
 Parallel shards: with a ``multiprocess`` profile (``max_concurrent`` = N), a partitioned stage
 splits its shards into N contiguous ranges and runs each range as its own run in a worker
-process (``ProcessPoolExecutor``, spawned), N at once: each worker loads the model once for
-its range. Workers rebuild the definitions from the recipe that ``build_definitions``
+process (``ProcessPoolExecutor``), N at once: each worker loads the model once for its range.
+Workers fork from one forkserver that imported torch, transformers, Dagster and the definitions
+once (fresh state: it never ran a torch op or opened the instance), so a stage's workers, and
+every later stage's, start without re-importing them. Workers rebuild the definitions from the recipe that ``build_definitions``
 records (specs + profile) through Dagster's ``build_reconstructable_job``. Unpartitioned
 stages are chains (each asset needs the previous one) and run in this process: a step
 process each would only add its startup (``dagster dev`` runs them under the profile's
@@ -82,7 +84,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
           False),
     Stage("scores", ("scores",), True),
-    Stage("database", ("attribution_db",), False),
+    Stage("database", ("attribution_db", "train_time_fact_tracing"), False),
 )
 # With a `finetune` section, the model that gradients come from is trained on the tokenized
 # corpus first: query gradients wait for it and tokens get a stage of their own.
@@ -332,6 +334,9 @@ def _step_errors(result) -> str:
         or "the run failed before any step"
 
 
+WORKER_PRELOAD = ("torch", "transformers", "dagster", "attribution_assets.defs.factory")
+
+
 def run_range(recipe: str, name: str, instance_ref, keys: list[list[str]], run_id: str, tags: dict,
               run_config: dict) -> str | None:
     """In a worker process: run job ``name`` over the shard range in ``tags`` in this process and
@@ -360,7 +365,8 @@ def _run_in_workers(recipe: str, name: str, instance: dg.DagsterInstance, keys: 
                          "use the `local` profile.")
     log(f"{name}: {len(ranges)} shard ranges in {min(workers, len(ranges))} worker processes")
     failures, runs = [], []
-    context = get_context("spawn")  # fresh interpreters: no forked torch or sqlite state
+    context = get_context("forkserver")  # no forked torch thread pools or sqlite handles
+    context.set_forkserver_preload(list(WORKER_PRELOAD))
     with ProcessPoolExecutor(max_workers=min(workers, len(ranges)), mp_context=context) as pool:
         futures = {}
         for first, last in ranges:

@@ -162,8 +162,16 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         timer = Timer()
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
+        loaded = []  # the model, loaded once for streamed rows and the sample explanations
+
+        def model_and_tokenizer():
+            if not loaded:
+                loaded.append(compute.load_model(spec, paths))
+            return loaded[0]
+
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
-                             collector=lambda: pipeline_collector(spec, storage, compute))
+                             collector=lambda: pipeline_collector(spec, storage, compute,
+                                                                  model_and_tokenizer()[0]))
         versions = {}
         with progress_logs(context):
             results = tracked(scorer.score_shards(rows, paths, spec.scoring.top_k), "scores",
@@ -181,7 +189,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                     partition_key=result.shard)
             samples = []
             if spec.scoring.aggregate == "individual" and spec.scoring.train_rows == "post_hoc":
-                model, tokenizer = compute.load_model(spec, paths)
+                model, tokenizer = model_and_tokenizer()
                 samples = explain_samples(spec, paths, model, tokenizer, SAMPLE_QUERIES, SAMPLE_K)
         if samples:
             write_text_atomic(paths.explanations, explanation_html(samples))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -26,18 +27,22 @@ def build_demo_tokenizer(spec: PipelineSpec, paths: PipelinePaths):
 
 def build_demo_model(spec: PipelineSpec, paths: PipelinePaths,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train the demo model on every corpus document; report fact accuracy on both phrasings
-    and write the model record (``model.json``: source, fingerprint, size)."""
+    """Train the demo model on every corpus document (recording train-time document rows
+    with the pipeline's ``gradients`` settings when ``demo.record_epochs`` >= 1); report fact accuracy on
+    both phrasings and write the model record (``model.json``: source, fingerprint, size)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
-    texts = [d["text"] for d in read_documents(paths.documents)]
+    documents = read_documents(paths.documents)
+    texts = [d["text"] for d in documents]
     corpus = generate_demo_corpus(spec.demo)
     held_out = [(json.loads(q["content"])["prompt"], json.loads(q["content"])["completion"])
                 for q in read_queries(paths.queries)]
     metrics = train_demo_model(tokenizer, texts, spec.demo, paths.model, log=log,
                                eval_pairs={"train_phrasing": corpus.training_prompts,
-                                           "held_out_phrasing": held_out})
+                                           "held_out_phrasing": held_out},
+                               record=dataclasses.replace(spec.gradients, per_token="none"),
+                               doc_ids=[d["doc_id"] for d in documents])
     model = AutoModelForCausalLM.from_pretrained(paths.model)
     record = {"source": str(paths.model), "fingerprint": model_fingerprint(model),
               "parameters": int(sum(p.numel() for p in model.parameters())),

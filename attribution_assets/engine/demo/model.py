@@ -10,6 +10,14 @@ The output folder holds the model (``save_pretrained``, safetensors), the tokeni
 ``optimizer.pt`` (AdamW state, loadable with ``torch.load(weights_only=True)``) and
 ``training.json`` (config and metrics). It is written to a temporary sibling and
 renamed into place.
+
+With ``record`` (a ``GradientSpec``) and ``DemoSpec.record_epochs`` = N >= 1, the last N
+epochs record train-time rows with ``engine.training.callback.TrainTimeRecorder`` (the
+Trainer callback's machinery, driven by this loop): a document's row is ``w_i`` times the
+gradient of its summed token loss at the parameters of its step, normalized by AdamW's state
+right after that step; documents of weight 0 get none. One store per epoch, in
+``PipelinePaths.recorded_gradients(<output folder>)``. The hooks only read tensors: the model
+is the same with and without recording.
 """
 
 from __future__ import annotations
@@ -28,8 +36,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 from attribution_assets.engine.demo.corpus import DemoCorpus
+from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.atomic import atomic_dir
-from attribution_assets.spec import DemoSpec
+from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.training.callback import IGNORE, TrainTimeRecorder
+from attribution_assets.spec import DemoSpec, GradientSpec
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
@@ -159,16 +170,6 @@ def _lr_lambda(config: DemoSpec, total_steps: int) -> Callable[[int], float]:
     return schedule
 
 
-def _write_atomically(output_dir: Path, write: Callable[[Path], None]) -> None:
-    """Fill a fresh temporary sibling with ``write`` and rename it onto ``output_dir``.
-
-    Uses :func:`atomic.atomic_dir`: temporaries name their writer (host, pid) and the
-    leftovers of killed writers are swept before each write.
-    """
-    with atomic_dir(output_dir) as tmp:
-        write(tmp)
-
-
 def train_demo_model(
     tokenizer: PreTrainedTokenizerFast,
     documents_texts: Sequence[str],
@@ -177,16 +178,23 @@ def train_demo_model(
     log: Callable[[str], None] = print,
     loss_weights: Sequence[float] | None = None,
     eval_pairs: dict[str, Sequence[tuple[str, str]]] | None = None,
+    record: GradientSpec | None = None,
+    doc_ids: Sequence[str] | None = None,
 ) -> dict:
     """Train the demo GPT-NeoX from a seeded init on all documents and save it.
 
     ``loss_weights`` (one float per document) scale each document's loss; 0 drops a
     document without changing data order or step count. ``eval_pairs`` maps a name
     to ``(prompt, completion)`` pairs; metric ``f"{name}_accuracy"`` is reported.
+    ``record``/``doc_ids``: record train-time rows during the last ``config.record_epochs``
+    epochs (module docstring; ``doc_ids`` name the documents in the stores).
     Returns the metrics (also written to ``training.json``).
     """
     if loss_weights is not None and len(loss_weights) != len(documents_texts):
         raise ValueError("loss_weights needs one weight per document")
+    recording = record is not None and config.record_epochs > 0
+    if recording and (doc_ids is None or len(doc_ids) != len(documents_texts)):
+        raise ValueError("recording train-time rows needs one doc_id per document")
     started = time.perf_counter()
     encoded = _encode_documents(tokenizer, documents_texts, config.max_position_embeddings)
     weights = torch.tensor(
@@ -201,41 +209,58 @@ def train_demo_model(
     )
     batches = data_order(len(encoded), config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches)))
+    steps_per_epoch = len(batches) // config.epochs
+    first_recorded = (config.epochs - config.record_epochs) * steps_per_epoch
     losses = []
-    for step, batch in enumerate(batches):
-        ids, mask = _pad([encoded[i] for i in batch], tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        loss = weighted_lm_loss(logits, ids, mask, weights[batch])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(loss.item())
-        if (step + 1) % config.log_every == 0 or step + 1 == len(batches):
-            recent = losses[-config.log_every :]
-            log(f"step {step + 1}/{len(batches)} loss {sum(recent) / len(recent):.4f}")
-    train_seconds = time.perf_counter() - started
+    with atomic_dir(Path(output_dir)) as folder:
+        recorder = None
+        if recording:
+            recorder = TrainTimeRecorder(record, doc_ids, PipelinePaths.recorded_gradients(folder),
+                                         doc_weights=weights.tolist(), steps_per_shard=steps_per_epoch)
+        for step, batch in enumerate(batches):
+            ids, mask = _pad([encoded[i] for i in batch], tokenizer.pad_token_id)
+            record_step = recorder is not None and step >= first_recorded
+            if record_step:
+                if step == first_recorded:
+                    recorder.attach(model)
+                recorder.start_micro_batch(torch.tensor(batch), torch.where(mask.bool(), ids, IGNORE), mask)
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            loss = weighted_lm_loss(logits, ids, mask, weights[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if record_step:
+                recorder.finish_micro_batch()
+                recorder.optimizer_step(optimizer)
+                recorder.step_end(step + 1, (step + 1) / steps_per_epoch)
+            scheduler.step()
+            losses.append(loss.item())
+            if (step + 1) % config.log_every == 0 or step + 1 == len(batches):
+                recent = losses[-config.log_every :]
+                log(f"step {step + 1}/{len(batches)} loss {sum(recent) / len(recent):.4f}")
+        if recorder is not None:
+            recorder.close(len(batches))
+        train_seconds = time.perf_counter() - started
 
-    metrics: dict = {
-        "steps": len(batches),
-        "documents": len(encoded),
-        "documents_with_weight": int((weights != 0).sum()),
-        "first_loss": losses[0],
-        "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "train_seconds": round(train_seconds, 3),
-    }
-    for name, pairs in (eval_pairs or {}).items():
-        metrics[f"{name}_accuracy"] = fact_accuracy(model, tokenizer, pairs)
-        log(f"{name} accuracy {metrics[f'{name}_accuracy']:.4f}")
+        metrics: dict = {
+            "steps": len(batches),
+            "documents": len(encoded),
+            "documents_with_weight": int((weights != 0).sum()),
+            "first_loss": losses[0],
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "train_seconds": round(train_seconds, 3),
+        }
+        if recorder is not None:
+            metrics["train_time_rows"] = sum(GradientStore(p).rows for p in recorder.shards)
+        for name, pairs in (eval_pairs or {}).items():
+            metrics[f"{name}_accuracy"] = fact_accuracy(model, tokenizer, pairs)
+            log(f"{name} accuracy {metrics[f'{name}_accuracy']:.4f}")
 
-    def write(folder: Path) -> None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        record = {"config": dataclasses.asdict(config), "metrics": metrics}
-        (folder / "training.json").write_text(json.dumps(record, indent=2) + "\n")
-
-    _write_atomically(Path(output_dir), write)
+        record_json = {"config": dataclasses.asdict(config), "metrics": metrics}
+        (folder / "training.json").write_text(json.dumps(record_json, indent=2) + "\n")
     return metrics
 
 

@@ -160,8 +160,31 @@ def _quantized(module: nn.Module) -> bool:
         or type(module).__module__.split(".")[0] == "bitsandbytes")
 
 
+class HookRecords(dict):
+    """``name -> [(input, output), ...]`` per call of each hooked module, plus ``leaves``: the
+    inputs the hooks turned into leaves that require grad (inputs of hooked modules with no
+    hooked module upstream). Every hooked output that reaches the loss lies on a path from a
+    leaf to the loss, so a backward pass to the leaves runs every output's gradient hook."""
+
+    def __init__(self, names: Sequence[str]):
+        super().__init__({name: [] for name in names})
+        self.leaves: list[torch.Tensor] = []
+        self.prepare: Callable[[str, torch.Tensor], object] | None = None  # input -> what is kept
+
+
+@dataclass
+class ProjectedInput:
+    """A hooked call's input already projected: ``(right key, column span) -> a_c R_bᵀ`` masked,
+    ``[B, T, p]`` each (what :meth:`GradientCollector._module_rows` needs of ``a``)."""
+
+    parts: dict[tuple, torch.Tensor]
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ProjectedInput:
+        return ProjectedInput({k: fn(v) for k, v in self.parts.items()})
+
+
 @contextmanager
-def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[dict[str, list]]:
+def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[HookRecords]:
     """Eval mode, frozen parameters, and hooks appending ``(input, output)`` to
     ``records[name]`` per call of each module in ``specs``; yields ``records``.
 
@@ -171,20 +194,23 @@ def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[di
     """
     was_training = model.training
     flags = [(p, True) for p in model.parameters() if p.requires_grad]  # never touch frozen (e.g. 4-bit) ones
-    records: dict[str, list] = {s.name: [] for s in specs}
+    records = HookRecords([s.name for s in specs])
     handles = []
 
     def pre_hook(module, args):
         x = args[0]
         if not x.requires_grad:  # lets gradients reach every hooked output
-            return (x.detach().requires_grad_(True),) + tuple(args[1:])
+            leaf = x.detach().requires_grad_(True)
+            records.leaves.append(leaf)
+            return (leaf,) + tuple(args[1:])
         return None
 
     def make_hook(name):
         def hook(module, args, output):
             if torch.is_grad_enabled() and output.requires_grad:
                 output.retain_grad()  # read by trace(); autograd.grad() ignores it
-            records[name].append((args[0].detach(), output))
+            x = args[0].detach()
+            records[name].append((x if records.prepare is None else records.prepare(name, x), output))
 
         return hook
 
@@ -204,10 +230,11 @@ def hooked_modules(model: nn.Module, specs: Sequence[ModuleSpec]) -> Iterator[di
         model.train(was_training)
 
 
-def clear_records(records: dict[str, list]) -> None:
-    """Empty every module's call list (the hooks keep appending to the same lists)."""
+def clear_records(records: HookRecords) -> None:
+    """Empty every module's call list and the leaves (the hooks keep appending to them)."""
     for calls in records.values():
         calls.clear()
+    records.leaves.clear()
 
 
 def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -216,7 +243,7 @@ def _outer_sum(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     return g.transpose(1, 2) * a if a.shape[1] == 1 else g.transpose(1, 2) @ a
 
 
-def _token_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def masked_token_losses(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Masked per-token losses ``[B, T-1]``; entry ``t-1`` is the loss of token ``t``."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     # every position's logits, contiguous (no slice copy); the last one's target is a dummy
@@ -327,10 +354,36 @@ class GradientCollector:
             finally:
                 self._records = {}
 
+    def _projects_inputs(self, spec: ModuleSpec) -> bool:
+        """Whether ``spec``'s rows need only projected inputs (no full ``[O, I]`` gradient)."""
+        norm, transform = self.normalizer, self.transform
+        return bool(self.gradients.projection_dim) and (norm is None or norm.factored) \
+            and (transform is None or transform.projected)
+
+    def _project_input(self, spec: ModuleSpec, a: torch.Tensor, valid: torch.Tensor):
+        """``a [B, T, I]`` as :class:`ProjectedInput` (masked by ``valid [B, T, 1]``), or ``a``
+        itself when the module's rows need the full gradient."""
+        if not self._projects_inputs(spec):
+            return a
+        norm, proj = self.normalizer, self.projector
+        factors = norm.factors(spec.name) if norm is not None else None
+        parts = {}
+        with torch.autocast(a.device.type, enabled=False):  # float32 products, as in the backward
+            for b in spec.blocks:
+                span = b.cols
+                if span is None or (b.right, span) in parts:
+                    continue
+                m = proj.right(b.right, span[1] - span[0])
+                if factors is not None:
+                    m = m * factors[1][span[0] : span[1]]
+                parts[b.right, span] = torch.where(valid, a[..., span[0] : span[1]].float() @ m.T, 0.0)
+        return ProjectedInput(parts)
+
     def _module_rows(
-        self, spec: ModuleSpec, a: torch.Tensor, g: torch.Tensor, valid: torch.Tensor
+        self, spec: ModuleSpec, a: torch.Tensor | ProjectedInput, g: torch.Tensor, valid: torch.Tensor
     ) -> torch.Tensor:
-        """Rows ``[B, stop - start]`` from ``a [B, T, I]``, ``g [B, T, O]``, ``valid [B, T, 1]``.
+        """Rows ``[B, stop - start]`` from ``a [B, T, I]`` (or its :meth:`_project_input`),
+        ``g [B, T, O]``, ``valid [B, T, 1]``.
 
         Block ``b`` (rows ``r``, columns ``c`` of ``G``) is ``(g_r L_bᵀ)ᵀ (a_c R_bᵀ)`` projected,
         else ``g_rᵀ a_c``; products with a matrix shared by several blocks are formed once.
@@ -344,8 +397,10 @@ class GradientCollector:
                                     self.transform)
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
         weights: list[torch.Tensor | None] = []
-        if p and (norm is None or factors is not None) and (transform is None or transform.projected):
+        if self._projects_inputs(spec):
             done: dict[tuple, torch.Tensor] = {}
+            if isinstance(a, ProjectedInput):
+                done.update({(1, *k): v for k, v in a.parts.items()})
 
             def projected(side, key, span):
                 if (side, key, span) not in done:
@@ -472,26 +527,62 @@ class GradientCollector:
             loss, outputs, retain_graph=retain, allow_unused=True, materialize_grads=True
         )
 
+    def _streamed_rows(self, loss: torch.Tensor, valid: torch.Tensor, n: int,
+                       pick: Callable | None = None) -> torch.Tensor:
+        """Rows ``[n, dims]`` of ``loss`` (as :meth:`_rows` of its output gradients), each
+        module call's block formed in that output's gradient hook as the backward pass reaches
+        it, so no two calls' output gradients are held at once and each call's input is freed
+        once used. The backward pass runs to the hook-made leaves (``HookRecords.leaves``)."""
+        blocks: dict[str, torch.Tensor] = {}
+        handles = []
+        for s in self.specs:
+            for recorded, output in self._records[s.name]:
+                held = [recorded]
+
+                def on_grad(g, spec=s, held=held):
+                    a, g = held.pop(), g.detach()
+                    if pick is not None:
+                        a, g = (a.map(pick) if isinstance(a, ProjectedInput) else pick(a)), pick(g)
+                    part = self._module_rows(spec, a if isinstance(a, ProjectedInput) else a.float(),
+                                             g.float(), valid)
+                    blocks[spec.name] = part if spec.name not in blocks else blocks[spec.name] + part
+
+                handles.append(output.register_hook(on_grad))
+        leaves = list(self._records.leaves)
+        clear_records(self._records)  # the hooks hold the inputs until their gradient arrives
+        try:
+            if leaves and loss.requires_grad:
+                torch.autograd.grad(loss, leaves, allow_unused=True)
+        finally:
+            for h in handles:
+                h.remove()
+        return self.assemble(blocks, n)
+
     def _batch_rows(self, batch: Batch, positions: list[list[int]]) -> list[torch.Tensor]:
         """Per document of the batch, its rows ``[n_rows, dims]`` (``positions``: each
         document's row positions, :func:`row_positions`)."""
         clear_records(self._records)
-        with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-            losses = _token_loss(self.model, batch)
-        outputs = [o for s in self.specs for _, o in self._records[s.name]]
         valid = batch.attention_mask.bool()[..., None]
         mode = self.gradients.per_token
+        if mode != "loss":  # keep only projected inputs when the rows need no more
+            self._records.prepare = lambda name, a: self._project_input(self._spec_by_name[name], a, valid)
+        try:
+            with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                losses = masked_token_losses(self.model, batch)
+        finally:
+            self._records.prepare = None
         if mode == "none":
-            return list(self._rows(self._grad(losses.sum(), outputs, False), valid).split(1))
+            return list(self._streamed_rows(losses.sum(), valid, len(batch.indices)).split(1))
         pos = [positions[i] for i in batch.indices]
         if mode == "positional":  # every kept position becomes a unit of one token
             width = batch.input_ids.shape[1]
             keep = torch.tensor([b * width + t for b, p in enumerate(pos) for t in p],
                                 dtype=torch.long, device=self.device)
             units = torch.ones(len(keep), 1, 1, dtype=torch.bool, device=self.device)
-            grads = self._grad(losses.sum(), outputs, False)
-            rows = self._rows(grads, units, lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
+            rows = self._streamed_rows(losses.sum(), units, len(keep),
+                                       lambda x: x.flatten(0, 1)[keep].unsqueeze(1))
             return list(rows.split([len(p) for p in pos]))
+        outputs = [o for s in self.specs for _, o in self._records[s.name]]
         per_doc = [[] for _ in pos]
         n_max = max(len(p) for p in pos)
         for k in range(n_max):

@@ -110,6 +110,18 @@ class PipelinePaths:
         base = self.train_time_root
         return sorted(p.name for p in base.glob("steps_*") if p.is_dir()) if base.is_dir() else []
 
+    # the demo model's own train-time rows (``demo.record_epochs``), written with the model
+    @staticmethod
+    def recorded_gradients(model_dir: str | Path) -> Path:
+        """``<model dir>/train_time``: the train-time gradient stores (``steps_<first>-<last>``)
+        the demo model's training recorded; the model's temporary directory while it is written."""
+        return Path(model_dir) / "train_time"
+
+    def demo_train_time_stores(self) -> list[Path]:
+        """The demo model's train-time gradient stores that exist, in step order."""
+        base = self.recorded_gradients(self.model)
+        return sorted(p for p in base.glob("steps_*") if p.is_dir()) if base.is_dir() else []
+
     # preconditioning and search
     @property
     def autocorrelation(self) -> Path:

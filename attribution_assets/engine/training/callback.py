@@ -1,5 +1,7 @@
-"""Train-time attribution: per-example projected gradients from a ``transformers.Trainer``'s own
-forward and backward passes (no second forward), written as gradient shards.
+"""Train-time attribution: per-example projected gradients from a training loop's own forward and
+backward passes (no second forward), written as gradient shards. :class:`TrainTimeRecorder` does
+the work for any loop (the demo's ``engine.demo.model`` calls it directly);
+:class:`AttributionCallback` drives it from a ``transformers.Trainer``.
 
 Conventions (as ``engine.gradients.collector``, whose projection and normalization code this
 reuses through :meth:`GradientCollector.hook_rows`):
@@ -78,7 +80,10 @@ def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) 
     positions (``labels[:, 1:] != -100``, predicted from ``logits[:, :-1]``), read by least
     squares at each document's first and last target (two ``V``-wide rows per document, not
     ``T``); 0 for a document without targets or without gradient. Raises when the two disagree
-    (the loss is then not ``c_b`` times the document's summed token cross-entropy)."""
+    (the loss is then not ``c_b`` times the document's summed token cross-entropy).
+    The least squares leave out the target entry ``c_b (p_t - 1)``, which cancels to float32
+    noise when ``p_t`` rounds near 1 (a memorized token); the other entries ``c_b p_v`` keep
+    their relative precision (the full row is used where they all underflow to 0)."""
     target = labels[:, 1:]
     keep = target != IGNORE
     has = keep.any(1)
@@ -87,10 +92,16 @@ def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) 
     last = torch.where(has, width - 1 - keep.flip(1).int().argmax(1), 0)
     batch = torch.arange(labels.shape[0], device=labels.device).repeat(2)
     pos = torch.cat([first, last])
-    d = torch.softmax(logits[batch, pos].detach().float(), dim=-1)
-    d[torch.arange(len(d), device=d.device), target[batch, pos].clamp_min(0)] -= 1.0
-    g = grad[batch, pos].float()
-    c = ((g * d).sum(-1).double() / (d * d).sum(-1).double().clamp_min(1e-300)).view(2, -1)
+    d = torch.softmax(logits[batch, pos].detach().float(), dim=-1).double()
+    rows, cols = torch.arange(len(d), device=d.device), target[batch, pos].clamp_min(0)
+    g = grad[batch, pos].double()
+    other = torch.ones_like(d)
+    other[rows, cols] = 0.0
+    d_other = d * other
+    d[rows, cols] -= 1.0
+    num, den = (g * d_other).sum(-1), (d_other * d_other).sum(-1)
+    full = (g * d).sum(-1) / (d * d).sum(-1).clamp_min(1e-300)
+    c = torch.where(den > 0, num / den.clamp_min(1e-300), full).view(2, -1)
     c = torch.where(has, c, 0.0)
     spread = (c[0] - c[1]).abs()
     if bool((spread > 1e-3 * c.abs().amax(0) + 1e-30).any()):
@@ -112,8 +123,16 @@ def shard_name(first_step: int, last_step: int) -> str:
     return f"steps_{first_step:06d}-{last_step:06d}"
 
 
-class AttributionCallback(TrainerCallback):
-    """Records per-document projected gradients of every training batch (module docstring).
+class TrainTimeRecorder:
+    """Records per-document projected gradients of a training loop's own backward passes (module
+    docstring); :class:`AttributionCallback` drives it from a ``transformers.Trainer``, any other
+    loop calls it directly:
+
+    ``attach(model)``; per micro-batch ``start_micro_batch(doc_index, labels, attention_mask)``
+    before its forward (``labels``: ``-100`` where no loss is taken), its forward and backward,
+    then ``finish_micro_batch()``; after each ``optimizer.step()`` ``optimizer_step(optimizer)``
+    (the live optimizer, for the normalizer) and ``step_end(step, epoch)``; at the end
+    ``close(last_step)`` (writes the last shard, removes the hooks).
 
     ``gradients``: the projection, module globs and normalizer (as the post-hoc collector);
     ``doc_ids``: document id per ``doc_index``; ``out``: the directory that receives one shard
@@ -121,7 +140,8 @@ class AttributionCallback(TrainerCallback):
     ``doc_weights``: ``w_b`` per ``doc_index`` (None: 1); ``steps_per_shard``: optimizer steps
     per shard; ``model_fingerprint``: recorded in each shard.
     ``shards`` lists the written shard paths; ``skipped_docs`` counts rows that were not
-    recorded because their document's loss had no gradient (``c_b == 0``, e.g. zero advantage).
+    recorded because their document's loss had no gradient (``c_b == 0``, e.g. zero advantage
+    or loss weight).
     """
 
     def __init__(self, gradients: GradientSpec, doc_ids: Sequence[str],
@@ -150,26 +170,10 @@ class AttributionCallback(TrainerCallback):
         self._first_step: int | None = None
 
     # -- hooks -------------------------------------------------------------------------------
-    def _attach(self, model: torch.nn.Module) -> None:
+    def attach(self, model: torch.nn.Module) -> None:
+        """Hook ``model``'s logits and the selected modules (the collector's globs)."""
         self.collector = GradientCollector(model, self.gradients, live_normalizer=True)
         names = {id(s.module): s.name for s in self.collector.specs}
-
-        def model_pre_hook(module, args, kwargs):
-            index = kwargs.pop(DOC_INDEX, None)
-            if not (module.training and torch.is_grad_enabled()):
-                return args, kwargs
-            if index is None:
-                raise ValueError(f"training batch has no `{DOC_INDEX}`: build examples with a "
-                                 f"`{DOC_INDEX}` and collate with AttributionCollator, and set "
-                                 "TrainingArguments(remove_unused_columns=False)")
-            labels = kwargs.get("labels")
-            if labels is None:
-                raise ValueError("the training forward got no `labels`: the callback reads each "
-                                 "document's target positions from them (-100 = no loss)")
-            self._finish_micro_batch()
-            self._micro = {"index": index.detach().cpu(), "labels": labels.detach(),
-                           "mask": kwargs.get("attention_mask"), "calls": {}, "blocks": {}, "scales": None}
-            return args, kwargs
 
         def model_hook(module, args, kwargs, output):
             micro = self._micro
@@ -203,8 +207,7 @@ class AttributionCallback(TrainerCallback):
 
             output.register_hook(on_grad)
 
-        self._handles = [model.register_forward_pre_hook(model_pre_hook, with_kwargs=True),
-                         model.register_forward_hook(model_hook, with_kwargs=True)]
+        self._handles = [model.register_forward_hook(model_hook, with_kwargs=True)]
         self._handles += [s.module.register_forward_hook(module_hook) for s in self.collector.specs]
 
     def _detach(self) -> None:
@@ -212,8 +215,16 @@ class AttributionCallback(TrainerCallback):
             h.remove()
         self._handles = []
 
-    # -- rows --------------------------------------------------------------------------------
-    def _finish_micro_batch(self) -> None:
+    # -- micro-batches and steps ---------------------------------------------------------------
+    def start_micro_batch(self, doc_index: torch.Tensor, labels: torch.Tensor,
+                          attention_mask: torch.Tensor | None = None) -> None:
+        """Record the next forward/backward: ``doc_index [B]``, ``labels [B, T]`` (-100: no
+        loss), ``attention_mask [B, T]`` (None: all valid). Closes the previous micro-batch."""
+        self.finish_micro_batch()
+        self._micro = {"index": doc_index.detach().cpu(), "labels": labels.detach(),
+                       "mask": attention_mask, "calls": {}, "blocks": {}, "scales": None}
+
+    def finish_micro_batch(self) -> None:
         """Close the current micro-batch (its backward has run): project it now, or keep its
         tensors for the normalizer of the step's optimizer update."""
         micro, self._micro = self._micro, None
@@ -228,6 +239,37 @@ class AttributionCallback(TrainerCallback):
         else:
             self._raw.append(micro)
 
+    def optimizer_step(self, optimizer) -> None:
+        """After ``optimizer.step()``: normalize the step's micro-batches with its live state."""
+        if self._raw:
+            if optimizer is None:
+                raise ValueError("the normalizer needs the live optimizer (on_optimizer_step got none)")
+            live = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+            self.collector.bind_normalizer(
+                make_normalizer(self.gradients.normalizer, live, self.collector.model))
+            self._step_rows += [self._rows(micro) for micro in self._raw]
+            self._raw = []
+
+    def step_end(self, step: int, epoch: float) -> None:
+        """Tag the step's rows with ``step`` (1-based) and ``epoch``; write a shard when due."""
+        self.finish_micro_batch()
+        for index, rows in self._step_rows:
+            self._buffer.append((index, rows, step, epoch))
+        self._step_rows = []
+        if self._first_step is None:
+            self._first_step = step
+        if step - self._first_step + 1 >= self.steps_per_shard:
+            self._flush(step)
+
+    def close(self, last_step: int) -> None:
+        """Drop an unfinished step, write the buffered rows (shard ending at ``last_step``) and
+        remove the hooks."""
+        self._micro, self._raw, self._step_rows = None, [], []
+        if self._first_step is not None:
+            self._flush(last_step)
+        self._detach()
+
+    # -- rows --------------------------------------------------------------------------------
     def _rows(self, micro: dict) -> tuple[np.ndarray, np.ndarray]:
         """``(doc_index [B], rows [B, dims])`` of one micro-batch: hook rows / ``c_b`` * ``w_b``."""
         n = len(micro["index"])
@@ -247,55 +289,6 @@ class AttributionCallback(TrainerCallback):
         rows = (rows * factor[:, None]).float().cpu().numpy()
         return index.numpy()[keep.numpy()], rows[keep.numpy()]
 
-    # -- Trainer events ----------------------------------------------------------------------
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is None:
-            raise ValueError("AttributionCallback needs the Trainer's model (on_train_begin got none)")
-        if getattr(args, "remove_unused_columns", False):
-            raise ValueError("AttributionCallback needs `doc_index` in each batch: set "
-                             "TrainingArguments(remove_unused_columns=False)")
-        if getattr(args, "label_smoothing_factor", 0.0):
-            raise ValueError("AttributionCallback cannot undo label smoothing (the loss is then not "
-                             "a scaled sum of each document's token losses): set "
-                             "label_smoothing_factor=0")
-        if getattr(args, "gradient_checkpointing", False):
-            raise ValueError("AttributionCallback hooks the training forward once per batch; "
-                             "gradient checkpointing runs it twice: set gradient_checkpointing=False")
-        self._attach(model)
-
-    def on_substep_end(self, args, state, control, **kwargs):
-        self._finish_micro_batch()
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self._finish_micro_batch()
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
-        if self._raw:
-            if optimizer is None:
-                raise ValueError("the normalizer needs the live optimizer (on_optimizer_step got none)")
-            live = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-            self.collector.bind_normalizer(
-                make_normalizer(self.gradients.normalizer, live, self.collector.model))
-            self._step_rows += [self._rows(micro) for micro in self._raw]
-            self._raw = []
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._finish_micro_batch()
-        step, epoch = int(state.global_step), float(state.epoch or 0.0)
-        for index, rows in self._step_rows:
-            self._buffer.append((index, rows, step, epoch))
-        self._step_rows = []
-        if self._first_step is None:
-            self._first_step = step
-        if step - self._first_step + 1 >= self.steps_per_shard:
-            self._flush(step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self._micro, self._raw, self._step_rows = None, [], []
-        if self._first_step is not None:
-            self._flush(int(state.global_step))
-        self._detach()
-
     def _flush(self, last_step: int) -> None:
         first, self._first_step = self._first_step, None
         buffer, self._buffer = self._buffer, []
@@ -313,6 +306,84 @@ class AttributionCallback(TrainerCallback):
                             doc_ids=[self.doc_ids[i] for i in index],
                             model_fingerprint=self.model_fingerprint, dtype=self.gradients.dtype)
         self.shards.append(store.path)
+
+
+class AttributionCallback(TrainerCallback):
+    """A ``transformers.Trainer`` driving a :class:`TrainTimeRecorder` (same arguments): a
+    pre-hook on the model takes each training batch's ``doc_index`` out of the forward's keyword
+    arguments and starts a micro-batch; the Trainer's events close micro-batches and steps.
+    ``shards`` and ``skipped_docs`` are the recorder's."""
+
+    def __init__(self, gradients: GradientSpec, doc_ids: Sequence[str],
+                 out: str | Path | Callable[[str], Path], *, doc_weights: Sequence[float] | None = None,
+                 steps_per_shard: int = 100, model_fingerprint: str = ""):
+        self.recorder = TrainTimeRecorder(gradients, doc_ids, out, doc_weights=doc_weights,
+                                          steps_per_shard=steps_per_shard,
+                                          model_fingerprint=model_fingerprint)
+        self._handle = None
+
+    @property
+    def shards(self) -> list[Path]:
+        return self.recorder.shards
+
+    @property
+    def skipped_docs(self) -> int:
+        return self.recorder.skipped_docs
+
+    def _attach(self, model: torch.nn.Module) -> None:
+        recorder = self.recorder
+
+        def model_pre_hook(module, args, kwargs):
+            index = kwargs.pop(DOC_INDEX, None)
+            if not (module.training and torch.is_grad_enabled()):
+                return args, kwargs
+            if index is None:
+                raise ValueError(f"training batch has no `{DOC_INDEX}`: build examples with a "
+                                 f"`{DOC_INDEX}` and collate with AttributionCollator, and set "
+                                 "TrainingArguments(remove_unused_columns=False)")
+            labels = kwargs.get("labels")
+            if labels is None:
+                raise ValueError("the training forward got no `labels`: the callback reads each "
+                                 "document's target positions from them (-100 = no loss)")
+            recorder.start_micro_batch(index, labels, kwargs.get("attention_mask"))
+            return args, kwargs
+
+        recorder.attach(model)
+        self._handle = model.register_forward_pre_hook(model_pre_hook, with_kwargs=True)
+
+    # -- Trainer events ----------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is None:
+            raise ValueError("AttributionCallback needs the Trainer's model (on_train_begin got none)")
+        if getattr(args, "remove_unused_columns", False):
+            raise ValueError("AttributionCallback needs `doc_index` in each batch: set "
+                             "TrainingArguments(remove_unused_columns=False)")
+        if getattr(args, "label_smoothing_factor", 0.0):
+            raise ValueError("AttributionCallback cannot undo label smoothing (the loss is then not "
+                             "a scaled sum of each document's token losses): set "
+                             "label_smoothing_factor=0")
+        if getattr(args, "gradient_checkpointing", False):
+            raise ValueError("AttributionCallback hooks the training forward once per batch; "
+                             "gradient checkpointing runs it twice: set gradient_checkpointing=False")
+        self._attach(model)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self.recorder.finish_micro_batch()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.recorder.finish_micro_batch()
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        self.recorder.optimizer_step(optimizer)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.recorder.step_end(int(state.global_step), float(state.epoch or 0.0))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.recorder.close(int(state.global_step))
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
 
 def training_tags(store: GradientStore) -> tuple[list[int], list[float]]:

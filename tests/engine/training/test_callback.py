@@ -184,3 +184,18 @@ def test_loss_scales_refuse_per_token_weights():
     (nll * torch.linspace(0.5, 2.0, 5)).sum().backward()  # later tokens weigh more
     with pytest.raises(ValueError, match="per-token loss weights"):
         loss_scales(logits.detach(), logits.grad, labels)
+
+
+def test_loss_scales_of_memorized_tokens():
+    """Targets at probability ~1 - 1e-7 (a memorized document): the target entry of the logits'
+    gradient cancels to float32 noise, the other entries still give each factor."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 50, (3, 6))
+    logits = torch.randn(3, 6, 50)
+    logits.scatter_add_(2, labels.roll(-1, 1)[..., None], torch.full((3, 6, 1), 20.0))
+    logits.requires_grad_(True)
+    weights = torch.tensor([1 / 700, -3.0, 0.25])
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
+    (nll.sum(1) * weights).sum().backward()
+    got = loss_scales(logits.detach(), logits.grad, labels)
+    torch.testing.assert_close(got, weights.double(), rtol=1e-5, atol=0)
