@@ -272,7 +272,7 @@ class DemoSpec:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     batch_size: int = 32
-    epochs: int = 16
+    epochs: int = 12
     log_every: int = 100
     record_epochs: int = 0
 
