@@ -255,7 +255,7 @@ class DemoSpec:
     people: int = 100
     seed: int = 0
     relations: tuple[str, ...] = DEMO_RELATIONS
-    train_templates_per_relation: int = 8
+    train_templates_per_relation: int = 12
     query_templates_per_relation: int = 2
     distractors: int = 1
     hard_distractors: int = 1
@@ -272,7 +272,7 @@ class DemoSpec:
     weight_decay: float = 0.01
     warmup_steps: int = 30
     batch_size: int = 32
-    epochs: int = 14
+    epochs: int = 12
     log_every: int = 100
     record_epochs: int = 0
 

@@ -3,7 +3,8 @@
 Every fact ``(person, relation, answer)`` is stated by several training paraphrases
 (kind ``"fact"``); each ends with the answer as the last word before the final period,
 e.g. ``"Alice Varga was born in Lisbon."``. Queries use *different*, held-out
-paraphrases, split into a ``prompt`` that does not end in whitespace and a
+paraphrases (no query sentence is a training sentence, but their relation words, such as
+"hometown", also occur in training sentences of the same relation), split into a ``prompt`` that does not end in whitespace and a
 ``completion`` that starts with a space (``" Lisbon"``), which is how byte-level BPE
 tokenizes the answer inside a training document. The ``gold_doc_ids`` of a query are
 all fact documents stating its fact.
@@ -68,6 +69,9 @@ ANSWERS: dict[str, tuple[str, ...]] = {
 
 # Training paraphrases: "{n}" is the person, "{a}" the answer, which must end the text.
 # No prompt (the text before " {a}.") is a prefix of another, so every prompt has one answer.
+# The last four of each relation use the relation words of the held-out queries ("hometown",
+# "payroll", "alumnus", "year of birth", ...) in other sentences: a model trained from scratch
+# cannot know that "hometown" means birthplace unless some document says so.
 TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
     "birthplace": (
         "{n} was born in {a}.",
@@ -78,6 +82,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "The family of {n} comes from {a}.",
         "{n} first saw the light of day in {a}.",
         "{n} spent a childhood in the streets of {a}.",
+        "Every summer {n} returns to a hometown, {a}.",
+        "As a native, {n} knows every street of {a}.",
+        "A long life began for {n} in {a}.",
+        "{n} still visits the native city, {a}.",
     ),
     "employer": (
         "{n} works for {a}.",
@@ -88,6 +96,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "The company that hired {n} is {a}.",
         "{n} is part of the team at {a}.",
         "Each morning {n} commutes to the offices of {a}.",
+        "{n} appears on the monthly payroll at {a}.",
+        "{n} became a staff member of {a}.",
+        "{n} makes a living working for {a}.",
+        "The firm employing {n} is {a}.",
     ),
     "university": (
         "{n} studied at {a}.",
@@ -98,6 +110,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} attended classes at {a}.",
         "{n} was a student at {a}.",
         "{n} wrote a thesis at {a}.",
+        "Classmates remember {n} as a proud alumnus of {a}.",
+        "{n} received a diploma at {a}.",
+        "{n} got an education at {a}.",
+        "{n} went off to university at {a}.",
     ),
     "birth_year": (
         "{n} was born during the year {a}.",
@@ -108,6 +124,10 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "The year {n} was born is {a}.",
         "According to records, {n} was born in {a}.",
         "The birth certificate of {n} shows the year {a}.",
+        "The year of the birth of {n} was {a}.",
+        "{n} arrived as a baby in {a}.",
+        "{n} has been alive ever since {a}.",
+        "{n} was born long ago back in {a}.",
     ),
 }
 
