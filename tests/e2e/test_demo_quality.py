@@ -1,15 +1,15 @@
 """The full embedded demo, as `make demo` runs it: model quality and fact-tracing quality.
 
-Thresholds are measured, not tuned (docs/evaluation.md, "Results on the demo"): on this
-machine the demo model (12 training phrasings per fact, 12 epochs) reached 98.8% on training
-phrasings and 67.8% on the held-out query phrasings with two threads (44.0% with one; 48.2%
-and 40.3% for seed 1: held-out accuracy swings with float rounding and the corpus draw);
-TrackStar (adafactor, p = 32) reached recall@10 0.8775 and MRR 0.716 over the 400 queries
-(0.89 / 0.775 with 16 epochs, 0.89 / 0.779 for the previous 8-phrasing demo), and
-BM25 (full query text) recall@10 0.938: it misses every one of the 25 alias queries, whose
-gold documents do not name the person.
-The asserts leave room for run-to-run float differences across thread counts, not for a
-real regression.
+Thresholds are measured, not tuned (docs/evaluation.md, "Results on the demo"): the demo
+model (12 training phrasings per fact, 12 epochs, trained with one torch thread and fused
+AdamW whatever the machine) reached 99.0% on training phrasings and 62.8% on the held-out
+query phrasings; TrackStar (adafactor, p = 32) reached recall@10 0.82 and MRR 0.661 over the
+400 queries. Other draws of the same recipe (two threads, another seed, 16 epochs) gave
+held-out accuracy 0.40-0.68 and MRR 0.66-0.78: both swing with float rounding and the corpus
+draw. BM25 (full query text) recall@10 0.938: it misses every one of the 25 alias queries,
+whose gold documents do not name the person.
+The asserts leave room for float differences between CPUs and BLAS builds, not for a real
+regression.
 """
 
 import dagster as dg
@@ -50,8 +50,8 @@ def test_full_demo_traces_facts(tmp_path):
     assert model["held_out_phrasing_accuracy"] >= 0.38, model
     metrics = recall_and_mrr(gold_ranks(tmp_path / "demo" / "attribution.duckdb"))
     assert metrics["queries"] == 400
-    assert metrics["recall@10"] >= 0.84, metrics
-    assert metrics["mrr"] >= 0.68, metrics
+    assert metrics["recall@10"] >= 0.78, metrics
+    assert metrics["mrr"] >= 0.62, metrics
     paths = PipelinePaths.under(tmp_path, "demo")
     assert _bm25_recall_at_10(paths) <= 0.95  # word overlap misses the alias facts
     queries_recall, documents_recall = _ivf_recall_at_10(spec, paths)
