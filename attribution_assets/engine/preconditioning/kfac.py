@@ -60,7 +60,7 @@ from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from attribution_assets.engine.gradients.batching import Document, make_batches, validate_documents
-from attribution_assets.engine.gradients.collector import (
+from attribution_assets.engine.gradients.hooks import (
     clear_records,
     hooked_modules,
     select_modules,
