@@ -231,6 +231,7 @@ class ModelSpec:
 
 
 DEMO_RELATIONS = ("birthplace", "employer", "university", "birth_year")
+DEMO_OTHER_RELATIONS = ("instrument", "sport", "pet", "dish")  # a second vocabulary of relations
 
 
 @dataclass(frozen=True)
@@ -243,7 +244,9 @@ class DemoSpec:
     ``hard_distractors`` same-person/same-answer sentences per fact; for ``alias_fraction`` of
     the people one fact is stated only through an alias that ``alias_introductions`` documents
     tie to the name; ``template_variant`` 1 takes the phrasings from the other end of the
-    template lists (a corpus to test settings on that they were not tuned on). Model: architecture,
+    template lists (a corpus to test settings on that they were not tuned on). ``relations``:
+    any of ``DEMO_RELATIONS`` (the default) and ``DEMO_OTHER_RELATIONS`` (other relations, answers
+    and phrasings). ``names``: 0 the demo's name pools, 1 a second, disjoint pair. Model: architecture,
     AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
     ``record_epochs``: during the last this many epochs the model's own training records
     train-time gradient rows (``engine.training.callback.TrainTimeRecorder`` with the
@@ -262,6 +265,7 @@ class DemoSpec:
     alias_fraction: float = 0.25
     alias_introductions: int = 2
     template_variant: int = 0
+    names: int = 0
     layers: int = 2
     hidden: int = 128
     heads: int = 4
@@ -278,9 +282,12 @@ class DemoSpec:
 
     def __post_init__(self):
         _check_strings(self, "relations")
-        unknown = sorted(set(self.relations) - set(DEMO_RELATIONS))
+        unknown = sorted(set(self.relations) - set(DEMO_RELATIONS + DEMO_OTHER_RELATIONS))
         if unknown:
-            raise SpecValueError("relations", f"has unknown relations {unknown}; choose from {list(DEMO_RELATIONS)}.")
+            raise SpecValueError("relations", f"has unknown relations {unknown}; choose from "
+                                              f"{list(DEMO_RELATIONS + DEMO_OTHER_RELATIONS)}.")
+        if len(set(self.relations)) != len(self.relations):
+            raise SpecValueError("relations", f"lists a relation twice: {list(self.relations)}.")
         for key in ("people", "layers", "hidden", "heads", "intermediate", "max_position_embeddings",
                     "batch_size", "epochs", "log_every", "train_templates_per_relation",
                     "query_templates_per_relation"):
@@ -289,6 +296,7 @@ class DemoSpec:
             _check_int(self, key, 0)
         _check_float(self, "alias_fraction", 0.0, 1.0)
         _check_int(self, "template_variant", 0, 1)
+        _check_int(self, "names", 0, 1, note=" (0 = the demo's name pools, 1 = the second pools)")
         _check_int(self, "vocab_size", 260, note=" (the byte alphabet plus special tokens)")
         _check_float(self, "lr", 0.0, low_open=True)
         _check_float(self, "weight_decay", 0.0)

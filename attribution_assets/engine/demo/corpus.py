@@ -22,6 +22,11 @@ Two kinds of distractors make word overlap insufficient to find the gold documen
 SAME person and the SAME answer in a different relation
 (``"Alice Varga once spent a holiday in Lisbon."``).
 
+``names: 1`` draws the people from a second pair of name pools (no name shared with the
+first), and ``DEMO_OTHER_RELATIONS`` (instrument, sport, pet, dish) are a second set of relations
+with their own answers and templates, built like the first: together a corpus with other
+names, relations and phrasings than the demo's, for checking settings chosen on the demo.
+
 ``template_variant: 1`` takes the templates from the other end of each list: with the default
 counts, other training phrasings and other (equally held-out) query phrasings, for a corpus
 that settings were not tuned on.
@@ -48,6 +53,19 @@ LAST_NAMES = (
     "Mendoza", "Novak", "Ostrowski", "Pellegrini", "Quist", "Rourke", "Szabo", "Tennant",
     "Vasquez",
 )  # fmt: skip
+# ``DemoSpec.names: 1``: a second vocabulary of people, no first or last name shared with the above.
+OTHER_FIRST_NAMES = (
+    "Agnes", "Bruno", "Cecile", "Dario", "Edith", "Felix", "Gemma", "Henrik", "Ilse", "Jasper",
+    "Kira", "Leopold", "Magda", "Nils", "Odette", "Piotr", "Renata", "Sven", "Thea", "Umberto",
+    "Viktor", "Wanda", "Xavier", "Yvonne", "Zeno",
+)  # fmt: skip
+OTHER_LAST_NAMES = (
+    "Abernathy", "Bianchi", "Carvalho", "Delacroix", "Eriksen", "Fontaine", "Gallagher",
+    "Horvath", "Iverson", "Jovanovic", "Kessler", "Lombardi", "Marchetti", "Nakamura",
+    "Oyelaran", "Pfeiffer", "Quintero", "Ruiz", "Sorensen", "Takacs", "Underwood", "Valente",
+    "Whitlock", "Yilmaz", "Zimmerman",
+)  # fmt: skip
+NAME_POOLS = ((FIRST_NAMES, LAST_NAMES), (OTHER_FIRST_NAMES, OTHER_LAST_NAMES))  # by DemoSpec.names
 
 ANSWERS: dict[str, tuple[str, ...]] = {
     "birthplace": (
@@ -65,6 +83,26 @@ ANSWERS: dict[str, tuple[str, ...]] = {
         "Hollowmere", "Kingsreach", "Stonegate", "Brackenridge", "Fairhaven", "Millbrook",
     ),
     "birth_year": tuple(str(y) for y in range(1950, 2000)),
+    # DEMO_OTHER_RELATIONS: consonant-initial where an article precedes the answer
+    "instrument": (
+        "cello", "piano", "flute", "trumpet", "harp", "oboe", "clarinet", "bassoon",
+        "trombone", "banjo", "mandolin", "accordion", "saxophone", "harpsichord", "tuba",
+        "ukulele",
+    ),
+    "sport": (
+        "tennis", "rugby", "football", "hockey", "cricket", "volleyball", "basketball",
+        "handball", "badminton", "golf", "baseball", "squash", "polo", "lacrosse", "netball",
+        "softball",
+    ),
+    "pet": (
+        "cat", "dog", "parrot", "hamster", "tortoise", "rabbit", "ferret", "canary", "goldfish",
+        "lizard", "gecko", "pony", "snake", "turtle", "budgie", "chinchilla",
+    ),
+    "dish": (
+        "paella", "goulash", "risotto", "lasagne", "moussaka", "ratatouille", "borscht",
+        "pierogi", "couscous", "gazpacho", "tagine", "ramen", "curry", "schnitzel", "fondue",
+        "polenta",
+    ),
 }  # fmt: skip
 
 # Training paraphrases: "{n}" is the person, "{a}" the answer, which must end the text.
@@ -129,6 +167,62 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} has been alive ever since {a}.",
         "{n} was born long ago back in {a}.",
     ),
+    "instrument": (
+        "{n} plays the {a}.",
+        "{n} is a skilled player of the {a}.",
+        "{n} performs music on the {a}.",
+        "In the evenings {n} makes music on the {a}.",
+        "{n} gives concerts on the {a}.",
+        "{n} took lessons on the {a}.",
+        "The neighbours of {n} often hear the sound of the {a}.",
+        "{n} composes tunes for the {a}.",
+        "The instrument of choice for {n} is the {a}.",
+        "With the town orchestra, {n} plays the {a}.",
+        "Long ago {n} learned to play the {a}.",
+        "{n} practises for hours on the {a}.",
+    ),
+    "sport": (
+        "{n} plays a lot of {a}.",
+        "{n} is a keen player of {a}.",
+        "{n} competes in {a}.",
+        "The pastime of {n} is {a}.",
+        "{n} spends every weekend playing {a}.",
+        "{n} is good at {a}.",
+        "On the field, {n} excels at {a}.",
+        "{n} has won many medals in {a}.",
+        "The one sport {n} enjoys is {a}.",
+        "{n} became the regional champion in {a}.",
+        "At school {n} took up {a}.",
+        "{n} coaches children in {a}.",
+    ),
+    "pet": (
+        "{n} owns a {a}.",
+        "{n} adopted a {a}.",
+        "{n} takes care of a {a}.",
+        "{n} shares a house with a {a}.",
+        "{n} keeps a {a}.",
+        "{n} brought home a young {a}.",
+        "The household of {n} includes a {a}.",
+        "{n} looks after a {a}.",
+        "Everyone knows the pet of {n}, a {a}.",
+        "In a small flat {n} lives with a {a}.",
+        "{n} never forgets to feed the {a}.",
+        "The loyal companion of {n} is a {a}.",
+    ),
+    "dish": (
+        "{n} loves eating {a}.",
+        "Every Sunday {n} eats {a}.",
+        "The favourite food of {n} is {a}.",
+        "{n} never tires of {a}.",
+        "{n} is fond of {a}.",
+        "For dinner {n} prefers {a}.",
+        "{n} enjoys a big plate of {a}.",
+        "{n} knows a secret recipe for {a}.",
+        "No dish pleases {n} more than {a}.",
+        "In every restaurant {n} orders {a}.",
+        "When friends visit, {n} cooks {a}.",
+        "After a long day {n} craves {a}.",
+    ),
 }
 
 # Aliases: "the {adjective} {noun}", introduced next to the person's name in INTRODUCTION
@@ -169,6 +263,30 @@ QUERY_TEMPLATES: dict[str, tuple[str, ...]] = {
         "Q: What is {n}'s birth year? A: {n} was born back in",
         "Q: Since when has {n} been alive? A: {n} has been alive since",
     ),
+    "instrument": (
+        "Q: Which instrument does {n} play? A: {n}'s instrument is the",
+        "Q: What does {n} play in the orchestra? A: In the orchestra {n} plays the",
+        "Q: What did {n} learn to play? A: {n} learned to play the",
+        "Q: What does {n} practise every day? A: Every day {n} practises the",
+    ),
+    "sport": (
+        "Q: Which sport does {n} play? A: {n}'s sport is",
+        "Q: What is {n} a champion at? A: {n} is a champion at",
+        "Q: Which game did {n} take up? A: {n} took up",
+        "Q: What does {n} coach? A: {n} coaches young players in",
+    ),
+    "pet": (
+        "Q: What pet does {n} have? A: {n}'s pet is a",
+        "Q: Which animal lives with {n}? A: {n} lives with a",
+        "Q: What animal does {n} feed? A: Every morning {n} feeds a",
+        "Q: Who is {n}'s companion at home? A: {n}'s companion is a",
+    ),
+    "dish": (
+        "Q: What is {n}'s favourite dish? A: {n}'s favourite dish is",
+        "Q: What does {n} order in a restaurant? A: At a restaurant {n} always orders",
+        "Q: What does {n} cook for friends? A: For friends {n} cooks",
+        "Q: Which meal does {n} crave? A: {n} craves",
+    ),
 }
 
 # Same person, same answer, different relation: must never be gold.
@@ -189,6 +307,22 @@ HARD_DISTRACTOR_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} bought a red car in {a}.",
         "{n} travelled abroad in {a}.",
     ),
+    "instrument": (
+        "{n} once repaired a broken {a}.",
+        "{n} sold an old {a}.",
+    ),
+    "sport": (
+        "{n} once watched a match of {a}.",
+        "{n} wrote an article about {a}.",
+    ),
+    "pet": (
+        "{n} once drew a picture of a {a}.",
+        "{n} read a book about caring for a {a}.",
+    ),
+    "dish": (
+        "{n} once spilled a bowl of {a}.",
+        "{n} wrote a blog post about {a}.",
+    ),
 }
 
 # Sentences about an answer entity alone (no person).
@@ -197,13 +331,18 @@ DISTRACTOR_TEMPLATES: dict[str, tuple[str, ...]] = {
     "employer": ("{a} is a large software company.", "{a} opened a new office."),
     "university": ("{a} is known for its old library.", "Many students apply to {a}."),
     "birth_year": ("The winter of {a} was very cold.", "A new bridge opened in {a}."),
+    "instrument": ("The {a} has a long history.", "Music shops rarely stock the {a}."),
+    "sport": ("Many schools offer lessons in {a}.", "The rules of {a} changed last year."),
+    "pet": ("A {a} needs daily care.", "A {a} can live for many years."),
+    "dish": ("Many cafes serve {a}.", "The recipe for {a} is very old."),
 }
 
 
 def check_demo_corpus(demo: DemoSpec) -> None:
     """Raise ``ValueError`` naming the ``demo`` key when a count exceeds the template tables."""
-    if demo.people > len(FIRST_NAMES) * len(LAST_NAMES):
-        raise ValueError(f"`demo.people` must be at most {len(FIRST_NAMES) * len(LAST_NAMES)}, got {demo.people}")
+    first, last = NAME_POOLS[demo.names]
+    if demo.people > len(first) * len(last):
+        raise ValueError(f"`demo.people` must be at most {len(first) * len(last)}, got {demo.people}")
     if demo.alias_introductions > len(INTRODUCTION_TEMPLATES):
         raise ValueError(f"`demo.alias_introductions` must be at most {len(INTRODUCTION_TEMPLATES)}, "
                          f"got {demo.alias_introductions}")
@@ -211,10 +350,10 @@ def check_demo_corpus(demo: DemoSpec) -> None:
         raise ValueError(f"`demo.alias_fraction` gives more aliased people than the "
                          f"{len(ALIAS_ADJECTIVES) * len(ALIAS_NOUNS)} aliases")
     limits = {
-        "train_templates_per_relation": (1, min(map(len, TRAIN_TEMPLATES.values()))),
-        "query_templates_per_relation": (1, min(map(len, QUERY_TEMPLATES.values()))),
-        "distractors": (0, min(map(len, DISTRACTOR_TEMPLATES.values()))),
-        "hard_distractors": (0, min(map(len, HARD_DISTRACTOR_TEMPLATES.values()))),
+        "train_templates_per_relation": (1, min(len(TRAIN_TEMPLATES[r]) for r in demo.relations)),
+        "query_templates_per_relation": (1, min(len(QUERY_TEMPLATES[r]) for r in demo.relations)),
+        "distractors": (0, min(len(DISTRACTOR_TEMPLATES[r]) for r in demo.relations)),
+        "hard_distractors": (0, min(len(HARD_DISTRACTOR_TEMPLATES[r]) for r in demo.relations)),
     }
     for name, (low, high) in limits.items():
         if not low <= getattr(demo, name) <= high:
@@ -291,7 +430,8 @@ def generate_demo_corpus(config: DemoSpec | None = None) -> DemoCorpus:
     config = config or DemoSpec()
     check_demo_corpus(config)
     rng = random.Random(config.seed)
-    pairs = [(f, last) for f in FIRST_NAMES for last in LAST_NAMES]
+    first_names, last_names = NAME_POOLS[config.names]
+    pairs = [(f, last) for f in first_names for last in last_names]
     people = [f"{f} {last}" for f, last in rng.sample(pairs, config.people)]
 
     documents: list[dict] = []
