@@ -1,11 +1,12 @@
-"""Sweep of the gradient settings that decide fact-tracing quality, on two generated corpora.
+"""Sweep of the gradient settings that decide fact-tracing quality, on generated corpora.
 
 Grid: ``projection_dim`` (default 16 32 64 128) x query loss (``completion`` = answer only,
 ``full`` = whole query text) x optimizer normalizer (``none``, ``adafactor``, ``adam``), each
 scored with TrackStar (preconditioned cosine), BM25 as the reference. Corpora: ``demo``
-(the embedded demo's DemoSpec) and ``heldout`` (a different seed: other people, answers, init
-and data order; ``template_variant: 1``: other training and query phrasings), so that defaults
-chosen on one are checked on the other.
+(the embedded demo's DemoSpec), ``heldout`` (a different seed: other people, answers, init
+and data order; ``template_variant: 1``: other query phrasings) and ``other`` (``names: 1``,
+``relations: DEMO_OTHER_RELATIONS``, seed 11: other names, relations, answers and phrasings),
+so that defaults chosen on the demo are checked on corpora they were not tuned on.
 
 Each corpus is materialized once (corpus, tokenizer, model, tokenized shards and queries) under
 ``--storage/<corpus>`` (kept and reused: link ``make demo``'s storage folder there to skip
@@ -38,9 +39,10 @@ from attribution_assets.engine.gradients.collect import collect, make_collector
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.models import load_pipeline_model
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.spec import EvaluationSpec, demo_spec
+from attribution_assets.spec import DEMO_OTHER_RELATIONS, EvaluationSpec, demo_spec
 
-CORPORA = {"demo": {}, "heldout": {"seed": 7, "template_variant": 1}}  # DemoSpec overrides
+CORPORA = {"demo": {}, "heldout": {"seed": 7, "template_variant": 1},  # DemoSpec overrides
+           "other": {"seed": 11, "names": 1, "relations": DEMO_OTHER_RELATIONS}}
 NORMALIZERS = ("none", "adafactor", "adam")
 STAGES = (Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
           Stage("shards", ("tokenized_shards",), True))
