@@ -206,7 +206,7 @@ TRAIN_TEMPLATES: dict[str, tuple[str, ...]] = {
         "{n} looks after a {a}.",
         "Everyone knows the pet of {n}, a {a}.",
         "In a small flat {n} lives with a {a}.",
-        "{n} never forgets to feed the {a}.",
+        "Twice a day {n} feeds a {a}.",
         "The loyal companion of {n} is a {a}.",
     ),
     "dish": (
