@@ -1,4 +1,4 @@
-"""The Dagster code location: the embedded demo plus pipelines from YAML (see ``spec.py``),
+"""The Dagster code location: the embedded demo plus pipelines from YAML (see ``spec/pipeline.py``),
 with the deployment profile that ``$ATTRIBUTION_RESOURCES`` names (``resources/*.yaml``)."""
 
 from attribution_assets.defs.factory import build_definitions

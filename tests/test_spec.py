@@ -1,4 +1,4 @@
-"""Pipeline specs from YAML (spec.py)."""
+"""Pipeline specs from YAML (spec/)."""
 
 import pytest
 import yaml

@@ -349,11 +349,12 @@ def check_demo_corpus(demo: DemoSpec) -> None:
     if round(demo.alias_fraction * demo.people) > len(ALIAS_ADJECTIVES) * len(ALIAS_NOUNS):
         raise ValueError(f"`demo.alias_fraction` gives more aliased people than the "
                          f"{len(ALIAS_ADJECTIVES) * len(ALIAS_NOUNS)} aliases")
+    fewest = lambda table: min(len(table[r]) for r in demo.relations)  # noqa: E731
     limits = {
-        "train_templates_per_relation": (1, min(len(TRAIN_TEMPLATES[r]) for r in demo.relations)),
-        "query_templates_per_relation": (1, min(len(QUERY_TEMPLATES[r]) for r in demo.relations)),
-        "distractors": (0, min(len(DISTRACTOR_TEMPLATES[r]) for r in demo.relations)),
-        "hard_distractors": (0, min(len(HARD_DISTRACTOR_TEMPLATES[r]) for r in demo.relations)),
+        "train_templates_per_relation": (1, fewest(TRAIN_TEMPLATES)),
+        "query_templates_per_relation": (1, fewest(QUERY_TEMPLATES)),
+        "distractors": (0, fewest(DISTRACTOR_TEMPLATES)),
+        "hard_distractors": (0, fewest(HARD_DISTRACTOR_TEMPLATES)),
     }
     for name, (low, high) in limits.items():
         if not low <= getattr(demo, name) <= high:
