@@ -76,9 +76,9 @@ from attribution_assets.engine.preconditioning.autocorrelation import (
     accumulate,
     row_autocorrelation,
 )
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
     CovarianceSums,
-    CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
     projection_for,
