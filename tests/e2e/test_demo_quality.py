@@ -27,7 +27,8 @@ from attribution_assets.engine.scoring.run import (
     load_preconditioner,
     prepared_training_blocks,
 )
-from attribution_assets.engine.search.index import FaissIndex, build_index, recall_at_k
+from attribution_assets.engine.search.build import build_index
+from attribution_assets.engine.search.index import FaissIndex, recall_at_k
 from attribution_assets.report import latest_metadata
 from attribution_assets.spec import IndexSpec, demo_spec
 from tests.helpers import definitions_for
