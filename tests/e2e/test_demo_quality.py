@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 
 from attribution_assets.defs.runner import materialize_pipeline
-from attribution_assets.engine.evaluation.fact_tracing import bm25_scores, first_gold_ranks
+from attribution_assets.engine.evaluation.fact_tracing import first_gold_ranks
+from attribution_assets.engine.evaluation.methods import bm25_scores
 from attribution_assets.engine.evaluation.metrics import gold_ranks, recall_and_mrr
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
