@@ -24,7 +24,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from attribution_assets.engine.search.index import FaissIndex, build_index, recall_at_k
+from attribution_assets.engine.search.build import build_index
+from attribution_assets.engine.search.index import FaissIndex, recall_at_k
 from attribution_assets.spec import IndexSpec
 
 FACTORIES = ["Flat", "SQfp16", "IVF{auto},Flat", "IVF{auto},PQ64", "HNSW32"]

@@ -28,8 +28,8 @@ import torch
 
 from attribution_assets.engine.gradients.collect import peak_rss_mb
 from attribution_assets.engine.gradients.collector import GradientCollector
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
-    CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
     projection_for,

@@ -31,8 +31,8 @@ from attribution_assets.engine.io.atomic import atomic_file
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.models import load_pipeline_model
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
-    CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
     projection_for,

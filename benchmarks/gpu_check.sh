@@ -46,7 +46,8 @@ import tempfile
 import faiss
 import numpy as np
 
-from attribution_assets.engine.search.index import FaissIndex, build_index
+from attribution_assets.engine.search.build import build_index
+from attribution_assets.engine.search.index import FaissIndex
 from attribution_assets.spec import IndexSpec
 
 if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:

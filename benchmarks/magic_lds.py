@@ -2,7 +2,7 @@
 
 One deterministic training run (``engine.magic.training``) of the demo GPT-NeoX, MAGIC scores
 (one reverse pass per query), dot and TrackStar (none) scores from the same final model
-(``evaluation.fact_tracing``, the pipeline's projection), then ``K`` retrains with the SAME
+(``evaluation.methods``, the pipeline's projection), then ``K`` retrains with the SAME
 loop, each removing ``--removal`` of the documents (loss weight 0), and the LDS of each method
 against the retrains' query losses (``evaluation.lds``). Prints the cost of a MAGIC query next
 to one training run and the LDS table; writes them under ``--out``.
@@ -28,7 +28,13 @@ from transformers import GPTNeoXForCausalLM  # noqa: E402
 
 from attribution_assets.engine.demo.corpus import generate_demo_corpus  # noqa: E402
 from attribution_assets.engine.demo.model import gpt_neox_config, train_demo_tokenizer  # noqa: E402
-from attribution_assets.engine.evaluation import fact_tracing, lds  # noqa: E402
+from attribution_assets.engine.evaluation import lds  # noqa: E402
+from attribution_assets.engine.evaluation.methods import (  # noqa: E402
+    DOT,
+    GradientCache,
+    method_scores,
+    trackstar,
+)
 from attribution_assets.engine.io.data import TokenizedDoc  # noqa: E402
 from attribution_assets.engine.magic.metagradients import magic_scores  # noqa: E402
 from attribution_assets.engine.magic.training import Objective, TrainingRun, params_of  # noqa: E402
@@ -100,9 +106,9 @@ def main() -> None:
         magic_rss = peak_rss_mb()
     trained = model()
     trained.load_state_dict(params_of(final))
-    cache = fact_tracing.GradientCache(trained, spec, None, docs, queries)
-    methods = [fact_tracing.DOT, fact_tracing.trackstar("none")]
-    all_scores = {"magic": scores} | fact_tracing.method_scores(methods, cache, "completion")
+    cache = GradientCache(trained, spec, None, docs, queries)
+    methods = [DOT, trackstar("none")]
+    all_scores = {"magic": scores} | method_scores(methods, cache, "completion")
     for name, matrix in all_scores.items():
         np.save(out / f"{name.replace(' ', '_')}.npy", matrix)
 

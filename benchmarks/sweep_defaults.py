@@ -35,6 +35,7 @@ from attribution_assets.defs.profiles import DeploymentProfile
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import Stage, materialize_pipeline
 from attribution_assets.engine.evaluation import fact_tracing
+from attribution_assets.engine.evaluation.methods import BM25, trackstar
 from attribution_assets.engine.gradients.collect import collect, make_collector
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.models import load_pipeline_model
@@ -77,7 +78,7 @@ def sweep(corpus: str, root: Path, dims: list[int], normalizers: list[str]) -> l
     print(f"{corpus}: {len(docs)} documents, {len(queries)} queries, held-out accuracy "
           f"{training['held_out_phrasing_accuracy']:.3f}, prepared in {time.perf_counter() - started:.0f} s",
           flush=True)
-    methods = [fact_tracing.BM25] + [fact_tracing.trackstar(n) for n in normalizers]
+    methods = [BM25] + [trackstar(n) for n in normalizers]
     rows = []
     for p in dims:
         gradients = dataclasses.replace(spec.gradients, projection_dim=p)

@@ -22,7 +22,8 @@ from attribution_assets.engine.scoring.run import (
     prepared_training_blocks,
     query_rows_path,
 )
-from attribution_assets.engine.search.index import FaissIndex, IndexInfo, build_index, self_recall
+from attribution_assets.engine.search.build import IndexInfo, build_index
+from attribution_assets.engine.search.index import FaissIndex, self_recall
 from attribution_assets.spec import PipelineSpec
 
 MIN_SELF_RECALL = 0.9

@@ -1,4 +1,4 @@
-"""EK-FAC / K-FAC (``engine.preconditioning.kfac``) for pipelines with ``scoring.preconditioner:
+"""EK-FAC / K-FAC (``engine.preconditioning.curvature`` and ``.kfac``) for pipelines with ``scoring.preconditioner:
 ekfac | kfac``: per-shard covariance sums, the merged factors, their eigendecomposition, the
 per-shard eigenvalue correction (EK-FAC) and its merge, and the preconditioned query rows that
 the score tables take. A new shard adds one covariance (and one correction) partition."""
@@ -25,10 +25,10 @@ from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.gradients.collect import collect_shard
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import files_digest, json_digest
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
     CorrectionSums,
     CovarianceSums,
-    CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
     merge_all,

@@ -10,6 +10,12 @@ import pytest
 
 from attribution_assets.defs.runner import Stage, materialize_pipeline
 from attribution_assets.engine.evaluation import fact_tracing
+from attribution_assets.engine.evaluation.methods import (
+    DOT,
+    MAGIC,
+    available_methods,
+    default_methods,
+)
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.magic import pipeline as magic_pipeline
@@ -79,13 +85,13 @@ def test_magic_assets(tmp_path):
     assert top[1] == max(expected, key=expected.get)
     # fact tracing evaluates the `magic` method from the tables (the engine function of the asset)
     gold = dict(zip(*pl.read_parquet(paths.queries).select("doc_id", "gold_doc_ids").to_dict().values()))
-    methods = [fact_tracing.DOT, fact_tracing.MAGIC]
-    assert fact_tracing.default_methods(spec)[-1] == fact_tracing.MAGIC
+    methods = [DOT, MAGIC]
+    assert default_methods(spec)[-1] == MAGIC
     result = fact_tracing.fact_tracing_table(model.float(), spec, paths, docs, queries, gold, methods)
     assert result.frame.filter(pl.col("method") == "magic")["query_loss"].to_list() == ["completion"]
     assert np.allclose(result.scores["completion"]["magic"], matrix)
-    usable, skipped = fact_tracing.available_methods(spec, None, methods)
-    assert usable == [fact_tracing.DOT] and "magic_scores" in skipped["magic"]
+    usable, skipped = available_methods(spec, None, methods)
+    assert usable == [DOT] and "magic_scores" in skipped["magic"]
 
 
 def test_magic_spec_validation(tmp_path):

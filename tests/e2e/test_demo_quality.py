@@ -18,7 +18,8 @@ import polars as pl
 import pytest
 
 from attribution_assets.defs.runner import materialize_pipeline
-from attribution_assets.engine.evaluation.fact_tracing import bm25_scores, first_gold_ranks
+from attribution_assets.engine.evaluation.fact_tracing import first_gold_ranks
+from attribution_assets.engine.evaluation.methods import bm25_scores
 from attribution_assets.engine.evaluation.metrics import gold_ranks, recall_and_mrr
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -27,7 +28,8 @@ from attribution_assets.engine.scoring.run import (
     load_preconditioner,
     prepared_training_blocks,
 )
-from attribution_assets.engine.search.index import FaissIndex, build_index, recall_at_k
+from attribution_assets.engine.search.build import build_index
+from attribution_assets.engine.search.index import FaissIndex, recall_at_k
 from attribution_assets.report import latest_metadata
 from attribution_assets.spec import IndexSpec, demo_spec
 from tests.helpers import definitions_for

@@ -13,9 +13,9 @@ from transformers import AutoModelForCausalLM
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
     CorrectionSums,
-    CurvatureCollector,
     KroneckerEigen,
 )
 from attribution_assets.engine.scoring import database

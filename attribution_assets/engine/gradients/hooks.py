@@ -2,7 +2,7 @@
 transformers' ``Conv1D`` chosen by ``fnmatch`` globs over module names (:func:`select_modules`),
 and forward hooks that keep each call's ``(input, output)`` (:func:`hooked_modules`), shared by
 the gradient collector (``collector``) and the K-FAC curvature passes
-(``preconditioning.kfac``)."""
+(``preconditioning.curvature``)."""
 
 from __future__ import annotations
 

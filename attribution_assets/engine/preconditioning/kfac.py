@@ -1,6 +1,8 @@
 """EK-FAC and K-FAC influence preconditioners (George et al. 2018, "Fast Approximate Natural
 Gradient Descent in a Kronecker-factored Eigenbasis"; Grosse et al. 2023, "Studying Large
-Language Model Generalization with Influence Functions").
+Language Model Generalization with Influence Functions"): the sums, eigenbases and
+corrections (their files), and the preconditioner built from them. The passes over the data
+that compute the sums are ``preconditioning.curvature``.
 
 Conventions, per hooked module with weight gradient ``G [O, I]`` (``gradients.collector``:
 input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_t g_t a_tᵀ``):
@@ -10,7 +12,7 @@ input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_
   (``labels="sampled"``, the papers' choice: in expectation over the labels this Fisher is
   the Gauss-Newton matrix of the cross-entropy) or the document's own tokens
   (``labels="true"``, the empirical Fisher). Sampling is deterministic per document
-  (:func:`sample_labels`): batching never changes the labels.
+  (``curvature.sample_labels``): batching never changes the labels.
 - **Factors: expectations over tokens.** Every non-padding token of every document (once
   per call of the module): ``A = (1/N_tok) sum_t a_t a_tᵀ`` ``[I, I]`` and
   ``S = (1/N_tok) sum_t g_t g_tᵀ`` ``[O, O]``. Stored as float64 sums and counts
@@ -48,7 +50,7 @@ On disk: a directory (written atomically) with ``<kind>.safetensors`` (float64 a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain, zip_longest
 from pathlib import Path
@@ -57,24 +59,15 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
-from torch import nn
 
-from attribution_assets.engine.gradients.batching import Document, make_batches, validate_documents
-from attribution_assets.engine.gradients.hooks import (
-    clear_records,
-    hooked_modules,
-    select_modules,
-)
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.io.atomic import atomic_dir
-from attribution_assets.engine.io.digests import chain_digest, stable_seed
+from attribution_assets.engine.io.digests import chain_digest
 from attribution_assets.spec import GradientSpec
 
 FORMAT = "attribution-assets/kfac"
 FORMAT_VERSION = 1
-LABELS = ("sampled", "true")
 SPACES = ("projected", "full")
-_CHUNK_FLOATS = 1 << 24  # float64 entries of rotated per-document gradients [B, O, I] at once
 
 
 @dataclass(frozen=True)
@@ -117,18 +110,6 @@ def _read(path: str | Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     if (meta.get("format"), meta.get("version"), meta.get("kind")) != (FORMAT, FORMAT_VERSION, kind):
         raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} {kind!r} file")
     return load_file(str(path / f"{kind}.safetensors")), meta
-
-
-def sample_labels(log_probs: torch.Tensor, tokens: Sequence[int], seed: int) -> torch.Tensor:
-    """Labels ``[n]`` drawn from ``softmax`` rows of ``log_probs [n, V]`` (one document's
-    positions), deterministically: one uniform per position from a CPU generator seeded with
-    ``stable_seed(seed, "kfac-labels", tokens)``, mapped through the float64 CDF."""
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(stable_seed(seed, "kfac-labels", ",".join(str(int(t)) for t in tokens)))
-    u = torch.rand(log_probs.shape[0], 1, generator=gen, dtype=torch.float64)
-    cdf = log_probs.detach().double().exp().cumsum(-1).cpu()
-    labels = torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(1)
-    return labels.clamp_max(log_probs.shape[-1] - 1).to(log_probs.device)
 
 
 @dataclass
@@ -377,96 +358,6 @@ class CorrectionSums:
         modules = _modules_from_json(meta["modules"])
         return cls(modules, {m.name: tensors[f"{m.name}/squares"] for m in modules},
                    int(meta["sequences"]), meta["eigen_digest"])
-
-
-class CurvatureCollector:
-    """The two passes over documents (``(input_ids, loss_mask)`` pairs) with pseudo-gradients:
-    :meth:`covariance` (factors) and :meth:`correction` (EK-FAC's eigenvalues).
-
-    Modules: ``gradients.include`` / ``exclude`` (as the gradient collector selects them);
-    batches: ``gradients.max_tokens_per_batch`` (speed and memory only, never the result).
-    """
-
-    def __init__(self, model: nn.Module, gradients: GradientSpec | None = None, labels: str = "sampled",
-                 seed: int = 0, device: torch.device | str | None = None):
-        if labels not in LABELS:
-            raise ValueError(f"labels must be one of {LABELS}, got {labels!r}")
-        self.model, self.gradients = model, gradients or GradientSpec()
-        self.labels, self.seed = labels, int(seed)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.specs = select_modules(model, self.gradients.include, self.gradients.exclude)
-        self.modules = tuple(KroneckerModule(s.name, s.out_features, s.in_features) for s in self.specs)
-
-    def _loss(self, batch, docs: Sequence[Document]) -> torch.Tensor:
-        """Summed NLL of the target tokens under sampled (or true) labels."""
-        logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
-        logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        if self.labels == "true":
-            targets = batch.input_ids[:, 1:]
-        else:
-            targets = torch.zeros_like(batch.input_ids[:, 1:])
-            for row, i in enumerate(batch.indices):
-                n = len(docs[i][0]) - 1
-                targets[row, :n] = sample_labels(logp[row, :n], docs[i][0], self.seed)
-        nll = -logp.gather(-1, targets[..., None]).squeeze(-1)
-        return (nll * batch.loss_mask[:, 1:].to(nll.dtype)).sum()
-
-    def _batches(self, docs: Sequence[Document]) -> Iterator[tuple[Any, torch.Tensor, dict[str, list]]]:
-        """Per batch: ``(batch, valid [B, T] bool, {module: [(a [B, T, I], g [B, T, O]), ...]})``."""
-        validate_documents(docs)
-        with hooked_modules(self.model, self.specs) as records:
-            for batch in make_batches(docs, self.gradients.max_tokens_per_batch, 0, self.device):
-                clear_records(records)
-                loss = self._loss(batch, docs)
-                outputs = [o for s in self.specs for _, o in records[s.name]]
-                grads = iter(torch.autograd.grad(loss, outputs, allow_unused=True, materialize_grads=True))
-                calls = {s.name: [(a, next(grads)) for a, _ in records[s.name]] for s in self.specs}
-                yield batch, batch.attention_mask.bool(), calls
-
-    def covariance(self, docs: Sequence[Document]) -> CovarianceSums:
-        """Token sums of ``a aᵀ`` and ``g gᵀ`` per module (padding excluded), float64."""
-        sums = {m.name: (torch.zeros((m.in_features,) * 2, dtype=torch.float64, device=self.device),
-                         torch.zeros((m.out_features,) * 2, dtype=torch.float64, device=self.device))
-                for m in self.modules}
-        tokens = {m.name: 0 for m in self.modules}
-        for _, valid, calls in self._batches(docs):
-            for name, pairs in calls.items():
-                for a, g in pairs:
-                    a_v, g_v = a[valid].double(), g[valid].double()
-                    sums[name][0].add_(a_v.T @ a_v)
-                    sums[name][1].add_(g_v.T @ g_v)
-                    tokens[name] += int(a_v.shape[0])
-        return CovarianceSums(self.modules, {k: v[0].cpu().numpy() for k, v in sums.items()},
-                              {k: v[1].cpu().numpy() for k, v in sums.items()}, tokens, len(docs),
-                              self.labels, self.seed)
-
-    def correction(self, docs: Sequence[Document], eigen: KroneckerEigen) -> CorrectionSums:
-        """Per module ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` over the documents (``G_n`` projected
-        when ``eigen`` is), float64."""
-        _check_same(self.modules, eigen.modules, "modules of the collector and the eigendecomposition",
-                    "use the same model and gradients.include / exclude")
-        _check_same((self.labels, self.seed), (eigen.labels, eigen.seed), "label settings",
-                    "use the eigendecomposition's kfac_labels and kfac_seed")
-        bases = {m.name: tuple(torch.from_numpy(x).to(self.device) for x in eigen.bases(m.name))
-                 for m in self.modules}
-        squares = {name: torch.zeros(q_s.shape[1], q_a.shape[1], dtype=torch.float64, device=self.device)
-                   for name, (q_a, q_s) in bases.items()}
-        for batch, valid, calls in self._batches(docs):
-            mask = valid[..., None]
-            for m in self.modules:
-                q_a, q_s = bases[m.name]
-                chunk = max(1, _CHUNK_FLOATS // squares[m.name].numel())
-                if not calls[m.name]:
-                    continue
-                for start in range(0, len(batch.indices), chunk):
-                    rotated = 0.0
-                    for a, g in calls[m.name]:  # a module called twice adds both calls' gradients
-                        g_r = torch.where(mask[start:start + chunk], g[start:start + chunk].double(), 0.0) @ q_s
-                        a_r = a[start:start + chunk].double() @ q_a
-                        rotated = rotated + g_r.transpose(1, 2) @ a_r
-                    squares[m.name].add_((rotated ** 2).sum(0))
-        return CorrectionSums(self.modules, {k: v.cpu().numpy() for k, v in squares.items()}, len(docs),
-                              eigen.digest())
 
 
 class KroneckerPreconditioner:

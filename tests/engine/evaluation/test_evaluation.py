@@ -6,6 +6,20 @@ import numpy as np
 import pytest
 
 from attribution_assets.engine.evaluation import fact_tracing as evaluation
+from attribution_assets.engine.evaluation.methods import (
+    BM25,
+    COSINE,
+    DOT,
+    RANDOM,
+    GradientCache,
+    available_methods,
+    bm25_scores,
+    configured_name,
+    default_methods,
+    gradient_scores,
+    trackstar,
+    with_query_loss,
+)
 from attribution_assets.engine.evaluation.metrics import recall_and_mrr
 from attribution_assets.engine.evaluation.tail_patch import (
     TailPatcher,
@@ -14,7 +28,14 @@ from attribution_assets.engine.evaluation.tail_patch import (
 )
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.models import load_model
-from attribution_assets.spec import DataSpec, EvaluationSpec, GradientSpec, ModelSpec, PipelineSpec
+from attribution_assets.spec import (
+    DataSpec,
+    EvaluationSpec,
+    GradientSpec,
+    ModelSpec,
+    PipelineSpec,
+    ScoringSpec,
+)
 from tests.helpers import SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +61,7 @@ def test_a_chunk_counts_for_its_source_document():
 def test_bm25_ranks_rare_word_document_first():
     docs = ["The cat sat on the mat.", "Zorblax studied at Norwood.", "The cat ate the fish.",
             "Norwood is a town."]
-    scores = evaluation.bm25_scores(docs, ["Where did Zorblax study?", "the of and"])
+    scores = bm25_scores(docs, ["Where did Zorblax study?", "the of and"])
     assert scores.shape == (2, 4) and scores.dtype == np.float32
     assert int(np.argmax(scores[0])) == 1
     assert (scores[1] == 0).all()  # stopwords only
@@ -48,35 +69,35 @@ def test_bm25_ranks_rare_word_document_first():
 
 def test_query_loss_masks():
     q = TokenizedDoc("q", [5, 6, 7, 8], [0, 0, 1, 1], "text")
-    assert evaluation.with_query_loss([q], "completion")[0].loss_mask == [0, 0, 1, 1]
-    assert evaluation.with_query_loss([q], "full")[0].loss_mask == [0, 1, 1, 1]
+    assert with_query_loss([q], "completion")[0].loss_mask == [0, 0, 1, 1]
+    assert with_query_loss([q], "full")[0].loss_mask == [0, 1, 1, 1]
     with pytest.raises(ValueError):
-        evaluation.with_query_loss([q], "answer")
+        with_query_loss([q], "answer")
 
 
 def test_default_methods_and_configured():
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                         gradients=GradientSpec(normalizer="adafactor"))
-    names = [m.name for m in evaluation.default_methods(spec)]
+    names = [m.name for m in default_methods(spec)]
     assert names == ["random", "bm25", "dot", "cosine", "trackstar (none)", "trackstar (adafactor)",
                      "trackstar (adam)", "preconditioned dot (adafactor)", "ekfac", "ekfac (cosine)",
                      "kfac", "kfac (cosine)", "ekfac (full space)"]
-    assert evaluation.configured_name(spec, evaluation.default_methods(spec)) == "trackstar (adafactor)"
+    assert configured_name(spec, default_methods(spec)) == "trackstar (adafactor)"
     other = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                          gradients=GradientSpec(normalizer="adam"),
-                         scoring=evaluation.ScoringSpec(metric="inner_product"))
-    assert evaluation.default_methods(other)[-1].name == "configured"
+                         scoring=ScoringSpec(metric="inner_product"))
+    assert default_methods(other)[-1].name == "configured"
 
 
 def test_kronecker_methods_the_gradient_settings_refuse_are_skipped_with_the_reason():
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(), gradients=GradientSpec(split="head"))
-    usable, skipped = evaluation.available_methods(spec, None)
+    usable, skipped = available_methods(spec, None)
     names = [m.name for m in usable]
     assert "ekfac (full space)" in names and "cosine" in names
     for name in ("ekfac", "ekfac (cosine)", "kfac", "kfac (cosine)"):
         assert name not in names and "scoring.kfac_space: full" in skipped[name]
     biased = dataclasses.replace(spec, gradients=GradientSpec(include_bias=True))
-    _, skipped = evaluation.available_methods(biased, None)
+    _, skipped = available_methods(biased, None)
     assert "`gradients.include_bias` must be false" in skipped["ekfac (full space)"]
 
 
@@ -100,8 +121,7 @@ def test_fact_tracing_table_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path)
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                         gradients=GradientSpec(projection_dim=8),
                         evaluation=EvaluationSpec(tail_patch_k=2, tail_patch_queries=3))
-    methods = [evaluation.RANDOM, evaluation.BM25, evaluation.DOT, evaluation.COSINE,
-               evaluation.trackstar("none")]
+    methods = [RANDOM, BM25, DOT, COSINE, trackstar("none")]
     result = evaluation.fact_tracing_table(model, spec, None, docs, queries, gold, methods, ks=(1, 3))
     frame = result.frame
     assert frame.height == 8  # random and bm25 once, three gradient methods per query loss
@@ -132,12 +152,12 @@ def test_preconditioned_methods_share_one_preconditioner_and_match_brute_force(t
                for i, d in enumerate(docs[:4])]
     spec = PipelineSpec(name="t", model=ModelSpec(), corpus=DataSpec(),
                         gradients=GradientSpec(projection_dim=8))
-    cache = evaluation.GradientCache(model, spec, None, docs, queries)
-    ip_method = evaluation.trackstar("none", name="ip", metric="inner_product")
-    ip = evaluation.gradient_scores(ip_method, cache, "completion")
-    cos = evaluation.gradient_scores(evaluation.trackstar("none"), cache, "completion")
+    cache = GradientCache(model, spec, None, docs, queries)
+    ip_method = trackstar("none", name="ip", metric="inner_product")
+    ip = gradient_scores(ip_method, cache, "completion")
+    cos = gradient_scores(trackstar("none"), cache, "completion")
     precond = cache.preconditioner("none", "completion", ip_method.scoring())
-    assert precond is cache.preconditioner("none", "completion", evaluation.trackstar("none").scoring())
+    assert precond is cache.preconditioner("none", "completion", trackstar("none").scoring())
     (train, _), (query, _) = cache.train("none"), cache.query("none", "completion")
     # ground truth: per module, (R + shift I)^-1 by explicit inversion
     inverse, root = np.zeros((train.shape[1],) * 2), np.zeros((train.shape[1],) * 2)

@@ -11,14 +11,13 @@ from torch import nn
 
 from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.projection import Projector, projection_matrix
+from attribution_assets.engine.preconditioning.curvature import CurvatureCollector, sample_labels
 from attribution_assets.engine.preconditioning.kfac import (
     CorrectionSums,
     CovarianceSums,
-    CurvatureCollector,
     KroneckerEigen,
     KroneckerPreconditioner,
     merge_all,
-    sample_labels,
 )
 from attribution_assets.engine.scoring.run import QueryScorer
 from attribution_assets.spec import GradientSpec, ScoringSpec

@@ -87,7 +87,7 @@ def test_shards_newer_than_the_index_are_searched_by_brute_force(tiny_demo, attr
 
     from attribution_assets.engine.io.paths import PipelinePaths
     from attribution_assets.engine.scoring.run import load_preconditioner, prepared_training_blocks
-    from attribution_assets.engine.search.index import build_index
+    from attribution_assets.engine.search.build import build_index
 
     spec, paths = tiny_demo
     _, brute = attributors

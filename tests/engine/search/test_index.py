@@ -7,15 +7,9 @@ import faiss
 import numpy as np
 import pytest
 
+from attribution_assets.engine.search.build import _sample, auto_nlist, build_index
 from attribution_assets.engine.search.calibration import CONFIDENCE_Z
-from attribution_assets.engine.search.index import (
-    FaissIndex,
-    _sample,
-    auto_nlist,
-    build_index,
-    recall_at_k,
-    self_recall,
-)
+from attribution_assets.engine.search.index import FaissIndex, recall_at_k, self_recall
 from attribution_assets.spec import IndexSpec, SpecValueError
 
 ENGINE_SETTINGS = ("seed", "calibration_k", "calibration_queries", "shard_groups", "add_batch")
