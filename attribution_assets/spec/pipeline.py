@@ -105,7 +105,7 @@ class PipelineSpec:
         if self.model.adapter or self.model.model_kwargs.get("quantization_config") is not None:
             raise SpecValueError("finetune", "trains the whole model; adapters and quantized bases are "
                                              "not fine-tuned by the pipeline yet (use "
-                                             "engine.training.AttributionCallback with your own Trainer).")
+                                             "engine.training.callback.AttributionCallback with your own Trainer).")
         if self.gradients.normalizer == "adam" and self.finetune.optimizer == "adafactor":
             raise SpecValueError("gradients.normalizer", "is `adam`, which needs Adam's `exp_avg_sq`, but "
                                                          "`finetune.optimizer` is `adafactor`: use the "
