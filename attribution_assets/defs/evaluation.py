@@ -115,10 +115,11 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
     @dg.asset(key=key(spec, "lds"), group_name=group,
               deps=[dg.AssetDep(retrain_key, partition_mapping=ALL), ft_key, key(spec, "corpus"),
                     key(spec, "query_set")],
-              code_version=code_version("lds-v2", spec, "evaluation"),
+              code_version=code_version("lds-v3", spec, "evaluation"),
               description="Linear datamodeling score per method and score variant (all scores, top k), "
                           "Spearman of predicted vs measured query loss over the subsets, bootstrap 95% CI; "
-                          "the gold documents as a reference predictor; two-seed agreement and noise ceiling.")
+                          "the gold documents as a reference predictor; against each retrain seed and their "
+                          "mean loss; two-seed agreement and the noise ceilings.")
     def lds_asset(storage: StorageResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)

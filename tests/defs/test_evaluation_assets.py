@@ -27,12 +27,13 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
         dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds_retrain"])], partition_key=partition, **run)
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds"])], **run)
     lds = pl.read_parquet(tmp_path / "demo" / "evaluation" / "lds.parquet")
-    noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)"}
+    noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)",
+             "noise ceiling, mean of seeds (Spearman-Brown)"}
     assert set(table["method"]) | noise | {"gold documents (reference)"} == set(lds["method"])
     methods = lds.filter(~pl.col("method").is_in(list(noise) + ["gold documents (reference)"]))
     assert set(methods["scores"]) == {"all", "top 100", "top 10"}
-    assert set(methods["target"]) == {"seed a", "seed b"}
-    assert lds.filter(pl.col("method") == "dot")["ratio"].to_list() == [1.0] * 6
+    assert set(methods["target"]) == {"seed a", "seed b", "mean of seeds"}
+    assert lds.filter(pl.col("method") == "dot")["ratio"].to_list() == [1.0] * 9
     assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
 
 

@@ -63,6 +63,12 @@ def test_noise_ceiling_bounds_the_systematic_predictor():
     assert lds.noise_ceiling(losses_a, losses_b) == pytest.approx(np.sqrt(0.5), abs=0.03)
     oracle = np.nanmean(lds.per_query_spearman(systematic, losses_a))
     assert oracle == pytest.approx(lds.noise_ceiling(losses_a, losses_b), abs=0.03)
+    # against the mean of the two seeds the noise variance halves: corr 1/sqrt(1.5) = 0.816
+    agreement = np.nanmean(lds.seed_agreement(losses_a, losses_b))
+    oracle_mean = np.nanmean(lds.per_query_spearman(systematic, (losses_a + losses_b) / 2))
+    assert oracle_mean == pytest.approx(np.sqrt(1 / 1.5), abs=0.03)
+    assert oracle_mean == pytest.approx(lds.mean_noise_ceiling(agreement), abs=0.03)
+    assert lds.mean_noise_ceiling(-0.1) == 0.0 and lds.mean_noise_ceiling(1.0, seeds=3) == pytest.approx(1.0)
 
 
 def test_keep_top_k_and_gold_indicator():
@@ -110,16 +116,23 @@ def test_lds_table_columns():
     assert seed_a["method"].to_list() == ["a", "a", "dot", "dot", "gold"]
     assert seed_a["scores"].to_list() == ["all", "top 2", "all", "top 2", "all"]
     assert frame.filter(frame["target"] == "seed b").height == 5
+    mean_target = frame.filter((frame["method"] == "a") & (frame["scores"] == "all")
+                               & (frame["target"] == "mean of seeds"))
+    averaged = lds.linear_datamodeling_score(scores["a"], masks, (losses + losses_b) / 2)
+    assert mean_target["lds"][0] == pytest.approx(np.nanmean(averaged))
     expected = lds.linear_datamodeling_score(scores["a"], masks, losses_b, top_k=2)
     row = frame.filter((frame["method"] == "a") & (frame["scores"] == "top 2") & (frame["target"] == "seed b"))
     assert row["lds"][0] == pytest.approx(np.nanmean(expected))
     dot_rows = frame.filter(frame["method"] == "dot")
     assert np.allclose(dot_rows["ratio"].to_numpy(), 1.0)  # the baseline against itself
     noise = frame.filter(frame["target"] == "-")
-    assert noise["method"].to_list() == ["seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)"]
+    assert noise["method"].to_list() == ["seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)",
+                                         "noise ceiling, mean of seeds (Spearman-Brown)"]
     agreement = np.nanmean(lds.seed_agreement(losses, losses_b))
-    assert noise["lds"].to_list() == pytest.approx([agreement, np.sqrt(max(agreement, 0))])
+    assert noise["lds"].to_list() == pytest.approx([agreement, np.sqrt(max(agreement, 0)),
+                                                    lds.mean_noise_ceiling(agreement)])
     assert "| method | all scores | top 2 |" in markdown and "Ratio to dot" in markdown
+    assert "against the mean loss of both seeds' retrains" in markdown
     with pytest.raises(ValueError, match="top_k"):
         lds.lds_table(scores, masks, losses, top_k=(-1,))
     with pytest.raises(ValueError, match="baseline 'bm25'"):
