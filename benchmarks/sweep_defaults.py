@@ -9,9 +9,9 @@ and data order; ``template_variant: 1``: other query phrasings) and ``other`` (`
 so that defaults chosen on the demo are checked on corpora they were not tuned on.
 
 Each corpus is materialized once (corpus, tokenizer, model, tokenized shards and queries) under
-``--storage/<corpus>`` (kept and reused: link ``make demo``'s storage folder there to skip
-the demo's); every grid point then runs ``fact_tracing.fact_tracing_table`` (the
-assets' code path) without tail patch. Prints one Markdown table per corpus (MRR, recall@10,
+``--storage/<corpus>/<pipeline>`` (kept and reused: ``ln -s $PWD/.storage <storage>/demo``
+reuses ``make demo``'s model and shards); every grid point then runs
+``fact_tracing.fact_tracing_table`` (the assets' code path) without tail patch. Prints one Markdown table per corpus (MRR, recall@10,
 bytes per stored row, seconds per grid point) and writes ``sweep.json`` under ``--out``.
 
     nice -n 10 .venv/bin/python benchmarks/sweep_defaults.py --storage /tmp/sweep
