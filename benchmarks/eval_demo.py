@@ -9,6 +9,10 @@ tables and LDS retrain partitions under ``--out``. Retrains are incremental: a
     .venv/bin/python benchmarks/eval_demo.py --skip-lds        # fact tracing only
     .venv/bin/python benchmarks/eval_demo.py --reuse-scores    # LDS from the saved score matrices
 
+``--demo '{"train_templates_per_relation": 8}'`` evaluates a demo generated with those
+``DemoSpec`` overrides: materialize it first under its own ``--storage`` (e.g. with
+``sweep_defaults.py``, whose corpora are such overrides) and give an ``--out`` of its own.
+
 The completion-loss score matrices of every method are saved under ``--out/scores``
 (``<method>.npy`` ``[q, n]``, ``doc_ids.json``, ``query_ids.json``), so ``--reuse-scores``
 recomputes the LDS tables without rerunning fact tracing.
@@ -50,8 +54,14 @@ def _retrain_job(args: tuple) -> float:
     return time.perf_counter() - started
 
 
+def _spec(args):
+    """The demo pipeline's spec with the ``--demo`` overrides (JSON; lists become tuples)."""
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.demo).items()}
+    return demo_spec(**overrides)
+
+
 def _config(args) -> DemoSpec:
-    demo = demo_spec().demo
+    demo = _spec(args).demo
     return dataclasses.replace(demo, epochs=args.epochs) if args.epochs else demo
 
 
@@ -144,6 +154,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="retrain epochs (default: demo's)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads for gradients")
+    parser.add_argument("--demo", default="{}", help="DemoSpec overrides as JSON (default: the demo's)")
     parser.add_argument("--skip-lds", action="store_true")
     parser.add_argument("--reuse-scores", action="store_true",
                         help="LDS from the score matrices a previous run saved (no fact tracing)")
@@ -152,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     demo, out = PipelinePaths.under(args.storage, "demo"), Path(args.out)
-    spec = demo_spec()
+    spec = _spec(args)
     model, _ = load_pipeline_model(spec, demo)
     shards = demo.tokenized_shards()
     docs = [d for s in shards for d in read_tokenized(demo.tokens(s))]

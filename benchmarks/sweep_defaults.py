@@ -43,7 +43,9 @@ from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.spec import DEMO_OTHER_RELATIONS, EvaluationSpec, demo_spec
 
 CORPORA = {"demo": {}, "heldout": {"seed": 7, "template_variant": 1},  # DemoSpec overrides
-           "other": {"seed": 11, "names": 1, "relations": DEMO_OTHER_RELATIONS}}
+           "other": {"seed": 11, "names": 1, "relations": DEMO_OTHER_RELATIONS},
+           # 8 gold documents per fact: the 4 query-word phrasings and 4 plain ones (reversed lists)
+           "fewer-gold": {"train_templates_per_relation": 8, "template_variant": 1}}
 NORMALIZERS = ("none", "adafactor", "adam")
 STAGES = (Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
           Stage("shards", ("tokenized_shards",), True))
