@@ -4,7 +4,8 @@ import re
 
 import pytest
 
-from attribution_assets.engine.demo.corpus import (
+from attribution_assets.engine.demo.corpus import generate_demo_corpus
+from attribution_assets.engine.demo.vocabulary import (
     ANSWERS,
     DISTRACTOR_TEMPLATES,
     FIRST_NAMES,
@@ -14,7 +15,6 @@ from attribution_assets.engine.demo.corpus import (
     OTHER_LAST_NAMES,
     QUERY_TEMPLATES,
     TRAIN_TEMPLATES,
-    generate_demo_corpus,
 )
 from attribution_assets.engine.io.digests import json_digest
 from attribution_assets.spec import DEMO_OTHER_RELATIONS, DEMO_RELATIONS, DemoSpec, SpecValueError
