@@ -6,13 +6,15 @@ scored with TrackStar (preconditioned cosine), BM25 as the reference. Corpora: `
 (the embedded demo's DemoSpec), ``heldout`` (a different seed: other people, answers, init
 and data order; ``template_variant: 1``: other query phrasings) and ``other`` (``names: 1``,
 ``relations: DEMO_OTHER_RELATIONS``, seed 11: other names, relations, answers and phrasings),
-so that defaults chosen on the demo are checked on corpora they were not tuned on.
+so that defaults chosen on the demo are checked on corpora they were not tuned on; and
+``fewer-gold`` (8 phrasings per fact instead of 12, for ``eval_demo.py --demo``'s LDS probe).
 
 Each corpus is materialized once (corpus, tokenizer, model, tokenized shards and queries) under
 ``--storage/<corpus>/<pipeline>`` (kept and reused: ``ln -s $PWD/.storage <storage>/demo``
 reuses ``make demo``'s model and shards); every grid point then runs
-``fact_tracing.fact_tracing_table`` (the assets' code path) without tail patch. Prints one Markdown table per corpus (MRR, recall@10,
-bytes per stored row, seconds per grid point) and writes ``sweep.json`` under ``--out``.
+``fact_tracing.fact_tracing_table`` (the assets' code path) without tail patch. Prints one
+Markdown table per corpus (MRR, recall@10, bytes per stored row, seconds per grid point) and
+writes ``sweep.json`` under ``--out``.
 
     nice -n 10 .venv/bin/python benchmarks/sweep_defaults.py --storage /tmp/sweep
     .venv/bin/python benchmarks/sweep_defaults.py --corpora heldout --dims 32 64
