@@ -40,17 +40,17 @@ from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.data import read_tokenized
 from attribution_assets.engine.io.models import load_pipeline_model
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.spec import DemoSpec, demo_spec
+from attribution_assets.spec import LDS_SEED_B_VARIES, DemoSpec, demo_spec
 
 
 def _retrain_job(args: tuple) -> float:
-    model_dir, texts, keep, config, queries, out, seed = args
+    model_dir, texts, keep, config, queries, out, (seed, order_seed) = args
     from transformers import AutoTokenizer
 
     torch.set_num_threads(1)
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lds.retrain_partition(tokenizer, texts, keep, config, queries, out, seed=seed)
+    lds.retrain_partition(tokenizer, texts, keep, config, queries, out, seed=seed, order_seed=order_seed)
     return time.perf_counter() - started
 
 
@@ -65,19 +65,27 @@ def _config(args) -> DemoSpec:
     return dataclasses.replace(demo, epochs=args.epochs) if args.epochs else demo
 
 
-def retrain(demo: PipelinePaths, out: Path, queries, args) -> tuple[np.ndarray, dict[int, list[Path]]]:
-    """Run the missing (subset, seed) retrains; return the masks and partition folders."""
+def _run_folder(init: int, order: int) -> str:
+    """``seed-S`` when one seed sets init and data order, else ``init-I-order-O``."""
+    return f"seed-{init}" if init == order else f"init-{init}-order-{order}"
+
+
+def retrain(demo: PipelinePaths, out: Path, queries, args) -> tuple[np.ndarray, dict[str, list[Path]]]:
+    """Run the missing (subset, seed) retrains; return the masks and the partition folders
+    of seed a and seed b."""
     texts = pl.read_parquet(demo.documents)["text"].to_list()
     config = _config(args)
     masks = lds.lds_subsets(len(texts), args.k, args.fraction, args.subset_seed)
-    seeds = (config.seed, config.seed + 1)
+    runs = lds.retrain_seeds(config.seed, args.seed_b_varies)
     root = out / "lds" / f"e{config.epochs}-f{args.fraction}-s{args.subset_seed}"
-    jobs, dirs = [], {s: [root / f"subset-{k:03d}-seed-{s}" for k in range(args.k)] for s in seeds}
-    for seed in seeds:
-        for k, folder in enumerate(dirs[seed]):
+    dirs = {name: [root / f"subset-{k:03d}-{_run_folder(*seeds)}" for k in range(args.k)]
+            for name, seeds in runs.items()}
+    jobs = []
+    for name, seeds in runs.items():
+        for k, folder in enumerate(dirs[name]):
             if not (folder / "query_losses.json").exists():
-                jobs.append((str(demo.tokenizer), texts, masks[k], config, queries, folder, seed))
-    print(f"LDS: {args.k} subsets x {len(seeds)} seeds, {len(jobs)} retrains to run "
+                jobs.append((str(demo.tokenizer), texts, masks[k], config, queries, folder, seeds))
+    print(f"LDS: {args.k} subsets x 2 seeds (seed b varies {args.seed_b_varies}), {len(jobs)} retrains to run "
           f"({config.epochs} epochs, {args.workers} workers)", flush=True)
     started = time.perf_counter()
     with ProcessPoolExecutor(args.workers) as pool:
@@ -88,24 +96,24 @@ def retrain(demo: PipelinePaths, out: Path, queries, args) -> tuple[np.ndarray, 
 
 
 def lds_report(demo: PipelinePaths, out: Path, scores: dict[str, np.ndarray], doc_ids: list[str],
-               query_ids: list[str], gold: dict, masks: np.ndarray, dirs: dict[int, list[Path]],
+               query_ids: list[str], gold: dict, masks: np.ndarray, dirs: dict[str, list[Path]],
                args) -> None:
     """LDS per method and score variant (columns reordered to the training order), the gold
     documents as a reference predictor, and the seed agreement / noise ceiling."""
     corpus_ids = pl.read_parquet(demo.documents)["doc_id"].to_list()
     position = {d: i for i, d in enumerate(doc_ids)}
     order = np.array([position[d] for d in corpus_ids])
-    seed_a, seed_b = sorted(dirs)
     started = time.perf_counter()
     references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
     frame, markdown = lds.lds_table({n: s[:, order] for n, s in scores.items()}, masks,
-                                    lds.read_partition_losses(dirs[seed_a], query_ids),
-                                    lds.read_partition_losses(dirs[seed_b], query_ids),
+                                    lds.read_partition_losses(dirs["seed a"], query_ids),
+                                    lds.read_partition_losses(dirs["seed b"], query_ids),
                                     top_k=args.top_k, references=references, baseline="dot")
     epochs = _config(args).epochs
-    evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}")
+    suffix = "" if args.seed_b_varies == "init_and_data_order" else f"_{args.seed_b_varies}"
+    evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}{suffix}")
     print(f"\nLDS ({args.k} subsets, fraction {args.fraction}, {epochs} epochs, completion-loss "
-          f"query gradients, seeds {seed_a}/{seed_b}):\n{markdown}")
+          f"query gradients, seed b varies {args.seed_b_varies}):\n{markdown}")
     print(f"LDS computation {time.perf_counter() - started:.1f} s")
 
 
@@ -158,6 +166,8 @@ def main() -> None:
     parser.add_argument("--skip-lds", action="store_true")
     parser.add_argument("--reuse-scores", action="store_true",
                         help="LDS from the score matrices a previous run saved (no fact tracing)")
+    parser.add_argument("--seed-b-varies", choices=LDS_SEED_B_VARIES, default=spec_defaults.lds_seed_b_varies,
+                        help="what the second retrain of each subset changes (EvaluationSpec.lds_seed_b_varies)")
     parser.add_argument("--top-k", type=int, nargs="+", default=list(spec_defaults.lds_top_k),
                         help="LDS score variants: 0 = every score, k = each query's top k")
     args = parser.parse_args()

@@ -33,7 +33,8 @@ SEEDS = (0, 1)
 
 
 def lds_partitions(spec: PipelineSpec) -> dg.StaticPartitionsDefinition:
-    """``subset-NNN-seed-S``: every subset retrained with the demo's seed and seed + 1."""
+    """``subset-NNN-seed-S``: every subset retrained as seed a (``S = 0``: the demo model's init
+    and data order) and seed b (``S = 1``: what ``lds_seed_b_varies`` says; ``lds.retrain_seeds``)."""
     return dg.StaticPartitionsDefinition([f"subset-{k:03d}-seed-{s}" for k in range(spec.evaluation.lds_subsets)
                                           for s in SEEDS])
 
@@ -92,9 +93,11 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
 
     @dg.asset(key=retrain_key, group_name=group, partitions_def=partitions,
               deps=[key(spec, "corpus"), key(spec, "tokenizer"), key(spec, "tokenized_queries")],
-              code_version=code_version("lds-retrain-v1", spec, "demo", "evaluation"), pool="gpu",
+              code_version=code_version("lds-retrain-v2", spec, "demo", "evaluation"), pool="gpu",
               description="The demo model retrained on one random half of the corpus (removed documents get "
-                          "loss weight 0; same init, data order and steps); records the query losses.")
+                          "loss weight 0; same steps; seed a: the demo's init and data order, seed b: another "
+                          "data order and, unless lds_seed_b_varies is data_order, another init); records "
+                          "the query losses.")
     def lds_retrain(context: dg.AssetExecutionContext, storage: StorageResource,
                     compute: ComputeResource) -> dg.MaterializeResult:
         from transformers import AutoTokenizer
@@ -107,9 +110,12 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
         queries = data.read_tokenized(paths.query_tokens)
         tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
         keep = masks(paths)[k]
+        runs = lds.retrain_seeds(spec.demo.seed, spec.evaluation.lds_seed_b_varies)
+        init_seed, order_seed = runs["seed b" if int(seed) else "seed a"]
         losses = lds.retrain_partition(tokenizer, texts, keep, spec.demo, queries,
-                                       paths.lds_retrain(context.partition_key), seed=spec.demo.seed + int(seed))
+                                       paths.lds_retrain(context.partition_key), seed=init_seed, order_seed=order_seed)
         return dg.MaterializeResult(metadata={"kept_documents": int(keep.sum()), "mean_query_loss": float(losses.mean()),
+                                              "init_seed": init_seed, "order_seed": order_seed,
                                               "seconds": timer.seconds})
 
     @dg.asset(key=key(spec, "lds"), group_name=group,

@@ -25,7 +25,11 @@ from attribution_assets.spec.data import (
     ModelSpec,
 )
 from attribution_assets.spec.demo import DEMO_OTHER_RELATIONS, DEMO_RELATIONS, DemoSpec
-from attribution_assets.spec.evaluation import TAIL_PATCH_OPTIMIZERS, EvaluationSpec
+from attribution_assets.spec.evaluation import (
+    LDS_SEED_B_VARIES,
+    TAIL_PATCH_OPTIMIZERS,
+    EvaluationSpec,
+)
 from attribution_assets.spec.gradients import (
     GRADIENT_NORMALIZERS,
     GRADIENT_SPLITS,
@@ -72,6 +76,7 @@ __all__ = [
     "GRADIENT_NORMALIZERS",
     "GRADIENT_SPLITS",
     "KRONECKER_PRECONDITIONERS",
+    "LDS_SEED_B_VARIES",
     "MAGIC_DTYPES",
     "MAGIC_FROM_DEMO",
     "MAGIC_OPTIMIZERS",

@@ -13,6 +13,7 @@ from attribution_assets.spec.checks import (
 )
 
 TAIL_PATCH_OPTIMIZERS = ("sgd", "adam")
+LDS_SEED_B_VARIES = ("init_and_data_order", "data_order")
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,12 @@ class EvaluationSpec:
     ``lds_top_k``: the LDS is reported for each of these score variants: 0 = every
     document's score enters the predicted effect; ``k`` = only each query's ``k`` highest
     (100 is what a score table keeps by default, 10 the recall@10 cut).
+
+    Every subset is retrained twice: "seed a" with the demo model's own init and data
+    order, "seed b" with the data order of ``seed + 1`` and, with ``lds_seed_b_varies:
+    init_and_data_order``, its initialization too (``data_order`` keeps the demo's init,
+    as retrains fine-tuned from one pretrained model do). The seed b retrains measure the
+    retraining noise and so the LDS noise ceiling (``engine.evaluation.lds``).
 
     Tail patch (``engine.evaluation.tail_patch``): per query, one training step from the
     final model on a method's ``tail_patch_k`` best documents (0 = no tail patch) with
@@ -35,6 +42,7 @@ class EvaluationSpec:
     lds_fraction: float = 0.5
     lds_seed: int = 0
     lds_top_k: tuple[int, ...] = (0, 100, 10)
+    lds_seed_b_varies: str = "init_and_data_order"
     tail_patch_k: int = 10
     tail_patch_lr: float = 0.1
     tail_patch_optimizer: str = "sgd"
@@ -44,6 +52,7 @@ class EvaluationSpec:
         _check_int(self, "lds_subsets", 1)
         _check_float(self, "lds_fraction", 0.0, 1.0, low_open=True)
         _check_int(self, "lds_seed", 0)
+        _check_choice(self, "lds_seed_b_varies", LDS_SEED_B_VARIES)
         _check_int(self, "tail_patch_k", 0)
         _check_float(self, "tail_patch_lr", 0.0, low_open=True)
         _check_choice(self, "tail_patch_optimizer", TAIL_PATCH_OPTIMIZERS)

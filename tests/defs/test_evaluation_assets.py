@@ -1,5 +1,7 @@
 """Evaluation as assets: fact tracing vs baselines and a small LDS run, through Dagster."""
 
+import json
+
 import dagster as dg
 import polars as pl
 
@@ -10,7 +12,8 @@ from tests.helpers import TINY_DEMO, definitions_for
 
 
 def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
-    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0), evaluation=EvaluationSpec(lds_subsets=2))
+    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0),
+                     evaluation=EvaluationSpec(lds_subsets=2, lds_seed_b_varies="data_order"))
     defs = definitions_for([spec], tmp_path)
     instance = dg.DagsterInstance.ephemeral()
     stages = [Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
@@ -25,6 +28,11 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     partitions = [f"subset-{k:03d}-seed-{s}" for k in range(2) for s in (0, 1)]
     for partition in partitions:
         dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds_retrain"])], partition_key=partition, **run)
+    recorded = {p: json.loads((tmp_path / "demo" / "lds_retrain" / p / "query_losses.json").read_text())
+                for p in partitions}
+    seed = spec.demo.seed  # seed b keeps the init and changes the data order only
+    assert {p: (r["seed"], r["order_seed"]) for p, r in recorded.items()} == {
+        p: (seed, seed + p.endswith("seed-1")) for p in partitions}
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds"])], **run)
     lds = pl.read_parquet(tmp_path / "demo" / "evaluation" / "lds.parquet")
     noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)",

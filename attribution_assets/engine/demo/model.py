@@ -124,9 +124,10 @@ def weighted_lm_loss(
     return numerator / denominator.clamp_min(1e-12)
 
 
-def data_order(n: int, config: DemoSpec) -> list[list[int]]:
-    """Deterministic list of batches (document indices): one seeded shuffle per epoch."""
-    generator = torch.Generator().manual_seed(config.seed)
+def data_order(n: int, config: DemoSpec, seed: int | None = None) -> list[list[int]]:
+    """Deterministic list of batches (document indices): one shuffle per epoch, seeded by
+    ``seed`` (default ``config.seed``)."""
+    generator = torch.Generator().manual_seed(config.seed if seed is None else seed)
     batches = []
     for _ in range(config.epochs):
         perm = torch.randperm(n, generator=generator).tolist()
@@ -184,8 +185,12 @@ def train_demo_model(
     eval_pairs: dict[str, Sequence[tuple[str, str]]] | None = None,
     record: GradientSpec | None = None,
     doc_ids: Sequence[str] | None = None,
+    order_seed: int | None = None,
 ) -> dict:
     """Train the demo GPT-NeoX from a seeded init on all documents and save it.
+
+    ``config.seed`` seeds the initialization and, unless ``order_seed`` is given, the data
+    order (:func:`data_order`).
 
     ``loss_weights`` (one float per document) scale each document's loss; 0 drops a
     document without changing data order or step count. ``eval_pairs`` maps a name
@@ -211,7 +216,7 @@ def train_demo_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True
     )
-    batches = data_order(len(encoded), config)
+    batches = data_order(len(encoded), config, order_seed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config, len(batches)))
     steps_per_epoch = len(batches) // config.epochs
     first_recorded = (config.epochs - config.record_epochs) * steps_per_epoch

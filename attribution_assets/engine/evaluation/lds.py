@@ -47,7 +47,7 @@ from attribution_assets.engine.demo.model import train_demo_model
 from attribution_assets.engine.gradients.batching import collate
 from attribution_assets.engine.io.atomic import write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
-from attribution_assets.spec import DemoSpec
+from attribution_assets.spec import LDS_SEED_B_VARIES, DemoSpec
 
 
 def lds_subsets(n_docs: int, k: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -79,25 +79,36 @@ def query_losses(model: torch.nn.Module, queries: Sequence[TokenizedDoc], pad_id
     return out
 
 
+def retrain_seeds(seed: int, seed_b_varies: str) -> dict[str, tuple[int, int]]:
+    """The two retrains of every subset, ``{"seed a": (init, order), "seed b": (init, order)}``
+    seeds: seed a is the attributed model's ``seed``; seed b takes ``seed + 1`` for the data
+    order and, unless ``seed_b_varies == "data_order"``, for the init (``EvaluationSpec``)."""
+    if seed_b_varies not in LDS_SEED_B_VARIES:
+        raise ValueError(f"seed_b_varies must be one of {LDS_SEED_B_VARIES}, got {seed_b_varies!r}")
+    return {"seed a": (seed, seed), "seed b": (seed if seed_b_varies == "data_order" else seed + 1, seed + 1)}
+
+
 def retrain_on_subset(tokenizer, texts: Sequence[str], keep: np.ndarray, config: DemoSpec,
-                      output_dir: str | Path, *, seed: int | None = None,
+                      output_dir: str | Path, *, seed: int | None = None, order_seed: int | None = None,
                       log: Callable[[str], None] = lambda _: None) -> dict:
     """Train the demo model on ``texts`` with loss weight ``keep[i]`` (0/1) and save it.
 
-    ``seed`` (default ``config.seed``) sets both the initialization and the data order;
-    the number of steps never depends on ``keep``. Returns the training metrics.
+    ``seed`` (default ``config.seed``) sets the initialization, ``order_seed`` (default
+    ``seed``) the data order; the number of steps never depends on ``keep``. Returns the
+    training metrics.
     """
     keep = np.asarray(keep, dtype=bool)
     if keep.shape != (len(texts),):
         raise ValueError(f"keep must be a bool mask of shape ({len(texts)},), got {keep.shape}")
     config = config if seed is None else dataclasses.replace(config, seed=seed)
-    return train_demo_model(tokenizer, texts, config, output_dir, log=log,
+    return train_demo_model(tokenizer, texts, config, output_dir, log=log, order_seed=order_seed,
                             loss_weights=keep.astype(np.float32).tolist())
 
 
 def retrain_partition(tokenizer, texts: Sequence[str], keep: np.ndarray, config: DemoSpec,
                       queries: Sequence[TokenizedDoc], output_dir: str | Path, *,
-                      seed: int | None = None, keep_model: bool = False) -> np.ndarray:
+                      seed: int | None = None, order_seed: int | None = None,
+                      keep_model: bool = False) -> np.ndarray:
     """One LDS job: retrain on a subset, write ``output_dir/query_losses.json``, return ``[q]``.
 
     The model goes to ``output_dir/model`` with ``keep_model``, else to a temporary folder.
@@ -109,13 +120,14 @@ def retrain_partition(tokenizer, texts: Sequence[str], keep: np.ndarray, config:
     scratch = None if keep_model else Path(tempfile.mkdtemp(prefix=".retrain-", dir=output_dir))
     target = output_dir / "model" if scratch is None else scratch / "model"
     try:
-        metrics = retrain_on_subset(tokenizer, texts, keep, config, target, seed=seed)
+        metrics = retrain_on_subset(tokenizer, texts, keep, config, target, seed=seed, order_seed=order_seed)
         model = AutoModelForCausalLM.from_pretrained(target)
         losses = query_losses(model, queries, pad_id=tokenizer.pad_token_id or 0)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    record = {"seed": config.seed if seed is None else seed, "kept": int(np.sum(keep)),
+    seed = config.seed if seed is None else seed
+    record = {"seed": seed, "order_seed": seed if order_seed is None else order_seed, "kept": int(np.sum(keep)),
               "query_ids": [q.doc_id for q in queries], "losses": losses.tolist(), "metrics": metrics}
     write_text_atomic(output_dir / "query_losses.json", json.dumps(record))
     return losses

@@ -1,5 +1,7 @@
 """LDS metrics on hand-computed arrays, and a tiny retraining run end to end."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,13 @@ def test_subsets_deterministic_and_sized():
     assert not (masks == lds.lds_subsets(10, 4, 0.5, seed=4)).all()
     with pytest.raises(ValueError):
         lds.lds_subsets(10, 4, 1.0)
+
+
+def test_retrain_seeds():
+    assert lds.retrain_seeds(3, "init_and_data_order") == {"seed a": (3, 3), "seed b": (4, 4)}
+    assert lds.retrain_seeds(3, "data_order") == {"seed a": (3, 3), "seed b": (3, 4)}
+    with pytest.raises(ValueError, match="seed_b_varies"):
+        lds.retrain_seeds(3, "init")
 
 
 def test_lds_sign_and_hand_example():
@@ -191,6 +200,12 @@ def test_retrain_end_to_end(tiny_demo, tmp_path):
     again = lds.retrain_partition(tokenizer, texts, masks[0], TINY, probes, tmp_path / "again",
                                   seed=0, keep_model=True)
     assert (again == losses[0]).all() and (tmp_path / "again" / "model").is_dir()
+    # another data order from the same init: other losses, and the record says which seeds
+    reordered = lds.retrain_partition(tokenizer, texts, masks[0], TINY, probes, tmp_path / "order",
+                                      seed=0, order_seed=1)
+    assert not np.allclose(reordered, losses[0])
+    record = json.loads((tmp_path / "order" / "query_losses.json").read_text())
+    assert (record["seed"], record["order_seed"]) == (0, 1)
     # weight-0 documents are really left out: their loss is higher than the kept ones'
     for k in range(2):
         kept, removed = losses[k, masks[k]].mean(), losses[k, ~masks[k]].mean()
