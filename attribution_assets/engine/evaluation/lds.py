@@ -6,8 +6,10 @@ Protocol (Park et al. 2023, "TRAK"):
    ``[K, n]`` (True = kept), each keeping ``round(fraction * n)`` documents.
 2. :func:`retrain_partition` retrains the demo model on one subset with
    ``demo_model.train_demo_model``: same initialization, data order and number of steps
-   as the full model (same ``config.seed``); removed documents get loss weight 0. One
-   (subset, seed) pair is one independent job, so retrains run in parallel and
+   as the full model (same ``config.seed``); removed documents get loss weight 0. A
+   second retrain per subset ("seed b", :func:`retrain_seeds`) changes the data order and
+   the init, or only the data order. One (subset, seed) pair is one independent job, so
+   retrains run in parallel and
    incrementally (one Dagster partition each). It stores the query losses of the
    retrained model (:func:`query_losses`, the attribution query loss: summed NLL over
    ``loss_mask`` tokens, i.e. the completion).
