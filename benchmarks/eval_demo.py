@@ -111,7 +111,7 @@ def lds_report(demo: PipelinePaths, out: Path, scores: dict[str, np.ndarray], do
                                     top_k=args.top_k, references=references, baseline="dot")
     epochs = _config(args).epochs
     suffix = "" if args.seed_b_varies == "init_and_data_order" else f"_{args.seed_b_varies}"
-    evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}{suffix}")
+    evaluation.write_tables(frame, markdown, out, f"lds_k{args.k}_e{epochs}_f{args.fraction}{suffix}")
     print(f"\nLDS ({args.k} subsets, fraction {args.fraction}, {epochs} epochs, completion-loss "
           f"query gradients, seed b varies {args.seed_b_varies}):\n{markdown}")
     print(f"LDS computation {time.perf_counter() - started:.1f} s")
@@ -157,7 +157,8 @@ def main() -> None:
     parser.add_argument("--storage", default=os.environ.get("ATTRIBUTION_STORAGE", ".storage"))
     parser.add_argument("--out", default=".storage/demo-evaluation")
     parser.add_argument("--k", type=int, default=32, help="LDS subsets")
-    parser.add_argument("--fraction", type=float, default=0.5)
+    parser.add_argument("--fraction", type=float, default=spec_defaults.lds_fraction,
+                        help="share of the documents each LDS subset keeps")
     parser.add_argument("--subset-seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="retrain epochs (default: demo's)")
     parser.add_argument("--workers", type=int, default=2)

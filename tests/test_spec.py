@@ -114,6 +114,7 @@ def _with(section, values):
     ("scoring", {"kfac_labels": "model"}, r"`scoring.kfac_labels` is 'model' .*\['sampled', 'true'\]"),
     ("index", {"use_gpu": "maybe"}, r"`index.use_gpu` must be `auto`, true or false"),
     ("evaluation", {"lds_fraction": 0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\]"),
+    ("evaluation", {"lds_fraction": 1.0}, r"`evaluation.lds_fraction` must be below 1: subsets"),
 ])
 def test_every_bad_value_is_refused_at_load_time_with_key_and_range(tmp_path, section, values, message):
     body = _with(section, values)

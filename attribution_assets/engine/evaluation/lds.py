@@ -52,7 +52,7 @@ from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.spec import LDS_SEED_B_VARIES, DemoSpec
 
 
-def lds_subsets(n_docs: int, k: int, fraction: float = 0.5, seed: int = 0) -> np.ndarray:
+def lds_subsets(n_docs: int, k: int, fraction: float, seed: int = 0) -> np.ndarray:
     """``[k, n_docs]`` bool masks, each keeping exactly ``round(fraction * n_docs)`` documents."""
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
