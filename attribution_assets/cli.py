@@ -106,7 +106,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .defs.common import key
     from .defs.evaluation import lds_partitions
-    from .defs.runner import PIPELINE_TAG, STAGE_TAG, persistent_instance
+    from .defs.runner import PIPELINE_TAG, STAGE_TAG, persistent_instance, unsynced_partitions
 
     defs, specs = _defs_and_specs(args.pipeline)
     spec, instance = specs[args.pipeline], persistent_instance()
@@ -125,18 +125,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         if instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
             run("magic_training")
-        done = instance.get_materialized_partitions(key(spec, "magic_scores"))
-        for batch in instance.get_dynamic_partitions(magic_batches(spec).name):
-            if batch not in done:
-                run("magic_scores", batch)
+        batches = instance.get_dynamic_partitions(magic_batches(spec).name)
+        for batch in unsynced_partitions(defs, instance, key(spec, "magic_scores"), batches):
+            run("magic_scores", batch)
     run("fact_tracing")
     if args.lds:
         if key(spec, "lds") not in present:
             raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
-        done = instance.get_materialized_partitions(key(spec, "lds_retrain"))
-        for partition in lds_partitions(spec).get_partition_keys():
-            if partition not in done:
-                run("lds_retrain", partition)
+        partitions = lds_partitions(spec).get_partition_keys()
+        for partition in unsynced_partitions(defs, instance, key(spec, "lds_retrain"), partitions):
+            run("lds_retrain", partition)  # missing, or retrained under other settings
         run("lds")
     from .report import latest_metadata
 

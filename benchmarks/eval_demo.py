@@ -106,8 +106,8 @@ def lds_report(demo: PipelinePaths, out: Path, scores: dict[str, np.ndarray], do
     started = time.perf_counter()
     references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, gold)}
     frame, markdown = lds.lds_table({n: s[:, order] for n, s in scores.items()}, masks,
-                                    lds.read_partition_losses(dirs["seed a"], query_ids),
-                                    lds.read_partition_losses(dirs["seed b"], query_ids),
+                                    lds.read_partition_losses(dirs["seed a"], query_ids, masks),
+                                    lds.read_partition_losses(dirs["seed b"], query_ids, masks),
                                     top_k=args.top_k, references=references, baseline="dot")
     epochs = _config(args).epochs
     suffix = "" if args.seed_b_varies == "init_and_data_order" else f"_{args.seed_b_varies}"

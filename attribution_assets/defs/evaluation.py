@@ -121,7 +121,7 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
     @dg.asset(key=key(spec, "lds"), group_name=group,
               deps=[dg.AssetDep(retrain_key, partition_mapping=ALL), ft_key, key(spec, "corpus"),
                     key(spec, "query_set")],
-              code_version=code_version("lds-v3", spec, "evaluation"),
+              code_version=code_version("lds-v4", spec, "evaluation"),
               description="Linear datamodeling score per method and score variant (all scores, top k), "
                           "Spearman of predicted vs measured query loss over the subsets, bootstrap 95% CI; "
                           "the gold documents as a reference predictor; against each retrain seed and their "
@@ -138,8 +138,9 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
         scores = {p.stem: np.load(p, allow_pickle=False)[:, order] for p in sorted(scores_dir.glob("*.npy"))}
         query_ids = json.loads((scores_dir / "query_ids.json").read_text())
         references = {"gold documents (reference)": lds.gold_indicator(query_ids, corpus_ids, _gold(paths))}
-        frame, markdown = lds.lds_table(scores, masks(paths), lds.read_partition_losses(dirs[0], query_ids),
-                                        lds.read_partition_losses(dirs[1], query_ids),
+        subsets = masks(paths)
+        frame, markdown = lds.lds_table(scores, subsets, lds.read_partition_losses(dirs[0], query_ids, subsets),
+                                        lds.read_partition_losses(dirs[1], query_ids, subsets),
                                         top_k=spec.evaluation.lds_top_k, references=references,
                                         baseline="dot" if "dot" in scores else None)
         fact_tracing.write_tables(frame, markdown, paths.evaluation, "lds")

@@ -242,6 +242,14 @@ def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
     return None
 
 
+def unsynced_partitions(defs: dg.Definitions, instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                        partitions: Sequence[str]) -> list[str]:
+    """The ``partitions`` of ``asset_key`` that are missing or stale (its code version or an
+    upstream's data changed since they were materialized), in order."""
+    resolver = _resolver(defs, instance)
+    return [p for p in partitions if _why(resolver, asset_key, p) is not None]
+
+
 def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, stage: Stage,
                force: bool = False) -> StagePlan:
     """The assets (and shards) of ``stage`` that are missing or unsynced (all with ``force``)."""

@@ -1,12 +1,14 @@
 """Evaluation as assets: fact tracing vs baselines and a small LDS run, through Dagster."""
 
+import dataclasses
 import json
 
 import dagster as dg
 import polars as pl
+import pytest
 
 from attribution_assets import cli
-from attribution_assets.defs.runner import Stage, materialize_pipeline
+from attribution_assets.defs.runner import Stage, materialize_pipeline, unsynced_partitions
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
 from tests.helpers import TINY_DEMO, definitions_for
 
@@ -33,6 +35,16 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     seed = spec.demo.seed  # seed b keeps the init and changes the data order only
     assert {p: (r["seed"], r["order_seed"]) for p, r in recorded.items()} == {
         p: (seed, seed + p.endswith("seed-1")) for p in partitions}
+    retrain_key = dg.AssetKey(["demo", "lds_retrain"])
+    assert unsynced_partitions(defs, instance, retrain_key, partitions) == []
+    # other subsets: every retrain is stale (what `attribution evaluate --lds` reruns), and
+    # the lds asset refuses the old retrains instead of scoring them against the new masks
+    other = dataclasses.replace(spec, evaluation=dataclasses.replace(spec.evaluation, lds_fraction=0.5))
+    other_defs = definitions_for([other], tmp_path)
+    assert unsynced_partitions(other_defs, instance, retrain_key, partitions) == partitions
+    with pytest.raises(Exception, match="retrained on another subset"):
+        dg.materialize(other_defs.assets, selection=[dg.AssetKey(["demo", "lds"])], instance=instance,
+                       resources=other_defs.resources, raise_on_error=True)
     dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "lds"])], **run)
     lds = pl.read_parquet(tmp_path / "demo" / "evaluation" / "lds.parquet")
     noise = {"seed agreement (seed a vs b)", "noise ceiling (sqrt of agreement)",

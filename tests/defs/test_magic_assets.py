@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from attribution_assets.defs.runner import Stage, materialize_pipeline
+from attribution_assets.defs.runner import Stage, materialize_pipeline, unsynced_partitions
 from attribution_assets.engine.evaluation import fact_tracing
 from attribution_assets.engine.evaluation.methods import (
     DOT,
@@ -54,8 +54,11 @@ def test_magic_assets(tmp_path):
     queries = data.read_tokenized(paths.query_tokens)
     batches = sorted(instance.get_dynamic_partitions("demo_magic_query_batches"))
     assert batches == sorted(magic_pipeline.query_batches([q.doc_id for q in queries], 8))
+    scores_key = dg.AssetKey(["demo", "magic_scores"])
+    assert unsynced_partitions(defs, instance, scores_key, batches) == batches  # what `evaluate` runs
     for batch in batches:
-        dg.materialize(defs.assets, selection=[dg.AssetKey(["demo", "magic_scores"])], partition_key=batch, **run)
+        dg.materialize(defs.assets, selection=[scores_key], partition_key=batch, **run)
+    assert unsynced_partitions(defs, instance, scores_key, batches) == []
     table = pl.read_parquet(paths.magic_scores(batches[0]))
     first_batch = magic_pipeline.query_batches([q.doc_id for q in queries], 8)[batches[0]]
     assert table.columns == SCORE_COLUMNS and table.height == len(first_batch) * len(docs)

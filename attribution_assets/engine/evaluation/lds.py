@@ -33,6 +33,7 @@ Protocol (Park et al. 2023, "TRAK"):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -79,6 +80,12 @@ def query_losses(model: torch.nn.Module, queries: Sequence[TokenizedDoc], pad_id
         nll = -logp.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
         out[batch.indices] = (nll * batch.loss_mask[:, 1:]).sum(dim=1).cpu().numpy()
     return out
+
+
+def subset_digest(keep: np.ndarray) -> str:
+    """16 hex digits naming one subset mask ``[n]`` (its length and kept positions)."""
+    keep = np.asarray(keep, dtype=bool)
+    return hashlib.sha256(len(keep).to_bytes(8, "little") + np.packbits(keep).tobytes()).hexdigest()[:16]
 
 
 def retrain_seeds(seed: int, seed_b_varies: str) -> dict[str, tuple[int, int]]:
@@ -130,28 +137,36 @@ def retrain_partition(tokenizer, texts: Sequence[str], keep: np.ndarray, config:
             shutil.rmtree(scratch, ignore_errors=True)
     seed = config.seed if seed is None else seed
     record = {"seed": seed, "order_seed": seed if order_seed is None else order_seed, "kept": int(np.sum(keep)),
-              "query_ids": [q.doc_id for q in queries], "losses": losses.tolist(), "metrics": metrics}
+              "subset": subset_digest(keep), "query_ids": [q.doc_id for q in queries],
+              "losses": losses.tolist(), "metrics": metrics}
     write_text_atomic(output_dir / "query_losses.json", json.dumps(record))
     return losses
 
 
-def read_partition_losses(paths: Sequence[str | Path],
-                          query_ids: Sequence[str] | None = None) -> np.ndarray:
+def read_partition_losses(paths: Sequence[str | Path], query_ids: Sequence[str] | None = None,
+                          masks: np.ndarray | None = None) -> np.ndarray:
     """``[K, q]`` losses from the ``query_losses.json`` of each partition folder, in order.
 
     Every partition must have been retrained against the same queries, in the same order,
-    as ``query_ids`` (default: the first partition's); a mismatch raises ValueError.
+    as ``query_ids`` (default: the first partition's), and with ``masks`` ``[K, n]`` on the
+    subset ``masks[k]`` (:func:`subset_digest`); a mismatch raises ValueError.
     """
     records = [json.loads((Path(p) / "query_losses.json").read_text()) for p in paths]
     if not records:
         raise ValueError("no LDS partitions given")
+    if masks is not None and len(masks) != len(records):
+        raise ValueError(f"{len(records)} LDS partitions for {len(masks)} subsets")
     expected = list(query_ids) if query_ids is not None else records[0]["query_ids"]
-    for path, record in zip(paths, records):
+    for k, (path, record) in enumerate(zip(paths, records)):
         if record["query_ids"] != expected:
             raise ValueError(f"{path}: retrained against other queries than the scores "
                              f"({len(record['query_ids'])} vs {len(expected)} query ids, or another "
                              "order); re-materialize every lds_retrain partition and fact_tracing from "
                              "the same tokenized_queries")
+        if masks is not None and record.get("subset") != subset_digest(masks[k]):
+            raise ValueError(f"{path}: retrained on another subset than the current settings draw "
+                             "(evaluation.lds_fraction, lds_subsets or lds_seed, or the corpus, changed "
+                             "since); re-materialize the lds_retrain partitions")
     return np.array([r["losses"] for r in records], dtype=np.float64)
 
 

@@ -170,6 +170,25 @@ def test_partition_losses_must_share_the_queries(tmp_path):
         lds.read_partition_losses([tmp_path / "p0"], ["q2", "q1"])
 
 
+def test_partition_losses_must_come_from_the_current_subsets(tmp_path):
+    import json
+
+    masks = lds.lds_subsets(8, 2, 0.5, seed=0)
+    for k in range(2):
+        (tmp_path / f"p{k}").mkdir()
+        record = {"query_ids": ["q"], "losses": [float(k)], "subset": lds.subset_digest(masks[k])}
+        (tmp_path / f"p{k}" / "query_losses.json").write_text(json.dumps(record))
+    paths = [tmp_path / "p0", tmp_path / "p1"]
+    assert lds.read_partition_losses(paths, ["q"], masks).tolist() == [[0.0], [1.0]]
+    with pytest.raises(ValueError, match="p0: retrained on another subset"):  # subsets swapped
+        lds.read_partition_losses(paths, ["q"], masks[::-1])
+    with pytest.raises(ValueError, match="p0: retrained on another subset"):  # another lds_fraction
+        lds.read_partition_losses(paths, ["q"], lds.lds_subsets(8, 2, 0.25, seed=0))
+    with pytest.raises(ValueError, match="2 LDS partitions for 3 subsets"):
+        lds.read_partition_losses(paths, ["q"], lds.lds_subsets(8, 3, 0.5, seed=0))
+    assert lds.subset_digest(np.ones(8, bool)) != lds.subset_digest(np.ones(9, bool))
+
+
 @pytest.fixture(scope="module")
 def tiny_demo():
     corpus = generate_demo_corpus(DemoSpec(people=6, seed=0))
@@ -194,7 +213,7 @@ def test_retrain_end_to_end(tiny_demo, tmp_path):
     losses = np.stack([lds.retrain_partition(tokenizer, texts, masks[k], TINY, probes,
                                              tmp_path / f"s{k}", seed=0) for k in range(2)])
     assert losses.shape == (2, n) and np.isfinite(losses).all()
-    assert (lds.read_partition_losses([tmp_path / "s0", tmp_path / "s1"]) == losses).all()
+    assert (lds.read_partition_losses([tmp_path / "s0", tmp_path / "s1"], masks=masks[:2]) == losses).all()
     assert not (tmp_path / "s0" / "model").exists()
     # same subset and seed -> identical losses (deterministic retraining)
     again = lds.retrain_partition(tokenizer, texts, masks[0], TINY, probes, tmp_path / "again",
