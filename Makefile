@@ -25,9 +25,12 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# Test files run in TEST_WORKERS processes (pytest-xdist; a file's tests stay in one process).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: $(STAMP)
 	$(PY) -c "from attribution_assets.defs.runner import persistent_instance; persistent_instance()"
