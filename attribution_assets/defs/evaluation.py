@@ -94,10 +94,11 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
     @dg.asset(key=retrain_key, group_name=group, partitions_def=partitions,
               deps=[key(spec, "corpus"), key(spec, "tokenizer"), key(spec, "tokenized_queries")],
               code_version=code_version("lds-retrain-v2", spec, "demo", "evaluation"), pool="gpu",
-              description="The demo model retrained on one random half of the corpus (removed documents get "
-                          "loss weight 0; same steps; seed a: the demo's init and data order, seed b: another "
-                          "data order and, unless lds_seed_b_varies is data_order, another init); records "
-                          "the query losses.")
+              description="The demo model retrained on one random subset of the corpus (a share "
+                          "evaluation.lds_fraction of the documents; removed documents get loss weight 0; "
+                          "same steps; seed a: the demo's init and data order, seed b: another data order "
+                          "and, unless lds_seed_b_varies is data_order, another init); records the query "
+                          "losses and the subset.")
     def lds_retrain(context: dg.AssetExecutionContext, storage: StorageResource,
                     compute: ComputeResource) -> dg.MaterializeResult:
         from transformers import AutoTokenizer
