@@ -147,6 +147,8 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
         fact_tracing.write_tables(frame, markdown, paths.evaluation, "lds")
         return dg.MaterializeResult(metadata={"table": dg.MetadataValue.md(markdown),
                                               "subsets": spec.evaluation.lds_subsets,
+                                              "fraction": spec.evaluation.lds_fraction,
+                                              "seed_b_varies": spec.evaluation.lds_seed_b_varies,
                                               "path": path_metadata(paths.evaluation / "lds.parquet"),
                                               "seconds": timer.seconds})
 

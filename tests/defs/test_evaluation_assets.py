@@ -55,6 +55,8 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     assert set(methods["target"]) == {"seed a", "seed b", "mean of seeds"}
     assert lds.filter(pl.col("method") == "dot")["ratio"].to_list() == [1.0] * 9
     assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
+    metadata = instance.get_latest_materialization_event(dg.AssetKey(["demo", "lds"])).asset_materialization.metadata
+    assert (metadata["fraction"].value, metadata["seed_b_varies"].value) == (0.25, "data_order")
 
 
 def test_cli_diagnose_prints_settings(tiny_model_dir, capsys):
