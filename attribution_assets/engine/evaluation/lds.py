@@ -9,10 +9,9 @@ Protocol (Park et al. 2023, "TRAK"):
    as the full model (same ``config.seed``); removed documents get loss weight 0. A
    second retrain per subset ("seed b", :func:`retrain_seeds`) changes the data order and
    the init, or only the data order. One (subset, seed) pair is one independent job, so
-   retrains run in parallel and
-   incrementally (one Dagster partition each). It stores the query losses of the
-   retrained model (:func:`query_losses`, the attribution query loss: summed NLL over
-   ``loss_mask`` tokens, i.e. the completion).
+   retrains run in parallel and incrementally (one Dagster partition each). It stores the
+   query losses of the retrained model (:func:`query_losses`, the attribution query loss:
+   summed NLL over ``loss_mask`` tokens, i.e. the completion).
 3. :func:`linear_datamodeling_score`: per query ``q``, the Spearman correlation over the
    ``K`` subsets between the predicted effect ``sum_{i kept} score[q, i]`` and the
    measured ``-loss[k, q]``. Sign: a higher score means the document supports the query,

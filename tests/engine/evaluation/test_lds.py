@@ -158,8 +158,6 @@ def test_ratio_ci_paired_bootstrap():
 
 
 def test_partition_losses_must_share_the_queries(tmp_path):
-    import json
-
     for name, ids in (("p0", ["q1", "q2"]), ("p1", ["q2", "q1"])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "query_losses.json").write_text(json.dumps({"query_ids": ids, "losses": [1.0, 2.0]}))
@@ -171,8 +169,6 @@ def test_partition_losses_must_share_the_queries(tmp_path):
 
 
 def test_partition_losses_must_come_from_the_current_subsets(tmp_path):
-    import json
-
     masks = lds.lds_subsets(8, 2, 0.5, seed=0)
     for k in range(2):
         (tmp_path / f"p{k}").mkdir()
