@@ -106,35 +106,42 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .defs.common import key
     from .defs.evaluation import lds_partitions
-    from .defs.runner import PIPELINE_TAG, STAGE_TAG, persistent_instance, unsynced_partitions
+    from .defs.runner import (
+        PIPELINE_TAG,
+        STAGE_TAG,
+        materialize_partitions,
+        persistent_instance,
+        unsynced_partitions,
+    )
 
     defs, specs = _defs_and_specs(args.pipeline)
     spec, instance = specs[args.pipeline], persistent_instance()
     present = defs.resolve_asset_graph().get_all_asset_keys()
     if key(spec, "fact_tracing") not in present:
         raise UserError(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
+    if args.lds and key(spec, "lds") not in present:
+        raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
 
-    def run(asset: str, partition: str | None = None) -> None:
-        print(f"materializing {spec.name}/{asset}" + (f" [{partition}]" if partition else ""), flush=True)
+    def run(asset: str) -> None:
+        print(f"materializing {spec.name}/{asset}", flush=True)
         dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance, resources=defs.resources,
-                       partition_key=partition, tags={PIPELINE_TAG: spec.name, STAGE_TAG: "evaluation"},
+                       tags={PIPELINE_TAG: spec.name, STAGE_TAG: "evaluation"},
                        run_config={"loggers": {"console": {"config": {"log_level": _log_level(args)}}}})
+
+    def run_partitions(asset: str, partitions: list[str]) -> None:  # missing, or made under other settings
+        todo = unsynced_partitions(defs, instance, key(spec, asset), partitions)
+        materialize_partitions(defs, spec, instance, asset, todo, log=lambda line: print(line, flush=True),
+                               log_level=_log_level(args))
 
     if spec.magic.enabled:  # MAGIC's training run and every query batch it lacks, before fact tracing
         from .defs.magic import magic_batches
 
         if instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
             run("magic_training")
-        batches = instance.get_dynamic_partitions(magic_batches(spec).name)
-        for batch in unsynced_partitions(defs, instance, key(spec, "magic_scores"), batches):
-            run("magic_scores", batch)
+        run_partitions("magic_scores", instance.get_dynamic_partitions(magic_batches(spec).name))
     run("fact_tracing")
     if args.lds:
-        if key(spec, "lds") not in present:
-            raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
-        partitions = lds_partitions(spec).get_partition_keys()
-        for partition in unsynced_partitions(defs, instance, key(spec, "lds_retrain"), partitions):
-            run("lds_retrain", partition)  # missing, or retrained under other settings
+        run_partitions("lds_retrain", lds_partitions(spec).get_partition_keys())
         run("lds")
     from .report import latest_metadata
 
@@ -207,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.set_defaults(func=cmd_query)
     evaluate = sub.add_parser("evaluate", help="fact tracing vs baselines (and --lds: the LDS retrains)")
     evaluate.add_argument("--pipeline", required=True)
-    evaluate.add_argument("--lds", action="store_true", help="also retrain on every subset (demo only; slow)")
+    evaluate.add_argument("--lds", action="store_true",
+                          help="also retrain on every subset (demo only; slow: a `multiprocess` profile runs "
+                               "`max_concurrent` retrains at once)")
     evaluate.set_defaults(func=cmd_evaluate)
     explain = sub.add_parser("explain", help="one query's top-k documents, each token coloured by its "
                                              "share of the score (terminal; --html for a page)")

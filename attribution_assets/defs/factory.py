@@ -17,13 +17,14 @@ from attribution_assets.defs.index import index_assets
 from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.magic import magic_assets
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile, profile_from_json
-from attribution_assets.defs.runner import RECIPE_KEY, stage_jobs
+from attribution_assets.defs.runner import on_demand_jobs, stage_jobs
 from attribution_assets.defs.scores import score_assets
+from attribution_assets.defs.workers import RECIPE_KEY
 from attribution_assets.spec import PipelineSpec, spec_from_json, spec_to_json
 
 
 def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.Definitions:
-    """Assets, checks, stage jobs, sensor and schedule of one pipeline, under the key prefix
+    """Assets, checks, stage and on-demand jobs, sensor and schedule of one pipeline, under the key prefix
     ``[spec.name]``; assets that run the model carry the profile's precision in their version."""
     compute = profile.compute
     assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
@@ -32,7 +33,9 @@ def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.D
               *magic_assets(spec, compute), *train_time_evaluation_assets(spec)]
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
-    return dg.Definitions(assets=assets, jobs=stage_jobs(spec, present, profile.retry_policy()), sensors=[sensor] if sensor else [],
+    retry_policy = profile.retry_policy()
+    jobs = [*stage_jobs(spec, present, retry_policy), *on_demand_jobs(spec, present, retry_policy)]
+    return dg.Definitions(assets=assets, jobs=jobs, sensors=[sensor] if sensor else [],
                           schedules=[schedule] if schedule else [])
 
 

@@ -8,16 +8,17 @@ single-run backfill: the model loads once).
 
 Parallel shards: with a ``multiprocess`` profile (``max_concurrent`` = N), a partitioned stage
 splits its shards into N contiguous ranges and runs each range as its own run in a worker
-process (``ProcessPoolExecutor``), N at once: each worker loads the model once for its range.
-Workers fork from one forkserver that imported torch, transformers, Dagster and the definitions
-once (fresh state: it never ran a torch op or opened the instance), so a stage's workers, and
-every later stage's, start without re-importing them. Workers rebuild the definitions from the recipe that ``build_definitions``
-records (specs + profile) through Dagster's ``build_reconstructable_job``. Unpartitioned
-stages are chains (each asset needs the previous one) and run in this process: a step
-process each would only add its startup (``dagster dev`` runs them under the profile's
-multiprocess executor, whose ``max_concurrent`` also bounds concurrent steps there). Runs of different ranges are
-independent: one that fails does not stop the others; the stage raises after all of them
-ended, naming each failed range. The ``local`` profile keeps everything in this process.
+process, N at once (``defs/workers.py``): each worker loads the model once for its range.
+Unpartitioned stages are chains (each asset needs the previous one) and run in this process: a
+step process each would only add its startup (``dagster dev`` runs them under the profile's
+multiprocess executor, whose ``max_concurrent`` also bounds concurrent steps there). Runs of
+different ranges are independent: one that fails does not stop the others; the stage raises
+after all of them ended, naming each failed range. The ``local`` profile keeps everything in
+this process.
+
+On-demand partitioned assets (``lds_retrain``, ``magic_scores``: ``attribution evaluate``) are
+not stages: :func:`materialize_partitions` runs each partition as its own run of the job
+``<pipeline>_<asset>``, N at once in worker processes under a ``multiprocess`` profile.
 
 Crash safety: every run is tagged with the host and pid that launched it. Runs of this host
 whose process is gone (``kill -9``, the OOM killer) are marked failed and their concurrency
@@ -27,22 +28,26 @@ slots are all held by live runs fails fast with the run that holds them.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import dagster as dg
 import yaml
-from dagster._core.definitions.reconstruct import ReconstructableJob, build_reconstructable_job
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
+from attribution_assets.defs.workers import (
+    failed_step,
+    partition_run,
+    profile_workers,
+    range_run,
+    recipe_of,
+    run_in_workers,
+)
 from attribution_assets.spec import PipelineSpec
 
 #: Telemetry off; two runs and two steps of any pool (``gpu`` included) at once (with one GPU,
@@ -57,8 +62,9 @@ DAGSTER_YAML = {
 HOST_TAG, PID_TAG = "attribution/host", "attribution/pid"
 PIPELINE_TAG, STAGE_TAG, FORCE_TAG = "attribution/pipeline", "attribution/stage", "attribution/force"
 POOLS = ("gpu",)
-#: Definitions metadata key of the recipe (specs + profile, JSON) that rebuilds them in a worker.
-RECIPE_KEY = "attribution/recipe"
+#: Partitioned assets outside the stages, materialized on demand (``attribution evaluate``, a UI
+#: backfill): one job each, ``<pipeline>_<asset>``, one run per partition.
+ON_DEMAND_PARTITIONED = ("magic_scores", "lds_retrain")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,15 @@ def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey], retry_policy: dg.R
                                             description=f"{spec.name}: {', '.join(k.path[-1] for k in keys)}",
                                             op_retry_policy=retry_policy))
     return jobs
+
+
+def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
+                   retry_policy: dg.RetryPolicy | None = None) -> list:
+    """One job per on-demand partitioned asset of this pipeline (its partitions are the asset's)."""
+    return [dg.define_asset_job(f"{spec.name}_{name}", selection=[key(spec, name)],
+                                description=f"{spec.name}: {name}, one run per partition",
+                                op_retry_policy=retry_policy)
+            for name in ON_DEMAND_PARTITIONED if key(spec, name) in present]
 
 
 def persistent_instance(home: str | os.PathLike | None = None) -> dg.DagsterInstance:
@@ -183,16 +198,6 @@ def check_pools(instance: dg.DagsterInstance, timeout: float = 0.0, poll: float 
                     f"the UI), or free the slots with `dagster instance concurrency set {pool} "
                     f"{info.slot_count}` after marking dead runs failed.")
             time.sleep(poll)
-
-
-def _failed_step(instance: dg.DagsterInstance, run_id: str) -> str | None:
-    """``pipeline/asset`` of the step that failed in ``run_id`` (None if no step failed)."""
-    records = instance.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
-    for record in records:
-        step = record.event_log_entry.step_key
-        if step:
-            return step.replace("__", "/", 1)
-    return None
 
 
 @dataclass
@@ -285,42 +290,6 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
     return StagePlan(stage, chosen, [], reasons)
 
 
-class StageRunError(RuntimeError):
-    """Runs of a stage failed (in worker processes); ``failed_in`` names the first step and shards."""
-
-    def __init__(self, message: str, failed_in: str):
-        super().__init__(message)
-        self.failed_in = failed_in
-
-
-def recipe_of(defs: dg.Definitions) -> str | None:
-    """The recipe (JSON: specs + profile) ``build_definitions`` recorded in ``defs``, if any."""
-    value = (defs.metadata or {}).get(RECIPE_KEY)
-    return None if value is None else getattr(value, "value", value)
-
-
-def _profile_workers(recipe: str | None) -> int:
-    """Worker processes of the recipe's profile (1 without one); a ``k8s`` profile is refused:
-    its runs are launched by the Dagster deployment on the cluster, not by this process."""
-    if recipe is None:
-        return 1
-    from attribution_assets.defs.profiles import profile_from_json
-
-    profile = profile_from_json(json.loads(recipe)["profile"])
-    if profile.executor == "k8s":
-        raise ValueError(f"Profile {profile.name!r} runs steps as Kubernetes jobs: launch its runs through the "
-                         "Dagster deployment on the cluster (the UI, a backfill, `dagster job launch`), "
-                         "not through this local runner.")
-    return profile.workers
-
-
-def reconstructable_job(recipe: str, name: str, executor: str | None = None) -> ReconstructableJob:
-    """The job ``name`` of the definitions ``recipe`` describes, rebuildable in another process
-    (``executor`` overrides the profile's executor kind)."""
-    return build_reconstructable_job("attribution_assets.defs.factory", "job_from_recipe",
-                                     reconstructable_args=(recipe, name, executor))
-
-
 def split_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], parts: int) -> list[tuple[str, str]]:
     """Split contiguous shard ``ranges`` (keys of ``order``) until there are ``parts`` of them
     (or every range is one shard), halving the longest each time; ranges keep their order."""
@@ -336,66 +305,35 @@ def split_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], parts:
     return [(g[0], g[-1]) for g in groups]
 
 
-def _step_errors(result) -> str:
-    failures = result.get_step_failure_events()
-    return "; ".join(f"{e.step_key}: {e.event_specific_data.error.message.strip()}" for e in failures) \
-        or "the run failed before any step"
+def _base_tags(spec: PipelineSpec, force: bool = False) -> dict[str, str]:
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PIPELINE_TAG: spec.name}
+    return {**tags, FORCE_TAG: "true"} if force else tags
 
 
-WORKER_PRELOAD = ("torch", "transformers", "dagster", "attribution_assets.defs.factory")
+def _run_here(job, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
+              runs: Sequence[tuple[str, dict[str, str]]], tags: dict, run_config: dict, where: str,
+              log: Callable[[str], None] | None = None) -> list:
+    """Each of ``runs`` (label, partition tags) a run of ``job`` in this process, one after another
+    (``log``: a line before each); the first failure is re-raised as is, with the failed step and
+    partitions in ``failed_in``."""
+    results = []
+    for label, run_tags in runs:
+        if log is not None:
+            log(f"materializing {where}{label}")
+        run_id = make_new_run_id()
+        try:
+            result = job.execute_in_process(instance=instance, asset_selection=keys, run_id=run_id,
+                                            tags={**tags, **run_tags}, run_config=run_config, raise_on_error=True)
+        except Exception as exc:
+            exc.failed_in = (failed_step(instance, run_id) or where) + label
+            raise
+        record_partition_versions(instance, result)
+        results.append(result)
+    return results
 
 
-def run_range(recipe: str, name: str, instance_ref, keys: list[list[str]], run_id: str, tags: dict,
-              run_config: dict) -> str | None:
-    """In a worker process: run job ``name`` over the shard range in ``tags`` in this process and
-    record each shard's data version; return None, or the failed steps' errors."""
-    instance = dg.DagsterInstance.from_ref(instance_ref)
-    job = reconstructable_job(recipe, name, "in_process").get_definition()
-    result = job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in keys],
-                                    run_id=run_id, tags=tags, run_config=run_config, raise_on_error=False)
-    if not result.success:
-        return _step_errors(result)
-    record_partition_versions(instance, result)
-    return None
-
-
-def _shard_label(first: str | None, last: str | None) -> str:
-    return "" if first is None else f" [{first}]" if first == last else f" [{first} .. {last}]"
-
-
-def _run_in_workers(recipe: str, name: str, instance: dg.DagsterInstance, keys: list[dg.AssetKey],
-                    ranges: list[tuple[str, str]], workers: int, tags: dict, run_config: dict,
-                    log: Callable[[str], None]) -> list:
-    """Each range a run in a worker process, ``workers`` at once; raise after all ended if any failed."""
-    if not instance.is_persistent:
-        raise ValueError("Running shards in worker processes needs a persistent Dagster instance (one "
-                         "under $DAGSTER_HOME, e.g. `persistent_instance()`), not an ephemeral one; or "
-                         "use the `local` profile.")
-    log(f"{name}: {len(ranges)} shard ranges in {min(workers, len(ranges))} worker processes")
-    failures, runs = [], []
-    context = get_context("forkserver")  # no forked torch thread pools or sqlite handles
-    context.set_forkserver_preload(list(WORKER_PRELOAD))
-    with ProcessPoolExecutor(max_workers=min(workers, len(ranges)), mp_context=context) as pool:
-        futures = {}
-        for first, last in ranges:
-            run_id = make_new_run_id()
-            range_tags = {**tags, "dagster/asset_partition_range_start": first,
-                          "dagster/asset_partition_range_end": last}
-            future = pool.submit(run_range, recipe, name, instance.get_ref(), [list(k.path) for k in keys],
-                                 run_id, range_tags, run_config)
-            futures[future] = (first, last, run_id)
-        for future in as_completed(futures):
-            first, last, run_id = futures[future]
-            error = future.result()
-            runs.append(instance.get_run_by_id(run_id))
-            if error is not None:
-                where = (_failed_step(instance, run_id) or name) + _shard_label(first, last)
-                failures.append((where, error, run_id))
-                log(f"failed: {where} (run {run_id}): {error}")
-    if failures:
-        raise StageRunError("; ".join(f"{where} (run {run_id}): {error}" for where, error, run_id in failures),
-                            failures[0][0])
-    return runs
+def _run_config(log_level: str) -> dict:
+    return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
@@ -408,13 +346,10 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
     With a ``multiprocess`` profile, shard ranges run in worker processes (module docstring);
     returns the in-process runs' results and the worker runs' ``DagsterRun`` records.
     """
-    run_config = {"loggers": {"console": {"config": {"log_level": log_level}}}}
-    base_tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PIPELINE_TAG: spec.name}
-    if force:
-        base_tags[FORCE_TAG] = "true"
+    run_config, base_tags = _run_config(log_level), _base_tags(spec, force)
     results: list = []
     recipe = recipe_of(defs)
-    workers = _profile_workers(recipe)
+    workers = profile_workers(recipe)
 
     def shards_of(stage: Stage) -> list[str]:  # every shard, in partition order
         return instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
@@ -432,20 +367,36 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
         tags = {**base_tags, STAGE_TAG: stage.name}
         ranges = split_ranges(plan.ranges, shards_of(stage), workers) if workers > 1 else plan.ranges
         if len(ranges) > 1 and workers > 1:  # workers > 1 only with a recipe
-            results += _run_in_workers(recipe, job.name, instance, plan.keys, ranges, workers, tags, run_config, log)
+            results += run_in_workers(recipe, job.name, instance, plan.keys, [range_run(*r) for r in ranges],
+                                      workers, tags, run_config, log)
             continue
-        for first, last in plan.ranges or [(None, None)]:
-            range_tags = {} if first is None else {"dagster/asset_partition_range_start": first,
-                                                   "dagster/asset_partition_range_end": last}
-            run_id = make_new_run_id()
-            try:
-                result = job.execute_in_process(instance=instance, asset_selection=plan.keys, run_id=run_id,
-                                                tags={**tags, **range_tags}, run_config=run_config,
-                                                raise_on_error=True)
-            except Exception as exc:  # re-raised as is, with where it failed in ``failed_in``
-                exc.failed_in = (_failed_step(instance, run_id) or f"{spec.name} {stage.name}") + \
-                    _shard_label(first, last)
-                raise
-            record_partition_versions(instance, result)
-            results.append(result)
+        results += _run_here(job, instance, plan.keys, [range_run(*r) for r in plan.ranges or [(None, None)]],
+                             tags, run_config, f"{spec.name} {stage.name}")
     return results
+
+
+def materialize_partitions(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
+                           partitions: Sequence[str], log: Callable[[str], None] = print,
+                           log_level: str = "INFO", slot_timeout: float = 0.0) -> list:
+    """Materialize ``partitions`` of the on-demand asset ``asset`` (:data:`ON_DEMAND_PARTITIONED`),
+    each partition its own run of the job ``<pipeline>_<asset>``, tagged as the ``evaluation`` stage.
+
+    With a ``multiprocess`` profile the runs go to its worker processes, ``max_concurrent`` at
+    once, and a failed run stops none of the others (:class:`StageRunError` after all ended);
+    otherwise they run in this process, one after another, and the first failure is raised.
+    Returns the in-process results or the worker runs' ``DagsterRun`` records.
+    """
+    if asset not in ON_DEMAND_PARTITIONED:
+        raise ValueError(f"{asset!r} is not an on-demand partitioned asset; those are {ON_DEMAND_PARTITIONED}.")
+    if not partitions:
+        return []
+    job = defs.resolve_job_def(f"{spec.name}_{asset}")
+    tags, run_config = {**_base_tags(spec), STAGE_TAG: "evaluation"}, _run_config(log_level)
+    runs = [partition_run(p) for p in partitions]
+    recipe = recipe_of(defs)
+    workers = profile_workers(recipe)
+    release_dead_runs(instance, log)
+    check_pools(instance, slot_timeout)
+    if workers > 1 and len(runs) > 1:
+        return run_in_workers(recipe, job.name, instance, [key(spec, asset)], runs, workers, tags, run_config, log)
+    return _run_here(job, instance, None, runs, tags, run_config, f"{spec.name}/{asset}", log)

@@ -8,9 +8,15 @@ import polars as pl
 import pytest
 
 from attribution_assets import cli
-from attribution_assets.defs.runner import Stage, materialize_pipeline, unsynced_partitions
+from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.runner import (
+    Stage,
+    materialize_partitions,
+    materialize_pipeline,
+    unsynced_partitions,
+)
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
-from tests.helpers import TINY_DEMO, definitions_for
+from tests.helpers import TINY_DEMO, definitions_for, local_profile
 
 
 def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
@@ -57,6 +63,40 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     assert (lds["subsets"] == 2).all() and lds["lds"].is_between(-1, 1).all()
     metadata = instance.get_latest_materialization_event(dg.AssetKey(["demo", "lds"])).asset_materialization.metadata
     assert (metadata["fraction"].value, metadata["seed_b_varies"].value) == (0.25, "data_order")
+
+
+
+def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
+    """What `attribution evaluate --lds` does under a `multiprocess` profile: each retrain is its
+    own run in a worker process, two at once, with the query losses of retrains in this process."""
+    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0), evaluation=EvaluationSpec(lds_subsets=2))
+    prepare = [Stage("prepare", ("corpus", "query_set", "tokenizer", "tokenized_queries"), False)]
+    partitions = ["subset-000-seed-0", "subset-001-seed-1"]
+    retrain_key = dg.AssetKey(["demo", "lds_retrain"])
+    losses, lines = {}, {}
+    for name, executor in (("here", "in_process"), ("workers", "multiprocess")):
+        profile = dataclasses.replace(local_profile(tmp_path / name, threads=1), executor=executor, max_concurrent=2)
+        defs = build_definitions([spec], profile)
+        (tmp_path / f"{name}-home").mkdir()
+        instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / f"{name}-home"))
+        materialize_pipeline(defs, spec, instance, stages=prepare, log=lambda _: None, log_level="WARNING")
+        lines[name] = []
+        materialize_partitions(defs, spec, instance, "lds_retrain", partitions, log=lines[name].append,
+                               log_level="WARNING")
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={"attribution/stage": "evaluation"}))
+        assert sorted(r.tags["dagster/partition"] for r in runs) == partitions
+        assert {r.job_name for r in runs} == {"demo_lds_retrain"}
+        assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        assert unsynced_partitions(defs, instance, retrain_key, partitions) == []
+        losses[name] = {p: json.loads((tmp_path / name / "demo" / "lds_retrain" / p / "query_losses.json").read_text())
+                        for p in partitions}
+    assert lines["here"] == [f"materializing demo/lds_retrain [{p}]" for p in partitions]
+    assert lines["workers"][0] == "demo_lds_retrain: 2 runs in 2 worker processes"
+    for p in partitions:
+        assert losses["here"][p]["query_ids"] == losses["workers"][p]["query_ids"]
+        assert losses["here"][p]["losses"] == pytest.approx(losses["workers"][p]["losses"], abs=1e-6)
+    with pytest.raises(ValueError, match="not an on-demand partitioned asset"):
+        materialize_partitions(defs, spec, instance, "scores", ["shard-00000"])
 
 
 def test_cli_diagnose_prints_settings(tiny_model_dir, capsys):

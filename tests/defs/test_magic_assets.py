@@ -8,7 +8,12 @@ import numpy as np
 import polars as pl
 import pytest
 
-from attribution_assets.defs.runner import Stage, materialize_pipeline, unsynced_partitions
+from attribution_assets.defs.runner import (
+    Stage,
+    materialize_partitions,
+    materialize_pipeline,
+    unsynced_partitions,
+)
 from attribution_assets.engine.evaluation import fact_tracing
 from attribution_assets.engine.evaluation.methods import (
     DOT,
@@ -56,8 +61,7 @@ def test_magic_assets(tmp_path):
     assert batches == sorted(magic_pipeline.query_batches([q.doc_id for q in queries], 8))
     scores_key = dg.AssetKey(["demo", "magic_scores"])
     assert unsynced_partitions(defs, instance, scores_key, batches) == batches  # what `evaluate` runs
-    for batch in batches:
-        dg.materialize(defs.assets, selection=[scores_key], partition_key=batch, **run)
+    materialize_partitions(defs, spec, instance, "magic_scores", batches, log=lambda _: None, log_level="WARNING")
     assert unsynced_partitions(defs, instance, scores_key, batches) == []
     table = pl.read_parquet(paths.magic_scores(batches[0]))
     first_batch = magic_pipeline.query_batches([q.doc_id for q in queries], 8)[batches[0]]

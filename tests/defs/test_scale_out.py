@@ -11,7 +11,8 @@ import pytest
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, StageRunError, materialize_pipeline, split_ranges
+from attribution_assets.defs.runner import Stage, materialize_pipeline, split_ranges
+from attribution_assets.defs.workers import StageRunError
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import load_autocorrelation
