@@ -2,6 +2,8 @@
 
 import ast
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "attribution_assets"
@@ -37,6 +39,17 @@ def test_engine_never_imports_dagster():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not any(n.split(".")[0] in ("dagster", "dagster_pipes") for n in names), path
+
+
+def test_definitions_load_without_the_trainer_stack():
+    """The Trainer pulls in peft and bitsandbytes (seconds of imports and, on AVX-512 CPUs, a
+    warning about 4-bit kernels); only the `finetune` step may load it."""
+    heavy = ("transformers.trainer", "transformers.trainer_utils", "peft", "bitsandbytes")
+    code = ("import sys, attribution_assets.cli, attribution_assets.defs.factory; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    assert "gemm_4bit" not in out.stderr
 
 
 def test_no_module_imports_a_module_that_imports_it_back():

@@ -6,7 +6,6 @@ from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import Timer, code_version, compute_version, key, path_metadata
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.io import data
-from attribution_assets.engine.training.finetune import finetune as run_finetune
 from attribution_assets.spec import PipelineSpec
 
 ALL = dg.AllPartitionMapping()
@@ -26,6 +25,9 @@ def finetune_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                           "assets use the fine-tuned model.")
     def finetune(context: dg.AssetExecutionContext, storage: StorageResource,
                  compute: ComputeResource) -> dg.MaterializeResult:
+        # imported here: the Trainer brings peft and bitsandbytes, which every other asset does without
+        from attribution_assets.engine.training.finetune import finetune as run_finetune
+
         timer = Timer()
         storage.ensure_writable()
         paths = storage.paths(spec)

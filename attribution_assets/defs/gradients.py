@@ -29,7 +29,7 @@ from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.training.finetune import train_time_document_rows, train_time_stores
+from attribution_assets.engine.training.recorder import train_time_document_rows, train_time_stores
 from attribution_assets.spec import PipelineSpec, spec_to_json
 
 CHECKS = ("finite", "row_count", "settings")

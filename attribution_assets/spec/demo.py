@@ -30,7 +30,7 @@ class DemoSpec:
     and phrasings). ``names``: 0 the demo's name pools, 1 a second, disjoint pair.
     Model: architecture, AdamW settings and epochs; ``seed`` seeds both the corpus and the model's init/data order.
     ``record_epochs``: during the last this many epochs the model's own training records
-    train-time gradient rows (``engine.training.callback.TrainTimeRecorder`` with the
+    train-time gradient rows (``engine.training.recorder.TrainTimeRecorder`` with the
     pipeline's ``gradients`` settings, normalized by the live AdamW state; one shard per epoch,
     in the model's directory), which ``scoring.train_rows: train_time`` scores with and the
     ``train_time_fact_tracing`` asset evaluates; 0 = off. The trained model is the same either way.

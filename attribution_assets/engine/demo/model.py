@@ -15,7 +15,7 @@ The output folder holds the model (``save_pretrained``, safetensors), the tokeni
 renamed into place.
 
 With ``record`` (a ``GradientSpec``) and ``DemoSpec.record_epochs`` = N >= 1, the last N
-epochs record train-time rows with ``engine.training.callback.TrainTimeRecorder`` (the
+epochs record train-time rows with ``engine.training.recorder.TrainTimeRecorder`` (the
 Trainer callback's machinery, driven by this loop): a document's row is ``w_i`` times the
 gradient of its summed token loss at the parameters of its step, normalized by AdamW's state
 right after that step; documents of weight 0 get none. One store per epoch, in
@@ -43,7 +43,7 @@ from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.runtime import limit_threads
-from attribution_assets.engine.training.callback import IGNORE, TrainTimeRecorder
+from attribution_assets.engine.training.recorder import IGNORE, TrainTimeRecorder
 from attribution_assets.spec import DemoSpec, GradientSpec
 
 EOS_TOKEN = "<|endoftext|>"

@@ -328,7 +328,7 @@ class GradientCollector:
         """Rows ``[n, dims]`` (float32) from each hooked module's calls ``(a [n, T, I], g [n, T, O])``
         (input activations and output gradients, summed over calls), ``valid [n, T, 1]`` marking
         the positions that count: the same projection and normalization as :meth:`collect`, for
-        hooks run elsewhere (e.g. ``engine.training.callback`` during a Trainer's backward)."""
+        hooks run elsewhere (e.g. ``engine.training.recorder`` during a Trainer's backward)."""
         blocks: dict[str, torch.Tensor] = {}
         for name, pairs in calls.items():
             for a, g in pairs:

@@ -20,7 +20,7 @@
     config_hash       str
     producer          str, the code version that wrote it ("" when written outside a pipeline)
     training          {steps: [int], epochs: [float]}, one entry per row: the optimizer step and
-                      epoch of train-time rows (engine/training/callback.py); absent post hoc
+                      epoch of train-time rows (engine/training/recorder.py); absent post hoc
     advantage_weighting "grpo" | "dr_grpo", with sequence_weights [float] per document: each
                       document's rows are times its weight (engine/io/advantages.py); absent
                       without advantage weighting

@@ -102,7 +102,7 @@ class PipelinePaths:
         return self.root / "finetune" / "gradients"
 
     def train_time_gradients(self, shard: str) -> Path:
-        """A train-time gradient store (``steps_<first>-<last>``, ``engine.training.callback``)."""
+        """A train-time gradient store (``steps_<first>-<last>``, ``engine.training.recorder``)."""
         return self.train_time_root / shard
 
     def train_time_shards(self) -> list[str]:

@@ -7,10 +7,6 @@ store per ``finetune.steps_per_shard`` optimizer steps, rows tagged with step an
 ``finetune_record`` (fingerprint, steps, shards, skipped rows). With GRPO / Dr. GRPO
 ``corpus.advantage_weighting`` the loss weights each sequence (``AdvantageTrainer``) and the rows
 carry the same weights.
-
-Train-time document rows (``scoring.train_rows: train_time``): a document's rows summed over the
-optimizer steps that saw it (its total projected, normalized contribution to the updates; the
-learning rate is not applied), zero for a document no step saw.
 """
 
 from __future__ import annotations
@@ -21,7 +17,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from attribution_assets.engine.gradients.store import GradientStore
@@ -87,34 +82,3 @@ def finetune(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, docs: S
     write_text_atomic(paths.finetune_record, json.dumps(record, indent=2))
     log(f"fine-tuned {record['steps']} steps, {record['rows']} train-time rows in {len(record['shards'])} shards")
     return record
-
-
-def train_time_stores(spec: PipelineSpec, paths: PipelinePaths) -> list[GradientStore]:
-    """The train-time gradient stores of the pipeline's training run, in step order: the
-    ``finetune`` asset's, else the demo model's own (``demo.record_epochs``)."""
-    if spec.finetune is not None:
-        return [GradientStore(paths.train_time_gradients(s)) for s in paths.train_time_shards()]
-    return [GradientStore(p) for p in paths.demo_train_time_stores()]
-
-
-def train_time_document_rows(stores: Sequence[GradientStore], doc_ids: Sequence[str]) -> tuple[np.ndarray, dict]:
-    """``(array [len(doc_ids), dims] float32, info)``: each document's train-time rows summed over
-    the steps that saw it (zero where none did); ``info`` is the first store's (settings, layout)."""
-    if not stores:
-        raise FileNotFoundError("no train-time gradient shards: materialize the pipeline's `finetune` asset "
-                                "(the demo: its `model` with `demo.record_epochs` >= 1)")
-    first = stores[0].info
-    index = {d: i for i, d in enumerate(doc_ids)}
-    out = np.zeros((len(doc_ids), first["dims"]), dtype=np.float64)
-    total = torch.from_numpy(out)  # shares memory with `out`; index_add_ sums repeated documents
-    for store in stores:
-        for key in ("dims", "modules", "projection", "normalizer", "config_hash"):
-            if store.info.get(key) != first.get(key):
-                raise ValueError(f"train-time gradient shards disagree on {key}: {store.path}")
-        rows = [(r, index[d]) for r, d in enumerate(store.doc_ids) if d in index]
-        if rows:
-            src, dst = (np.array(x) for x in zip(*rows))
-            total.index_add_(0, torch.from_numpy(dst), torch.from_numpy(np.asarray(store.array[src], np.float64)))
-    info = {k: first[k] for k in ("dims", "modules", "projection", "normalizer", "config_hash")}
-    info.update(per_token=False, rows=len(doc_ids), producer=first.get("producer", ""))
-    return out.astype(np.float32), info

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
-from attribution_assets.engine.training.callback import IGNORE
+from attribution_assets.engine.training.recorder import IGNORE
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,8 @@ from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.normalizers import OptimizerState
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
-from attribution_assets.engine.training.callback import (
-    AttributionCallback,
-    AttributionCollator,
-    loss_scales,
-    training_tags,
-)
+from attribution_assets.engine.training.callback import AttributionCallback, AttributionCollator
+from attribution_assets.engine.training.recorder import loss_scales, training_tags
 from attribution_assets.spec import GradientSpec
 from tests.helpers import SENTENCES
 
