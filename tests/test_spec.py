@@ -113,8 +113,8 @@ def _with(section, values):
     ("scoring", {"preconditioner": "ekfac", "precondition": False}, r"`scoring.precondition` is false but"),
     ("scoring", {"kfac_labels": "model"}, r"`scoring.kfac_labels` is 'model' .*\['sampled', 'true'\]"),
     ("index", {"use_gpu": "maybe"}, r"`index.use_gpu` must be `auto`, true or false"),
-    ("evaluation", {"lds_fraction": 0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\]"),
-    ("evaluation", {"lds_fraction": 1.0}, r"`evaluation.lds_fraction` must be below 1: subsets"),
+    ("evaluation", {"lds_fraction": 0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\) \(the share"),
+    ("evaluation", {"lds_fraction": 1.0}, r"`evaluation.lds_fraction` must be a number in \(0.0, 1.0\) .*, got 1.0"),
 ])
 def test_every_bad_value_is_refused_at_load_time_with_key_and_range(tmp_path, section, values, message):
     body = _with(section, values)

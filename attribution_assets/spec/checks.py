@@ -40,14 +40,16 @@ def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = No
 
 
 def _check_float(obj: Any, key: str, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, note: str = "") -> float:
+                 low_open: bool = False, note: str = "", high_open: bool = False) -> float:
+    """``obj.key`` as a float within ``[low, high]`` (``low_open`` / ``high_open``: that bound
+    excluded; None: unbounded), else a :class:`SpecValueError` that states the interval."""
     value = getattr(obj, key)
-    too_low = low is not None and (value <= low if low_open else value < low) \
-        if isinstance(value, int | float) and not isinstance(value, bool) else False
-    if isinstance(value, bool) or not isinstance(value, int | float) or too_low \
-            or (high is not None and value > high) or value != value:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    too_low = number and low is not None and (value <= low if low_open else value < low)
+    too_high = number and high is not None and (value >= high if high_open else value > high)
+    if not number or too_low or too_high or value != value:
         bounds = " in " + ("(" if low_open else "[") + f"{low}, {high if high is not None else 'inf'}" \
-            + ("]" if high is not None else ")") if low is not None else ""
+            + (")" if high is None or high_open else "]") if low is not None else ""
         raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}.")
     return float(value)
 

@@ -56,10 +56,9 @@ class EvaluationSpec:
 
     def __post_init__(self):
         _check_int(self, "lds_subsets", 1)
-        if _check_float(self, "lds_fraction", 0.0, 1.0, low_open=True) == 1.0:
-            raise SpecValueError("lds_fraction", "must be below 1: subsets that keep every document "
-                                                 "are all the same corpus and the LDS is undefined; "
-                                                 "use a share such as 0.25 or 0.5.")
+        _check_float(self, "lds_fraction", 0.0, 1.0, low_open=True, high_open=True,
+                     note=" (the share of documents each subset keeps: at 1 every subset is the whole "
+                          "corpus and the LDS is undefined), e.g. 0.25")
         _check_int(self, "lds_seed", 0)
         _check_choice(self, "lds_seed_b_varies", LDS_SEED_B_VARIES)
         _check_int(self, "tail_patch_k", 0)
