@@ -102,17 +102,15 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import dagster as dg
-
     from .defs.common import key
     from .defs.evaluation import lds_partitions
     from .defs.runner import (
-        PIPELINE_TAG,
-        STAGE_TAG,
+        materialize_asset,
         materialize_partitions,
         persistent_instance,
         unsynced_partitions,
     )
+    from .report import latest_metadata
 
     defs, specs = _defs_and_specs(args.pipeline)
     spec, instance = specs[args.pipeline], persistent_instance()
@@ -121,30 +119,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
     if args.lds and key(spec, "lds") not in present:
         raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
-
-    def run(asset: str) -> None:
-        print(f"materializing {spec.name}/{asset}", flush=True)
-        dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance, resources=defs.resources,
-                       tags={PIPELINE_TAG: spec.name, STAGE_TAG: "evaluation"},
-                       run_config={"loggers": {"console": {"config": {"log_level": _log_level(args)}}}})
+    options = {"log": lambda line: print(line, flush=True), "log_level": _log_level(args),
+               "slot_timeout": args.slot_timeout}
 
     def run_partitions(asset: str, partitions: list[str]) -> None:  # missing, or made under other settings
         todo = unsynced_partitions(defs, instance, key(spec, asset), partitions)
-        materialize_partitions(defs, spec, instance, asset, todo, log=lambda line: print(line, flush=True),
-                               log_level=_log_level(args))
+        materialize_partitions(defs, spec, instance, asset, todo, **options)
 
     if spec.magic.enabled:  # MAGIC's training run and every query batch it lacks, before fact tracing
         from .defs.magic import magic_batches
 
         if instance.get_latest_materialization_event(key(spec, "magic_training")) is None:
-            run("magic_training")
+            materialize_asset(defs, spec, instance, "magic_training", **options)
         run_partitions("magic_scores", instance.get_dynamic_partitions(magic_batches(spec).name))
-    run("fact_tracing")
+    materialize_asset(defs, spec, instance, "fact_tracing", **options)
     if args.lds:
         run_partitions("lds_retrain", lds_partitions(spec).get_partition_keys())
-        run("lds")
-    from .report import latest_metadata
-
+        materialize_asset(defs, spec, instance, "lds", **options)
     for asset in ("fact_tracing", "lds") if args.lds else ("fact_tracing",):
         print(f"\n{asset}:\n{latest_metadata(instance, key(spec, asset))['table']}")
     return 0
@@ -180,6 +171,11 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _slot_timeout_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slot-timeout", type=float, default=0.0,
+                        help="seconds to wait for a free `gpu` pool slot held by another running run")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attribution", description=__doc__)
     parser.add_argument("--verbose", action="store_true",
@@ -194,8 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize what is missing or unsynced in a pipeline")
     mat.add_argument("--pipeline", required=True)
     mat.add_argument("--force", action="store_true", help="redo every asset and shard")
-    mat.add_argument("--slot-timeout", type=float, default=0.0,
-                     help="seconds to wait for a free `gpu` pool slot held by another running run")
+    _slot_timeout_option(mat)
     mat.set_defaults(func=cmd_materialize)
     scores = sub.add_parser("scores", help="top-k training documents for one query, with text (DuckDB)")
     scores.add_argument("--pipeline", required=True)
@@ -217,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--lds", action="store_true",
                           help="also retrain on every subset (demo only; slow: a `multiprocess` profile runs "
                                "`max_concurrent` retrains at once)")
+    _slot_timeout_option(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
     explain = sub.add_parser("explain", help="one query's top-k documents, each token coloured by its "
                                              "share of the score (terminal; --html for a page)")
@@ -241,6 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .engine.runtime import limit_threads
 
     hf_logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # and in worker processes
     args = build_parser().parse_args(argv)
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")

@@ -5,7 +5,7 @@ processes (the `multiprocess` profile), and of one shard in 1 vs 2 torchrun rank
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--docs-per-shard 48] [--hidden 256]
 
 The worker processes fork from a forkserver that imports torch, transformers, Dagster and the
-definitions once per session (``defs.runner``): the stage is timed twice, as the session's first
+definitions once per session (``defs.workers``): the stage is timed twice, as the session's first
 multiprocess stage (the forkserver starts) and as a later one.
 
 A small random GPT-NeoX (no download) over generated documents. Baselines: one process with the

@@ -52,8 +52,8 @@ class DeploymentProfile:
 
     @property
     def workers(self) -> int:
-        """Shard ranges the runner runs at once (worker processes): ``max_concurrent`` of a
-        ``multiprocess`` profile, else 1."""
+        """Runs the runner starts at once in worker processes (shard ranges of a stage, partitions
+        of an on-demand asset): ``max_concurrent`` of a ``multiprocess`` profile, else 1."""
         return (self.max_concurrent or os.cpu_count() or 1) if self.executor == "multiprocess" else 1
 
     def retry_policy(self) -> dg.RetryPolicy | None:

@@ -16,8 +16,9 @@ different ranges are independent: one that fails does not stop the others; the s
 after all of them ended, naming each failed range. The ``local`` profile keeps everything in
 this process.
 
-On-demand partitioned assets (``lds_retrain``, ``magic_scores``: ``attribution evaluate``) are
-not stages: :func:`materialize_partitions` runs each partition as its own run of the job
+On-demand assets (``attribution evaluate``) are not stages: :func:`materialize_asset` runs one
+(``fact_tracing``, ``lds``, ``magic_training``) in this process; :func:`materialize_partitions`
+runs each partition of ``lds_retrain`` or ``magic_scores`` as its own run of the job
 ``<pipeline>_<asset>``, N at once in worker processes under a ``multiprocess`` profile.
 
 Crash safety: every run is tagged with the host and pid that launched it. Runs of this host
@@ -126,10 +127,14 @@ def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey], retry_policy: dg.R
     return jobs
 
 
+def on_demand_job_name(spec: PipelineSpec, asset: str) -> str:
+    return f"{spec.name}_{asset}"
+
+
 def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
                    retry_policy: dg.RetryPolicy | None = None) -> list:
     """One job per on-demand partitioned asset of this pipeline (its partitions are the asset's)."""
-    return [dg.define_asset_job(f"{spec.name}_{name}", selection=[key(spec, name)],
+    return [dg.define_asset_job(on_demand_job_name(spec, name), selection=[key(spec, name)],
                                 description=f"{spec.name}: {name}, one run per partition",
                                 op_retry_policy=retry_policy)
             for name in ON_DEMAND_PARTITIONED if key(spec, name) in present]
@@ -368,11 +373,40 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
         ranges = split_ranges(plan.ranges, shards_of(stage), workers) if workers > 1 else plan.ranges
         if len(ranges) > 1 and workers > 1:  # workers > 1 only with a recipe
             results += run_in_workers(recipe, job.name, instance, plan.keys, [range_run(*r) for r in ranges],
-                                      workers, tags, run_config, log)
+                                      workers, tags, run_config, log, f"{spec.name} {stage.name}")
             continue
         results += _run_here(job, instance, plan.keys, [range_run(*r) for r in plan.ranges or [(None, None)]],
                              tags, run_config, f"{spec.name} {stage.name}")
     return results
+
+
+def _on_demand(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
+               log: Callable[[str], None], slot_timeout: float) -> int:
+    """Checks before an on-demand run of ``asset``; returns the profile's worker processes."""
+    if key(spec, asset) not in defs.resolve_asset_graph().get_all_asset_keys():
+        raise ValueError(f"Pipeline {spec.name!r} has no asset {asset!r} (LDS retrains exist for the demo "
+                         "only, MAGIC with `magic.enabled: true`).")
+    workers = profile_workers(recipe_of(defs))  # refuses a k8s profile
+    release_dead_runs(instance, log)
+    check_pools(instance, slot_timeout)
+    return workers
+
+
+def materialize_asset(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
+                      log: Callable[[str], None] = print, log_level: str = "INFO",
+                      slot_timeout: float = 0.0):
+    """Materialize the unpartitioned on-demand asset ``asset`` (``fact_tracing``, ``lds``,
+    ``magic_training``) in this process, tagged as the ``evaluation`` stage; returns the result.
+    A failure is re-raised with the asset in ``failed_in``."""
+    _on_demand(defs, spec, instance, asset, log, slot_timeout)
+    log(f"materializing {spec.name}/{asset}")
+    try:
+        return dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance,
+                              resources=defs.resources, tags={**_base_tags(spec), STAGE_TAG: "evaluation"},
+                              run_config=_run_config(log_level))
+    except Exception as exc:
+        exc.failed_in = f"{spec.name}/{asset}"
+        raise
 
 
 def materialize_partitions(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
@@ -382,21 +416,19 @@ def materialize_partitions(defs: dg.Definitions, spec: PipelineSpec, instance: d
     each partition its own run of the job ``<pipeline>_<asset>``, tagged as the ``evaluation`` stage.
 
     With a ``multiprocess`` profile the runs go to its worker processes, ``max_concurrent`` at
-    once, and a failed run stops none of the others (:class:`StageRunError` after all ended);
-    otherwise they run in this process, one after another, and the first failure is raised.
-    Returns the in-process results or the worker runs' ``DagsterRun`` records.
+    once, and a failed run stops none of the others (``workers.WorkerRunsError`` after all
+    ended); otherwise they run in this process, one after another, and the first failure is
+    raised. Returns the in-process results or the worker runs' ``DagsterRun`` records.
     """
     if asset not in ON_DEMAND_PARTITIONED:
         raise ValueError(f"{asset!r} is not an on-demand partitioned asset; those are {ON_DEMAND_PARTITIONED}.")
     if not partitions:
         return []
-    job = defs.resolve_job_def(f"{spec.name}_{asset}")
+    workers = _on_demand(defs, spec, instance, asset, log, slot_timeout)
+    job = defs.resolve_job_def(on_demand_job_name(spec, asset))
     tags, run_config = {**_base_tags(spec), STAGE_TAG: "evaluation"}, _run_config(log_level)
-    runs = [partition_run(p) for p in partitions]
-    recipe = recipe_of(defs)
-    workers = profile_workers(recipe)
-    release_dead_runs(instance, log)
-    check_pools(instance, slot_timeout)
+    runs, what = [partition_run(p) for p in partitions], f"{spec.name}/{asset}"
     if workers > 1 and len(runs) > 1:
-        return run_in_workers(recipe, job.name, instance, [key(spec, asset)], runs, workers, tags, run_config, log)
-    return _run_here(job, instance, None, runs, tags, run_config, f"{spec.name}/{asset}", log)
+        return run_in_workers(recipe_of(defs), job.name, instance, [key(spec, asset)], runs, workers, tags,
+                              run_config, log, what)
+    return _run_here(job, instance, None, runs, tags, run_config, what, log)

@@ -19,19 +19,24 @@ from multiprocessing import get_context
 
 import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableJob, build_reconstructable_job
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+    PARTITION_NAME_TAG,
+)
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import record_partition_versions
+from attribution_assets.defs.profiles import profile_from_json
 
 #: Definitions metadata key of the recipe (specs + profile, JSON) that rebuilds them in a worker.
 RECIPE_KEY = "attribution/recipe"
 WORKER_PRELOAD = ("torch", "transformers", "dagster", "attribution_assets.defs.factory")
-PARTITION_TAG = "dagster/partition"
-RANGE_START_TAG, RANGE_END_TAG = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
 
 
-class StageRunError(RuntimeError):
-    """Runs in worker processes failed; ``failed_in`` names the first failed step and its partitions."""
+class WorkerRunsError(RuntimeError):
+    """Runs in worker processes failed; ``failed_in`` names the step and partitions of the failed
+    run that ended first (the message names every failed run)."""
 
     def __init__(self, message: str, failed_in: str):
         super().__init__(message)
@@ -49,8 +54,6 @@ def profile_workers(recipe: str | None) -> int:
     its runs are launched by the Dagster deployment on the cluster, not by this process."""
     if recipe is None:
         return 1
-    from attribution_assets.defs.profiles import profile_from_json
-
     profile = profile_from_json(json.loads(recipe)["profile"])
     if profile.executor == "k8s":
         raise ValueError(f"Profile {profile.name!r} runs steps as Kubernetes jobs: launch its runs through the "
@@ -82,12 +85,12 @@ def range_run(first: str | None, last: str | None) -> tuple[str, dict[str, str]]
     if first is None:
         return "", {}
     label = f" [{first}]" if first == last else f" [{first} .. {last}]"
-    return label, {RANGE_START_TAG: first, RANGE_END_TAG: last}
+    return label, {ASSET_PARTITION_RANGE_START_TAG: first, ASSET_PARTITION_RANGE_END_TAG: last}
 
 
 def partition_run(partition: str) -> tuple[str, dict[str, str]]:
     """The label and tags of a run of one partition."""
-    return f" [{partition}]", {PARTITION_TAG: partition}
+    return f" [{partition}]", {PARTITION_NAME_TAG: partition}
 
 
 def _step_errors(result) -> str:
@@ -112,15 +115,16 @@ def run_in_worker(recipe: str, name: str, instance_ref, keys: list[list[str]], r
 
 def run_in_workers(recipe: str, name: str, instance: dg.DagsterInstance, keys: list[dg.AssetKey],
                    runs: Sequence[tuple[str, dict[str, str]]], workers: int, tags: dict, run_config: dict,
-                   log: Callable[[str], None]) -> list:
+                   log: Callable[[str], None], what: str) -> list:
     """Each of ``runs`` (label, partition tags: :func:`range_run`, :func:`partition_run`) a run of job
     ``name`` in a worker process, ``workers`` at once; return their ``DagsterRun`` records, or raise
-    :class:`StageRunError` after all ended if any failed."""
+    :class:`WorkerRunsError` after all ended if any failed. ``what`` (e.g. ``demo/lds_retrain``)
+    names the runs in the log and in errors whose failed step is unknown."""
     if not instance.is_persistent:
         raise ValueError("Running in worker processes needs a persistent Dagster instance (one under "
                          "$DAGSTER_HOME, e.g. `persistent_instance()`), not an ephemeral one; or use the "
                          "`local` profile.")
-    log(f"{name}: {len(runs)} runs in {min(workers, len(runs))} worker processes")
+    log(f"{what}: {len(runs)} runs in {min(workers, len(runs))} worker processes")
     failures, records = [], []
     context = get_context("forkserver")  # no forked torch thread pools or sqlite handles
     context.set_forkserver_preload(list(WORKER_PRELOAD))
@@ -131,17 +135,17 @@ def run_in_workers(recipe: str, name: str, instance: dg.DagsterInstance, keys: l
             future = pool.submit(run_in_worker, recipe, name, instance.get_ref(), [list(k.path) for k in keys],
                                  run_id, {**tags, **run_tags}, run_config)
             futures[future] = (label, run_id)
-        for future in as_completed(futures):
+        for ended, future in enumerate(as_completed(futures), 1):
             label, run_id = futures[future]
             error = future.result()
             records.append(instance.get_run_by_id(run_id))
             if error is not None:
-                where = (failed_step(instance, run_id) or name) + label
+                where = (failed_step(instance, run_id) or what) + label
                 failures.append((where, error, run_id))
-                log(f"failed: {where} (run {run_id}): {error}")
+                log(f"{ended}/{len(runs)} failed: {where} (run {run_id}): {error}")
             else:
-                log(f"done: {name}{label} (run {run_id})")
+                log(f"{ended}/{len(runs)} done: {what}{label} (run {run_id})")
     if failures:
-        raise StageRunError("; ".join(f"{where} (run {run_id}): {error}" for where, error, run_id in failures),
+        raise WorkerRunsError("; ".join(f"{where} (run {run_id}): {error}" for where, error, run_id in failures),
                             failures[0][0])
     return records

@@ -15,6 +15,8 @@ from attribution_assets.defs.runner import (
     materialize_pipeline,
     unsynced_partitions,
 )
+from attribution_assets.defs.workers import WorkerRunsError
+from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
 from tests.helpers import TINY_DEMO, definitions_for, local_profile
 
@@ -65,7 +67,6 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     assert (metadata["fraction"].value, metadata["seed_b_varies"].value) == (0.25, "data_order")
 
 
-
 def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
     """What `attribution evaluate --lds` does under a `multiprocess` profile: each retrain is its
     own run in a worker process, two at once, with the query losses of retrains in this process."""
@@ -90,13 +91,35 @@ def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
         assert unsynced_partitions(defs, instance, retrain_key, partitions) == []
         losses[name] = {p: json.loads((tmp_path / name / "demo" / "lds_retrain" / p / "query_losses.json").read_text())
                         for p in partitions}
+        # a broken input: in this process the first failure stops the rest; in workers every run
+        # ends and the error names each failed one
+        queries = PipelinePaths.under(tmp_path / name, "demo").query_tokens
+        saved = queries.read_bytes()
+        queries.write_bytes(b"not parquet")
+        try:
+            with pytest.raises(Exception) as failure:
+                materialize_partitions(defs, spec, instance, "lds_retrain", partitions, log=lambda _: None,
+                                       log_level="CRITICAL")
+        finally:
+            queries.write_bytes(saved)
+        if name == "here":
+            assert failure.value.failed_in == f"demo/lds_retrain [{partitions[0]}]"
+        else:
+            assert isinstance(failure.value, WorkerRunsError)
+            assert failure.value.failed_in in {f"demo/lds_retrain [{p}]" for p in partitions}
+            assert all(f"[{p}] (run " in str(failure.value) for p in partitions)
     assert lines["here"] == [f"materializing demo/lds_retrain [{p}]" for p in partitions]
-    assert lines["workers"][0] == "demo_lds_retrain: 2 runs in 2 worker processes"
+    assert lines["workers"][0] == "demo/lds_retrain: 2 runs in 2 worker processes"
+    ended = [line.split(" (run ")[0].split(" ", 1) for line in lines["workers"][1:]]
+    assert [count for count, _ in ended] == ["1/2", "2/2"]
+    assert sorted(what for _, what in ended) == [f"done: demo/lds_retrain [{p}]" for p in partitions]
     for p in partitions:
         assert losses["here"][p]["query_ids"] == losses["workers"][p]["query_ids"]
         assert losses["here"][p]["losses"] == pytest.approx(losses["workers"][p]["losses"], abs=1e-6)
     with pytest.raises(ValueError, match="not an on-demand partitioned asset"):
         materialize_partitions(defs, spec, instance, "scores", ["shard-00000"])
+    with pytest.raises(ValueError, match="has no asset 'magic_scores'"):
+        materialize_partitions(defs, spec, instance, "magic_scores", ["batch-0000"])
 
 
 def test_cli_diagnose_prints_settings(tiny_model_dir, capsys):

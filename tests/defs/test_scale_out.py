@@ -12,7 +12,7 @@ from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import Stage, materialize_pipeline, split_ranges
-from attribution_assets.defs.workers import StageRunError
+from attribution_assets.defs.workers import WorkerRunsError
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import load_autocorrelation
@@ -113,7 +113,7 @@ def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways)
     tokens.write_bytes(b"not parquet")
     grads = [Stage("shards", ("train_gradients",), True)]
     try:
-        with pytest.raises(StageRunError) as failure:
+        with pytest.raises(WorkerRunsError) as failure:
             materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL",
                                  force=True)
     finally:
