@@ -40,7 +40,7 @@ def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = No
 
 
 def _check_float(obj: Any, key: str, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, note: str = "", high_open: bool = False) -> float:
+                 low_open: bool = False, high_open: bool = False, note: str = "") -> float:
     """``obj.key`` as a float within ``[low, high]`` (``low_open`` / ``high_open``: that bound
     excluded; None: unbounded), else a :class:`SpecValueError` that states the interval."""
     value = getattr(obj, key)

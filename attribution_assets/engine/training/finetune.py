@@ -1,5 +1,6 @@
 """The ``finetune`` asset's engine: a ``transformers.Trainer`` over a pipeline's tokenized corpus
-with ``AttributionCallback`` (train-time gradient shards), and per-document train-time rows.
+with ``AttributionCallback`` (train-time gradient shards; ``engine.training.recorder`` reads them
+back as per-document rows).
 
 Outputs (``PipelinePaths``): ``finetuned_model`` (``save_pretrained`` + tokenizer +
 ``optimizer.pt``, written atomically), ``train_time_gradients(steps_<first>-<last>)`` (one

@@ -8,7 +8,7 @@ bitsandbytes), so the demo and the scoring assets load without them.
 Conventions (as ``engine.gradients.collector``, whose projection and normalization code this
 reuses through :meth:`GradientCollector.hook_rows`):
 
-- A training example is ``{"input_ids", "loss_mask", "doc_index"}`` (:class:`AttributionCollator`
+- A training example is ``{"input_ids", "loss_mask", "doc_index"}`` (``callback.AttributionCollator``
   pads a batch and turns ``loss_mask`` into ``labels``, ``-100`` where no loss is taken). The
   callback's pre-hook on the model removes ``doc_index`` from the forward's keyword arguments.
 - A document's row is the gradient of ITS summed token loss ``S_b`` at the parameters the
@@ -16,7 +16,7 @@ reuses through :meth:`GradientCollector.hook_rows`):
   advantage weight: ``engine.training.advantages``). Whatever the Trainer backpropagates
   (a mean over tokens, a sum over ``num_items_in_batch``, a division by the accumulation steps,
   an fp16 loss scale, an advantage-weighted loss) is ``sum_b c_b S_b`` for per-document scalars
-  ``c_b``; the callback reads each ``c_b`` off the gradient of the logits, which is exactly
+  ``c_b``; the recorder reads each ``c_b`` off the gradient of the logits, which is exactly
   ``c_b (softmax - onehot(label))`` at the document's target positions (least squares over
   them), and divides it out. Rows therefore do not depend on the micro-batch split or on
   the reduction. Label smoothing breaks that form and is refused.
@@ -126,7 +126,7 @@ class TrainTimeRecorder:
                  out: str | Path | Callable[[str], Path], *, doc_weights: Sequence[float] | None = None,
                  steps_per_shard: int = 100, model_fingerprint: str = ""):
         if gradients.token_rows:
-            raise ValueError("the training callback writes document rows: set `gradients.per_token: "
+            raise ValueError("train-time recording writes document rows: set `gradients.per_token: "
                              f"none` (got {gradients.per_token!r})")
         if steps_per_shard < 1:
             raise ValueError(f"steps_per_shard must be >= 1, got {steps_per_shard}")
