@@ -322,9 +322,9 @@ def _run_here(job, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
     (``log``: a line before each); the first failure is re-raised as is, with the failed step and
     partitions in ``failed_in``."""
     results = []
-    for label, run_tags in runs:
+    for started, (label, run_tags) in enumerate(runs, 1):
         if log is not None:
-            log(f"materializing {where}{label}")
+            log(f"{started}/{len(runs)} materializing {where}{label}")
         run_id = make_new_run_id()
         try:
             result = job.execute_in_process(instance=instance, asset_selection=keys, run_id=run_id,

@@ -108,7 +108,7 @@ def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
             assert isinstance(failure.value, WorkerRunsError)
             assert failure.value.failed_in in {f"demo/lds_retrain [{p}]" for p in partitions}
             assert all(f"[{p}] (run " in str(failure.value) for p in partitions)
-    assert lines["here"] == [f"materializing demo/lds_retrain [{p}]" for p in partitions]
+    assert lines["here"] == [f"{n}/2 materializing demo/lds_retrain [{p}]" for n, p in zip((1, 2), partitions)]
     assert lines["workers"][0] == "demo/lds_retrain: 2 runs in 2 worker processes"
     ended = [line.split(" (run ")[0].split(" ", 1) for line in lines["workers"][1:]]
     assert [count for count, _ in ended] == ["1/2", "2/2"]
