@@ -355,6 +355,7 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
     results: list = []
     recipe = recipe_of(defs)
     workers = profile_workers(recipe)
+    release_dead_runs(instance, log)  # also when nothing is left to do: the run list stops saying STARTED
 
     def shards_of(stage: Stage) -> list[str]:  # every shard, in partition order
         return instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []

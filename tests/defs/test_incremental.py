@@ -4,6 +4,7 @@ it affects, and runs killed with ``kill -9`` neither hang later runs nor lose fi
 import dataclasses
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -107,6 +108,22 @@ def test_runs_killed_mid_shard_neither_hang_later_runs_nor_lose_finished_shards(
         reused[m.partition] = m.metadata.get("reused") is not None
     assert event is not None and reused == {"shard-00000": True, "shard-00001": True}, reused
     assert json.loads((storage / "ops" / "train_gradients" / "shard-00000" / "info.json").read_text())["producer"]
+
+
+def test_a_dead_run_is_marked_failed_even_when_nothing_is_left_to_run(tmp_path, tiny_model_dir):
+    from attribution_assets.defs.runner import HOST_TAG, PID_TAG
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    instance = dg.DagsterInstance.ephemeral()
+    run = dg.DagsterRun(job_name="ops_fan_in", status=dg.DagsterRunStatus.STARTED,
+                        tags={HOST_TAG: socket.gethostname(), PID_TAG: gone.stdout.strip()})
+    instance.add_run(run)
+    spec = user_pipeline_spec(tmp_path, tiny_model_dir)
+    lines = []
+    materialize_pipeline(definitions_for([spec], tmp_path / "s"), spec, instance, stages=[], log=lines.append)
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
+    assert lines == [f"released run {run.run_id} of ops_fan_in: its process {gone.stdout.strip()} died"]
 
 
 def test_each_shard_records_its_own_content_data_version(ops):
