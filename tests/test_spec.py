@@ -97,7 +97,8 @@ def _with(section, values):
 @pytest.mark.parametrize("section, values, message", [
     ("gradients", {"projection_dimm": 8}, r"`projection_dimm` \(did you mean `projection_dim`\?\)"),
     ("gradients", {"projection_dim": "16"}, r"`gradients.projection_dim` must be an integer >= 0 .* "
-                                             r"quoted string\); write the number without quotes"),
+                                             r"\(a string\); write the number without quotes"),
+    ("evaluation", {"lds_fraction": "0.5"}, r"got '0.5' \(a string\); write the number without quotes"),
     ("gradients", {"projection_dim": -4}, r"`gradients.projection_dim` must be an integer >= 0"),
     ("gradients", {"max_tokens_per_batch": 0}, r"`gradients.max_tokens_per_batch` must be an integer >= 1"),
     ("gradients", {"normalizer": "sgd"}, r"`gradients.normalizer` is 'sgd' .*; choose one of"),
@@ -122,6 +123,12 @@ def test_every_bad_value_is_refused_at_load_time_with_key_and_range(tmp_path, se
         body["pipelines"][0]["corpus"] = values
     with pytest.raises(PipelineSpecError, match=message):
         load_pipeline_file(_write(tmp_path, body))
+
+
+def test_a_word_where_a_number_belongs_gets_no_unquoting_hint(tmp_path):
+    with pytest.raises(PipelineSpecError, match=r"got 'lots' \(a string\)\.") as failure:
+        load_pipeline_file(_write(tmp_path, _with("gradients", {"projection_dim": "lots"})))
+    assert "without quotes" not in str(failure.value)
 
 
 def test_unknown_pipeline_key_suggests_the_nearest(tmp_path):

@@ -23,8 +23,17 @@ class SpecValueError(ValueError):
 
 
 def _describe(value: Any) -> str:
-    kind = "a quoted string" if isinstance(value, str) else type(value).__name__
+    kind = "a string" if isinstance(value, str) else type(value).__name__
     return f"{value!r} ({kind})"
+
+
+def _is_number_text(value: Any) -> bool:
+    """A string YAML kept as text although it reads as a number (``"16"``, ``'1e-3'``)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(value, str)
 
 
 def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = None,
@@ -35,7 +44,7 @@ def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = No
     bounds = (f" >= {low}" if low is not None else "") + (f" and <= {high}" if high is not None else "")
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
             or (high is not None and value > high):
-        unquote = "; write the number without quotes" if isinstance(value, str) else ""
+        unquote = "; write the number without quotes" if _is_number_text(value) else ""
         raise SpecValueError(key, f"must be an integer{bounds}{note}, got {_describe(value)}{unquote}.")
 
 
@@ -50,7 +59,8 @@ def _check_float(obj: Any, key: str, low: float | None = None, high: float | Non
     if not number or too_low or too_high or value != value:
         bounds = " in " + ("(" if low_open else "[") + f"{low}, {high if high is not None else 'inf'}" \
             + (")" if high is None or high_open else "]") if low is not None else ""
-        raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}.")
+        unquote = "; write the number without quotes" if _is_number_text(value) else ""
+        raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}{unquote}.")
     return float(value)
 
 
