@@ -231,13 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    for progress_bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(progress_bars, "1")  # before the libraries read them; worker processes inherit
     from transformers.utils import logging as hf_logging
 
     from .engine.progress import reporting, tqdm_sink
     from .engine.runtime import limit_threads
 
     hf_logging.disable_progress_bar()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # and in worker processes
     args = build_parser().parse_args(argv)
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")

@@ -282,21 +282,22 @@ def _assistant_spans(messages: list[dict[str, Any]], tokenizer) -> tuple[str, li
 
 
 def tokenize_content(content: dict[str, Any], tokenizer, spec: DataSpec, add_eos: bool) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask for one document (before truncation)."""
+    """Token ids and loss mask for one document (before truncation or chunking, so the tokenizer's
+    warning about sequences longer than the model is off: ``verbose=False``)."""
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     if "text" in content:
-        ids = tokenizer(content["text"], add_special_tokens=True)["input_ids"] + eos
+        ids = tokenizer(content["text"], add_special_tokens=True, verbose=False)["input_ids"] + eos
         return ids, [0] + [1] * (len(ids) - 1) if ids else []
     if "prompt" in content:
-        prompt = tokenizer(content["prompt"], add_special_tokens=True)["input_ids"]
-        completion = tokenizer(content["completion"], add_special_tokens=False)["input_ids"]
+        prompt = tokenizer(content["prompt"], add_special_tokens=True, verbose=False)["input_ids"]
+        completion = tokenizer(content["completion"], add_special_tokens=False, verbose=False)["input_ids"]
         completion = completion + eos if completion else completion
         mask = [0] * len(prompt) + [1] * len(completion)
         if mask:
             mask[0] = 0
         return prompt + completion, mask
     text, spans = _assistant_spans(content["messages"], tokenizer)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in enc["offset_mapping"]]
     if mask:
         mask[0] = 0

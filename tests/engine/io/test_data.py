@@ -1,6 +1,8 @@
 """Corpus loading and tokenization (engine/data.py)."""
 
+import copy
 import json
+import logging
 
 import polars as pl
 import pytest
@@ -99,6 +101,26 @@ def test_truncate_and_chunk(tiny_tokenizer):
     assert all(r.loss_mask[0] == 0 for r in rows)
     assert [r.doc_id for r in rows] == [f"{docs[0]['doc_id']}#{k}" for k in range(len(rows))]
     assert {r.source_id for r in rows} == {docs[0]["doc_id"]}
+
+
+def test_chunking_long_documents_does_not_warn_about_the_model_length(tiny_tokenizer):
+    long_text = " ".join(SENTENCES)
+    docs = data.build_documents([{"text": long_text}], DataSpec())
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        for overflow in ("chunk", "truncate"):
+            tokenizer = copy.deepcopy(tiny_tokenizer)
+            tokenizer.model_max_length = 10
+            data.tokenize_documents(docs, tokenizer, DataSpec(max_length=10, overflow=overflow))
+            assert not records, records[0].getMessage()
+        tokenizer(long_text)  # the warning this test would catch
+    finally:
+        logger.removeHandler(handler)
+    assert "Token indices sequence length is longer" in records[0].getMessage()
 
 
 def test_chunks_keep_their_source_id_on_disk(tmp_path, tiny_tokenizer):
