@@ -29,11 +29,12 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dic
 
 def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Definitions,
                 n_queries: int = 3, k: int = 5) -> str:
-    lines = [f"Pipeline {spec.name!r}: materialized assets"]
+    lines = [f"Pipeline {spec.name!r}: its assets as last materialized"]
     for name, fields in SHOWN.items():
         meta = latest_metadata(instance, key(spec, name))
         if meta:
-            shown = ", ".join(f"{f}={meta[f]}" for f in fields if f in meta)
+            shown = ", ".join(f"{f}={meta[f]:.4g}" if isinstance(meta[f], float) else f"{f}={meta[f]}"
+                              for f in fields if f in meta)
             lines.append(f"  {name:<18} {shown}")
     shards = instance.get_dynamic_partitions(f"{spec.name}_shards")
     lines.append(f"  shards             {len(shards)} partitions: {', '.join(shards)}")
@@ -56,7 +57,8 @@ def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Defin
             lines += ["", f"Fact tracing over {m['queries']} queries: a gold document is ranked first for "
                           f"{m['recall@1']:.0%}, in the top 10 for {m['recall@10']:.0%}; MRR {m['mrr']:.3f}."]
             lines += train_time_lines(spec, latest_metadata(instance, key(spec, "train_time_fact_tracing")))
-        lines += ["", f"Your own SQL: cd {db.parent} && duckdb -readonly {db.name}",
+        lines += ["", f"Your own SQL: cd {db.parent} && duckdb -readonly {db.name}  (the DuckDB CLI, or "
+                      "`import duckdb` in Python)",
                   "  SELECT * FROM top_influences WHERE query_id = '...' AND rank <= 10;"]
     return "\n".join(lines)
 

@@ -134,7 +134,9 @@ def load_optimizer_state(source, model: nn.Module) -> OptimizerState:
     if path.is_dir():
         path = path / "optimizer.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"no optimizer state at {path}")
+        raise FileNotFoundError(f"no optimizer state at {path}: point `gradients.optimizer_state` at the "
+                                "optimizer's saved state_dict (an optimizer.pt or a Trainer checkpoint "
+                                "directory), or set `gradients.normalizer: none`")
     return state_from_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
 
 
