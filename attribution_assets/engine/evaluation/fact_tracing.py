@@ -112,6 +112,11 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
             rows.append(row)
     frame = pl.DataFrame(rows)
     markdown = markdown_table(frame) + "".join(f"\nSkipped `{name}`: {why}.\n" for name, why in skipped.items())
+    if patch is not None:
+        e = spec.evaluation
+        markdown += (f"\n`tail_patch`: mean gain in the answer's log-probability after one {e.tail_patch_optimizer} "
+                     f"step (lr {e.tail_patch_lr:g}) on each query's top {e.tail_patch_k} documents, over "
+                     f"{len(patch[1])} of the {len(queries)} queries (`evaluation.tail_patch_queries`).\n")
     return FactTracingResult(frame, markdown, all_scores, skipped)
 
 
