@@ -240,7 +240,8 @@ def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
 
 
 def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
-    """None when fresh, else ``missing`` or the first stale cause (code version, upstream data)."""
+    """None when fresh, else ``missing`` or the first root stale cause: ``has a new code version``
+    (the asset itself), ``<pipeline>/<upstream> has a new data version`` (an upstream's)."""
     from dagster._core.definitions.data_version import StaleStatus
 
     status = resolver.get_status(asset_key, partition)
@@ -248,7 +249,10 @@ def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
         return "missing"
     if status == StaleStatus.STALE:
         causes = resolver.get_stale_root_causes(asset_key, partition)
-        return causes[0].reason if causes else "unsynced"
+        if not causes:
+            return "unsynced"
+        cause = causes[0]
+        return cause.reason if cause.asset_key == asset_key else f"{cause.asset_key.to_user_string()} {cause.reason}"
     return None
 
 
@@ -288,7 +292,7 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
             chosen.append(asset_key)
             shards_needed.update(stale)
             kinds = sorted({w for w in stale.values()})
-            reasons.append(f"{name}: {len(stale)} of {len(shards)} shards {', '.join(kinds)}")
+            reasons.append(f"{name} ({len(stale)} of {len(shards)} shards): {', '.join(kinds)}")
     if stage.partitioned and chosen:
         # a shard that one asset of the stage needs runs for every chosen asset (one step each)
         return StagePlan(stage, chosen, _contiguous_ranges(sorted(shards_needed), shards), reasons)

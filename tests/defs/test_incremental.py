@@ -49,9 +49,9 @@ def test_a_setting_change_reruns_only_what_it_affects(ops):
                  _plan_lines(definitions_for([changed], base / "storage"), changed, instance))
     assert "query_gradients: has a new code version" in lines["ops prepare"]
     assert "corpus" not in lines["ops prepare"] and "model" not in lines["ops prepare"]
-    assert lines["ops shards"] == ("train_gradients: 2 of 2 shards has a new code version; "
-                                   "shard_autocorrelation: 2 of 2 shards has a new code version")
-    assert lines["ops scores"].startswith("scores: 2 of 2 shards")
+    assert lines["ops shards"] == ("train_gradients (2 of 2 shards): has a new code version; "
+                                   "shard_autocorrelation (2 of 2 shards): has a new code version")
+    assert lines["ops scores"] == "scores (2 of 2 shards): has a new code version"
 
 
 def test_force_redoes_everything(ops):
@@ -145,7 +145,7 @@ def test_precision_and_weights_replaced_in_place_make_the_model_side_unsynced(op
     lines = dict(line.split(": ", 1) for line in _plan_lines(
         definitions_for([spec], base / "storage", precision="bfloat16"), spec, instance))
     assert "query_gradients: has a new code version" in lines["ops prepare"]
-    assert lines["ops shards"].startswith("train_gradients: 2 of 2 shards has a new code version")
+    assert lines["ops shards"].startswith("train_gradients (2 of 2 shards): has a new code version")
     weights = next(Path(tiny_model_dir).glob("*.safetensors"))
     stamp = weights.stat().st_mtime_ns
     try:
@@ -153,5 +153,8 @@ def test_precision_and_weights_replaced_in_place_make_the_model_side_unsynced(op
         lines = dict(line.split(": ", 1) for line in _plan_lines(
             definitions_for([spec], base / "storage"), spec, instance))
         assert lines["ops prepare"].startswith("model: has a new code version"), lines
+        # downstream, the cause is named with the upstream asset whose data it changes
+        assert lines["ops scores"] == "scores (2 of 2 shards): ops/preconditioner has a new data version", lines
+        assert "preconditioner: ops/query_gradients has a new data version" in lines["ops fan_in"], lines
     finally:
         os.utime(weights, ns=(stamp, stamp))
