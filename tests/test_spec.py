@@ -126,9 +126,13 @@ def test_every_bad_value_is_refused_at_load_time_with_key_and_range(tmp_path, se
 
 
 def test_a_word_where_a_number_belongs_gets_no_unquoting_hint(tmp_path):
-    with pytest.raises(PipelineSpecError, match=r"got 'lots' \(a string\)\.") as failure:
-        load_pipeline_file(_write(tmp_path, _with("gradients", {"projection_dim": "lots"})))
-    assert "without quotes" not in str(failure.value)
+    for section, values in (("gradients", {"projection_dim": "lots"}), ("gradients", {"projection_dim": "0.5"}),
+                            ("evaluation", {"lds_fraction": "nan"})):
+        with pytest.raises(PipelineSpecError, match=r"got '\w+(\.\d)?' \(a string\)\.") as failure:
+            load_pipeline_file(_write(tmp_path, _with(section, values)))
+        assert "without quotes" not in str(failure.value)
+    with pytest.raises(PipelineSpecError, match=r"`scoring.mixing` .* got '0.5' \(a string\); write the number"):
+        load_pipeline_file(_write(tmp_path, _with("scoring", {"mixing": "0.5"})))
 
 
 def test_unknown_pipeline_key_suggests_the_nearest(tmp_path):

@@ -27,13 +27,16 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({kind})"
 
 
-def _is_number_text(value: Any) -> bool:
-    """A string YAML kept as text although it reads as a number (``"16"``, ``'1e-3'``)."""
+def _unquote_hint(value: Any, integer: bool = False) -> str:
+    """``"; write the number without quotes"`` for a string that, unquoted, would pass as the number
+    the key needs (``"16"``; ``'1e-3'`` for a float key), else ``""``."""
+    if not isinstance(value, str):
+        return ""
     try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return isinstance(value, str)
+        number = int(value) if integer else float(value)
+    except ValueError:
+        return ""
+    return "; write the number without quotes" if number == number and abs(number) != float("inf") else ""
 
 
 def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = None,
@@ -44,8 +47,8 @@ def _check_int(obj: Any, key: str, low: int | None = None, high: int | None = No
     bounds = (f" >= {low}" if low is not None else "") + (f" and <= {high}" if high is not None else "")
     if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low) \
             or (high is not None and value > high):
-        unquote = "; write the number without quotes" if _is_number_text(value) else ""
-        raise SpecValueError(key, f"must be an integer{bounds}{note}, got {_describe(value)}{unquote}.")
+        raise SpecValueError(key, f"must be an integer{bounds}{note}, got {_describe(value)}"
+                                  f"{_unquote_hint(value, integer=True)}.")
 
 
 def _check_float(obj: Any, key: str, low: float | None = None, high: float | None = None,
@@ -59,8 +62,7 @@ def _check_float(obj: Any, key: str, low: float | None = None, high: float | Non
     if not number or too_low or too_high or value != value:
         bounds = " in " + ("(" if low_open else "[") + f"{low}, {high if high is not None else 'inf'}" \
             + (")" if high is None or high_open else "]") if low is not None else ""
-        unquote = "; write the number without quotes" if _is_number_text(value) else ""
-        raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}{unquote}.")
+        raise SpecValueError(key, f"must be a number{bounds}{note}, got {_describe(value)}{_unquote_hint(value)}.")
     return float(value)
 
 

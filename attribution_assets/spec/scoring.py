@@ -13,6 +13,7 @@ from attribution_assets.spec.checks import (
     _check_int,
     _check_str,
     _describe,
+    _unquote_hint,
 )
 
 SCORE_BREAKDOWNS = ("none", "module", "head")
@@ -77,7 +78,8 @@ class ScoringSpec:
                                                    and not isinstance(self.mixing, bool)
                                                    and 0 <= self.mixing <= 1)):
             raise SpecValueError("mixing", f"must be `auto`, `off` or a number in [0, 1] (the weight "
-                                           f"of the query autocorrelation), got {_describe(self.mixing)}.")
+                                           f"of the query autocorrelation), got {_describe(self.mixing)}"
+                                           f"{_unquote_hint(self.mixing)}.")
         _check_choice(self, "kfac_labels", ("sampled", "true"))
         _check_int(self, "kfac_seed", 0)
         _check_choice(self, "kfac_space", ("projected", "full"))
