@@ -35,11 +35,23 @@ def ops(tmp_path, tiny_model_dir):
 
 
 def test_second_materialize_with_nothing_changed_does_no_work(ops):
+    from attribution_assets.defs.runner import HOST_TAG, PID_TAG
+
     spec, instance, base = ops
+    # a run whose process died (kill -9) is marked failed even though no stage has work
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    dead = dg.DagsterRun(job_name="ops_fan_in", status=dg.DagsterRunStatus.STARTED,
+                         tags={HOST_TAG: socket.gethostname(), PID_TAG: gone})
+    instance.add_run(dead)
     runs = len(instance.get_runs())
-    lines = _plan_lines(definitions_for([spec], base / "storage"), spec, instance)
-    assert all(line.endswith("up to date") for line in lines), lines
+    lines = []
+    materialize_pipeline(definitions_for([spec], base / "storage"), spec, instance, log=lines.append,
+                         log_level="ERROR")
+    assert lines[0] == f"released run {dead.run_id} of ops_fan_in: its process {gone} died"
+    assert all(line.endswith("up to date") for line in lines[1:]) and len(lines) > 1, lines
     assert len(instance.get_runs()) == runs
+    assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
 
 
 def test_a_setting_change_reruns_only_what_it_affects(ops):
@@ -108,22 +120,6 @@ def test_runs_killed_mid_shard_neither_hang_later_runs_nor_lose_finished_shards(
         reused[m.partition] = m.metadata.get("reused") is not None
     assert event is not None and reused == {"shard-00000": True, "shard-00001": True}, reused
     assert json.loads((storage / "ops" / "train_gradients" / "shard-00000" / "info.json").read_text())["producer"]
-
-
-def test_a_dead_run_is_marked_failed_even_when_nothing_is_left_to_run(tmp_path, tiny_model_dir):
-    from attribution_assets.defs.runner import HOST_TAG, PID_TAG
-
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True)
-    instance = dg.DagsterInstance.ephemeral()
-    run = dg.DagsterRun(job_name="ops_fan_in", status=dg.DagsterRunStatus.STARTED,
-                        tags={HOST_TAG: socket.gethostname(), PID_TAG: gone.stdout.strip()})
-    instance.add_run(run)
-    spec = user_pipeline_spec(tmp_path, tiny_model_dir)
-    lines = []
-    materialize_pipeline(definitions_for([spec], tmp_path / "s"), spec, instance, stages=[], log=lines.append)
-    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.FAILURE
-    assert lines == [f"released run {run.run_id} of ops_fan_in: its process {gone.stdout.strip()} died"]
 
 
 def test_each_shard_records_its_own_content_data_version(ops):
