@@ -187,7 +187,7 @@ def diagnose(model_name_or_path: str, *, threshold: float = 0.999, n_docs: int =
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-        token_ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
+        token_ids = [t for text in texts for t in tokenizer(text, verbose=False)["input_ids"]]  # cut below
     for rung in ladder(dtype):
         model, setting = _load(model_name_or_path, rung, device)
         limit = getattr(model.config, "max_position_embeddings", None) or 2 * length

@@ -282,8 +282,8 @@ def _assistant_spans(messages: list[dict[str, Any]], tokenizer) -> tuple[str, li
 
 
 def tokenize_content(content: dict[str, Any], tokenizer, spec: DataSpec, add_eos: bool) -> tuple[list[int], list[int]]:
-    """Token ids and loss mask for one document (before truncation or chunking, so the tokenizer's
-    warning about sequences longer than the model is off: ``verbose=False``)."""
+    """Token ids and loss mask for one document, untruncated: callers truncate, chunk or refuse
+    long ones, so the tokenizer's warning about sequences longer than the model is off."""
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     if "text" in content:
         ids = tokenizer(content["text"], add_special_tokens=True, verbose=False)["input_ids"] + eos

@@ -133,6 +133,11 @@ class Attributor:
             ids, mask = data.tokenize_content(content, self.tokenizer, self.spec.corpus, add_eos=False)
             if len(ids) < 2 or sum(mask) == 0:
                 raise ValueError(f"Query {i} ({query!r}) has no target token; give a longer text or a completion.")
+            section = "queries" if self.spec.queries is not None else "corpus"
+            limit = getattr(self.spec, section).max_length
+            if len(ids) > limit:
+                raise ValueError(f"Query {i} is {len(ids)} tokens, longer than `{section}.max_length` ({limit}); "
+                                 "shorten it, or raise the setting (at most the model's positions).")
             docs.append(data.TokenizedDoc(f"query-{i}", ids, mask, str(query)))
         array, _, _ = collect(self.collector, docs)
         return self.top_k_rows(array, k)

@@ -104,3 +104,13 @@ def test_shards_newer_than_the_index_are_searched_by_brute_force(tiny_demo, attr
     pairs = _pairs(paths, _queries(paths, 2))
     got, want = stale.search(pairs, k=5), brute.search(pairs, k=5)
     assert [[h.doc_id for h in row] for row in got] == [[h.doc_id for h in row] for row in want]
+
+
+def test_a_query_longer_than_the_pipeline_allows_is_refused_by_name(tiny_demo, attributors):
+    spec, _ = tiny_demo
+    _, brute = attributors
+    limit = spec.queries.max_length
+    with pytest.raises(ValueError, match=rf"Query 0 is \d+ tokens, longer than `queries.max_length` \({limit}\)"):
+        brute.search(["word " * (2 * limit)], k=1)
+    with pytest.raises(ValueError, match="has no target token"):
+        brute.search(["a"], k=1)
