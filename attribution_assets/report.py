@@ -27,14 +27,20 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dic
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def _number(value) -> str:
+    """Floats to 4 significant digits below 1000 (0.9896), to one decimal above (1234.5)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
+
+
 def demo_report(spec: PipelineSpec, instance: dg.DagsterInstance, defs: dg.Definitions,
                 n_queries: int = 3, k: int = 5) -> str:
     lines = [f"Pipeline {spec.name!r}: its assets as last materialized"]
     for name, fields in SHOWN.items():
         meta = latest_metadata(instance, key(spec, name))
         if meta:
-            shown = ", ".join(f"{f}={meta[f]:.4g}" if isinstance(meta[f], float) else f"{f}={meta[f]}"
-                              for f in fields if f in meta)
+            shown = ", ".join(f"{f}={_number(meta[f])}" for f in fields if f in meta)
             lines.append(f"  {name:<18} {shown}")
     shards = instance.get_dynamic_partitions(f"{spec.name}_shards")
     lines.append(f"  shards             {len(shards)} partitions: {', '.join(shards)}")

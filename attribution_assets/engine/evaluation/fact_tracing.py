@@ -116,7 +116,7 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
         e = spec.evaluation
         markdown += (f"\n`tail_patch`: mean gain in the answer's log-probability after one {e.tail_patch_optimizer} "
                      f"step (lr {e.tail_patch_lr:g}) on each query's top {e.tail_patch_k} documents, over "
-                     f"{len(patch[1])} of the {len(queries)} queries (`evaluation.tail_patch_queries`).\n")
+                     f"{len(patch[1])} of the {len(queries)} tokenized queries (`evaluation.tail_patch_queries`).\n")
     return FactTracingResult(frame, markdown, all_scores, skipped)
 
 

@@ -136,7 +136,8 @@ def load_optimizer_state(source, model: nn.Module) -> OptimizerState:
     if not path.is_file():
         raise FileNotFoundError(f"no optimizer state at {path}: point `gradients.optimizer_state` at the "
                                 "optimizer's saved state_dict (an optimizer.pt or a Trainer checkpoint "
-                                "directory), or set `gradients.normalizer: none`")
+                                "directory); or do without it: `gradients.normalizer: none` for gradients, "
+                                "`evaluation.tail_patch_optimizer: sgd` for tail patch")
     return state_from_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
 
 

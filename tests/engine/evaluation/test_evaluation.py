@@ -135,7 +135,7 @@ def test_fact_tracing_table_end_to_end(tiny_model_dir, tiny_tokenizer, tmp_path)
     assert cosine_full["tail_patch"][0] == pytest.approx(expected)
     assert frame.filter(frame["method"] == "trackstar (none)")["configured"].to_list() == [True, True]
     assert (frame["queries"] == 4).all() and "| bm25 | full text |" in result.markdown
-    assert "on each query's top 2 documents, over 3 of the 4 queries" in result.markdown
+    assert "on each query's top 2 documents, over 3 of the 4 tokenized queries" in result.markdown
     # with the whole-text loss, each query's gradient IS its gold document's: cosine = 1
     full = frame.filter((frame["method"] == "cosine") & (frame["query_loss"] == "full"))
     assert full["recall@1"][0] == 1.0
