@@ -70,7 +70,8 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
 def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
     """What `attribution evaluate --lds` does under a `multiprocess` profile: each retrain is its
     own run in a worker process, two at once, with the query losses of retrains in this process."""
-    spec = demo_spec(**TINY_DEMO, scoring=ScoringSpec(top_k=0), evaluation=EvaluationSpec(lds_subsets=2))
+    spec = demo_spec(people=3, shard_size=20, epochs=2, hidden=32, scoring=ScoringSpec(top_k=0),
+                     evaluation=EvaluationSpec(lds_subsets=2))  # smaller than TINY_DEMO: only runs are checked
     prepare = [Stage("prepare", ("corpus", "query_set", "tokenizer", "tokenized_queries"), False)]
     partitions = ["subset-000-seed-0", "subset-001-seed-1"]
     retrain_key = dg.AssetKey(["demo", "lds_retrain"])
