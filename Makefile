@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev,k8s,postgres,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)
