@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 ui: $(STAMP)
-	$(PY) -c "from attribution_assets.defs.runner import persistent_instance; persistent_instance()"
+	$(PY) -c "from attribution_assets.defs.instance import persistent_instance; persistent_instance()"
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 clean:

@@ -34,7 +34,8 @@ def _log_level(args: argparse.Namespace) -> str:
 
 
 def cmd_materialize(args: argparse.Namespace) -> int:
-    from .defs.runner import materialize_pipeline, persistent_instance
+    from .defs.instance import persistent_instance
+    from .defs.runner import materialize_pipeline
 
     defs, specs = _defs_and_specs(args.pipeline)
     instance = persistent_instance()
@@ -45,7 +46,8 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .defs.runner import materialize_pipeline, persistent_instance
+    from .defs.instance import persistent_instance
+    from .defs.runner import materialize_pipeline
     from .report import demo_report
 
     defs, specs = _defs_and_specs("demo")
@@ -104,12 +106,8 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .defs.common import key
     from .defs.evaluation import lds_partitions
-    from .defs.runner import (
-        materialize_asset,
-        materialize_partitions,
-        persistent_instance,
-        unsynced_partitions,
-    )
+    from .defs.instance import persistent_instance
+    from .defs.runner import materialize_asset, materialize_partitions, unsynced_partitions
     from .report import latest_metadata
 
     defs, specs = _defs_and_specs(args.pipeline)

@@ -87,7 +87,6 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               deps=[key(spec, "corpus"), tokenizer_dep],
               code_version=code_version("tokenize-v1", spec, "corpus", "model"),
               automation_condition=rebuild_condition(ignore=(key(spec, "corpus"),)),
-              backfill_policy=dg.BackfillPolicy.single_run(),
               description="Token ids, loss masks and lengths of one shard (Parquet).")
     def tokenized_shards(context: dg.AssetExecutionContext, storage: StorageResource):
         storage.ensure_writable()

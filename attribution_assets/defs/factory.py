@@ -9,6 +9,7 @@ import warnings
 import dagster as dg
 
 from attribution_assets.defs.automation import new_data_sensor, rebuild_schedule
+from attribution_assets.defs.common import shards_partitions
 from attribution_assets.defs.corpus import corpus_assets
 from attribution_assets.defs.evaluation import evaluation_assets, train_time_evaluation_assets
 from attribution_assets.defs.finetune import finetune_assets
@@ -25,12 +26,16 @@ from attribution_assets.spec import PipelineSpec, spec_from_json, spec_to_json
 
 def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.Definitions:
     """Assets, checks, stage and on-demand jobs, sensor and schedule of one pipeline, under the key prefix
-    ``[spec.name]``; assets that run the model carry the profile's precision in their version."""
+    ``[spec.name]``; assets that run the model carry the profile's precision in their version, and
+    shard-partitioned assets the profile's backfill policy (``shards_per_run``)."""
     compute = profile.compute
     assets = [*corpus_assets(spec), *gradient_assets(spec, compute), *kfac_assets(spec, compute),
               *score_assets(spec, compute),
               *index_assets(spec), *evaluation_assets(spec, compute), *finetune_assets(spec, compute),
               *magic_assets(spec, compute), *train_time_evaluation_assets(spec)]
+    shards = shards_partitions(spec)
+    assets = [a.with_attributes(backfill_policy=profile.backfill_policy())  # shards per run: the profile's
+              if isinstance(a, dg.AssetsDefinition) and a.partitions_def == shards else a for a in assets]
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     retry_policy = profile.retry_policy()

@@ -121,7 +121,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                   deps=[key(spec, "tokenized_shards"), *model_deps],
                   code_version=version + ("-train-time" if train_time else ""), pool="gpu",
                   check_specs=store_check_specs(train_key),
-                  automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
+                  automation_condition=rebuild_condition(),
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
         def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,

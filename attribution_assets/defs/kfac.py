@@ -87,7 +87,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
     @dg.asset(key=cov_key, group_name=spec.name, partitions_def=partitions,
               deps=[key(spec, "tokenized_shards"), *model_deps],
               code_version=curvature_version("kfac-covariance-v1", spec, in_space=False) + precision, pool="gpu",
-              automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
+              automation_condition=rebuild_condition(),
               check_specs=[_finite_check(cov_key, "covariance sum")],
               description="One shard's float64 sums of a a^T [I, I] and g g^T [O, O] per module over its "
                           "tokens (g: pseudo-gradients of sampled labels); shards add up.")
@@ -160,7 +160,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
         @dg.asset(key=corr_key, group_name=spec.name, partitions_def=partitions,
                   deps=[key(spec, "tokenized_shards"), *model_deps, eigen_key],
                   code_version=curvature_version("ekfac-correction-v1", spec) + precision, pool="gpu",
-                  automation_condition=rebuild_condition(), backfill_policy=dg.BackfillPolicy.single_run(),
+                  automation_condition=rebuild_condition(),
                   check_specs=[_finite_check(corr_key, "eigenvalue-correction sum")],
                   description="One shard's EK-FAC sums of (Q_S^T G Q_A)^2 per module, G the weight gradient "
                               "of one document's pseudo-loss (projected, L G R^T, in the projected space); "

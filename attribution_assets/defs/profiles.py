@@ -1,15 +1,30 @@
-"""Deployment profiles: which resource settings and which executor a deployment uses.
+"""Deployment profiles: which resource settings, executor, run launcher and instance a deployment uses.
 
 A profile is a YAML file (``resources/<name>.yaml`` in the project, or any path) named by
 ``$ATTRIBUTION_RESOURCES`` (a path or a profile name); without it, ``local``. Sections:
 
 ``storage``: :class:`StorageResource` fields (``root``); ``compute``: :class:`ComputeResource`
-fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``); ``executor``: ``kind``
-(``in_process`` or ``multiprocess``), for ``multiprocess`` ``max_concurrent`` (worker processes:
-the runner runs that many shard ranges at once, each loading the model once), and
-``max_retries`` (retries of a failed step, each shard range on its own; default 0); for
-``k8s`` (Dagster's ``k8s_job_executor``: every step a Kubernetes job, needs the ``[k8s]``
-extra) ``k8s``, the executor's own config (image, namespace, volumes, resource requests).
+fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``).
+
+``executor``: ``kind`` says where runs execute:
+
+- ``in_process``: every run in the launching process (the ``local`` default);
+- ``multiprocess``: runs go through the instance's run queue (Dagster's ``QueuedRunCoordinator``
+  and daemon) and each executes in its own process on this machine;
+- ``ray``: runs go through the same queue and each executes as a Ray job on a Ray cluster
+  (dagster-ray's ``RayRunLauncher``; ``ray``: its config, e.g. ``address``);
+- ``k8s``: every step a Kubernetes job (Dagster's ``k8s_job_executor``; ``k8s``: its config).
+
+``max_concurrent``: runs at once (the queue's ``max_concurrent_runs``; steps at once for ``k8s``);
+``shards_per_run``: shards per run of a partitioned asset (its ``BackfillPolicy.multi_run``, for
+the CLI, a UI backfill, a schedule and automation alike; unset: all shards in one run);
+``max_retries``: Dagster retries of a failed run (queued kinds) or step; ``devices``: GPUs per
+machine (the ``gpu`` pool's limit; unset: the CUDA devices this machine has, else
+``max_concurrent``).
+
+``instance``: the Dagster instance's storage: ``storage: sqlite`` (one machine; the default) or
+``postgres`` (run, event and schedule storage shared by processes and nodes; ``postgres``: its
+connection settings, the password from an environment variable).
 """
 
 from __future__ import annotations
@@ -29,8 +44,11 @@ from attribution_assets.spec import unknown_keys_message
 
 PROFILE_ENV = "ATTRIBUTION_RESOURCES"
 DEFAULT_PROFILE = "local"
-EXECUTORS = ("in_process", "multiprocess", "k8s")
-_SECTIONS = {"storage", "compute", "executor"}
+EXECUTORS = ("in_process", "multiprocess", "ray", "k8s")
+#: Executor kinds whose runs go through the instance's run queue (a daemon launches them).
+QUEUED = ("multiprocess", "ray")
+INSTANCE_STORAGES = ("sqlite", "postgres")
+_SECTIONS = {"storage", "compute", "executor", "instance"}
 
 
 class ProfileError(ValueError):
@@ -48,13 +66,32 @@ class DeploymentProfile:
     executor: str = "in_process"
     max_concurrent: int | None = None
     max_retries: int = 0
+    shards_per_run: int | None = None
+    devices: int | None = None
     k8s: dict | None = None
+    ray: dict | None = None
+    instance: dict | None = None
+
+    @property
+    def queued(self) -> bool:
+        """Runs go through the instance's run queue (``multiprocess``, ``ray``)."""
+        return self.executor in QUEUED
 
     @property
     def workers(self) -> int:
-        """Runs the runner starts at once in worker processes (shard ranges of a stage, partitions
-        of an on-demand asset): ``max_concurrent`` of a ``multiprocess`` profile, else 1."""
-        return (self.max_concurrent or os.cpu_count() or 1) if self.executor == "multiprocess" else 1
+        """Runs at once: ``max_concurrent`` of a queued profile (default: the cores), else 1."""
+        return (self.max_concurrent or os.cpu_count() or 1) if self.queued else 1
+
+    @property
+    def instance_storage(self) -> str:
+        """``sqlite`` or ``postgres`` (the ``instance`` section's ``storage``)."""
+        return (self.instance or {}).get("storage", "sqlite")
+
+    def backfill_policy(self) -> dg.BackfillPolicy:
+        """The policy of every shard-partitioned asset: ``shards_per_run`` shards a run."""
+        if self.shards_per_run is None:
+            return dg.BackfillPolicy.single_run()
+        return dg.BackfillPolicy.multi_run(max_partitions_per_run=self.shards_per_run)
 
     def retry_policy(self) -> dg.RetryPolicy | None:
         return dg.RetryPolicy(max_retries=self.max_retries) if self.max_retries else None
@@ -63,18 +100,19 @@ class DeploymentProfile:
         """The profile as the YAML mapping it came from (storage root resolved), as JSON:
         :func:`profile_from_json` rebuilds it in another process."""
         executor: dict[str, Any] = {"kind": self.executor, "max_retries": self.max_retries}
-        if self.max_concurrent:
-            executor["max_concurrent"] = self.max_concurrent
-        if self.k8s is not None:
-            executor["k8s"] = self.k8s
-        return json.dumps({"name": self.name, "source": str(self.source) if self.source else None,
-                           "storage": {"root": self.storage.root},
-                           "compute": self.compute.model_dump(exclude={"_restore"}), "executor": executor})
+        for name in ("max_concurrent", "shards_per_run", "devices", "k8s", "ray"):
+            if getattr(self, name) is not None:
+                executor[name] = getattr(self, name)
+        raw = {"name": self.name, "source": str(self.source) if self.source else None,
+               "storage": {"root": self.storage.root},
+               "compute": self.compute.model_dump(exclude={"_restore"}), "executor": executor}
+        if self.instance is not None:
+            raw["instance"] = self.instance
+        return json.dumps(raw)
 
     def executor_definition(self) -> dg.ExecutorDefinition:
-        if self.executor == "multiprocess":
-            config: dict[str, Any] = {"max_concurrent": self.max_concurrent} if self.max_concurrent else {}
-            return dg.multiprocess_executor.configured(config, name="multiprocess")
+        """How a run executes its steps: one after another in the run's process, except ``k8s``
+        (a Kubernetes job per step). Queued kinds get their parallelism from concurrent runs."""
         if self.executor == "k8s":
             try:
                 from dagster_k8s import k8s_job_executor
@@ -145,7 +183,7 @@ def load_profile(name_or_path: str | None = None) -> DeploymentProfile:
     return profile_from_mapping(raw, where, name=path.stem, source=path)
 
 
-EXECUTOR_KEYS = {"kind", "max_concurrent", "max_retries", "k8s"}
+EXECUTOR_KEYS = {"kind", "max_concurrent", "max_retries", "shards_per_run", "devices", "k8s", "ray"}
 
 
 def _check_count(value: Any, key: str, low: int, where: str) -> None:
@@ -171,15 +209,27 @@ def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = 
     _check_count(max_concurrent, "max_concurrent", 1, where)
     max_retries = executor.get("max_retries", 0)
     _check_count(max_retries, "max_retries", 0, where)
-    k8s = executor.get("k8s")
-    if k8s is not None and (kind != "k8s" or not isinstance(k8s, dict)):
-        raise ProfileError(f"{where}: `executor.k8s` is the k8s_job_executor's config: a mapping, and only "
-                           f"with `kind: k8s` (kind is {kind!r}).")
+    for name in ("shards_per_run", "devices"):
+        _check_count(executor.get(name), name, 1, where)
+    for name, what in (("k8s", "the k8s_job_executor's config"), ("ray", "the RayRunLauncher's config")):
+        value = executor.get(name)
+        if value is not None and (kind != name or not isinstance(value, dict)):
+            raise ProfileError(f"{where}: `executor.{name}` is {what}: a mapping, and only with "
+                               f"`kind: {name}` (kind is {kind!r}).")
+    instance = raw.get("instance")
+    if instance is not None:
+        instance = _section(raw, "instance", where)
+        storage = instance.get("storage", "sqlite")
+        if storage not in INSTANCE_STORAGES:
+            raise ProfileError(f"{where}: `instance.storage` is {storage!r}; choose one of "
+                               f"{list(INSTANCE_STORAGES)}.")
     return DeploymentProfile(
         name=name, source=source,
         storage=_resource(StorageResource, _section(raw, "storage", where), "storage", where),
         compute=_resource(ComputeResource, _section(raw, "compute", where), "compute", where),
-        executor=kind, max_concurrent=max_concurrent, max_retries=max_retries or 0, k8s=k8s)
+        executor=kind, max_concurrent=max_concurrent, max_retries=max_retries or 0,
+        shards_per_run=executor.get("shards_per_run"), devices=executor.get("devices"),
+        k8s=executor.get("k8s"), ray=executor.get("ray"), instance=instance)
 
 
 def profile_from_json(text: str) -> DeploymentProfile:

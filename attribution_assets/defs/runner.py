@@ -34,10 +34,8 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
-import yaml
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
@@ -51,15 +49,6 @@ from attribution_assets.defs.workers import (
 )
 from attribution_assets.spec import PipelineSpec
 
-#: Telemetry off; two runs and two steps of any pool (``gpu`` included) at once (with one GPU,
-#: lower the gpu pool: ``dagster instance concurrency set gpu 1``); run monitoring marks runs
-#: whose worker died as failed and frees their slots (``dagster dev`` runs the daemon that does it).
-DAGSTER_YAML = {
-    "telemetry": {"enabled": False},
-    "concurrency": {"pools": {"default_limit": 2}, "runs": {"max_concurrent_runs": 2}},
-    "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "poll_interval_seconds": 30,
-                       "max_resume_run_attempts": 0, "free_slots_after_run_end_seconds": 30},
-}
 HOST_TAG, PID_TAG = "attribution/host", "attribution/pid"
 PIPELINE_TAG, STAGE_TAG, FORCE_TAG = "attribution/pipeline", "attribution/stage", "attribution/force"
 POOLS = ("gpu",)
@@ -138,20 +127,6 @@ def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
                                 description=f"{spec.name}: {name}, one run per partition",
                                 op_retry_policy=retry_policy)
             for name in ON_DEMAND_PARTITIONED if key(spec, name) in present]
-
-
-def persistent_instance(home: str | os.PathLike | None = None) -> dg.DagsterInstance:
-    """The instance under ``$DAGSTER_HOME`` (default ``./.dagster_home``): telemetry off, run
-    monitoring on; settings missing from an existing ``dagster.yaml`` are added."""
-    home = Path(home or os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "dagster.yaml"
-    current = (yaml.safe_load(config.read_text()) or {}) if config.exists() else {}
-    merged = {**DAGSTER_YAML, **current}
-    if merged != current:
-        config.write_text(yaml.safe_dump(merged, sort_keys=False))
-    os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
 
 
 def _alive(pid: int) -> bool:

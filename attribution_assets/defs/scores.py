@@ -63,7 +63,6 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               code_version=code_version("shard-autocorrelation-v1", spec, "model", "demo", "corpus", "gradients")
               + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
-              backfill_policy=dg.BackfillPolicy.single_run(),
               description="One shard's per-module sums S = sum g g^T of its document rows and their count: "
                           "a new shard adds its block, the merge never recomputes the others.")
     def shard_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource,
@@ -155,7 +154,6 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               deps=[train_source, query_rows] + ([precond_key] if trackstar else []),
               code_version=code_version("scores-v1", spec, "gradients", "scoring") + model_version,
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
-              backfill_policy=dg.BackfillPolicy.single_run(),
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query); "
                           "with scoring.breakdown, also each module's or head's contribution.")
     def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):

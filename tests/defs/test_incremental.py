@@ -13,7 +13,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from attribution_assets.defs.runner import materialize_pipeline, persistent_instance
+from attribution_assets.defs.instance import persistent_instance
+from attribution_assets.defs.runner import materialize_pipeline
 from tests.helpers import definitions_for, user_pipeline_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,7 +77,8 @@ KILLED_RUN = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from attribution_assets.engine.gradients import collect
-from attribution_assets.defs.runner import materialize_pipeline, persistent_instance
+from attribution_assets.defs.instance import persistent_instance
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.spec import load_pipeline_file
 from tests.helpers import definitions_for
 real = collect.collect_shard

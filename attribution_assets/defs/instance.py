@@ -1,0 +1,79 @@
+"""The Dagster instance a deployment profile needs: its ``dagster.yaml`` settings, written under
+``$DAGSTER_HOME``.
+
+Every instance: telemetry off, run monitoring on (runs whose worker died are marked failed and
+their pool slots freed). A queued profile (``multiprocess``, ``ray``) adds Dagster's run queue:
+the ``QueuedRunCoordinator`` with ``max_concurrent`` runs at once, the ``gpu`` pool limited to
+the machine's devices, and run retries (``max_retries``); the daemon (``dagster dev``, or the one
+``attribution materialize`` runs for its lifetime) dequeues, launches and retries them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import yaml
+
+from attribution_assets.defs.profiles import DeploymentProfile, load_profile
+
+#: Settings every instance gets (a profile's own settings are added by :func:`instance_settings`).
+BASE_SETTINGS = {
+    "telemetry": {"enabled": False},
+    "run_monitoring": {"enabled": True, "start_timeout_seconds": 180, "poll_interval_seconds": 30,
+                       "max_resume_run_attempts": 0, "free_slots_after_run_end_seconds": 30},
+}
+#: Seconds between two passes of the daemon over the run queue.
+DEQUEUE_INTERVAL_SECONDS = 1
+
+
+def gpu_slots(profile: DeploymentProfile) -> int:
+    """Slots of the ``gpu`` pool: ``devices`` of the profile, else this machine's CUDA devices,
+    else the profile's concurrent runs (CPU steps are then limited by runs alone)."""
+    if profile.devices:
+        return profile.devices
+    import torch
+
+    return torch.cuda.device_count() or profile.workers
+
+
+def queue_settings(profile: DeploymentProfile) -> dict:
+    """Run queue, pool limits and run retries of a queued profile (``{}`` for the others, whose
+    runs execute in the launching process: two runs and two ``gpu`` steps at once under
+    ``dagster dev``)."""
+    if not profile.queued:
+        return {"concurrency": {"pools": {"default_limit": 2}, "runs": {"max_concurrent_runs": 2}}}
+    return {
+        "run_coordinator": {"module": "dagster._core.run_coordinator", "class": "QueuedRunCoordinator",
+                            "config": {"dequeue_interval_seconds": DEQUEUE_INTERVAL_SECONDS}},
+        "concurrency": {"pools": {"default_limit": gpu_slots(profile)},
+                        "runs": {"max_concurrent_runs": profile.workers}},
+        "run_retries": {"enabled": profile.max_retries > 0, "max_retries": profile.max_retries,
+                        "retry_on_asset_or_op_failure": True},
+    }
+
+
+def instance_settings(profile: DeploymentProfile) -> dict:
+    """The ``dagster.yaml`` mapping ``profile`` needs."""
+    return {**BASE_SETTINGS, **queue_settings(profile)}
+
+
+def persistent_instance(home: str | os.PathLike | None = None,
+                        profile: DeploymentProfile | None = None) -> dg.DagsterInstance:
+    """The instance under ``home`` (default ``$DAGSTER_HOME``, else ``./.dagster_home``) with the
+    settings ``profile`` (default: ``$ATTRIBUTION_RESOURCES``'s) needs; the profile's settings
+    replace the same top-level keys of an existing ``dagster.yaml``, other keys stay."""
+    home = Path(home or os.environ.get("DAGSTER_HOME") or Path.cwd() / ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    current = (yaml.safe_load(config.read_text()) or {}) if config.exists() else {}
+    wanted = instance_settings(profile or load_profile())
+    stale = {"run_coordinator", "run_retries"} - set(wanted)  # a queued profile's, no longer wanted
+    merged = {**{k: v for k, v in current.items() if k not in stale}, **wanted}
+    if merged != current:
+        temporary = config.with_suffix(".yaml.tmp")
+        temporary.write_text(yaml.safe_dump(merged, sort_keys=False))
+        temporary.replace(config)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
