@@ -43,11 +43,11 @@ def compute_version(compute: ComputeResource) -> str:
 CONTENT_VERSION = "content_version"
 
 
-def record_partition_versions(instance: dg.DagsterInstance, result) -> int:
+def record_partition_versions(instance: dg.DagsterInstance, events) -> int:
     """After a run over several partitions, record each partition's ``content_version`` as its
     data version: one more materialization per partition, with the run's own tags (code version,
-    input provenance) and that version; return how many."""
-    events = [e for e in result.all_events if e.event_type_value == "ASSET_MATERIALIZATION"]
+    input provenance) and that version; return how many. ``events``: the run's materialization
+    ``DagsterEvent`` s, in order."""
     materializations = [e.event_specific_data.materialization for e in events]
     partitioned = [m for m in materializations if m.partition and CONTENT_VERSION in m.metadata]
     if len({m.partition for m in partitioned}) < 2:

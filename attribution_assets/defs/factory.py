@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 
@@ -19,8 +18,8 @@ from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.magic import magic_assets
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile, profile_from_json
 from attribution_assets.defs.runner import on_demand_jobs, stage_jobs
+from attribution_assets.defs.runs import RECIPE_KEY
 from attribution_assets.defs.scores import score_assets
-from attribution_assets.defs.workers import RECIPE_KEY
 from attribution_assets.spec import PipelineSpec, spec_from_json, spec_to_json
 
 
@@ -67,16 +66,7 @@ def build_definitions(specs: list[PipelineSpec], profile: DeploymentProfile | No
         return dg.Definitions.merge(shared, *(pipeline_definitions(s, profile) for s in specs))
 
 
-def definitions_from_recipe(recipe: str, executor: str | None = None) -> dg.Definitions:
-    """The definitions ``recipe`` describes (in a worker process); ``executor`` overrides the
-    profile's executor kind (a worker runs its shard range in its own process)."""
+def definitions_from_recipe(recipe: str) -> dg.Definitions:
+    """The definitions ``recipe`` (:data:`runs.RECIPE_KEY`'s JSON) describes, in another process."""
     raw = json.loads(recipe)
-    profile = profile_from_json(raw["profile"])
-    if executor is not None:
-        profile = dataclasses.replace(profile, executor=executor)
-    return build_definitions([spec_from_json(s) for s in raw["specs"]], profile)
-
-
-def job_from_recipe(recipe: str, job_name: str, executor: str | None = None) -> dg.JobDefinition:
-    """One job of :func:`definitions_from_recipe` (what ``build_reconstructable_job`` calls)."""
-    return definitions_from_recipe(recipe, executor).resolve_job_def(job_name)
+    return build_definitions([spec_from_json(s) for s in raw["specs"]], profile_from_json(raw["profile"]))

@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
+from attribution_assets.defs.runs import process_tags
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.runtime import limit_threads
@@ -113,6 +114,15 @@ class StorageResource(dg.ConfigurableResource):
     """
 
     root: str = Field(default_factory=default_storage_root)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """Tag the run with the host and pid that execute it (a queued run has a process of its
+        own), so that a run whose process died is released (``runner.release_dead_runs``)."""
+        run, instance = context.dagster_run, context.instance
+        if run is not None and instance is not None and run.run_id != "EPHEMERAL":
+            tags = process_tags()
+            if any(run.tags.get(k) != v for k, v in tags.items()):
+                instance.add_run_tags(run.run_id, tags)
 
     def paths(self, spec: PipelineSpec | str) -> PipelinePaths:
         """The on-disk layout of one pipeline (``engine.io.paths``)."""

@@ -3,54 +3,63 @@
 Each stage is a named asset job (``<pipeline>_<stage>``), so the runs list says what each run
 was. Before a stage runs, Dagster's own staleness resolver (the "unsynced" of the UI: missing,
 code version changed, upstream data changed) says which assets and shards need work; with
-``force`` everything runs. A partitioned stage is one run per contiguous range of shards (a
-single-run backfill: the model loads once).
+``force`` everything runs. A partitioned stage runs its shards in ranges of the profile's
+``shards_per_run`` (the backfill policy of every shard asset, so a UI backfill makes the same
+runs; unset: one range per contiguous run of shards, the model loading once).
 
-Parallel shards: with a ``multiprocess`` profile (``max_concurrent`` = N), a partitioned stage
-splits its shards into N contiguous ranges and runs each range as its own run in a worker
-process, N at once (``defs/workers.py``): each worker loads the model once for its range.
-Unpartitioned stages are chains (each asset needs the previous one) and run in this process: a
-step process each would only add its startup (``dagster dev`` runs them under the profile's
-multiprocess executor, whose ``max_concurrent`` also bounds concurrent steps there). Runs of
-different ranges are independent: one that fails does not stop the others; the stage raises
-after all of them ended, naming each failed range. The ``local`` profile keeps everything in
-this process.
+Where runs execute is the profile's (``defs/profiles.py``): ``in_process`` runs each in this
+process, one after another, and the first failure stops the command. A queued profile
+(``multiprocess``, ``ray``) submits every run to the instance's run queue
+(``defs/queue.py``: Dagster's ``QueuedRunCoordinator`` and daemon, for the command's
+lifetime): ``max_concurrent`` runs at once, each in its own process or Ray job, retried by
+Dagster's run retries; a failed run stops none of the others, and the stage raises after all of
+them settled, naming each failed range and its run. The runs carry the code location's origin,
+so the UI lists them under their jobs.
 
 On-demand assets (``attribution evaluate``) are not stages: :func:`materialize_asset` runs one
 (``fact_tracing``, ``lds``, ``magic_training``) in this process; :func:`materialize_partitions`
 runs each partition of ``lds_retrain`` or ``magic_scores`` as its own run of the job
-``<pipeline>_<asset>``, N at once in worker processes under a ``multiprocess`` profile.
+``<pipeline>_<asset>``, through the queue under a queued profile.
 
-Crash safety: every run is tagged with the host and pid that launched it. Runs of this host
+Crash safety: every run is tagged with the host and pid that execute it. Runs of this host
 whose process is gone (``kill -9``, the OOM killer) are marked failed and their concurrency
-slots freed before the next run starts, so a killed run never blocks later ones; a pool whose
-slots are all held by live runs fails fast with the run that holds them.
+slots freed (before the next stage, and while queued runs are awaited: a retry then takes
+over), so a killed run never blocks later ones; a pool whose slots are all held by live runs
+fails fast with the run that holds them.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
-from attribution_assets.defs.workers import (
+from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
+from attribution_assets.defs.queue import QueueSession
+from attribution_assets.defs.runs import (
+    FORCE_TAG,
+    HOST_TAG,
+    PID_TAG,
+    PIPELINE_TAG,
+    STAGE_TAG,
     failed_step,
     partition_run,
-    profile_workers,
+    process_tags,
     range_run,
     recipe_of,
-    run_in_workers,
 )
 from attribution_assets.spec import PipelineSpec
 
-HOST_TAG, PID_TAG = "attribution/host", "attribution/pid"
-PIPELINE_TAG, STAGE_TAG, FORCE_TAG = "attribution/pipeline", "attribution/stage", "attribution/force"
+__all__ = ["FORCE_TAG", "HOST_TAG", "PID_TAG", "PIPELINE_TAG", "STAGE_TAG"]  # run tags, re-exported
+
 POOLS = ("gpu",)
 #: Partitioned assets outside the stages, materialized on demand (``attribution evaluate``, a UI
 #: backfill): one job each, ``<pipeline>_<asset>``, one run per partition.
@@ -130,13 +139,17 @@ def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
@@ -274,24 +287,84 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
     return StagePlan(stage, chosen, [], reasons)
 
 
-def split_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], parts: int) -> list[tuple[str, str]]:
-    """Split contiguous shard ``ranges`` (keys of ``order``) until there are ``parts`` of them
-    (or every range is one shard), halving the longest each time; ranges keep their order."""
-    position = {s: i for i, s in enumerate(order)}
-    groups = [list(order[position[a]:position[b] + 1]) for a, b in ranges]
-    while groups and len(groups) < parts:
-        longest = max(range(len(groups)), key=lambda i: len(groups[i]))
-        group = groups[longest]
-        if len(group) < 2:
-            break
-        half = (len(group) + 1) // 2
-        groups[longest:longest + 1] = [group[:half], group[half:]]
-    return [(g[0], g[-1]) for g in groups]
+def chunk_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], size: int | None) -> list[tuple[str, str]]:
+    """Contiguous shard ``ranges`` (keys of ``order``) cut into ranges of at most ``size`` shards
+    (what a multi-run backfill policy makes of them); ``size`` None keeps them whole."""
+    if size is None:
+        return list(ranges)
+    position, chunks = {s: i for i, s in enumerate(order)}, []
+    for first, last in ranges:
+        keys = order[position[first]:position[last] + 1]
+        chunks += [(keys[i], keys[min(i + size, len(keys)) - 1]) for i in range(0, len(keys), size)]
+    return chunks
 
 
 def _base_tags(spec: PipelineSpec, force: bool = False) -> dict[str, str]:
-    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PIPELINE_TAG: spec.name}
+    tags = {**process_tags(), PIPELINE_TAG: spec.name}
     return {**tags, FORCE_TAG: "true"} if force else tags
+
+
+def _run_config(log_level: str) -> dict:
+    return {"loggers": {"console": {"config": {"log_level": log_level}}}}
+
+
+def profile_of(defs: dg.Definitions) -> DeploymentProfile:
+    """The deployment profile ``defs`` were built with (``build_definitions`` records it)."""
+    recipe = recipe_of(defs)
+    if recipe is None:
+        raise ValueError("These definitions carry no recipe: build them with `defs.factory.build_definitions`.")
+    return profile_from_json(json.loads(recipe)["profile"])
+
+
+class Runs:
+    """Runs of one command: in this process, or through the run queue of a queued profile (a
+    :class:`QueueSession`, started on first use and stopped by :meth:`close`)."""
+
+    def __init__(self, defs: dg.Definitions, instance: dg.DagsterInstance, log: Callable[[str], None]):
+        self.defs, self.instance, self.log = defs, instance, log
+        self.profile = profile_of(defs)
+        if self.profile.executor == "k8s":
+            raise ValueError(f"Profile {self.profile.name!r} runs steps as Kubernetes jobs: launch its runs "
+                             "through the Dagster deployment on the cluster (the UI, a backfill, `dagster "
+                             "job launch`), not through this local runner.")
+        self._queue: QueueSession | None = None
+
+    def queues(self, partitioned: bool) -> bool:
+        """Whether runs go through the queue: partitioned ones under a queued profile; a stage of
+        one run only where runs execute on a cluster (``ray``): on this machine a process of its
+        own would only add its start."""
+        return self.profile.queued and (partitioned or self.profile.executor == "ray")
+
+    def run(self, job_name: str, keys: list[dg.AssetKey] | None, runs: Sequence[tuple[str, dict[str, str]]],
+            tags: dict, run_config: dict, what: str, log_each: bool = False, partitioned: bool = True) -> list:
+        """Each of ``runs`` (label, partition tags) a run of ``job_name`` over ``keys``; in this
+        process the first failure is re-raised as is (``failed_in``: the failed step and
+        partitions); queued (:meth:`queues`), every run settles first, then
+        :class:`queue.QueuedRunsError` names each failed one. Returns the results (in process) or
+        the final ``DagsterRun`` records."""
+        if not self.queues(partitioned):
+            return _run_here(self.defs.resolve_job_def(job_name), self.instance, keys, runs, tags, run_config,
+                             what, self.log if log_each else None)
+        if self._queue is None:
+            self.log(f"starting the run queue: a code server and the daemon ({self.profile.workers} runs at once)")
+            self._queue = QueueSession(self.instance, recipe_of(self.defs), self.log).__enter__()
+        queued_tags = {k: v for k, v in tags.items() if k not in (HOST_TAG, PID_TAG)}  # the run's process sets them
+        submitted = self._queue.submit(job_name, keys, runs, queued_tags, run_config)
+        self.log(f"{what}: {len(submitted)} runs queued, {min(self.profile.workers, len(submitted))} at once")
+        return self._queue.wait(submitted, what, on_settled=lambda run: record_partition_versions(
+            self.instance, _materializations(self.instance, run.run_id)),
+            release=lambda: release_dead_runs(self.instance, self.log))
+
+    def close(self, exc: BaseException | None = None) -> None:
+        if self._queue is not None:
+            self._queue.__exit__(type(exc) if exc else None, exc, None)
+            self._queue = None
+
+
+def _materializations(instance: dg.DagsterInstance, run_id: str) -> list:
+    """The ``DagsterEvent`` of each materialization ``run_id`` stored, in order."""
+    return [record.event_log_entry.dagster_event for record in instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=100_000).records]
 
 
 def _run_here(job, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
@@ -311,13 +384,10 @@ def _run_here(job, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
         except Exception as exc:
             exc.failed_in = (failed_step(instance, run_id) or where) + label
             raise
-        record_partition_versions(instance, result)
+        record_partition_versions(instance, [e for e in result.all_events if e.event_type_value ==
+                                             "ASSET_MATERIALIZATION"])
         results.append(result)
     return results
-
-
-def _run_config(log_level: str) -> dict:
-    return {"loggers": {"console": {"config": {"log_level": log_level}}}}
 
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
@@ -327,49 +397,43 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
 
     ``log_level`` filters Dagster's console logger (``DEBUG`` shows every event);
     ``slot_timeout``: seconds to wait for a free ``gpu`` pool slot held by another live run.
-    With a ``multiprocess`` profile, shard ranges run in worker processes (module docstring);
-    returns the in-process runs' results and the worker runs' ``DagsterRun`` records.
+    Returns the in-process runs' results, or the queued runs' final ``DagsterRun`` records.
     """
     run_config, base_tags = _run_config(log_level), _base_tags(spec, force)
     results: list = []
-    recipe = recipe_of(defs)
-    workers = profile_workers(recipe)
+    runs = Runs(defs, instance, log)
     release_dead_runs(instance, log)  # also when nothing is left to do: the run list stops saying STARTED
-
-    def shards_of(stage: Stage) -> list[str]:  # every shard, in partition order
-        return instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
-
-    for stage in pipeline_stages(spec) if stages is None else stages:
-        plan = plan_stage(defs, spec, instance, stage, force)
-        if not plan.keys:
-            if any(key(spec, n) in defs.resolve_asset_graph().get_all_asset_keys() for n in stage.assets):
-                log(f"{spec.name} {stage.name}: up to date")
-            continue
-        log(f"{spec.name} {stage.name}: " + "; ".join(plan.reasons))
-        release_dead_runs(instance, log)
-        check_pools(instance, slot_timeout)
-        job = defs.resolve_job_def(job_name(spec, stage))
-        tags = {**base_tags, STAGE_TAG: stage.name}
-        ranges = split_ranges(plan.ranges, shards_of(stage), workers) if workers > 1 else plan.ranges
-        if len(ranges) > 1 and workers > 1:  # workers > 1 only with a recipe
-            results += run_in_workers(recipe, job.name, instance, plan.keys, [range_run(*r) for r in ranges],
-                                      workers, tags, run_config, log, f"{spec.name} {stage.name}")
-            continue
-        results += _run_here(job, instance, plan.keys, [range_run(*r) for r in plan.ranges or [(None, None)]],
-                             tags, run_config, f"{spec.name} {stage.name}")
+    present = defs.resolve_asset_graph().get_all_asset_keys()
+    try:
+        for stage in pipeline_stages(spec) if stages is None else stages:
+            plan = plan_stage(defs, spec, instance, stage, force)
+            if not plan.keys:
+                if any(key(spec, n) in present for n in stage.assets):
+                    log(f"{spec.name} {stage.name}: up to date")
+                continue
+            log(f"{spec.name} {stage.name}: " + "; ".join(plan.reasons))
+            release_dead_runs(instance, log)
+            check_pools(instance, slot_timeout)
+            order = instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
+            ranges = chunk_ranges(plan.ranges, order, runs.profile.shards_per_run) or [(None, None)]
+            results += runs.run(job_name(spec, stage), plan.keys, [range_run(*r) for r in ranges],
+                                {**base_tags, STAGE_TAG: stage.name}, run_config, f"{spec.name} {stage.name}",
+                                partitioned=stage.partitioned)
+    except BaseException as exc:
+        runs.close(exc)
+        raise
+    runs.close()
     return results
 
 
 def _on_demand(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
-               log: Callable[[str], None], slot_timeout: float) -> int:
-    """Checks before an on-demand run of ``asset``; returns the profile's worker processes."""
+               log: Callable[[str], None], slot_timeout: float) -> None:
+    """Checks before an on-demand run of ``asset``."""
     if key(spec, asset) not in defs.resolve_asset_graph().get_all_asset_keys():
         raise ValueError(f"Pipeline {spec.name!r} has no asset {asset!r} (LDS retrains exist for the demo "
                          "only, MAGIC with `magic.enabled: true`).")
-    workers = profile_workers(recipe_of(defs))  # refuses a k8s profile
     release_dead_runs(instance, log)
     check_pools(instance, slot_timeout)
-    return workers
 
 
 def materialize_asset(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,
@@ -378,6 +442,7 @@ def materialize_asset(defs: dg.Definitions, spec: PipelineSpec, instance: dg.Dag
     """Materialize the unpartitioned on-demand asset ``asset`` (``fact_tracing``, ``lds``,
     ``magic_training``) in this process, tagged as the ``evaluation`` stage; returns the result.
     A failure is re-raised with the asset in ``failed_in``."""
+    Runs(defs, instance, log)  # refuses a k8s profile
     _on_demand(defs, spec, instance, asset, log, slot_timeout)
     log(f"materializing {spec.name}/{asset}")
     try:
@@ -395,20 +460,23 @@ def materialize_partitions(defs: dg.Definitions, spec: PipelineSpec, instance: d
     """Materialize ``partitions`` of the on-demand asset ``asset`` (:data:`ON_DEMAND_PARTITIONED`),
     each partition its own run of the job ``<pipeline>_<asset>``, tagged as the ``evaluation`` stage.
 
-    With a ``multiprocess`` profile the runs go to its worker processes, ``max_concurrent`` at
-    once, and a failed run stops none of the others (``workers.WorkerRunsError`` after all
-    ended); otherwise they run in this process, one after another, and the first failure is
-    raised. Returns the in-process results or the worker runs' ``DagsterRun`` records.
+    Under a queued profile the runs go through the run queue, ``max_concurrent`` at once, and a
+    failed run stops none of the others (``queue.QueuedRunsError`` after all settled); otherwise
+    they run in this process, one after another, and the first failure is raised. Returns the
+    in-process results or the queued runs' final ``DagsterRun`` records.
     """
     if asset not in ON_DEMAND_PARTITIONED:
         raise ValueError(f"{asset!r} is not an on-demand partitioned asset; those are {ON_DEMAND_PARTITIONED}.")
     if not partitions:
         return []
-    workers = _on_demand(defs, spec, instance, asset, log, slot_timeout)
-    job = defs.resolve_job_def(on_demand_job_name(spec, asset))
+    runs = Runs(defs, instance, log)
+    _on_demand(defs, spec, instance, asset, log, slot_timeout)
     tags, run_config = {**_base_tags(spec), STAGE_TAG: "evaluation"}, _run_config(log_level)
-    runs, what = [partition_run(p) for p in partitions], f"{spec.name}/{asset}"
-    if workers > 1 and len(runs) > 1:
-        return run_in_workers(recipe_of(defs), job.name, instance, [key(spec, asset)], runs, workers, tags,
-                              run_config, log, what)
-    return _run_here(job, instance, None, runs, tags, run_config, what, log)
+    try:
+        results = runs.run(on_demand_job_name(spec, asset), None, [partition_run(p) for p in partitions], tags,
+                           run_config, f"{spec.name}/{asset}", log_each=True)
+    except BaseException as exc:
+        runs.close(exc)
+        raise
+    runs.close()
+    return results

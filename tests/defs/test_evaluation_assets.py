@@ -9,13 +9,14 @@ import pytest
 
 from attribution_assets import cli
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.instance import persistent_instance
+from attribution_assets.defs.queue import QueuedRunsError
 from attribution_assets.defs.runner import (
     Stage,
     materialize_partitions,
     materialize_pipeline,
     unsynced_partitions,
 )
-from attribution_assets.defs.workers import WorkerRunsError
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
 from tests.helpers import TINY_DEMO, definitions_for, local_profile
@@ -67,9 +68,10 @@ def test_fact_tracing_and_lds_assets(tmp_path, monkeypatch, capsys):
     assert (metadata["fraction"].value, metadata["seed_b_varies"].value) == (0.25, "data_order")
 
 
-def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
+def test_lds_retrains_run_through_the_queue_one_run_per_partition(tmp_path):
     """What `attribution evaluate --lds` does under a `multiprocess` profile: each retrain is its
-    own run in a worker process, two at once, with the query losses of retrains in this process."""
+    own queued run in a process of its own, two at once, with the query losses of retrains in this
+    process."""
     spec = demo_spec(people=3, shard_size=20, epochs=2, hidden=32, scoring=ScoringSpec(top_k=0),
                      evaluation=EvaluationSpec(lds_subsets=2))  # smaller than TINY_DEMO: only runs are checked
     prepare = [Stage("prepare", ("corpus", "query_set", "tokenizer", "tokenized_queries"), False)]
@@ -79,8 +81,7 @@ def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
     for name, executor in (("here", "in_process"), ("workers", "multiprocess")):
         profile = dataclasses.replace(local_profile(tmp_path / name, threads=1), executor=executor, max_concurrent=2)
         defs = build_definitions([spec], profile)
-        (tmp_path / f"{name}-home").mkdir()
-        instance = dg.DagsterInstance.local_temp(tempdir=str(tmp_path / f"{name}-home"))
+        instance = persistent_instance(tmp_path / f"{name}-home", profile)
         materialize_pipeline(defs, spec, instance, stages=prepare, log=lambda _: None, log_level="WARNING")
         lines[name] = []
         materialize_partitions(defs, spec, instance, "lds_retrain", partitions, log=lines[name].append,
@@ -89,10 +90,12 @@ def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
         assert sorted(r.tags["dagster/partition"] for r in runs) == partitions
         assert {r.job_name for r in runs} == {"demo_lds_retrain"}
         assert all(r.status == dg.DagsterRunStatus.SUCCESS for r in runs)
+        if name == "workers":  # queued runs carry the code location's origin: the UI links them to the job
+            assert {r.remote_job_origin.location_name for r in runs} == {"attribution_assets"}
         assert unsynced_partitions(defs, instance, retrain_key, partitions) == []
         losses[name] = {p: json.loads((tmp_path / name / "demo" / "lds_retrain" / p / "query_losses.json").read_text())
                         for p in partitions}
-        # a broken input: in this process the first failure stops the rest; in workers every run
+        # a broken input: in this process the first failure stops the rest; queued, every run
         # ends and the error names each failed one
         queries = PipelinePaths.under(tmp_path / name, "demo").query_tokens
         saved = queries.read_bytes()
@@ -106,12 +109,12 @@ def test_lds_retrains_run_in_worker_processes_one_run_per_partition(tmp_path):
         if name == "here":
             assert failure.value.failed_in == f"demo/lds_retrain [{partitions[0]}]"
         else:
-            assert isinstance(failure.value, WorkerRunsError)
+            assert isinstance(failure.value, QueuedRunsError)
             assert failure.value.failed_in in {f"demo/lds_retrain [{p}]" for p in partitions}
             assert all(f"[{p}] (run " in str(failure.value) for p in partitions)
     assert lines["here"] == [f"{n}/2 materializing demo/lds_retrain [{p}]" for n, p in zip((1, 2), partitions)]
-    assert lines["workers"][0] == "demo/lds_retrain: 2 runs in 2 worker processes"
-    ended = [line.split(" (run ")[0].split(" ", 1) for line in lines["workers"][1:]]
+    assert lines["workers"][1] == "demo/lds_retrain: 2 runs queued, 2 at once"
+    ended = [line.split(" (run ")[0].split(" ", 1) for line in lines["workers"][2:]]
     assert [count for count, _ in ended] == ["1/2", "2/2"]
     assert sorted(what for _, what in ended) == [f"done: demo/lds_retrain [{p}]" for p in partitions]
     for p in partitions:

@@ -1,7 +1,13 @@
-"""Scale-out: shard ranges in worker processes give the same stores and scores as one process;
-a failed range does not stop the others; per-shard autocorrelation sums merge exactly."""
+"""Scale-out through Dagster's run queue: shard ranges as queued runs (each in a process of its
+own, two at once) give the same stores and scores as one process; a failed range does not stop
+the others and is retried by Dagster's run retries; a run whose process is killed is released
+and retried; per-shard autocorrelation sums merge exactly."""
 
 import json
+import os
+import signal
+import threading
+import time
 
 import dagster as dg
 import numpy as np
@@ -9,10 +15,12 @@ import pandas as pd
 import pytest
 
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.instance import persistent_instance
 from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
+from attribution_assets.defs.queue import QueuedRunsError
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, materialize_pipeline, split_ranges
-from attribution_assets.defs.workers import WorkerRunsError
+from attribution_assets.defs.runner import Stage, chunk_ranges, materialize_pipeline
+from attribution_assets.defs.runs import PID_TAG
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import load_autocorrelation
@@ -29,40 +37,54 @@ def _spec(base, model_dir):
     return spec
 
 
-def _profile(root, executor="in_process", workers=None, retries=0):
+def _profile(root, executor="in_process", workers=None, retries=0, shards_per_run=None):
     return DeploymentProfile("test", None, StorageResource(root=str(root)), ComputeResource(threads=1),
-                             executor=executor, max_concurrent=workers, max_retries=retries)
+                             executor=executor, max_concurrent=workers, max_retries=retries,
+                             shards_per_run=shards_per_run)
 
 
 @pytest.fixture(scope="module")
 def two_ways(tmp_path_factory, tiny_model_dir):
-    """The same pipeline materialized in one process and with 2 worker processes."""
+    """The same pipeline materialized in one process and through the run queue (2 shards a run,
+    2 runs at once, one retry)."""
     base = tmp_path_factory.mktemp("scale")
     spec = _spec(base, tiny_model_dir)
     one = build_definitions([spec], _profile(base / "one"))
     materialize_pipeline(one, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None, log_level="WARNING")
-    (base / "home").mkdir()
-    instance = dg.DagsterInstance.local_temp(tempdir=str(base / "home"))
-    two = build_definitions([spec], _profile(base / "two", "multiprocess", 2))
+    profile = _profile(base / "two", "multiprocess", 2, retries=1, shards_per_run=2)
+    instance = persistent_instance(base / "home", profile)
+    two = build_definitions([spec], profile)
     messages = []
     materialize_pipeline(two, spec, instance, log=messages.append, log_level="WARNING")
     return spec, PipelinePaths.under(base / "one", spec.name), PipelinePaths.under(base / "two", spec.name), \
         instance, messages, two
 
 
-def test_split_ranges_halves_the_longest_range():
+def test_chunk_ranges_cuts_what_a_multi_run_backfill_would():
     order = [f"s{i}" for i in range(7)]
-    assert split_ranges([("s0", "s3")], order, 2) == [("s0", "s1"), ("s2", "s3")]
-    assert split_ranges([("s0", "s0"), ("s2", "s6")], order, 3) == [("s0", "s0"), ("s2", "s4"), ("s5", "s6")]
-    assert split_ranges([("s0", "s1")], order, 4) == [("s0", "s0"), ("s1", "s1")]
-    assert split_ranges([], order, 2) == []
+    assert chunk_ranges([("s0", "s3")], order, 2) == [("s0", "s1"), ("s2", "s3")]
+    assert chunk_ranges([("s0", "s0"), ("s2", "s6")], order, 2) == [("s0", "s0"), ("s2", "s3"), ("s4", "s5"),
+                                                                    ("s6", "s6")]
+    assert chunk_ranges([("s0", "s6")], order, None) == [("s0", "s6")]
+    assert chunk_ranges([], order, 2) == []
 
 
-def test_profile_survives_the_trip_to_a_worker(tmp_path):
-    profile = _profile(tmp_path, "multiprocess", 3, retries=2)
+def test_profile_survives_the_trip_to_another_process(tmp_path):
+    profile = _profile(tmp_path, "multiprocess", 3, retries=2, shards_per_run=4)
     again = profile_from_json(profile.to_json())
-    assert (again.executor, again.max_concurrent, again.max_retries, again.workers) == ("multiprocess", 3, 2, 3)
+    assert (again.executor, again.max_concurrent, again.max_retries, again.workers, again.shards_per_run) == \
+        ("multiprocess", 3, 2, 3, 4)
     assert again.storage.root == str(tmp_path) and again.compute.threads == 1
+
+
+def test_shard_assets_take_the_profiles_backfill_policy(tmp_path, tiny_model_dir):
+    spec = user_pipeline_spec(tmp_path, tiny_model_dir)
+    graph = build_definitions([spec], _profile(tmp_path / "s", "multiprocess", 2, shards_per_run=3)) \
+        .resolve_asset_graph()
+    policies = {k.path[-1]: graph.get(k).backfill_policy for k in graph.get_all_asset_keys()
+                if graph.get(k).partitions_def is not None}
+    assert set(policies) >= {"tokenized_shards", "train_gradients", "shard_autocorrelation", "scores"}
+    assert all(p == dg.BackfillPolicy.multi_run(max_partitions_per_run=3) for p in policies.values())
 
 
 def test_specs_survive_the_trip_to_a_worker(tmp_path, tiny_model_dir):
@@ -88,12 +110,19 @@ def test_two_workers_give_the_same_stores_and_scores_as_one_process(two_ways):
     assert ra.n == rb.n == 16
     for m in ra.layout:
         np.testing.assert_allclose(rb.matrices[m.name], ra.matrices[m.name], rtol=1e-9, atol=1e-12)
-    # the shards stage ran as two runs of two shards, one per worker process
-    runs = instance.get_runs(filters=dg.RunsFilter(tags={"attribution/stage": "shards"}))
-    ranges = sorted((r.tags["dagster/asset_partition_range_start"], r.tags["dagster/asset_partition_range_end"])
-                    for r in runs)
+    # the shards stage ran as two queued runs of two shards, at the same time, in processes of their
+    # own, with the code location's origin (the UI lists them under their job)
+    records = instance.get_run_records(filters=dg.RunsFilter(tags={"attribution/stage": "shards"}))
+    ranges = sorted((r.dagster_run.tags["dagster/asset_partition_range_start"],
+                     r.dagster_run.tags["dagster/asset_partition_range_end"]) for r in records)
     assert ranges == [(SHARDS[0], SHARDS[1]), (SHARDS[2], SHARDS[3])]
-    assert any("2 worker processes" in m for m in messages)
+    assert {r.dagster_run.remote_job_origin.location_name for r in records} == {"attribution_assets"}
+    assert {r.dagster_run.job_name for r in records} == {"ops_shards"}
+    pids = {r.dagster_run.tags[PID_TAG] for r in records}
+    assert len(pids) == 2 and str(os.getpid()) not in pids
+    (a, b) = records
+    assert a.start_time < b.end_time and b.start_time < a.end_time  # they overlapped
+    assert "ops shards: 2 runs queued, 2 at once" in messages
 
 
 def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
@@ -106,6 +135,8 @@ def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
 
 
 def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways):
+    """Corrupt tokens: the range's run fails, is retried once by Dagster (the profile's
+    ``max_retries``), fails again; the other range completes; the error names the range and run."""
     spec, _, two, instance, _, defs = two_ways
     tokens = two.tokens(SHARDS[3])
     saved = tokens.read_bytes()
@@ -113,13 +144,15 @@ def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways)
     tokens.write_bytes(b"not parquet")
     grads = [Stage("shards", ("train_gradients",), True)]
     try:
-        with pytest.raises(WorkerRunsError) as failure:
+        with pytest.raises(QueuedRunsError) as failure:
             materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL",
                                  force=True)
     finally:
         tokens.write_bytes(saved)
     assert failure.value.failed_in.endswith(f"[{SHARDS[2]} .. {SHARDS[3]}]")
     assert "train_gradients" in failure.value.failed_in
+    failed_run = str(failure.value).split("(run ")[1].split(",")[0]
+    assert instance.get_run_by_id(failed_run).tags["dagster/parent_run_id"]  # the retry failed too
     after = {s: two.train_gradients(s).stat().st_mtime_ns for s in SHARDS}
     assert after[SHARDS[0]] > before[SHARDS[0]] and after[SHARDS[1]] > before[SHARDS[1]]  # other range ran
     assert after[SHARDS[3]] == before[SHARDS[3]]  # the failed shard's old store is untouched
@@ -127,11 +160,49 @@ def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways)
     assert two.train_gradients(SHARDS[3]).stat().st_mtime_ns > before[SHARDS[3]]
 
 
+def test_a_killed_run_is_released_and_retried(two_ways):
+    """SIGKILL of a run's process (as the OOM killer would): the runner marks the run failed,
+    Dagster's run retry re-executes it, and every shard is written exactly once."""
+    spec, one, two, instance, _, defs = two_ways
+    grads = [Stage("shards", ("train_gradients",), True)]
+    killed, errors = [], []
+
+    def materialize():
+        try:
+            materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL",
+                                 force=True)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    started = time.time()
+    worker = threading.Thread(target=materialize)
+    worker.start()
+    while not killed and worker.is_alive() and time.time() - started < 600:
+        for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED],
+                                                           tags={"attribution/force": "true"})):
+            if run.tags.get(PID_TAG, "").isdigit() and int(run.tags[PID_TAG]) != os.getpid():
+                os.kill(int(run.tags[PID_TAG]), signal.SIGKILL)
+                killed.append(run.run_id)
+                break
+        time.sleep(0.2)
+    worker.join()
+    assert killed and not errors, errors
+    assert instance.get_run_by_id(killed[0]).status == dg.DagsterRunStatus.FAILURE
+    retries = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/parent_run_id": killed[0]}))
+    assert [r.status for r in retries] == [dg.DagsterRunStatus.SUCCESS]
+    for shard in SHARDS:
+        a, b = GradientStore(one.train_gradients(shard)), GradientStore(two.train_gradients(shard))
+        assert a.doc_ids == b.doc_ids
+        np.testing.assert_allclose(np.asarray(b.array), np.asarray(a.array), rtol=0, atol=1e-6)
+
+
 def test_profile_retries_reach_the_stage_jobs(tmp_path, tiny_model_dir):
     spec = user_pipeline_spec(tmp_path, tiny_model_dir)
     defs = build_definitions([spec], _profile(tmp_path / "s", retries=2))
     assert defs.resolve_job_def("ops_shards").op_retry_policy.max_retries == 2
     assert build_definitions([spec], _profile(tmp_path / "s")).resolve_job_def("ops_shards").op_retry_policy is None
+    queued = build_definitions([spec], _profile(tmp_path / "s", "multiprocess", 2, retries=2))
+    assert queued.resolve_job_def("ops_shards").op_retry_policy is None  # run retries instead, not both
 
 
 def test_parallel_shards_need_a_persistent_instance(tmp_path, tiny_model_dir):
