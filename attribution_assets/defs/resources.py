@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 from attribution_assets.defs.runs import process_tags
 from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.runtime import limit_threads
+from attribution_assets.engine.runtime import claim_slot, limit_threads
 from attribution_assets.spec import PipelineSpec
 
 STORAGE_ENV = "ATTRIBUTION_STORAGE"
@@ -51,6 +52,7 @@ class ComputeResource(dg.ConfigurableResource):
     processes_per_shard: int = Field(default=1, ge=1)
     fsdp: bool = False
     _restore: list = PrivateAttr(default_factory=list)
+    _claimed: str | None = PrivateAttr(default=None)
 
     @field_validator("autocast", mode="before")
     @classmethod
@@ -74,11 +76,27 @@ class ComputeResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._restore[:] = [limit_threads(self.threads)]
+        self._claim_device()
+
+    def _claim_device(self) -> None:
+        """With ``device`` ``auto`` or ``cuda`` and several GPUs visible, take the lowest GPU no
+        other run of this machine holds (a lock file per GPU, :func:`engine.runtime.claim_slot`),
+        so N concurrent runs on an N-GPU machine get one GPU each; under Ray, which gives a job
+        one GPU through ``CUDA_VISIBLE_DEVICES``, only one is visible and nothing is claimed."""
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.device not in ("auto", "cuda") or count < 2:
+            return
+        slot, release = claim_slot(Path(tempfile.gettempdir()) / "attribution-gpus", count)
+        self._claimed = f"cuda:{slot}"
+        self._restore.append(release)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         for restore in self._restore:
             restore()
         self._restore.clear()
+        self._claimed = None
 
     def cast(self, model):
         """Cast ``model`` to ``precision`` (no-op for ``auto`` and for quantized models, whose
@@ -94,7 +112,7 @@ class ComputeResource(dg.ConfigurableResource):
 
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
-        return models.resolve_device(self.device)
+        return models.resolve_device(self._claimed or self.device)
 
     def load_model(self, spec: PipelineSpec, paths: PipelinePaths, base: bool = False):
         """``(model, tokenizer)`` of the pipeline on this resource's device and precision

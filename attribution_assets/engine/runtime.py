@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import resource
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,6 +113,30 @@ def limit_threads(threads: int = 0) -> Callable[[], None]:
         blas.restore_original_limits()
 
     return restore
+
+
+def claim_slot(directory: str | os.PathLike, slots: int, poll: float = 1.0,
+               wait: bool = True) -> tuple[int, Callable[[], None]]:
+    """The lowest of ``slots`` slots (e.g. the GPUs of this machine) that no other process holds:
+    an exclusive ``flock`` on ``directory/slot-<N>.lock``, held until the returned release is
+    called or the process ends (a killed process frees its slot). When all are held, wait
+    (checking every ``poll`` seconds), or raise ``BlockingIOError`` with ``wait=False``."""
+    import fcntl
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    while True:
+        for slot in range(slots):
+            handle = open(directory / f"slot-{slot}.lock", "a+")  # noqa: SIM115 (held until release)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            return slot, handle.close  # closing the file releases the lock
+        if not wait:
+            raise BlockingIOError(f"all {slots} slots under {directory} are held")
+        time.sleep(poll)
 
 
 def reset_peak_rss() -> bool:

@@ -68,3 +68,67 @@ def test_importing_the_package_makes_pools_sleep():
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["ACTIVE", "0"]
+
+
+def test_claim_slot_gives_each_holder_its_own_slot_and_frees_it_on_release(tmp_path):
+    from attribution_assets.engine.runtime import claim_slot
+
+    first, release_first = claim_slot(tmp_path, 2)
+    second, release_second = claim_slot(tmp_path, 2)
+    assert (first, second) == (0, 1)
+    with pytest.raises(BlockingIOError, match="all 2 slots"):
+        claim_slot(tmp_path, 2, wait=False)
+    release_first()
+    again, release_again = claim_slot(tmp_path, 2, wait=False)
+    assert again == 0
+    release_again()
+    release_second()
+
+
+def test_a_dead_holder_frees_its_slot(tmp_path):
+    import subprocess
+    import sys
+
+    from attribution_assets.engine.runtime import claim_slot
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from attribution_assets.engine.runtime import claim_slot; "
+        f"held = claim_slot({str(tmp_path)!r}, 1); print(held[0], flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "0"
+        with pytest.raises(BlockingIOError):
+            claim_slot(tmp_path, 1, wait=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    slot, release = claim_slot(tmp_path, 1, wait=False)  # the kill freed it
+    assert slot == 0
+    release()
+
+
+def test_concurrent_runs_on_a_multi_gpu_machine_take_one_gpu_each(monkeypatch, tmp_path):
+    import tempfile
+
+    import dagster as dg
+    import torch
+
+    from attribution_assets.defs.resources import ComputeResource
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    runs = [ComputeResource(device="auto", threads=1) for _ in range(2)]
+    for run in runs:
+        run.setup_for_execution(dg.build_init_resource_context())
+    assert [run._claimed for run in runs] == ["cuda:0", "cuda:1"]
+    runs[0].teardown_after_execution(dg.build_init_resource_context())
+    again = ComputeResource(device="cuda", threads=1)
+    again.setup_for_execution(dg.build_init_resource_context())
+    assert again._claimed == "cuda:0"  # the first run's GPU, freed when it ended
+    for run in (runs[1], again):
+        run.teardown_after_execution(dg.build_init_resource_context())
+    pinned = ComputeResource(device="cuda:1", threads=1)
+    pinned.setup_for_execution(dg.build_init_resource_context())
+    assert pinned._claimed is None  # an explicit device is the user's choice
+    pinned.teardown_after_execution(dg.build_init_resource_context())
