@@ -1,12 +1,13 @@
-"""Scale-out on one machine: training-gradient throughput of 4 shards in one process vs 2 worker
-processes (the `multiprocess` profile), and of one shard in 1 vs 2 torchrun ranks (the
-`torchrun` profile's engine entry point); each configuration's startup cost.
+"""Scale-out on one machine: training-gradient throughput of N shards in one process vs queued
+runs, 2 at once (the `multiprocess` profile: Dagster's run queue, each run a process of its own),
+and of one shard in 1 vs 2 torchrun ranks (the `torchrun` profile's engine entry point); each
+configuration's startup cost.
 
     PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--docs-per-shard 48] [--hidden 256]
 
-The worker processes fork from a forkserver that imports torch, transformers, Dagster and the
-definitions once per session (``defs.workers``): the stage is timed twice, as the session's first
-multiprocess stage (the forkserver starts) and as a later one.
+Queued: the command starts a code server and the queue's daemon once (``queue start``), then
+each run pays a process start, the imports and a model load before its shards (``run start``:
+the run's wall time less its shards' collect seconds).
 
 A small random GPT-NeoX (no download) over generated documents. Baselines: one process with the
 workers' thread count (``cores // workers``: what scale-out multiplies) and one process using
@@ -34,9 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from attribution_assets.defs.factory import build_definitions  # noqa: E402
+from attribution_assets.defs.instance import persistent_instance  # noqa: E402
 from attribution_assets.defs.profiles import DeploymentProfile  # noqa: E402
 from attribution_assets.defs.resources import ComputeResource, StorageResource  # noqa: E402
-from attribution_assets.defs.runner import STAGES, Stage, materialize_pipeline, split_ranges  # noqa: E402
+from attribution_assets.defs.runner import STAGES, Stage, materialize_pipeline  # noqa: E402
 from attribution_assets.engine.io.data import read_tokenized  # noqa: E402
 from attribution_assets.engine.io.paths import PipelinePaths  # noqa: E402
 from attribution_assets.spec import load_pipeline_file, spec_to_json  # noqa: E402
@@ -75,9 +77,10 @@ def build_inputs(base: Path, shards: int, docs_per_shard: int, words: int, hidde
     return spec
 
 
-def profile(root: Path, threads: int, executor: str = "in_process", workers: int | None = None):
+def profile(root: Path, threads: int, executor: str = "in_process", workers: int | None = None,
+            shards_per_run: int | None = None):
     return DeploymentProfile("bench", None, StorageResource(root=str(root)), ComputeResource(threads=threads),
-                             executor=executor, max_concurrent=workers)
+                             executor=executor, max_concurrent=workers, shards_per_run=shards_per_run)
 
 
 def shard_seconds(instance: dg.DagsterInstance) -> dict[str, float]:
@@ -91,12 +94,31 @@ def shard_seconds(instance: dg.DagsterInstance) -> dict[str, float]:
     return seconds
 
 
-def time_stage(defs, spec, instance) -> tuple[float, dict[str, float]]:
-    began = time.perf_counter()
+def time_stage(defs, spec, instance) -> tuple[float, dict[str, float], list[str]]:
+    """Wall seconds of a forced train_gradients stage, each shard's collect seconds, the log
+    lines with their seconds since the start."""
+    began, lines = time.perf_counter(), []
     materialize_pipeline(defs, spec, instance, stages=[Stage("shards", ("train_gradients",), True)],
-                         log=lambda _: None, log_level="CRITICAL", force=True)
+                         log=lambda m: lines.append(f"{time.perf_counter() - began:.1f} {m}"),
+                         log_level="CRITICAL", force=True)
     wall = time.perf_counter() - began
-    return wall, shard_seconds(instance)
+    return wall, shard_seconds(instance), lines
+
+
+def run_starts(instance: dg.DagsterInstance, shard_times: dict[str, float]) -> list[float]:
+    """Each queued run of the last stage: its wall seconds less its shards' collect seconds."""
+    records = instance.get_run_records(filters=dg.RunsFilter(tags={"attribution/stage": "shards"}))
+    newest = max(r.create_timestamp for r in records)
+    starts = []
+    for record in records:
+        run = record.dagster_run
+        if record.create_timestamp.timestamp() < newest.timestamp() - 60 or record.end_time is None:
+            continue
+        first, last = run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]
+        order = sorted(shard_times)
+        shards = order[order.index(first):order.index(last) + 1]
+        starts.append(record.end_time - record.start_time - sum(shard_times[s] for s in shards))
+    return starts
 
 
 def torchrun(spec, root: Path, shard: str, ranks: int, threads: int, out: Path, fingerprint: str) -> tuple[float, dict]:
@@ -123,6 +145,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--shards-per-run", type=int, default=1)
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -130,29 +153,27 @@ def main() -> None:
         base = Path(tmp)
         spec = build_inputs(base, args.shards, args.docs_per_shard, args.words, args.hidden, args.layers)
         storage = base / "storage"
-        (base / "home").mkdir()
-        instance = dg.DagsterInstance.local_temp(tempdir=str(base / "home"))
+        per = max(1, cores // args.workers)
+        queued = profile(storage, per, "multiprocess", args.workers, args.shards_per_run)
+        instance = persistent_instance(base / "home", queued)  # in-process runs ignore its queue
         local = build_definitions([spec], profile(storage, cores))
         materialize_pipeline(local, spec, instance, stages=STAGES[:2], log=lambda _: None, log_level="CRITICAL")
         paths = PipelinePaths.under(storage, spec.name)
         tokens = sum(len(d.input_ids) for s in paths.gradient_shards() for d in read_tokenized(paths.tokens(s)))
         rows = []
-        single = build_definitions([spec], profile(storage, max(1, cores // args.workers)))
-        base_wall, base_shards = time_stage(single, spec, instance)
-        rows.append(("1 process", f"threads={max(1, cores // args.workers)}", base_wall,
-                     sum(base_shards.values())))
-        one_wall, one_shards = time_stage(local, spec, instance)
-        rows.append(("1 process", f"threads={cores}", one_wall, sum(one_shards.values())))
-        multi = build_definitions([spec], profile(storage, max(1, cores // args.workers), "multiprocess",
-                                                  args.workers))
-        order = paths.gradient_shards()
-        ranges = split_ranges([(order[0], order[-1])], order, args.workers)  # what the runner ran
-        for when in ("first stage: forkserver starts", "later stage: forkserver warm"):
-            multi_wall, multi_shards = time_stage(multi, spec, instance)
-            per_worker = [sum(multi_shards[s] for s in order[order.index(a):order.index(b) + 1])
-                          for a, b in ranges]
-            rows.append((f"{args.workers} worker processes ({when})",
-                         f"threads={max(1, cores // args.workers)} each", multi_wall, max(per_worker)))
+        single = build_definitions([spec], profile(storage, per))
+        base_wall, base_shards, _ = time_stage(single, spec, instance)
+        rows.append(("1 process", f"threads={per}", base_wall, sum(base_shards.values()), ""))
+        one_wall, one_shards, _ = time_stage(local, spec, instance)
+        rows.append(("1 process", f"threads={cores}", one_wall, sum(one_shards.values()), ""))
+        multi = build_definitions([spec], queued)
+        multi_wall, multi_shards, lines = time_stage(multi, spec, instance)
+        queue_start = float(next(line for line in lines if " runs queued" in line).split()[0])
+        starts = run_starts(instance, multi_shards)
+        runs = -(-args.shards // args.shards_per_run)
+        rows.append((f"{runs} queued runs of {args.shards_per_run} shards, {args.workers} at once",
+                     f"threads={per} each", multi_wall, sum(multi_shards.values()) / min(args.workers, runs),
+                     f"queue start {queue_start:.1f} s; run start {min(starts):.1f}-{max(starts):.1f} s"))
         shard = paths.gradient_shards()[0]
         fingerprint = json.loads(paths.model_record.read_text())["fingerprint"]
         shard_tokens = sum(len(d.input_ids) for d in read_tokenized(paths.tokens(shard)))
@@ -167,15 +188,14 @@ def main() -> None:
           f"{args.docs_per_shard} docs x ~{args.words} words ({tokens} tokens); projection 16; cores {cores}")
     print(f"load average (1/5/15 min) before: {load_before[0]:.1f}/{load_before[1]:.1f}/{load_before[2]:.1f}, "
           f"after: {load_after[0]:.1f}/{load_after[1]:.1f}/{load_after[2]:.1f}\n")
-    per = max(1, cores // args.workers)
     print(f"speedups: against one process with the workers' thread count (threads={per}), and "
           f"against one process using every core through threads (threads={cores})\n")
-    print("| train gradients, 4 shards | threads | wall s | tokens/s (wall) | compute s | startup s | "
-          f"speedup vs threads={per} | speedup vs threads={cores} |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, threads, wall, compute in rows:
-        print(f"| {name} | {threads} | {wall:.1f} | {tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} | "
-              f"{base_wall / wall:.2f}x | {one_wall / wall:.2f}x |")
+    print(f"| train gradients, {args.shards} shards | threads | wall s | tokens/s (wall) | compute s (per worker) | "
+          f"startup s (share of wall) | where | speedup vs threads={per} | speedup vs threads={cores} |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, threads, wall, compute, where in rows:
+        print(f"| {name} | {threads} | {wall:.1f} | {tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} "
+              f"({(wall - compute) / wall:.0%}) | {where} | {base_wall / wall:.2f}x | {one_wall / wall:.2f}x |")
     print("\n| one shard via torchrun | wall s | tokens/s (wall) | rank collect s | startup s | "
           f"speedup vs 1 rank threads={per} (collect) | speedup vs 1 rank threads={cores} (collect) |")
     print("|---|---|---|---|---|---|---|")

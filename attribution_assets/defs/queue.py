@@ -75,6 +75,13 @@ def _die_with_parent() -> None:  # in the child, before exec: SIGTERM when the c
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def write_recipe(home: Path, recipe: str) -> Path:
     """The recipe as a file under ``home/recipes`` (named by its digest; written atomically)."""
     path = home / "recipes" / f"{hashlib.sha256(recipe.encode()).hexdigest()[:16]}.json"
@@ -109,10 +116,11 @@ def settled(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
 
 class QueueSession:
     """Code server + daemons for one command over ``instance`` (which must be persistent and
-    configured by ``defs.instance.persistent_instance`` for a queued profile)."""
+    configured by ``defs.instance.persistent_instance`` for a queued profile); ``daemons``: the
+    Dagster daemon types to run (e.g. add ``BACKFILL`` to serve backfills launched meanwhile)."""
 
     def __init__(self, instance: dg.DagsterInstance, recipe: str, log: Callable[[str], None] = print,
-                 start_timeout: float = 300.0):
+                 start_timeout: float = 300.0, daemons: Sequence[str] = DAEMONS):
         from dagster._core.run_coordinator import QueuedRunCoordinator
 
         if not instance.is_persistent or not isinstance(instance.run_coordinator, QueuedRunCoordinator):
@@ -120,9 +128,9 @@ class QueueSession:
                              "make it with `attribution_assets.defs.instance.persistent_instance(home, "
                              "profile)` for the queued profile (the CLI does).")
         self.instance, self.recipe, self.log, self.start_timeout = instance, recipe, log, start_timeout
+        self.daemons = tuple(daemons)
         self._stack = contextlib.ExitStack()
         self._server: subprocess.Popen | None = None
-        self.workspace = None
 
     # -- lifetime --------------------------------------------------------------------------------
     def __enter__(self) -> QueueSession:
@@ -147,7 +155,11 @@ class QueueSession:
         logs = home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self._server_log = logs / f"code-server-{port}.log"
-        env = {**os.environ, RECIPE_ENV: str(recipe_path), "DAGSTER_HOME": str(home)}
+        # this process's environment too, for the session: a run launcher that forwards variables by
+        # name (dagster-ray's `env_vars`) hands the recipe to runs it starts elsewhere
+        self._stack.callback(_restore_env, RECIPE_ENV, os.environ.get(RECIPE_ENV))
+        os.environ[RECIPE_ENV] = str(recipe_path)
+        env = {**os.environ, "DAGSTER_HOME": str(home)}
         with open(self._server_log, "wb") as out:
             self._server = subprocess.Popen(
                 [sys.executable, "-m", "dagster", "api", "grpc", "-m", MODULE, "--location-name", LOCATION,
@@ -156,9 +168,9 @@ class QueueSession:
                 start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_for_server(port)
         target = GrpcServerTarget(host="127.0.0.1", port=port, socket=None, location_name=LOCATION)
-        self._context = self._stack.enter_context(WorkspaceProcessContext(self.instance, target))
+        self.context = self._stack.enter_context(WorkspaceProcessContext(self.instance, target))
         self._stack.enter_context(daemon_controller_from_instance(
-            self.instance, target, gen_daemons=lambda inst: [create_daemon_of_type(d, inst) for d in DAEMONS],
+            self.instance, target, gen_daemons=lambda inst: [create_daemon_of_type(d, inst) for d in self.daemons],
             log_level="warning"))
 
     def _wait_for_server(self, port: int) -> None:
@@ -214,7 +226,7 @@ class QueueSession:
         from dagster._core.definitions.selector import JobSubsetSelector
 
         submitted = []
-        with self._context.create_request_context() as workspace:
+        with self.context.create_request_context() as workspace:
             location = workspace.get_code_location(LOCATION)
             repository = next(iter(location.get_repositories().values()))
             selector = JobSubsetSelector(location_name=LOCATION, repository_name=repository.name,

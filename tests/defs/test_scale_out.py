@@ -3,6 +3,7 @@ own, two at once) give the same stores and scores as one process; a failed range
 the others and is retried by Dagster's run retries; a run whose process is killed is released
 and retried; per-shard autocorrelation sums merge exactly."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -211,3 +212,42 @@ def test_parallel_shards_need_a_persistent_instance(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="persistent Dagster instance"):
         materialize_pipeline(defs, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None,
                              log_level="CRITICAL")
+
+
+def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny_model_dir):
+    """The UI's own GraphQL mutation launches a backfill of 8 shards; the backfill daemon cuts it
+    by the profile's policy (2 shards a run) and the run queue runs them, 2 at once."""
+    from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
+    from dagster_graphql.test.utils import execute_dagster_graphql
+
+    from attribution_assets.defs.queue import DAEMONS, QueueSession
+    from attribution_assets.defs.runs import recipe_of
+
+    spec = _spec(tmp_path, tiny_model_dir)
+    spec = dataclasses.replace(spec, shard_size=2)  # 16 documents: 8 shards
+    profile = _profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=2)
+    instance = persistent_instance(tmp_path / "home", profile)
+    defs = build_definitions([spec], profile)
+    materialize_pipeline(defs, spec, instance, stages=[Stage("prepare", ("corpus", "tokenizer"), False)],
+                         log=lambda _: None, log_level="CRITICAL")
+    shards = instance.get_dynamic_partitions("ops_shards")
+    assert len(shards) == 8
+    with QueueSession(instance, recipe_of(defs), log=lambda _: None, daemons=(*DAEMONS, "BACKFILL")) as queue:
+        with queue.context.create_request_context() as workspace:
+            launched = execute_dagster_graphql(workspace, LAUNCH_PARTITION_BACKFILL_MUTATION, {"backfillParams": {
+                "partitionNames": shards, "assetSelection": [{"path": ["ops", "tokenized_shards"]}]}})
+        backfill_id = launched.data["launchPartitionBackfill"]["backfillId"]
+        deadline = time.time() + 900
+        while instance.get_backfill(backfill_id).status == dg.BulkActionStatus.REQUESTED and time.time() < deadline:
+            time.sleep(1)
+    assert instance.get_backfill(backfill_id).status == dg.BulkActionStatus.COMPLETED_SUCCESS
+    records = instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
+    ranges = sorted((r.dagster_run.tags["dagster/asset_partition_range_start"],
+                     r.dagster_run.tags["dagster/asset_partition_range_end"]) for r in records)
+    assert ranges == [(shards[i], shards[i + 1]) for i in range(0, 8, 2)]
+    assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
+    overlapping = sum(a.start_time < b.end_time and b.start_time < a.end_time
+                      for i, a in enumerate(records) for b in records[i + 1:])
+    assert overlapping >= 1  # at least two runs at once
+    paths = PipelinePaths.under(tmp_path / "storage", spec.name)
+    assert all(paths.tokens(s).exists() for s in shards)
