@@ -13,7 +13,9 @@ fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``).
   and daemon) and each executes in its own process on this machine;
 - ``ray``: runs go through the same queue and each executes as a Ray job on a Ray cluster
   (dagster-ray's ``RayRunLauncher``; ``ray``: its config, e.g. ``address``);
-- ``k8s``: every step a Kubernetes job (Dagster's ``k8s_job_executor``; ``k8s``: its config).
+- ``k8s``: every step a Kubernetes job (Dagster's ``k8s_job_executor``; ``k8s``: its config, with
+  a pinned ``job_image``; ``pipelines_config_map``: the ConfigMap of the user's pipelines;
+  ``pool_k8s_config``: each pool's step pods, ``gpu`` and ``default``: see ``defs/kubernetes.py``).
 
 ``max_concurrent``: runs at once (the queue's ``max_concurrent_runs``; steps at once for ``k8s``);
 ``shards_per_run``: shards per run of a partitioned asset (its ``BackfillPolicy.multi_run``, for
@@ -70,6 +72,8 @@ class DeploymentProfile:
     devices: int | None = None
     k8s: dict | None = None
     ray: dict | None = None
+    pipelines_config_map: str | None = None
+    pool_k8s_config: dict | None = None
     instance: dict | None = None
 
     @property
@@ -100,7 +104,8 @@ class DeploymentProfile:
         """The profile as the YAML mapping it came from (storage root resolved), as JSON:
         :func:`profile_from_json` rebuilds it in another process."""
         executor: dict[str, Any] = {"kind": self.executor, "max_retries": self.max_retries}
-        for name in ("max_concurrent", "shards_per_run", "devices", "k8s", "ray"):
+        for name in ("max_concurrent", "shards_per_run", "devices", "k8s", "ray", "pipelines_config_map",
+                     "pool_k8s_config"):
             if getattr(self, name) is not None:
                 executor[name] = getattr(self, name)
         raw = {"name": self.name, "source": str(self.source) if self.source else None,
@@ -115,12 +120,13 @@ class DeploymentProfile:
         (a Kubernetes job per step). Queued kinds get their parallelism from concurrent runs."""
         if self.executor == "k8s":
             try:
-                from dagster_k8s import k8s_job_executor
+                import dagster_k8s  # noqa: F401
             except ImportError:
                 raise ProfileError(f"Profile {self.name!r} uses the `k8s` executor, which needs dagster-k8s: "
                                    "`pip install -c constraints.txt '.[k8s]'`.") from None
-            config = {**(self.k8s or {}), **({"max_concurrent": self.max_concurrent} if self.max_concurrent else {})}
-            return k8s_job_executor.configured(config, name="k8s")
+            from attribution_assets.defs.kubernetes import k8s_executor
+
+            return k8s_executor(self)  # pinned image, pipelines ConfigMap, each pool's pod resources
         return dg.in_process_executor.configured({}, name="in_process")
 
 
@@ -183,7 +189,8 @@ def load_profile(name_or_path: str | None = None) -> DeploymentProfile:
     return profile_from_mapping(raw, where, name=path.stem, source=path)
 
 
-EXECUTOR_KEYS = {"kind", "max_concurrent", "max_retries", "shards_per_run", "devices", "k8s", "ray"}
+EXECUTOR_KEYS = {"kind", "max_concurrent", "max_retries", "shards_per_run", "devices", "k8s", "ray",
+                 "pipelines_config_map", "pool_k8s_config"}
 
 
 def _check_count(value: Any, key: str, low: int, where: str) -> None:
@@ -216,6 +223,11 @@ def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = 
         if value is not None and (kind != name or not isinstance(value, dict)):
             raise ProfileError(f"{where}: `executor.{name}` is {what}: a mapping, and only with "
                                f"`kind: {name}` (kind is {kind!r}).")
+    from attribution_assets.defs.kubernetes import k8s_executor_problem
+
+    problem = k8s_executor_problem(executor, kind, where)  # pinned image, pipelines ConfigMap, pools
+    if problem:
+        raise ProfileError(problem)
     instance = raw.get("instance")
     if instance is not None:
         instance = _section(raw, "instance", where)
@@ -229,7 +241,8 @@ def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = 
         compute=_resource(ComputeResource, _section(raw, "compute", where), "compute", where),
         executor=kind, max_concurrent=max_concurrent, max_retries=max_retries or 0,
         shards_per_run=executor.get("shards_per_run"), devices=executor.get("devices"),
-        k8s=executor.get("k8s"), ray=executor.get("ray"), instance=instance)
+        k8s=executor.get("k8s"), ray=executor.get("ray"), instance=instance,
+        pipelines_config_map=executor.get("pipelines_config_map"), pool_k8s_config=executor.get("pool_k8s_config"))
 
 
 def profile_from_json(text: str) -> DeploymentProfile:
