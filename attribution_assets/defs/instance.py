@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from attribution_assets.defs.profiles import DeploymentProfile, load_profile
+from attribution_assets.defs.profiles import DeploymentProfile, ProfileError, load_profile
 
 #: Settings every instance gets (a profile's own settings are added by :func:`instance_settings`).
 BASE_SETTINGS = {
@@ -54,9 +54,47 @@ def queue_settings(profile: DeploymentProfile) -> dict:
     }
 
 
+#: What installs dagster-postgres (the ``postgres`` extra).
+POSTGRES_INSTALL = "pip install -c constraints.txt '.[postgres]'"
+#: The SQLAlchemy URL scheme of the driver dagster-postgres installs (psycopg2): SQLAlchemy 2.1
+#: maps a bare ``postgresql://`` to psycopg 3, which is not installed.
+POSTGRES_SCHEME = "postgresql+psycopg2"
+
+
+def storage_settings(profile: DeploymentProfile) -> dict:
+    """Run, event-log and schedule storage: ``{}`` for ``sqlite`` (Dagster's default: SQLite files
+    under ``$DAGSTER_HOME``, for one machine); for ``postgres``, dagster-postgres's storage on the
+    profile's ``instance.postgres`` server. ``dagster.yaml`` names the password's environment
+    variable (``password: {env: <password_env>}``), never the password: every process that opens
+    the instance (daemon, run workers, webserver) reads it from its own environment.
+
+    Raises :class:`ProfileError` when dagster-postgres is not installed or the variable is unset.
+    """
+    if profile.instance_storage != "postgres":
+        return {}
+    where = f"Profile {profile.name!r}" + (f" ({profile.source})" if profile.source else "")
+    try:
+        import dagster_postgres  # noqa: F401
+    except ImportError:
+        raise ProfileError(f"{where} keeps the Dagster instance in Postgres (`instance.storage: postgres`), "
+                           f"which needs dagster-postgres: `{POSTGRES_INSTALL}`.") from None
+    postgres = profile.instance["postgres"]
+    variable = postgres["password_env"]
+    if not os.environ.get(variable):
+        raise ProfileError(f"{where} keeps the Dagster instance in Postgres and reads the password of "
+                           f"{postgres['username']}@{postgres['hostname']} from ${variable} "
+                           f"(`instance.postgres.password_env`), which is unset or empty: "
+                           f"`export {variable}=...` before starting.")
+    db = {"username": postgres["username"], "password": {"env": variable}, "hostname": postgres["hostname"],
+          "db_name": postgres["db_name"], "port": postgres.get("port", 5432), "scheme": POSTGRES_SCHEME}
+    if postgres.get("params"):
+        db["params"] = dict(postgres["params"])
+    return {"storage": {"postgres": {"postgres_db": db}}}
+
+
 def instance_settings(profile: DeploymentProfile) -> dict:
     """The ``dagster.yaml`` mapping ``profile`` needs."""
-    return {**BASE_SETTINGS, **queue_settings(profile)}
+    return {**BASE_SETTINGS, **storage_settings(profile), **queue_settings(profile)}
 
 
 def persistent_instance(home: str | os.PathLike | None = None,

@@ -198,6 +198,59 @@ def _check_count(value: Any, key: str, low: int, where: str) -> None:
         raise ProfileError(f"{where}: `executor.{key}` must be an integer >= {low}, got {value!r}.")
 
 
+#: ``instance.postgres`` keys (``params``: extra libpq connection parameters, e.g. ``sslmode``).
+POSTGRES_KEYS = {"hostname", "port", "db_name", "username", "password_env", "params"}
+POSTGRES_REQUIRED = ("hostname", "db_name", "username", "password_env")
+INSTANCE_KEYS = {"storage", "postgres"}
+_POSTGRES_EXAMPLE = ("e.g. `postgres: {hostname: db.example.org, port: 5432, db_name: dagster, "
+                     "username: dagster, password_env: ATTRIBUTION_PG_PASSWORD}`")
+
+
+def _check_instance_postgres(instance: dict, storage: str, where: str) -> None:
+    """The ``instance`` section's keys, and ``instance.postgres``: the connection settings that
+    ``storage: postgres`` needs; the password comes from the environment variable named by
+    ``password_env`` (read when the instance is created), never from the profile."""
+    unknown = sorted(set(instance) - INSTANCE_KEYS, key=str)
+    if unknown:
+        raise ProfileError(f"{where}: " + unknown_keys_message(unknown, INSTANCE_KEYS, "`instance`"))
+    postgres = instance.get("postgres")
+    if storage != "postgres":
+        if postgres is not None:
+            raise ProfileError(f"{where}: `instance.postgres` applies only with `instance.storage: postgres` "
+                               f"(storage is {storage!r}); remove it or set `storage: postgres`.")
+        return
+    if not isinstance(postgres, dict):
+        raise ProfileError(f"{where}: `instance.storage: postgres` needs an `instance.postgres` mapping "
+                           f"with {', '.join(f'`{k}`' for k in POSTGRES_REQUIRED)}; {_POSTGRES_EXAMPLE}.")
+    if "password" in postgres:
+        raise ProfileError(f"{where}: `instance.postgres.password`: a profile never holds a password; set "
+                           "`password_env` to the name of the environment variable that holds it "
+                           "(e.g. `password_env: ATTRIBUTION_PG_PASSWORD`).")
+    unknown = sorted(set(postgres) - POSTGRES_KEYS, key=str)
+    if unknown:
+        raise ProfileError(f"{where}: " + unknown_keys_message(unknown, POSTGRES_KEYS, "`instance.postgres`"))
+    missing = [k for k in POSTGRES_REQUIRED if postgres.get(k) is None]
+    if missing:
+        raise ProfileError(f"{where}: `instance.postgres` lacks {', '.join(f'`{k}`' for k in missing)}; "
+                           f"{_POSTGRES_EXAMPLE}.")
+    for name in ("hostname", "db_name", "username", "password_env"):
+        if not isinstance(postgres[name], str) or not postgres[name].strip():
+            raise ProfileError(f"{where}: `instance.postgres.{name}` must be a non-empty string, got "
+                               f"{postgres[name]!r} (quote it in YAML).")
+    variable = postgres["password_env"]
+    if not (variable.replace("_", "a").isalnum() and variable.isascii() and not variable[0].isdigit()):
+        raise ProfileError(f"{where}: `instance.postgres.password_env` is the NAME of an environment variable "
+                           f"(letters, digits, _), e.g. ATTRIBUTION_PG_PASSWORD, got {variable!r}; export the "
+                           "password in that variable.")
+    port = postgres.get("port", 5432)
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ProfileError(f"{where}: `instance.postgres.port` must be an integer from 1 to 65535, got {port!r}.")
+    params = postgres.get("params", {})
+    if not isinstance(params, dict) or not all(isinstance(v, (str, int, float)) for v in params.values()):
+        raise ProfileError(f"{where}: `instance.postgres.params` must map libpq connection parameters to "
+                           f"strings or numbers (e.g. `sslmode: require`), got {params!r}.")
+
+
 def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = None) -> DeploymentProfile:
     """Validate a profile mapping (the YAML's sections) and build the profile."""
     if not isinstance(raw, dict):
@@ -235,6 +288,7 @@ def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = 
         if storage not in INSTANCE_STORAGES:
             raise ProfileError(f"{where}: `instance.storage` is {storage!r}; choose one of "
                                f"{list(INSTANCE_STORAGES)}.")
+        _check_instance_postgres(instance, storage, where)
     return DeploymentProfile(
         name=name, source=source,
         storage=_resource(StorageResource, _section(raw, "storage", where), "storage", where),
