@@ -81,11 +81,12 @@ def test_dagster_definitions_validate_accepts_every_profile(path, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_kubernetes_profile_requests_a_gpu_and_a_shared_volume():
+def test_kubernetes_profile_requests_a_gpu_for_gpu_steps_only_and_a_shared_volume():
     profile = load_profile("kubernetes")
     assert (profile.executor, profile.max_retries) == ("k8s", 2)
-    step = profile.k8s["step_k8s_config"]["container_config"]["resources"]
+    step = profile.pool_k8s_config["gpu"]["container_config"]["resources"]
     assert step["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in str(profile.pool_k8s_config["default"])  # CPU steps get CPU pods
     assert profile.storage.root.startswith(profile.k8s["volume_mounts"][0]["mount_path"])
 
 
