@@ -98,7 +98,9 @@ class DeploymentProfile:
         return dg.BackfillPolicy.multi_run(max_partitions_per_run=self.shards_per_run)
 
     def retry_policy(self) -> dg.RetryPolicy | None:
-        return dg.RetryPolicy(max_retries=self.max_retries) if self.max_retries else None
+        """Step retries of the stage jobs: ``max_retries``, except under a queued profile, where
+        Dagster's run retries re-execute a failed run instead (not both)."""
+        return dg.RetryPolicy(max_retries=self.max_retries) if self.max_retries and not self.queued else None
 
     def to_json(self) -> str:
         """The profile as the YAML mapping it came from (storage root resolved), as JSON:
@@ -269,13 +271,13 @@ def profile_from_mapping(raw: Any, where: str, name: str, source: Path | None = 
     _check_count(max_concurrent, "max_concurrent", 1, where)
     max_retries = executor.get("max_retries", 0)
     _check_count(max_retries, "max_retries", 0, where)
-    for name in ("shards_per_run", "devices"):
-        _check_count(executor.get(name), name, 1, where)
-    for name, what in (("k8s", "the k8s_job_executor's config"), ("ray", "the RayRunLauncher's config")):
-        value = executor.get(name)
-        if value is not None and (kind != name or not isinstance(value, dict)):
-            raise ProfileError(f"{where}: `executor.{name}` is {what}: a mapping, and only with "
-                               f"`kind: {name}` (kind is {kind!r}).")
+    for count in ("shards_per_run", "devices"):
+        _check_count(executor.get(count), count, 1, where)
+    for section, what in (("k8s", "the k8s_job_executor's config"), ("ray", "the RayRunLauncher's config")):
+        value = executor.get(section)
+        if value is not None and (kind != section or not isinstance(value, dict)):
+            raise ProfileError(f"{where}: `executor.{section}` is {what}: a mapping, and only with "
+                               f"`kind: {section}` (kind is {kind!r}).")
     from attribution_assets.defs.kubernetes import k8s_executor_problem
 
     problem = k8s_executor_problem(executor, kind, where)  # pinned image, pipelines ConfigMap, pools
