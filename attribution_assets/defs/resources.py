@@ -138,7 +138,7 @@ class StorageResource(dg.ConfigurableResource):
         own), so that a run whose process died is released (``runner.release_dead_runs``)."""
         run, instance = context.dagster_run, context.instance
         if run is not None and instance is not None and run.run_id != "EPHEMERAL":
-            tags = process_tags()
+            tags = process_tags(run.run_id)
             if any(run.tags.get(k) != v for k, v in tags.items()):
                 instance.add_run_tags(run.run_id, tags)
 

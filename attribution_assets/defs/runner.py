@@ -52,6 +52,7 @@ from attribution_assets.defs.runs import (
     STAGE_TAG,
     failed_step,
     partition_run,
+    process_of,
     process_tags,
     range_run,
     recipe_of,
@@ -153,21 +154,21 @@ def _alive(pid: int) -> bool:
 
 
 def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
-    """Mark failed the unfinished runs that this host launched from processes now gone, and free
-    their concurrency slots; return their run ids."""
+    """Mark failed the unfinished runs of this host whose process (``runs.process_of``) is gone,
+    and free their concurrency slots; return their run ids. A run that failed so is retried by
+    Dagster's run retries where the instance has them."""
     host, released = socket.gethostname(), []
     unfinished = instance.get_runs(filters=dg.RunsFilter(statuses=[
         dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED,
         dg.DagsterRunStatus.CANCELING]))
     for run in unfinished:
-        if run.tags.get(HOST_TAG) != host or not run.tags.get(PID_TAG, "").isdigit():
+        process = process_of(run)
+        if process is None or process[0] != host or _alive(process[1]):
             continue
-        if _alive(int(run.tags[PID_TAG])):
-            continue
-        instance.report_run_failed(run, f"the process that ran it (pid {run.tags[PID_TAG]}) is gone")
+        instance.report_run_failed(run, f"the process that ran it (pid {process[1]}) is gone")
         instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
         released.append(run.run_id)
-        log(f"released run {run.run_id} of {run.job_name}: its process {run.tags[PID_TAG]} died")
+        log(f"released run {run.run_id} of {run.job_name}: its process {process[1]} died")
     return released
 
 

@@ -21,12 +21,25 @@ RECIPE_ENV = "ATTRIBUTION_RECIPE"
 #: Run tags: the host and process that execute a run (a run whose process is gone is released),
 #: its pipeline and stage, and whether it recomputes what it could reuse.
 HOST_TAG, PID_TAG = "attribution/host", "attribution/pid"
+#: The run whose process set the host and pid tags: a retry inherits its parent's tags, and they
+#: name its own process only once it set them itself (absent: set by the run's creator).
+PID_OF_TAG = "attribution/pid_of"
 PIPELINE_TAG, STAGE_TAG, FORCE_TAG = "attribution/pipeline", "attribution/stage", "attribution/force"
 
 
-def process_tags() -> dict[str, str]:
-    """The host and pid tags of this process."""
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+def process_tags(run_id: str | None = None) -> dict[str, str]:
+    """The host and pid tags of this process (set by run ``run_id`` itself, when given)."""
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
+    return {**tags, PID_OF_TAG: run_id} if run_id else tags
+
+
+def process_of(run: dg.DagsterRun) -> tuple[str, int] | None:
+    """``(host, pid)`` of the process that executes ``run``, where its tags name it (not the
+    inherited tags of a retry whose own process has not tagged it yet)."""
+    host, pid, of = run.tags.get(HOST_TAG), run.tags.get(PID_TAG, ""), run.tags.get(PID_OF_TAG)
+    if host is None or not pid.isdigit() or (of is not None and of != run.run_id):
+        return None
+    return host, int(pid)
 
 
 def recipe_of(defs: dg.Definitions) -> str | None:
