@@ -26,6 +26,9 @@ from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.autocorrelation import load_autocorrelation
 from tests.helpers import SENTENCES, user_pipeline_spec
+from tests.services import postgres as postgres_service
+
+postgres_server = postgres_service.postgres_server  # the fixture, for this module
 
 SHARDS = [f"shard-{i:05d}" for i in range(4)]
 
@@ -225,9 +228,11 @@ def test_parallel_shards_need_a_persistent_instance(tmp_path, tiny_model_dir):
                              log_level="CRITICAL")
 
 
-def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny_model_dir):
+def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny_model_dir, postgres_server,
+                                                                 monkeypatch):
     """The UI's own GraphQL mutation launches a backfill of 8 shards; the backfill daemon cuts it
-    by the profile's policy (2 shards a run) and the run queue runs them, 2 at once."""
+    by the profile's policy (2 shards a run) and the run queue runs them, 2 at once, on an
+    instance in a real PostgreSQL server (what several processes or nodes share)."""
     from dagster._core.execution.backfill import BulkActionStatus
     from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
     from dagster_graphql.test.utils import execute_dagster_graphql
@@ -237,7 +242,12 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
 
     spec = _spec(tmp_path, tiny_model_dir)
     spec = dataclasses.replace(spec, shard_size=2)  # 16 documents: 8 shards
-    profile = _profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=2)
+    pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed")
+    monkeypatch.setenv("ATTRIBUTION_TEST_PG_PASSWORD", postgres_server.password)  # the runs inherit it
+    postgres = {"hostname": postgres_server.host, "port": postgres_server.port, "username": postgres_server.user,
+                "db_name": postgres_server.create_database("backfill"), "password_env": "ATTRIBUTION_TEST_PG_PASSWORD"}
+    profile = dataclasses.replace(_profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=2),
+                                  instance={"storage": "postgres", "postgres": postgres})
     instance = persistent_instance(tmp_path / "home", profile)
     defs = build_definitions([spec], profile)
     materialize_pipeline(defs, spec, instance, stages=[Stage("prepare", ("corpus", "tokenizer"), False)],
@@ -261,3 +271,4 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
     assert _overlapping(instance, records) >= 1  # at least two runs in flight at once
     paths = PipelinePaths.under(tmp_path / "storage", spec.name)
     assert all(paths.tokens(s).exists() for s in shards)
+    assert int(postgres_server.psql("select count(*) from runs", db=postgres["db_name"])) == len(records) + 1
