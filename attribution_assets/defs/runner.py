@@ -31,17 +31,14 @@ fails fast with the run that holds them.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import dagster as dg
 from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
+from attribution_assets.defs.health import check_pools, release_dead_runs
 from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
 from attribution_assets.defs.queue import QueueSession
 from attribution_assets.defs.runs import (
@@ -52,16 +49,15 @@ from attribution_assets.defs.runs import (
     STAGE_TAG,
     failed_step,
     partition_run,
-    process_of,
     process_tags,
     range_run,
     recipe_of,
 )
 from attribution_assets.spec import PipelineSpec
 
-__all__ = ["FORCE_TAG", "HOST_TAG", "PID_TAG", "PIPELINE_TAG", "STAGE_TAG"]  # run tags, re-exported
+__all__ = ["FORCE_TAG", "HOST_TAG", "PID_TAG", "PIPELINE_TAG", "STAGE_TAG",  # run tags, re-exported
+           "release_dead_runs"]
 
-POOLS = ("gpu",)
 #: Partitioned assets outside the stages, materialized on demand (``attribution evaluate``, a UI
 #: backfill): one job each, ``<pipeline>_<asset>``, one run per partition.
 ON_DEMAND_PARTITIONED = ("magic_scores", "lds_retrain")
@@ -137,61 +133,6 @@ def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
                                 description=f"{spec.name}: {name}, one run per partition",
                                 op_retry_policy=retry_policy)
             for name in ON_DEMAND_PARTITIONED if key(spec, name) in present]
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def release_dead_runs(instance: dg.DagsterInstance, log: Callable[[str], None] = print) -> list[str]:
-    """Mark failed the unfinished runs of this host whose process (``runs.process_of``) is gone,
-    and free their concurrency slots; return their run ids. A run that failed so is retried by
-    Dagster's run retries where the instance has them."""
-    host, released = socket.gethostname(), []
-    unfinished = instance.get_runs(filters=dg.RunsFilter(statuses=[
-        dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.CANCELING]))
-    for run in unfinished:
-        process = process_of(run)
-        if process is None or process[0] != host or _alive(process[1]):
-            continue
-        instance.report_run_failed(run, f"the process that ran it (pid {process[1]}) is gone")
-        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
-        released.append(run.run_id)
-        log(f"released run {run.run_id} of {run.job_name}: its process {process[1]} died")
-    return released
-
-
-def check_pools(instance: dg.DagsterInstance, timeout: float = 0.0, poll: float = 2.0) -> None:
-    """Wait up to ``timeout`` seconds for a free slot in each pool a stage may use; then raise
-    naming the runs that hold the slots and how to free them."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return
-    deadline = time.monotonic() + timeout
-    for pool in POOLS:
-        while True:
-            info = storage.get_concurrency_info(pool)
-            if info.slot_count == 0 or len(info.claimed_slots) < info.slot_count:
-                break
-            if time.monotonic() >= deadline:
-                holders = sorted({f"{s.run_id} ({s.step_key})" for s in info.claimed_slots})
-                raise RuntimeError(
-                    f"All {info.slot_count} slots of pool {pool!r} are held by running runs: "
-                    f"{', '.join(holders)}. Wait for them, stop them (`dagster run delete <id>` or "
-                    f"the UI), or free the slots with `dagster instance concurrency set {pool} "
-                    f"{info.slot_count}` after marking dead runs failed.")
-            time.sleep(poll)
 
 
 @dataclass

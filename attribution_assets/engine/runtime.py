@@ -115,6 +115,23 @@ def limit_threads(threads: int = 0) -> Callable[[], None]:
     return restore
 
 
+def process_alive(pid: int) -> bool:
+    """False only when process ``pid`` of this host is known to be gone: it does not exist, or it
+    is a zombie (killed, not yet reaped by its parent)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: existence/permission check only, nothing is sent
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # PermissionError: it exists (another user's process)
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def claim_slot(directory: str | os.PathLike, slots: int, poll: float = 1.0,
                wait: bool = True) -> tuple[int, Callable[[], None]]:
     """The lowest of ``slots`` slots (e.g. the GPUs of this machine) that no other process holds:

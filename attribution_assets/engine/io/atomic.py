@@ -41,6 +41,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from attribution_assets.engine.runtime import process_alive
+
 log = logging.getLogger(__name__)
 
 # Names that do not carry a writer (written before writers were named) are removed
@@ -90,19 +92,6 @@ def _parse(name: str, final_name: str) -> tuple[str, int] | None:
     return match["host"], int(match["pid"])
 
 
-def _pid_alive(pid: int) -> bool:
-    """False only when ``pid`` is known not to exist on this host."""
-    if pid <= 0 or pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: existence/permission check only, nothing is sent
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # PermissionError: it exists (another user's process)
-        return True
-    return True
-
-
 def _newest_mtime(path: Path) -> float:
     """mtime of ``path`` (not followed), and of its direct entries if it is a real directory."""
     st = os.lstat(path)
@@ -119,7 +108,7 @@ def _is_stale(path: Path, final_name: str, host: str, now: float) -> bool:
     writer = _parse(path.name, final_name)
     if writer is not None:
         writer_host, pid = writer
-        return writer_host == host and not _pid_alive(pid)
+        return writer_host == host and not process_alive(pid)
     try:
         return now - _newest_mtime(path) > LEGACY_MAX_AGE_S
     except OSError:  # gone already, or unreadable: leave it

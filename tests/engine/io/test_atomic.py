@@ -14,6 +14,7 @@ import pytest
 
 from attribution_assets.engine.io import atomic
 from attribution_assets.engine.io.atomic import atomic_dir, atomic_file, replace_dir, sweep_stale
+from attribution_assets.engine.runtime import process_alive
 
 HOST = atomic._host()
 DAY = 24 * 3600
@@ -197,7 +198,19 @@ def test_permission_error_means_the_process_exists(monkeypatch):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "kill", denied)
-    assert atomic._pid_alive(12345)
+    assert process_alive(12345)
+
+
+def test_a_zombie_is_not_alive():
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while process_alive(child.pid) and time.time() < deadline:  # exited, not reaped: a zombie
+        time.sleep(0.05)
+    assert not process_alive(child.pid)
+    child.wait()
 
 
 def test_temporaries_of_other_hosts_are_never_removed(tmp_path):
