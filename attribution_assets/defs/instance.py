@@ -92,9 +92,57 @@ def storage_settings(profile: DeploymentProfile) -> dict:
     return {"storage": {"postgres": {"postgres_db": db}}}
 
 
+#: Environment variables every Ray run gets, by name: dagster-ray reads their values from the
+#: process that launches the run (the daemon), so the run on a Ray node sees the same instance,
+#: profile, storage, pipelines, the command's recipe (``ATTRIBUTION_RECIPE``: a file under
+#: ``$DAGSTER_HOME``) and offline Hugging Face settings; the profile's own
+#: ``executor.ray.env_vars`` are added. Never a secret: dagster-ray puts the values into the Ray
+#: job's ``runtime_env``, which Ray's job list (the dashboard) shows, and run monitoring copies
+#: the job's details into the failure event of a run whose Ray job died. The Postgres password
+#: (``instance.postgres.password_env``) comes from the nodes' own environment (docs/ray.md).
+RAY_ENV_VARS = ("DAGSTER_HOME", "ATTRIBUTION_RESOURCES", "ATTRIBUTION_STORAGE", "ATTRIBUTION_PIPELINES",
+                "ATTRIBUTION_RECIPE", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+                "TOKENIZERS_PARALLELISM")
+#: Where the Ray cluster's dashboard (its Jobs API) is when the profile names no ``address``.
+RAY_ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def launcher_settings(profile: DeploymentProfile) -> dict:
+    """The run launcher of a ``ray`` profile (``{}`` for the others, which keep Dagster's default
+    launcher): dagster-ray's ``RayRunLauncher``, which submits each run as a Ray job (entrypoint
+    ``dagster api execute_run``) to the cluster's Jobs API at ``executor.ray.address`` (default:
+    ``$RAY_ADDRESS``, read by the daemon). The rest of ``executor.ray`` is the launcher's config
+    (``num_cpus``, ``num_gpus``, ``memory``, ``resources``, ``runtime_env``, ``env_vars``, ...).
+
+    ``num_cpus`` defaults to 1: a job that asks for no resource runs on the head node, one that
+    asks for a CPU runs on any node with one free, so ``max_concurrent`` runs spread over the
+    nodes and a node runs as many at once as it has CPUs. ``num_gpus: 1`` gives each run its own
+    GPU: Ray sets ``CUDA_VISIBLE_DEVICES`` of the run's process to the GPU it assigned, so
+    ``cuda`` in the run is that device and runs on a node with N GPUs use N different devices
+    (without ``num_gpus`` Ray leaves ``CUDA_VISIBLE_DEVICES`` alone and every run sees every GPU,
+    so a ``cuda`` profile must ask for one; :class:`ProfileError` says so).
+    """
+    if profile.executor != "ray":
+        return {}
+    config = dict(profile.ray or {})
+    config.setdefault("address", {"env": RAY_ADDRESS_ENV})
+    config.setdefault("num_cpus", 1)
+    if profile.compute.device.startswith("cuda") and not config.get("num_gpus"):
+        where = f"Profile {profile.name!r}" + (f" ({profile.source})" if profile.source else "")
+        raise ProfileError(f"{where} runs on `compute.device: {profile.compute.device}` under Ray but its runs "
+                           "ask Ray for no GPU, so every run would see every GPU and use the first: set "
+                           "`executor.ray.num_gpus: 1` (Ray then gives each run its own device through "
+                           "CUDA_VISIBLE_DEVICES).")
+    entries = {name: name for name in RAY_ENV_VARS}  # NAME (value from the daemon) or NAME=value
+    for entry in config.get("env_vars") or []:
+        entries[str(entry).split("=", 1)[0]] = str(entry)
+    config["env_vars"] = list(entries.values())
+    return {"run_launcher": {"module": "dagster_ray", "class": "RayRunLauncher", "config": {"ray": config}}}
+
+
 def instance_settings(profile: DeploymentProfile) -> dict:
     """The ``dagster.yaml`` mapping ``profile`` needs."""
-    return {**BASE_SETTINGS, **storage_settings(profile), **queue_settings(profile)}
+    return {**BASE_SETTINGS, **storage_settings(profile), **queue_settings(profile), **launcher_settings(profile)}
 
 
 def persistent_instance(home: str | os.PathLike | None = None,
@@ -107,7 +155,7 @@ def persistent_instance(home: str | os.PathLike | None = None,
     config = home / "dagster.yaml"
     current = (yaml.safe_load(config.read_text()) or {}) if config.exists() else {}
     wanted = instance_settings(profile or load_profile())
-    stale = {"run_coordinator", "run_retries"} - set(wanted)  # a queued profile's, no longer wanted
+    stale = {"run_coordinator", "run_retries", "run_launcher"} - set(wanted)  # a queued profile's, no longer wanted
     merged = {**{k: v for k, v in current.items() if k not in stale}, **wanted}
     if merged != current:
         temporary = config.with_suffix(".yaml.tmp")
