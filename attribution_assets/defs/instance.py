@@ -155,7 +155,8 @@ def persistent_instance(home: str | os.PathLike | None = None,
     config = home / "dagster.yaml"
     current = (yaml.safe_load(config.read_text()) or {}) if config.exists() else {}
     wanted = instance_settings(profile or load_profile())
-    stale = {"run_coordinator", "run_retries", "run_launcher"} - set(wanted)  # a queued profile's, no longer wanted
+    # a queued, Ray or Postgres profile's settings that this profile does not want
+    stale = {"run_coordinator", "run_retries", "run_launcher", "storage"} - set(wanted)
     merged = {**{k: v for k, v in current.items() if k not in stale}, **wanted}
     if merged != current:
         temporary = config.with_suffix(".yaml.tmp")

@@ -189,3 +189,20 @@ def test_shard_partitions_and_data_versions_live_in_postgres(postgres_and_sqlite
                                        stages=stages, log=messages.append, log_level="WARNING")
     assert results == []
     assert messages == [f"{spec.name} {stage}: up to date" for stage in ("prepare", "shards", "fan_in", "scores")]
+
+
+def test_a_sqlite_profile_drops_the_postgres_storage_an_earlier_profile_wrote(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(yaml.safe_dump({
+        "storage": {"postgres": {"postgres_db": {"hostname": "db.example.org", "db_name": "dagster"}}},
+        "run_launcher": {"module": "dagster_ray", "class": "RayRunLauncher", "config": {}},
+        "code_servers": {"local_startup_timeout": 120}}))  # a setting of the user's own stays
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
+        instance = persistent_instance(home, _profile(tmp_path / "storage"))
+        written = yaml.safe_load((home / "dagster.yaml").read_text())
+        assert "storage" not in written and "run_launcher" not in written
+        assert written["code_servers"] == {"local_startup_timeout": 120}
+        assert isinstance(instance.run_storage, SqliteRunStorage)
+        instance.dispose()
