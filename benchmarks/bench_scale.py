@@ -106,7 +106,8 @@ def time_stage(defs, spec, instance) -> tuple[float, dict[str, float], list[str]
 
 
 def run_starts(instance: dg.DagsterInstance, shard_times: dict[str, float]) -> list[float]:
-    """Each queued run of the last stage: its wall seconds less its shards' collect seconds."""
+    """Each queued run of the last stage: seconds from its launch (the queue hands it to the
+    launcher: its process starts) to its end, less its shards' collect seconds."""
     records = instance.get_run_records(filters=dg.RunsFilter(tags={"attribution/stage": "shards"}))
     newest = max(r.create_timestamp for r in records)
     starts = []
@@ -117,7 +118,9 @@ def run_starts(instance: dg.DagsterInstance, shard_times: dict[str, float]) -> l
         first, last = run.tags["dagster/asset_partition_range_start"], run.tags["dagster/asset_partition_range_end"]
         order = sorted(shard_times)
         shards = order[order.index(first):order.index(last) + 1]
-        starts.append(record.end_time - record.start_time - sum(shard_times[s] for s in shards))
+        launched = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_STARTING).records
+        began = launched[0].event_log_entry.timestamp if launched else record.start_time
+        starts.append(record.end_time - began - sum(shard_times[s] for s in shards))
     return starts
 
 
@@ -137,6 +140,19 @@ def torchrun(spec, root: Path, shard: str, ranks: int, threads: int, out: Path, 
     return wall, json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def run_torchrun(spec, storage: Path, paths: PipelinePaths, base: Path, cores: int, workers: int) -> list:
+    """One shard through the torchrun entry point: 1 rank (threads = cores / workers), 1 rank
+    (threads = cores), ``workers`` ranks; ``(name, wall, report)`` each, then the shard's tokens."""
+    per = max(1, cores // workers)
+    shard = paths.gradient_shards()[0]
+    fingerprint = json.loads(paths.model_record.read_text())["fingerprint"]
+    rows = [(f"1 rank, threads={per}", *torchrun(spec, storage, shard, 1, per, base / "t0", fingerprint)),
+            (f"1 rank, threads={cores}", *torchrun(spec, storage, shard, 1, cores, base / "t1", fingerprint)),
+            (f"{workers} ranks (gloo), threads={per} each",
+             *torchrun(spec, storage, shard, workers, per, base / "t2", fingerprint))]
+    return [rows, sum(len(d.input_ids) for d in read_tokenized(paths.tokens(shard)))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=4)
@@ -146,6 +162,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shards-per-run", type=int, default=1)
+    parser.add_argument("--no-torchrun", action="store_true", help="skip the torchrun part")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     load_before = os.getloadavg()
@@ -174,14 +191,7 @@ def main() -> None:
         rows.append((f"{runs} queued runs of {args.shards_per_run} shards, {args.workers} at once",
                      f"threads={per} each", multi_wall, sum(multi_shards.values()) / min(args.workers, runs),
                      f"queue start {queue_start:.1f} s; run start {min(starts):.1f}-{max(starts):.1f} s"))
-        shard = paths.gradient_shards()[0]
-        fingerprint = json.loads(paths.model_record.read_text())["fingerprint"]
-        shard_tokens = sum(len(d.input_ids) for d in read_tokenized(paths.tokens(shard)))
-        t0_wall, t0 = torchrun(spec, storage, shard, 1, max(1, cores // args.workers), base / "t0",
-                               fingerprint)
-        t1_wall, t1 = torchrun(spec, storage, shard, 1, cores, base / "t1", fingerprint)
-        t2_wall, t2 = torchrun(spec, storage, shard, args.workers, max(1, cores // args.workers), base / "t2",
-                               fingerprint)
+        torchruns = [] if args.no_torchrun else run_torchrun(spec, storage, paths, base, cores, args.workers)
     load_after = os.getloadavg()
 
     print(f"model: GPT-NeoX hidden {args.hidden}, {args.layers} layers; {args.shards} shards x "
@@ -196,16 +206,17 @@ def main() -> None:
     for name, threads, wall, compute, where in rows:
         print(f"| {name} | {threads} | {wall:.1f} | {tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} "
               f"({(wall - compute) / wall:.0%}) | {where} | {base_wall / wall:.2f}x | {one_wall / wall:.2f}x |")
+    if not torchruns:
+        return
+    (t0, t1, t2), shard_tokens = torchruns
     print("\n| one shard via torchrun | wall s | tokens/s (wall) | rank collect s | startup s | "
           f"speedup vs 1 rank threads={per} (collect) | speedup vs 1 rank threads={cores} (collect) |")
     print("|---|---|---|---|---|---|---|")
-    for name, wall, report in ((f"1 rank, threads={per}", t0_wall, t0), (f"1 rank, threads={cores}", t1_wall, t1),
-                               (f"{args.workers} ranks (gloo), threads={per} each", t2_wall, t2)):
+    for name, wall, report in (t0, t1, t2):
         compute = max(report["rank_seconds"])
         print(f"| {name} | {wall:.1f} | {shard_tokens / wall:.0f} | {compute:.1f} | {wall - compute:.1f} | "
-              f"{t0_wall / wall:.2f}x ({max(t0['rank_seconds']) / compute:.2f}x) | "
-              f"{t1_wall / wall:.2f}x ({max(t1['rank_seconds']) / compute:.2f}x) |")
-
+              f"{t0[1] / wall:.2f}x ({max(t0[2]['rank_seconds']) / compute:.2f}x) | "
+              f"{t1[1] / wall:.2f}x ({max(t1[2]['rank_seconds']) / compute:.2f}x) |")
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,8 @@ def gpu_slots(profile: DeploymentProfile) -> int:
     else the profile's concurrent runs (CPU steps are then limited by runs alone)."""
     if profile.devices:
         return profile.devices
+    if profile.executor == "ray":  # the cluster's GPUs, not this machine's: one run, one GPU
+        return profile.workers
     import torch
 
     return torch.cuda.device_count() or profile.workers

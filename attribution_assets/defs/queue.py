@@ -171,7 +171,7 @@ class QueueSession:
         self.context = self._stack.enter_context(WorkspaceProcessContext(self.instance, target))
         self._stack.enter_context(daemon_controller_from_instance(
             self.instance, target, gen_daemons=lambda inst: [create_daemon_of_type(d, inst) for d in self.daemons],
-            log_level="warning"))
+            log_level="error"))  # not the consumer daemon's first-start notes in the command's output
 
     def _wait_for_server(self, port: int) -> None:
         from dagster._grpc.client import DagsterGrpcClient
