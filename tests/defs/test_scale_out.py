@@ -149,9 +149,10 @@ def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
         np.testing.assert_allclose(merged.matrices[m.name], x.T @ x / len(x), rtol=1e-10, atol=1e-14)
 
 
-def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways):
+def test_a_failed_range_does_not_stop_the_others(two_ways):
     """Corrupt tokens: the range's run fails, is retried once by Dagster (the profile's
-    ``max_retries``), fails again; the other range completes; the error names the range and run."""
+    ``max_retries``), fails again; the other range completes; the error names the range and run.
+    The next test's rerun of every shard completes."""
     spec, _, two, instance, _, defs = two_ways
     tokens = two.tokens(SHARDS[3])
     saved = tokens.read_bytes()
@@ -171,8 +172,7 @@ def test_a_failed_range_does_not_stop_the_others_and_a_rerun_completes(two_ways)
     after = {s: two.train_gradients(s).stat().st_mtime_ns for s in SHARDS}
     assert after[SHARDS[0]] > before[SHARDS[0]] and after[SHARDS[1]] > before[SHARDS[1]]  # other range ran
     assert after[SHARDS[3]] == before[SHARDS[3]]  # the failed shard's old store is untouched
-    materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL", force=True)
-    assert two.train_gradients(SHARDS[3]).stat().st_mtime_ns > before[SHARDS[3]]
+    # the next test reruns every shard (after a kill) and holds the stores against one process
 
 
 def test_a_killed_run_is_released_and_retried(two_ways):
@@ -231,7 +231,7 @@ def test_parallel_shards_need_a_persistent_instance(tmp_path, tiny_model_dir):
 def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny_model_dir, postgres_server,
                                                                  monkeypatch):
     """The UI's own GraphQL mutation launches a backfill of 8 shards; the backfill daemon cuts it
-    by the profile's policy (2 shards a run) and the run queue runs them, 2 at once, on an
+    by the profile's policy (4 shards a run) and the run queue runs them, 2 at once, on an
     instance in a real PostgreSQL server (what several processes or nodes share)."""
     from dagster._core.execution.backfill import BulkActionStatus
     from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
@@ -246,7 +246,7 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
     monkeypatch.setenv("ATTRIBUTION_TEST_PG_PASSWORD", postgres_server.password)  # the runs inherit it
     postgres = {"hostname": postgres_server.host, "port": postgres_server.port, "username": postgres_server.user,
                 "db_name": postgres_server.create_database("backfill"), "password_env": "ATTRIBUTION_TEST_PG_PASSWORD"}
-    profile = dataclasses.replace(_profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=2),
+    profile = dataclasses.replace(_profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=4),
                                   instance={"storage": "postgres", "postgres": postgres})
     instance = persistent_instance(tmp_path / "home", profile)
     defs = build_definitions([spec], profile)
@@ -266,9 +266,9 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
     records = instance.get_run_records(filters=dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
     ranges = sorted((r.dagster_run.tags["dagster/asset_partition_range_start"],
                      r.dagster_run.tags["dagster/asset_partition_range_end"]) for r in records)
-    assert ranges == [(shards[i], shards[i + 1]) for i in range(0, 8, 2)]
+    assert ranges == [(shards[0], shards[3]), (shards[4], shards[7])]
     assert {r.dagster_run.status for r in records} == {dg.DagsterRunStatus.SUCCESS}
-    assert _overlapping(instance, records) >= 1  # at least two runs in flight at once
+    assert _overlapping(instance, records) == 1  # both runs in flight at once
     paths = PipelinePaths.under(tmp_path / "storage", spec.name)
     assert all(paths.tokens(s).exists() for s in shards)
     assert int(postgres_server.psql("select count(*) from runs", db=postgres["db_name"])) == len(records) + 1
