@@ -131,6 +131,7 @@ class QueueSession:
         self.daemons = tuple(daemons)
         self._stack = contextlib.ExitStack()
         self._server: subprocess.Popen | None = None
+        self._submitted: list[Submitted] = []
 
     # -- lifetime --------------------------------------------------------------------------------
     def __enter__(self) -> QueueSession:
@@ -208,7 +209,7 @@ class QueueSession:
 
     def _terminate_unfinished(self) -> None:
         """Stop this session's runs that have not finished (the command failed or was interrupted)."""
-        for submitted in getattr(self, "_submitted", []):
+        for submitted in self._submitted:
             run = run_chain_end(self.instance, submitted.run_id)
             if run is None or run.status in FINISHED:
                 continue
@@ -246,7 +247,7 @@ class QueueSession:
                     asset_check_selection=None, asset_graph=repository.asset_graph)
                 self.instance.submit_run(run.run_id, workspace)
                 submitted.append(Submitted(label, run.run_id))
-        self._submitted = [*getattr(self, "_submitted", []), *submitted]
+        self._submitted += submitted
         return submitted
 
     def wait(self, submitted: Sequence[Submitted], what: str, on_settled: Callable[[dg.DagsterRun], None],
