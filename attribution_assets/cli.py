@@ -107,7 +107,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .defs.common import key
     from .defs.evaluation import lds_partitions
     from .defs.instance import persistent_instance
-    from .defs.runner import materialize_asset, materialize_partitions, unsynced_partitions
+    from .defs.planning import unsynced_partitions
+    from .defs.runner import materialize_asset, materialize_partitions
     from .report import latest_metadata
 
     defs, specs = _defs_and_specs(args.pipeline)

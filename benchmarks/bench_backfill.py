@@ -27,8 +27,9 @@ from bench_scale import build_inputs, profile  # noqa: E402
 
 from attribution_assets.defs.factory import build_definitions  # noqa: E402
 from attribution_assets.defs.instance import persistent_instance  # noqa: E402
+from attribution_assets.defs.planning import STAGES  # noqa: E402
 from attribution_assets.defs.queue import DAEMONS, QueueSession  # noqa: E402
-from attribution_assets.defs.runner import STAGES, materialize_pipeline  # noqa: E402
+from attribution_assets.defs.runner import materialize_pipeline  # noqa: E402
 from attribution_assets.defs.runs import recipe_of  # noqa: E402
 
 

@@ -16,9 +16,10 @@ import dagster as dg
 from transformers.utils import logging as hf_logging
 
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.planning import Stage
 from attribution_assets.defs.profiles import DeploymentProfile
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, materialize_pipeline
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine.gradients.collect import collect_shard, make_collector
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import model_fingerprint

@@ -29,7 +29,8 @@ def child(people: int, root: Path, projection_dim: int, epochs: int) -> dict:
     import dagster as dg
 
     from attribution_assets.defs.common import key
-    from attribution_assets.defs.runner import STAGES, materialize_pipeline
+    from attribution_assets.defs.planning import STAGES
+    from attribution_assets.defs.runner import materialize_pipeline
     from attribution_assets.engine.io.corpus import read_documents
     from attribution_assets.engine.runtime import peak_rss_mb, reset_peak_rss
     from attribution_assets.spec import GradientSpec, demo_spec

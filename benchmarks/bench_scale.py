@@ -36,9 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from attribution_assets.defs.factory import build_definitions  # noqa: E402
 from attribution_assets.defs.instance import persistent_instance  # noqa: E402
+from attribution_assets.defs.planning import STAGES, Stage  # noqa: E402
 from attribution_assets.defs.profiles import DeploymentProfile  # noqa: E402
 from attribution_assets.defs.resources import ComputeResource, StorageResource  # noqa: E402
-from attribution_assets.defs.runner import STAGES, Stage, materialize_pipeline  # noqa: E402
+from attribution_assets.defs.runner import materialize_pipeline  # noqa: E402
 from attribution_assets.engine.io.data import read_tokenized  # noqa: E402
 from attribution_assets.engine.io.paths import PipelinePaths  # noqa: E402
 from attribution_assets.spec import load_pipeline_file, spec_to_json  # noqa: E402

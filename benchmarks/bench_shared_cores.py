@@ -29,7 +29,8 @@ SPIN = {"OMP_WAIT_POLICY": "ACTIVE", "KMP_BLOCKTIME": "200", "OPENBLAS_THREAD_TI
 
 def child(root: Path, people: int, epochs: int) -> dict:
     from attribution_assets.defs.instance import persistent_instance
-    from attribution_assets.defs.runner import STAGES, materialize_pipeline
+    from attribution_assets.defs.planning import STAGES
+    from attribution_assets.defs.runner import materialize_pipeline
     from attribution_assets.engine.runtime import available_cores
     from attribution_assets.spec import demo_spec
     from tests.helpers import definitions_for

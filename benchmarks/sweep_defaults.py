@@ -33,9 +33,10 @@ import polars as pl
 import torch
 
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.planning import Stage
 from attribution_assets.defs.profiles import DeploymentProfile
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, materialize_pipeline
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine.evaluation import fact_tracing
 from attribution_assets.engine.evaluation.methods import BM25, trackstar
 from attribution_assets.engine.gradients.collect import collect, make_collector

@@ -16,8 +16,8 @@ from attribution_assets.defs.gradients import gradient_assets
 from attribution_assets.defs.index import index_assets
 from attribution_assets.defs.kfac import kfac_assets
 from attribution_assets.defs.magic import magic_assets
+from attribution_assets.defs.planning import on_demand_jobs, stage_jobs
 from attribution_assets.defs.profiles import DeploymentProfile, load_profile, profile_from_json
-from attribution_assets.defs.runner import on_demand_jobs, stage_jobs
 from attribution_assets.defs.runs import RECIPE_KEY
 from attribution_assets.defs.scores import score_assets
 from attribution_assets.spec import PipelineSpec, spec_from_json, spec_to_json

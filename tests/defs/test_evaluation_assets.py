@@ -10,13 +10,9 @@ import pytest
 from attribution_assets import cli
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.instance import persistent_instance
+from attribution_assets.defs.planning import Stage, unsynced_partitions
 from attribution_assets.defs.queue import QueuedRunsError
-from attribution_assets.defs.runner import (
-    Stage,
-    materialize_partitions,
-    materialize_pipeline,
-    unsynced_partitions,
-)
+from attribution_assets.defs.runner import materialize_partitions, materialize_pipeline
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.spec import EvaluationSpec, ScoringSpec, demo_spec
 from tests.helpers import TINY_DEMO, definitions_for, local_profile

@@ -125,7 +125,7 @@ def test_runs_killed_mid_shard_neither_hang_later_runs_nor_lose_finished_shards(
 
 
 def test_each_shard_records_its_own_content_data_version(ops):
-    from attribution_assets.defs.runner import _resolver
+    from attribution_assets.defs.planning import _resolver
     from attribution_assets.engine.gradients.store import GradientStore
 
     spec, instance, base = ops

@@ -8,12 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from attribution_assets.defs.runner import (
-    Stage,
-    materialize_partitions,
-    materialize_pipeline,
-    unsynced_partitions,
-)
+from attribution_assets.defs.planning import Stage, unsynced_partitions
+from attribution_assets.defs.runner import materialize_partitions, materialize_pipeline
 from attribution_assets.engine.evaluation import fact_tracing
 from attribution_assets.engine.evaluation.methods import (
     DOT,

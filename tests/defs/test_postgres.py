@@ -16,8 +16,9 @@ from dagster._core.storage.runs import SqliteRunStorage
 from attribution_assets.defs.common import shards_partitions
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.instance import persistent_instance, storage_settings
+from attribution_assets.defs.planning import pipeline_stages
 from attribution_assets.defs.profiles import ProfileError, profile_from_mapping
-from attribution_assets.defs.runner import materialize_pipeline, pipeline_stages
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from tests.helpers import user_pipeline_spec

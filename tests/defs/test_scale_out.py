@@ -17,10 +17,11 @@ import pytest
 
 from attribution_assets.defs.factory import build_definitions
 from attribution_assets.defs.instance import persistent_instance
+from attribution_assets.defs.planning import Stage, chunk_ranges
 from attribution_assets.defs.profiles import DeploymentProfile, profile_from_json
 from attribution_assets.defs.queue import QueuedRunsError
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, chunk_ranges, materialize_pipeline
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.defs.runs import PID_TAG
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths

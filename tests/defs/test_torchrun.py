@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from attribution_assets.defs.factory import build_definitions
+from attribution_assets.defs.planning import Stage
 from attribution_assets.defs.profiles import DeploymentProfile
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.defs.runner import Stage, materialize_pipeline
+from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine.gradients.distributed import merge_parts, rank_documents
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths

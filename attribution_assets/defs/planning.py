@@ -1,0 +1,201 @@
+"""Stages and plans: which asset jobs a pipeline has, and which assets and shards of a stage
+need a run (Dagster's own staleness resolver: the "unsynced" of the UI).
+
+Each stage is a named asset job (``<pipeline>_<stage>``), so the runs list says what each run
+was. Before a stage runs, the resolver (missing, code version changed, upstream data changed)
+says which assets and shards need work; with ``force`` everything runs. A partitioned stage runs
+its shards in ranges of the profile's ``shards_per_run`` (:func:`chunk_ranges`, what the backfill
+policy of every shard asset makes of a UI backfill).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dagster as dg
+
+from attribution_assets.defs.common import key, shards_partitions
+from attribution_assets.spec import PipelineSpec
+
+#: Partitioned assets outside the stages, materialized on demand (``attribution evaluate``, a UI
+#: backfill): one job each, ``<pipeline>_<asset>``, one run per partition.
+ON_DEMAND_PARTITIONED = ("magic_scores", "lds_retrain")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Assets that run together; ``partitioned``: by shard."""
+
+    name: str
+    assets: tuple[str, ...]
+    partitioned: bool
+
+
+#: In dependency order. EK-FAC / K-FAC (``defs/kfac.py``): per-shard covariance sums with the
+#: shards, their merge and eigendecomposition, the per-shard eigenvalue correction and its merge,
+#: then the preconditioned query rows with the other fan-in assets.
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"),
+          False),
+    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorrelation", "kfac_covariance"),
+          True),
+    Stage("kfac_factors", ("kfac_factors", "kfac_eigendecomposition"), False),
+    Stage("ekfac_correction", ("ekfac_correction",), True),
+    Stage("ekfac_eigenvalues", ("ekfac_eigenvalues",), False),
+    Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
+          False),
+    Stage("scores", ("scores",), True),
+    Stage("database", ("attribution_db", "train_time_fact_tracing"), False),
+)
+# With a `finetune` section, the model that gradients come from is trained on the tokenized
+# corpus first: query gradients wait for it and tokens get a stage of their own.
+FINETUNE_STAGES: tuple[Stage, ...] = (
+    Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
+    Stage("tokens", ("tokenized_shards",), True),
+    Stage("finetune", ("finetune", "query_gradients"), False),
+    Stage("shards", ("train_gradients", "shard_autocorrelation", "kfac_covariance"), True),
+    *STAGES[2:],
+)
+
+
+def pipeline_stages(spec: PipelineSpec) -> tuple[Stage, ...]:
+    """The stages of ``spec``, in order."""
+    return FINETUNE_STAGES if spec.finetune is not None else STAGES
+
+
+def job_name(spec: PipelineSpec, stage: Stage) -> str:
+    return f"{spec.name}_{stage.name}"
+
+
+def stage_jobs(spec: PipelineSpec, present: set[dg.AssetKey], retry_policy: dg.RetryPolicy | None = None) -> list:
+    """One asset job per stage that has assets in this pipeline (named ``<pipeline>_<stage>``);
+    ``retry_policy``: the profile's retries of a failed step."""
+    jobs = []
+    for stage in pipeline_stages(spec):
+        keys = [key(spec, n) for n in stage.assets if key(spec, n) in present]
+        if keys:
+            jobs.append(dg.define_asset_job(job_name(spec, stage), selection=keys,
+                                            partitions_def=shards_partitions(spec) if stage.partitioned else None,
+                                            description=f"{spec.name}: {', '.join(k.path[-1] for k in keys)}",
+                                            op_retry_policy=retry_policy))
+    return jobs
+
+
+def on_demand_job_name(spec: PipelineSpec, asset: str) -> str:
+    return f"{spec.name}_{asset}"
+
+
+def on_demand_jobs(spec: PipelineSpec, present: set[dg.AssetKey],
+                   retry_policy: dg.RetryPolicy | None = None) -> list:
+    """One job per on-demand partitioned asset of this pipeline (its partitions are the asset's)."""
+    return [dg.define_asset_job(on_demand_job_name(spec, name), selection=[key(spec, name)],
+                                description=f"{spec.name}: {name}, one run per partition",
+                                op_retry_policy=retry_policy)
+            for name in ON_DEMAND_PARTITIONED if key(spec, name) in present]
+
+
+@dataclass
+class StagePlan:
+    """What one stage will do: assets to run, shard ranges (partitioned stages) and why."""
+
+    stage: Stage
+    keys: list[dg.AssetKey]
+    ranges: list[tuple[str, str]]
+    reasons: list[str]
+
+
+def _contiguous_ranges(selected: Sequence[str], order: Sequence[str]) -> list[tuple[str, str]]:
+    """``selected`` shards as ``(first, last)`` ranges of consecutive keys in ``order``."""
+    position = {s: i for i, s in enumerate(order)}
+    ranges: list[tuple[str, str]] = []
+    for shard in sorted(selected, key=position.__getitem__):
+        if ranges and position[shard] == position[ranges[-1][1]] + 1:
+            ranges[-1] = (ranges[-1][0], shard)
+        else:
+            ranges.append((shard, shard))
+    return ranges
+
+
+def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
+    from dagster._core.definitions.data_version import CachingStaleStatusResolver
+    from dagster._time import get_current_datetime
+
+    graph = defs.resolve_asset_graph()
+    view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(),
+                                                          last_event_id=None),
+                          instance=instance, asset_graph=graph)
+    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+
+
+def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
+    """None when fresh, else ``missing`` or the first root stale cause: ``has a new code version``
+    (the asset itself), ``<pipeline>/<upstream> has a new data version`` (an upstream's)."""
+    from dagster._core.definitions.data_version import StaleStatus
+
+    status = resolver.get_status(asset_key, partition)
+    if status == StaleStatus.MISSING:
+        return "missing"
+    if status == StaleStatus.STALE:
+        causes = resolver.get_stale_root_causes(asset_key, partition)
+        if not causes:
+            return "unsynced"
+        cause = causes[0]
+        return cause.reason if cause.asset_key == asset_key else f"{cause.asset_key.to_user_string()} {cause.reason}"
+    return None
+
+
+def unsynced_partitions(defs: dg.Definitions, instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                        partitions: Sequence[str]) -> list[str]:
+    """The ``partitions`` of ``asset_key`` that are missing or stale (its code version or an
+    upstream's data changed since they were materialized), in order."""
+    resolver = _resolver(defs, instance)
+    return [p for p in partitions if _why(resolver, asset_key, p) is not None]
+
+
+def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, stage: Stage,
+               force: bool = False) -> StagePlan:
+    """The assets (and shards) of ``stage`` that are missing or unsynced (all with ``force``)."""
+    present = defs.resolve_asset_graph().get_all_asset_keys()
+    keys = [key(spec, n) for n in stage.assets if key(spec, n) in present]
+    resolver = None if force else _resolver(defs, instance)
+    chosen, reasons, shards_needed = [], [], set()
+    shards = instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
+    if stage.partitioned and keys and not shards:
+        raise ValueError(f"Pipeline {spec.name!r} has no shard partitions; materialize its corpus first.")
+    for asset_key in keys:
+        name = asset_key.path[-1]
+        if force:
+            chosen.append(asset_key)
+            shards_needed.update(shards)
+            reasons.append(f"{name}: forced" + (f" ({len(shards)} shards)" if shards else ""))
+            continue
+        if not stage.partitioned:
+            why = _why(resolver, asset_key, None)
+            if why:
+                chosen.append(asset_key)
+                reasons.append(f"{name}: {why}")
+            continue
+        stale = {s: w for s in shards if (w := _why(resolver, asset_key, s))}
+        if stale:
+            chosen.append(asset_key)
+            shards_needed.update(stale)
+            kinds = sorted({w for w in stale.values()})
+            reasons.append(f"{name} ({len(stale)} of {len(shards)} shards): {', '.join(kinds)}")
+    if stage.partitioned and chosen:
+        # a shard that one asset of the stage needs runs for every chosen asset (one step each)
+        return StagePlan(stage, chosen, _contiguous_ranges(sorted(shards_needed), shards), reasons)
+    return StagePlan(stage, chosen, [], reasons)
+
+
+def chunk_ranges(ranges: Sequence[tuple[str, str]], order: Sequence[str], size: int | None) -> list[tuple[str, str]]:
+    """Contiguous shard ``ranges`` (keys of ``order``) cut into ranges of at most ``size`` shards
+    (what a multi-run backfill policy makes of them); ``size`` None keeps them whole."""
+    if size is None:
+        return list(ranges)
+    position, chunks = {s: i for i, s in enumerate(order)}, []
+    for first, last in ranges:
+        keys = order[position[first]:position[last] + 1]
+        chunks += [(keys[i], keys[min(i + size, len(keys)) - 1]) for i in range(0, len(keys), size)]
+    return chunks
