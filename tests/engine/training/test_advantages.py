@@ -90,6 +90,48 @@ def test_callback_rows_under_an_advantage_weighted_loss(one_thread, tiny_model_d
         assert_close(rows[picked], want * weights[order, None].astype(np.float32))
 
 
+def brute_force_advantages(rewards, groups, weighting):
+    """Per group, in plain Python: mean and ddof-1 std of its finite rewards (0 for one)."""
+    keys = groups if groups is not None else [""] * len(rewards)
+    out = [math.nan] * len(rewards)
+    for key in set(keys):
+        members = [i for i, k in enumerate(keys) if k == key and math.isfinite(rewards[i])]
+        if not members:
+            continue
+        values = [rewards[i] for i in members]
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+        for i in members:
+            out[i] = rewards[i] - mean if weighting == "dr_grpo" else (rewards[i] - mean) / (std + 1e-4)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("weighting", ["grpo", "dr_grpo"])
+def test_group_advantages_equal_a_brute_force_reference(weighting):
+    """Random group sizes (singletons included), shuffled, 5 % NaN and a few infinite rewards,
+    constant groups (zero std), a group with no finite reward, and no groups at all."""
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 12, size=150)
+    groups = [f"g{i}" for i in np.repeat(np.arange(len(sizes)), sizes)]
+    rewards = rng.normal(size=len(groups)) * 3
+    rewards[rng.random(len(groups)) < 0.05] = np.nan
+    rewards[:3] = [np.inf, -np.inf, np.inf]
+    groups += ["const"] * 4 + ["void"] * 2 + ["one"]
+    rewards = np.concatenate([rewards, [0.5] * 4, [np.nan, np.inf], [2.5]])
+    order = rng.permutation(len(groups))
+    groups, rewards = [groups[i] for i in order], rewards[order]
+    for keys in (groups, None):
+        got = advantages.group_advantages(rewards.tolist(), keys, weighting)
+        want = brute_force_advantages(rewards.tolist(), keys, weighting)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+    got = dict(zip(groups, advantages.group_advantages(rewards, groups, weighting)))
+    assert got["one"] == 0.0 and got["const"] == 0.0 and np.isnan(got["void"])
+    assert len(advantages.group_advantages([], [], weighting)) == 0
+    with pytest.raises(advantages.AdvantageError, match="2 groups for 3 rewards"):
+        advantages.group_advantages([1.0, 2.0, 3.0], ["a", "b"], weighting)
+
+
 def test_nan_rewards_are_skipped_and_counted_or_rejected():
     records = [{"text": t, "reward": r, "group": "g"} for t, r in zip(TEXTS, [1.0, float("nan"), None, 3.0])]
     spec = DataSpec(reward_column="reward", group_column="group", advantage_weighting="dr_grpo")
