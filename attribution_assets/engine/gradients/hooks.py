@@ -1,12 +1,13 @@
 """Which modules a collector hooks and how their calls are recorded: ``nn.Linear`` and
-transformers' ``Conv1D`` chosen by ``fnmatch`` globs over module names (:func:`select_modules`),
-and forward hooks that keep each call's ``(input, output)`` (:func:`hooked_modules`), shared by
+transformers' ``Conv1D`` chosen by ``fnmatch`` globs over module names (:func:`select_modules`;
+on a PEFT model the default ``include`` means the active adapters' modules), and forward hooks that keep each call's ``(input, output)`` (:func:`hooked_modules`), shared by
 the gradient collector (``collector``) and the K-FAC curvature passes
 (``preconditioning.curvature``)."""
 
 from __future__ import annotations
 
 import fnmatch
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ try:
     _HOOKABLE: tuple[type, ...] = (nn.Linear, Conv1D)
 except ImportError:  # transformers is optional for plain nn.Linear models
     _HOOKABLE = (nn.Linear,)
+
+DEFAULT_INCLUDE = ("*",)  # GradientSpec.include's default
 
 @dataclass
 class ModuleSpec:
@@ -54,13 +57,21 @@ class ModuleSpec:
 def select_modules(
     model: nn.Module, include: Sequence[str], exclude: Sequence[str], include_bias: bool = False
 ) -> list[ModuleSpec]:
-    """Linear/Conv1D modules whose names match an ``include`` glob and no ``exclude`` glob."""
+    """Linear/Conv1D modules whose names match an ``include`` glob and no ``exclude`` glob. On a
+    model with PEFT adapter layers, the default ``include`` (``["*"]``) selects the active
+    adapters' own modules (:func:`adapter_modules`: LoRA's ``lora_A`` / ``lora_B``), not the
+    frozen base layers they wrap; name base modules in ``include`` to hook them."""
+    adapters = adapter_modules(model) if tuple(include) == DEFAULT_INCLUDE else None
     specs, available = [], []
     for name, mod in model.named_modules():
         if not isinstance(mod, _HOOKABLE):
             continue
         available.append(name)
-        if not any(fnmatch.fnmatchcase(name, p) for p in include):
+        if adapters is not None:
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in adapters for i in range(1, len(parts) + 1)):
+                continue
+        elif not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
@@ -83,6 +94,12 @@ def select_modules(
                 include_bias and getattr(mod, "bias", None) is not None,
             )
         )
+    if not specs and adapters is not None:
+        raise ValueError(
+            f"the model's PEFT adapter has no nn.Linear/Conv1D module to hook (adapter layers "
+            f"{sorted(adapters)[:4]}, exclude={list(exclude)}): set `gradients.include` to the "
+            "modules whose gradients you want"
+        )
     if not specs:
         raise ValueError(
             f"no nn.Linear/Conv1D module matches include={list(include)} exclude={list(exclude)}; "
@@ -90,6 +107,26 @@ def select_modules(
             + (f" (and {len(available) - 8} more)" if len(available) > 8 else "")
         )
     return specs
+
+
+def adapter_modules(model: nn.Module) -> set[str] | None:
+    """Names of the active adapters' modules inside ``model``'s PEFT tuner layers (for LoRA
+    ``<layer>.lora_A.<adapter>`` and ``<layer>.lora_B.<adapter>``), or None when ``model`` has no
+    tuner layer (peft not imported means no PEFT model)."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    if tuners is None:
+        return None
+    names, found = set(), False
+    for name, mod in model.named_modules():
+        if not isinstance(mod, tuners.BaseTunerLayer):
+            continue
+        found = True
+        active = set(mod.active_adapters)
+        for attr in mod.adapter_layer_names:
+            layers = getattr(mod, attr, None)
+            if isinstance(layers, nn.ModuleDict):
+                names.update(f"{name}.{attr}.{key}" for key in layers if key in active)
+    return names if found else None
 
 
 def _quantized(module: nn.Module) -> bool:

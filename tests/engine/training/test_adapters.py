@@ -83,6 +83,24 @@ def test_lora_rows_equal_autograd_of_the_adapter(one_thread, tiny_model_dir, ada
     assert_close(rows, naive_adapter_rows(model, docs, LORA))
 
 
+def test_default_modules_of_a_peft_model_are_the_adapter(one_thread, tiny_model_dir, adapter_dir,
+                                                         tiny_tokenizer):
+    """Default ``include`` on a PEFT model: the 8 lora_A / lora_B modules (2 layers x 2 targets),
+    not the 16 Linear modules a match-all glob finds (base layers, attention output, MLP
+    output); rows equal those of the explicit adapter globs. Named globs still reach the base."""
+    model = load_model(ModelSpec(name_or_path=str(tiny_model_dir), adapter=str(adapter_dir)))
+    default = GradientCollector(model, GradientSpec(projection_dim=4))
+    names = [s.name for s in default.specs]
+    assert len(names) == 8 and all(n.rsplit(".", 2)[-2] in ("lora_A", "lora_B") for n in names)
+    assert names == [s.name for s in GradientCollector(model, LORA).specs]
+    docs = _docs(tiny_tokenizer)
+    np.testing.assert_array_equal(default.collect(docs)[0], GradientCollector(model, LORA).collect(docs)[0])
+    base = GradientCollector(model, GradientSpec(projection_dim=4, include=("*base_layer",)))
+    assert len(base.specs) == 4 and all(s.name.endswith("base_layer") for s in base.specs)
+    plain = load_model(ModelSpec(name_or_path=str(tiny_model_dir)))
+    assert len(GradientCollector(plain, GradientSpec(projection_dim=4)).specs) == 8  # 4 per layer
+
+
 def test_callback_on_a_peft_model(one_thread, tiny_model_dir, adapter_dir, tiny_tokenizer, tmp_path):
     model = peft.PeftModel.from_pretrained(load_model(ModelSpec(name_or_path=str(tiny_model_dir))),
                                            str(adapter_dir), is_trainable=True)
