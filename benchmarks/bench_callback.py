@@ -6,7 +6,8 @@ Model: the demo's GPT-NeoX (``DemoSpec`` defaults: 2 layers, hidden 128, vocab 1
 AdamW at batch 8 x 256; minutes on CPU). Data: random token ids, ``--docs`` documents of
 ``--seq-len`` tokens, loss on every token but the first. Each variant (``plain``, ``callback``
 with ``normalizer`` none, and ``callback`` with the live-optimizer ``adafactor`` or ``adam``
-normalizer) trains 2 warm-up + ``--steps`` optimizer steps; a step is timed from
+normalizer; a variant ``<normalizer>:off`` records with ``dropout="off"``, one more forward and
+backward per micro-batch) trains 2 warm-up + ``--steps`` optimizer steps; a step is timed from
 ``on_step_begin`` to the end of ``on_step_end`` (the callback's per-step work included), in wall
 and in process CPU seconds (CPU time is what a shared machine's load disturbs least). Runs
 alternate the variants ``--repeats`` times; the table shows medians over steps and runs.
@@ -70,7 +71,7 @@ class StepTimer:
 
 def run(args, variant: str, steps: int, out: Path) -> tuple[float, float]:
     """``(wall, cpu)`` median seconds per optimizer step of one training run after 2 warm-up steps
-    (``variant``: plain | none | adafactor | adam)."""
+    (``variant``: plain | none | adafactor | adam, each optionally ``:off`` for ``dropout="off"``)."""
     from transformers import Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -81,7 +82,8 @@ def run(args, variant: str, steps: int, out: Path) -> tuple[float, float]:
     n = steps * args.batch
     docs = [{"input_ids": torch.randint(0, vocab, (args.seq_len,), generator=gen).tolist(),
              "loss_mask": [0] + [1] * (args.seq_len - 1), "doc_index": i} for i in range(n)]
-    optim = "adafactor" if variant == "adafactor" else "adamw_torch"
+    normalizer, _, dropout = variant.partition(":")
+    optim = "adafactor" if normalizer == "adafactor" else "adamw_torch"
     targs = TrainingArguments(
         output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch, num_train_epochs=1,
         learning_rate=1e-4, optim=optim, report_to=[], remove_unused_columns=False, save_strategy="no",
@@ -89,9 +91,9 @@ def run(args, variant: str, steps: int, out: Path) -> tuple[float, float]:
         dataloader_num_workers=0)
     callbacks = []
     if variant != "plain":
-        gradients = GradientSpec(projection_dim=args.projection_dim, normalizer=variant)
+        gradients = GradientSpec(projection_dim=args.projection_dim, normalizer=normalizer)
         callbacks.append(AttributionCallback(gradients, [str(i) for i in range(n)], out / variant,
-                                             steps_per_shard=steps))
+                                             steps_per_shard=steps, dropout=dropout or "step"))
     timer = StepTimer()
     trainer = Trainer(model=model, args=targs, train_dataset=docs, data_collator=AttributionCollator(0),
                       callbacks=[*callbacks, timer.callback])
@@ -110,7 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--normalizers", default="none,adafactor,adam",
-                        help="comma-separated callback variants besides the plain run")
+                        help="comma-separated callback variants besides the plain run (none, adafactor, "
+                             "adam; with ':off' for dropout='off', e.g. none:off)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["plain", *args.normalizers.split(",")]
@@ -118,7 +121,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeats):
             for v in variants:
-                times[v].append(run(args, v, args.steps + 2, Path(tmp) / f"{r}-{v}"))
+                times[v].append(run(args, v, args.steps + 2, Path(tmp) / f"{r}-{v.replace(':', '-')}"))
     wall0 = statistics.median(w for w, _ in times["plain"])
     cpu0 = statistics.median(c for _, c in times["plain"])
     print(f"model={args.model} batch={args.batch} seq_len={args.seq_len} steps={args.steps} "
@@ -129,7 +132,9 @@ def main() -> None:
         wall = statistics.median(w for w, _ in times[v])
         cpu = statistics.median(c for _, c in times[v])
         runs = ", ".join(f"{w:.4f}" for w, _ in times[v])
-        label = "plain Trainer" if v == "plain" else f"callback, normalizer {v}"
+        normalizer, _, dropout = v.partition(":")
+        label = "plain Trainer" if v == "plain" else \
+            f"callback, normalizer {normalizer}" + (", dropout off" if dropout else "")
         print(f"| {label} | {wall:.4f} | {cpu:.4f} | {wall / wall0 - 1:+.1%} | {cpu / cpu0 - 1:+.1%} | {runs} |")
 
 

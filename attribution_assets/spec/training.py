@@ -86,6 +86,7 @@ MAGIC_FROM_DEMO = ("lr", "weight_decay", "warmup_steps", "batch_size", "epochs",
 
 
 FINETUNE_OPTIMIZERS = ("adamw", "adafactor")
+RECORD_DROPOUT = ("step", "off")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,10 @@ class FinetuneSpec:
     ``optimizer``: ``adamw`` (``torch.optim.AdamW``) or ``adafactor`` (transformers'; no relative
     step); ``epochs``, ``batch_size`` (sequences per micro-batch), ``gradient_accumulation_steps``,
     ``learning_rate`` (constant after ``warmup_steps`` linear warm-up), ``weight_decay``, ``seed``.
+    ``record_dropout``: ``step`` (rows with each step's own dropout masks: what the optimizer saw;
+    they differ from post-hoc rows when the model has dropout, and reading them back warns) or
+    ``off`` (rows from one more forward and backward per micro-batch without dropout, at the
+    same parameters: comparable with post-hoc rows; the training is unchanged).
     """
 
     epochs: int = 1
@@ -108,6 +113,7 @@ class FinetuneSpec:
     optimizer: str = "adamw"
     seed: int = 0
     steps_per_shard: int = 100
+    record_dropout: str = "step"
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "gradient_accumulation_steps", "steps_per_shard"):
@@ -117,3 +123,6 @@ class FinetuneSpec:
         _check_float(self, "learning_rate", 0.0, low_open=True)
         _check_float(self, "weight_decay", 0.0)
         _check_choice(self, "optimizer", FINETUNE_OPTIMIZERS)
+        if self.record_dropout is False:  # YAML reads an unquoted `off` as false
+            object.__setattr__(self, "record_dropout", "off")
+        _check_choice(self, "record_dropout", RECORD_DROPOUT)

@@ -47,14 +47,17 @@ class AttributionCallback(TrainerCallback):
     """A ``transformers.Trainer`` driving a :class:`TrainTimeRecorder` (same arguments): a
     pre-hook on the model takes each training batch's ``doc_index`` out of the forward's keyword
     arguments and starts a micro-batch; the Trainer's events close micro-batches and steps.
-    ``shards`` and ``skipped_docs`` are the recorder's."""
+    ``dropout``: ``step`` (rows with the step's own dropout masks) or ``off`` (rows without
+    dropout, from one more forward and backward per micro-batch). Under ``torchrun`` each rank
+    records its own documents and rank 0 merges them into one shard per step range (the
+    recorder's module docstring). ``shards`` and ``skipped_docs`` are the recorder's."""
 
     def __init__(self, gradients: GradientSpec, doc_ids: Sequence[str],
                  out: str | Path | Callable[[str], Path], *, doc_weights: Sequence[float] | None = None,
-                 steps_per_shard: int = 100, model_fingerprint: str = ""):
+                 steps_per_shard: int = 100, model_fingerprint: str = "", dropout: str = "step"):
         self.recorder = TrainTimeRecorder(gradients, doc_ids, out, doc_weights=doc_weights,
                                           steps_per_shard=steps_per_shard,
-                                          model_fingerprint=model_fingerprint)
+                                          model_fingerprint=model_fingerprint, dropout=dropout)
         self._handle = None
 
     @property
@@ -80,7 +83,7 @@ class AttributionCallback(TrainerCallback):
             if labels is None:
                 raise ValueError("the training forward got no `labels`: the callback reads each "
                                  "document's target positions from them (-100 = no loss)")
-            recorder.start_micro_batch(index, labels, kwargs.get("attention_mask"))
+            recorder.start_micro_batch(index, labels, kwargs.get("attention_mask"), kwargs.get("input_ids"))
             return args, kwargs
 
         recorder.attach(model)

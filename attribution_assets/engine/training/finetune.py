@@ -49,7 +49,8 @@ def finetune(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, docs: S
     if paths.train_time_root.exists():  # a previous run's shards would mix with this run's
         shutil.rmtree(paths.train_time_root)
     callback = AttributionCallback(spec.gradients, [d.doc_id for d in docs], paths.train_time_gradients,
-                                   doc_weights=weights, steps_per_shard=settings.steps_per_shard)
+                                   doc_weights=weights, steps_per_shard=settings.steps_per_shard,
+                                   dropout=settings.record_dropout)
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -79,7 +80,8 @@ def finetune(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, docs: S
               "epochs": settings.epochs, "train_loss": round(float(result.training_loss), 6),
               "documents": len(docs), "shards": [p.name for p in callback.shards],
               "rows": int(sum(GradientStore(p).rows for p in callback.shards)),
-              "skipped_rows": callback.skipped_docs, "advantage_weighting": weighting}
+              "skipped_rows": callback.skipped_docs, "advantage_weighting": weighting,
+              "record_dropout": settings.record_dropout, "model_dropout": callback.recorder.model_dropout}
     write_text_atomic(paths.finetune_record, json.dumps(record, indent=2))
     log(f"fine-tuned {record['steps']} steps, {record['rows']} train-time rows in {len(record['shards'])} shards")
     return record

@@ -26,10 +26,26 @@ reuses through :meth:`GradientCollector.hook_rows`):
   ``engine.gradients.normalizers`` do for a saved optimizer. Unnormalized rows are projected
   in each module's backward hook (only the ``[B, p*p]`` block is kept); normalized ones keep
   each micro-batch's hook tensors until the step's optimizer update.
+- Dropout (``dropout``): ``step`` (default) rows come from the training's own forward and
+  backward, so they carry that step's dropout masks: what the optimizer saw, but not what a
+  post-hoc collector (eval mode, no dropout) computes at the same parameters. ``off``: rows come
+  from one more forward and backward of each micro-batch in eval mode (no dropout), at the same
+  parameters and before the optimizer update; they equal post-hoc rows, the training itself is
+  unchanged, and recording costs about one more forward and backward per micro-batch. With a
+  model whose dropout is 0 both give the same rows (``step`` without the extra pass).
+  :func:`dropout_probability` finds the model's dropout; recording ``step`` rows of a model with
+  dropout > 0 warns, and so does :func:`train_time_document_rows` reading them back.
+- Ranks (DDP, FSDP, DeepSpeed: every rank of an initialized ``torch.distributed`` default group
+  is a data-parallel rank with its own documents): each rank writes its rows as a hidden part
+  ``.<shard>.rank<r>-of-<n>`` next to the shard; after an all-gather of the part paths (a
+  barrier) rank 0 merges them into the one shard, rows ordered by (step, rank, position in the
+  rank's step: micro-batch order), i.e. the order one process with ``n`` times the gradient
+  accumulation writes, removes the parts, and a barrier lets every rank list the shard.
 - Rows are tagged with the optimizer step (1-based ``global_step`` after the update), the
   Trainer's fractional epoch after it, and the document id; every ``steps_per_shard`` steps
   (and at the end of training) they are written as one gradient shard (``store.write_store``;
-  ``info.json["training"] = {steps, epochs}``, one entry per row).
+  ``info.json["training"] = {steps, epochs}``, one entry per row, plus ``dropout`` (the mode),
+  ``model_dropout`` (:func:`dropout_probability`) and ``ranks``).
 - Train-time document rows (``scoring.train_rows: train_time``, :func:`train_time_document_rows`):
   a document's rows summed over the optimizer steps that saw it (its total projected, normalized
   contribution to the updates; the learning rate is not applied), zero for a document no step saw.
@@ -37,11 +53,14 @@ reuses through :meth:`GradientCollector.hook_rows`):
 
 from __future__ import annotations
 
+import shutil
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.normalizers import make_normalizer
@@ -51,6 +70,44 @@ from attribution_assets.spec import GradientSpec, PipelineSpec
 
 DOC_INDEX = "doc_index"
 IGNORE = -100
+DROPOUT_MODES = ("step", "off")
+DROPOUT_WARNING = ("train-time rows recorded with `record_dropout: step` on a model with dropout {p:g} carry "
+                   "each step's dropout masks: they are what the optimizer saw, but differ from post-hoc rows "
+                   "(eval mode, no dropout; up to ~100% on GPT-2's 0.1). Record with `record_dropout: off` "
+                   "for rows comparable with post-hoc (query) rows")
+
+
+def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``S_b [B]``: summed ``-log p(label_t)`` over each sequence's target positions
+    (``labels[:, 1:] != -100``, predicted from ``logits[:, :-1]``)."""
+    target = labels[:, 1:]
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
+    return torch.where(target != IGNORE, nll, 0.0).sum(1)
+
+
+def dropout_probability(model: nn.Module) -> float:
+    """The largest dropout probability of ``model``'s training forward: ``nn.Dropout`` modules'
+    ``p`` (GPT-2, PEFT's ``lora_dropout``) and float ``attention_dropout`` / ``dropout``
+    attributes of modules (Llama, GPT-NeoX attention pass them to the attention function)."""
+    found = [0.0]
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            found.append(float(module.p))
+        for attr in ("attention_dropout", "dropout"):
+            value = module.__dict__.get(attr)
+            if isinstance(value, float):
+                found.append(value)
+    return max(found)
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialized ``torch.distributed`` default group, else ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def loss_scales(logits: torch.Tensor, grad: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -106,8 +163,9 @@ class TrainTimeRecorder:
     docstring); :class:`AttributionCallback` drives it from a ``transformers.Trainer``, any other
     loop calls it directly:
 
-    ``attach(model)``; per micro-batch ``start_micro_batch(doc_index, labels, attention_mask)``
-    before its forward (``labels``: ``-100`` where no loss is taken), its forward and backward,
+    ``attach(model)``; per micro-batch ``start_micro_batch(doc_index, labels, attention_mask,
+    input_ids)`` before its forward (``labels``: ``-100`` where no loss is taken; ``input_ids``
+    needed with ``dropout="off"``, which runs them again without dropout), its forward and backward,
     then ``finish_micro_batch()``; after each ``optimizer.step()`` ``optimizer_step(optimizer)``
     (the live optimizer, for the normalizer) and ``step_end(step, epoch)``; at the end
     ``close(last_step)`` (writes the last shard, removes the hooks).
@@ -116,15 +174,18 @@ class TrainTimeRecorder:
     ``doc_ids``: document id per ``doc_index``; ``out``: the directory that receives one shard
     directory per step range, or a callable ``shard name -> shard path``;
     ``doc_weights``: ``w_b`` per ``doc_index`` (None: 1); ``steps_per_shard``: optimizer steps
-    per shard; ``model_fingerprint``: recorded in each shard.
-    ``shards`` lists the written shard paths; ``skipped_docs`` counts rows that were not
+    per shard; ``model_fingerprint``: recorded in each shard; ``dropout``: ``step`` or ``off``
+    (module docstring). ``shards`` lists the written shard paths; ``skipped_docs`` counts rows that were not
     recorded because their document's loss had no gradient (``c_b == 0``, e.g. zero advantage
     or loss weight).
     """
 
     def __init__(self, gradients: GradientSpec, doc_ids: Sequence[str],
                  out: str | Path | Callable[[str], Path], *, doc_weights: Sequence[float] | None = None,
-                 steps_per_shard: int = 100, model_fingerprint: str = ""):
+                 steps_per_shard: int = 100, model_fingerprint: str = "", dropout: str = "step"):
+        if dropout not in DROPOUT_MODES:
+            raise ValueError(f"dropout must be one of {DROPOUT_MODES} (the training step's own masks, or "
+                             f"rows without dropout, comparable with post-hoc rows), got {dropout!r}")
         if gradients.token_rows:
             raise ValueError("train-time recording writes document rows: set `gradients.per_token: "
                              f"none` (got {gradients.per_token!r})")
@@ -137,6 +198,7 @@ class TrainTimeRecorder:
             np.asarray(doc_weights, dtype=np.float64))
         self.shard_path = out if callable(out) else (lambda name, root=Path(out): root / name)
         self.steps_per_shard, self.model_fingerprint = steps_per_shard, model_fingerprint
+        self.dropout, self.model_dropout = dropout, 0.0
         self.collector: GradientCollector | None = None
         self.shards: list[Path] = []
         self.skipped_docs = 0
@@ -152,6 +214,10 @@ class TrainTimeRecorder:
         """Hook ``model``'s logits and the selected modules (the collector's globs)."""
         self.collector = GradientCollector(model, self.gradients, live_normalizer=True)
         names = {id(s.module): s.name for s in self.collector.specs}
+        self.model_dropout = dropout_probability(model)
+        if self.dropout == "step" and self.model_dropout > 0:
+            warnings.warn(DROPOUT_WARNING.format(p=self.model_dropout), stacklevel=2)
+        replay = self.dropout == "off"
 
         def model_hook(module, args, kwargs, output):
             micro = self._micro
@@ -168,8 +234,8 @@ class TrainTimeRecorder:
 
         def module_hook(module, args, output):
             micro = self._micro
-            if micro is None or not (module.training and output.requires_grad):
-                return
+            if replay or micro is None or not (module.training and output.requires_grad):
+                return  # dropout off: rows come from the micro-batch's replay
             name = names[id(module)]
             entry = [args[0].detach(), None]
             micro["calls"].setdefault(name, []).append(entry)
@@ -195,12 +261,18 @@ class TrainTimeRecorder:
 
     # -- micro-batches and steps ---------------------------------------------------------------
     def start_micro_batch(self, doc_index: torch.Tensor, labels: torch.Tensor,
-                          attention_mask: torch.Tensor | None = None) -> None:
+                          attention_mask: torch.Tensor | None = None,
+                          input_ids: torch.Tensor | None = None) -> None:
         """Record the next forward/backward: ``doc_index [B]``, ``labels [B, T]`` (-100: no
-        loss), ``attention_mask [B, T]`` (None: all valid). Closes the previous micro-batch."""
+        loss), ``attention_mask [B, T]`` (None: all valid), ``input_ids [B, T]`` (needed with
+        ``dropout="off"``). Closes the previous micro-batch."""
         self.finish_micro_batch()
+        if self.dropout == "off" and input_ids is None:
+            raise ValueError("dropout='off' runs each micro-batch again without dropout: pass its "
+                             "input_ids to start_micro_batch")
         self._micro = {"index": doc_index.detach().cpu(), "labels": labels.detach(),
-                       "mask": attention_mask, "calls": {}, "blocks": {}, "scales": None}
+                       "mask": attention_mask, "input_ids": input_ids, "calls": {}, "blocks": {},
+                       "scales": None}
 
     def finish_micro_batch(self) -> None:
         """Close the current micro-batch (its backward has run): project it now, or keep its
@@ -210,6 +282,8 @@ class TrainTimeRecorder:
             return
         if micro["scales"] is None:  # forward without backward (e.g. a skipped batch)
             return
+        if self.dropout == "off":
+            self._replay(micro)
         micro["calls"] = {name: [(a, g) for a, g in entries if g is not None]
                           for name, entries in micro["calls"].items()}
         if self.gradients.normalizer == "none":
@@ -247,6 +321,36 @@ class TrainTimeRecorder:
             self._flush(last_step)
         self._detach()
 
+    def _replay(self, micro: dict) -> None:
+        """Dropout off: the micro-batch's forward and backward again in eval mode at the same
+        parameters, of ``sum_b S_b`` (so ``c_b = 1``; documents the training gave no gradient
+        keep ``c_b = 0``); gradients reach only the hooked outputs (no parameter ``.grad``)."""
+        model = self.collector.model
+        calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+        def keep(name):
+            def hook(module, args, output):
+                if output.requires_grad:
+                    calls.append((name, args[0].detach(), output))
+            return hook
+
+        handles = [s.module.register_forward_hook(keep(s.name)) for s in self.collector.specs]
+        was_training = model.training
+        try:
+            model.eval()
+            with torch.enable_grad():
+                logits = model(input_ids=micro["input_ids"], attention_mask=micro["mask"]).logits
+                grads = torch.autograd.grad(sequence_losses(logits, micro["labels"]).sum(),
+                                            [out for _, _, out in calls], allow_unused=True) if calls else []
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        micro["calls"] = {}
+        for (name, a, _), g in zip(calls, grads):
+            micro["calls"].setdefault(name, []).append((a, g))
+        micro["scales"] = (micro["scales"] != 0).double()
+
     # -- rows --------------------------------------------------------------------------------
     def _rows(self, micro: dict) -> tuple[np.ndarray, np.ndarray]:
         """``(doc_index [B], rows [B, dims])`` of one micro-batch: hook rows / ``c_b`` * ``w_b``."""
@@ -268,10 +372,31 @@ class TrainTimeRecorder:
         return index.numpy()[keep.numpy()], rows[keep.numpy()]
 
     def _flush(self, last_step: int) -> None:
+        """Write the buffered rows as the shard ``steps_<first>-<last_step>``: directly in one
+        process; as this rank's part, merged by rank 0, under ``torch.distributed``."""
         first, self._first_step = self._first_step, None
         buffer, self._buffer = self._buffer, []
-        if not buffer:
+        name = shard_name(first, last_step)
+        final = Path(self.shard_path(name))
+        rank, world = data_parallel_rank()
+        if world == 1:
+            if buffer:
+                self.shards.append(self._write(final, buffer, world).path)
             return
+        import torch.distributed as dist
+
+        part = final.with_name(f".{name}.rank{rank:05d}-of-{world:05d}")
+        mine = str(self._write(part, buffer, world).path) if buffer else None
+        parts: list[str | None] = [None] * world
+        dist.all_gather_object(parts, mine)  # also the barrier: every part is written
+        if rank == 0 and any(parts):
+            merge_parts([GradientStore(p) for p in parts if p is not None], final)
+        dist.barrier()  # the merged shard exists before any rank lists it
+        if any(parts):
+            self.shards.append(final)
+
+    def _write(self, path: Path, buffer: list, ranks: int) -> GradientStore:
+        """One store of ``buffer``'s rows (``(doc_index, rows, step, epoch)`` per micro-batch)."""
         collector = self.collector
         index = np.concatenate([b[0] for b in buffer])
         array = np.concatenate([b[1] for b in buffer]) if len(index) else \
@@ -279,11 +404,29 @@ class TrainTimeRecorder:
         info = collector.layout_info()
         info["rows"] = int(array.shape[0])
         info["training"] = {"steps": [b[2] for b in buffer for _ in b[0]],
-                            "epochs": [round(b[3], 6) for b in buffer for _ in b[0]]}
-        store = write_store(self.shard_path(shard_name(first, last_step)), array, info,
-                            doc_ids=[self.doc_ids[i] for i in index],
-                            model_fingerprint=self.model_fingerprint, dtype=self.gradients.dtype)
-        self.shards.append(store.path)
+                            "epochs": [round(b[3], 6) for b in buffer for _ in b[0]],
+                            "dropout": self.dropout, "model_dropout": self.model_dropout, "ranks": ranks}
+        return write_store(path, array, info, doc_ids=[self.doc_ids[i] for i in index],
+                           model_fingerprint=self.model_fingerprint, dtype=self.gradients.dtype)
+
+
+def merge_parts(parts: Sequence[GradientStore], final: Path) -> GradientStore:
+    """One store at ``final`` of the ranks' part stores (in rank order), rows ordered by (step,
+    rank, row within the rank: micro-batch order); removes the parts."""
+    first = parts[0].info
+    steps = np.concatenate([np.asarray(training_tags(p)[0], dtype=np.int64) for p in parts])
+    order = np.argsort(steps, kind="stable")
+    epochs = np.concatenate([np.asarray(training_tags(p)[1], dtype=np.float64) for p in parts])
+    doc_ids = np.array([d for p in parts for d in p.doc_ids], dtype=object)
+    array = np.concatenate([np.asarray(p.array) for p in parts])[order]
+    info = dict(first)
+    info["rows"] = int(array.shape[0])
+    info["training"] = {**first["training"], "steps": steps[order].tolist(), "epochs": epochs[order].tolist()}
+    store = write_store(final, array, info, doc_ids=doc_ids[order].tolist(),
+                        model_fingerprint=first.get("model_fingerprint", ""), dtype=first["dtype"])
+    for p in parts:
+        shutil.rmtree(p.path)
+    return store
 
 
 def training_tags(store: GradientStore) -> tuple[list[int], list[float]]:
@@ -304,11 +447,16 @@ def train_time_stores(spec: PipelineSpec, paths: PipelinePaths) -> list[Gradient
 
 def train_time_document_rows(stores: Sequence[GradientStore], doc_ids: Sequence[str]) -> tuple[np.ndarray, dict]:
     """``(array [len(doc_ids), dims] float32, info)``: each document's train-time rows summed over
-    the steps that saw it (zero where none did); ``info`` is the first store's (settings, layout)."""
+    the steps that saw it (zero where none did); ``info`` is the first store's (settings, layout).
+    Warns when the rows carry dropout masks (``dropout: step`` on a model with dropout > 0): they
+    are then scored against post-hoc (dropout-free) query rows."""
     if not stores:
         raise FileNotFoundError("no train-time gradient shards: materialize the pipeline's `finetune` asset "
                                 "(the demo: its `model` with `demo.record_epochs` >= 1)")
     first = stores[0].info
+    tags = first.get("training") or {}
+    if tags.get("dropout", "step") == "step" and tags.get("model_dropout", 0.0) > 0:
+        warnings.warn(DROPOUT_WARNING.format(p=tags["model_dropout"]), stacklevel=2)
     index = {d: i for i, d in enumerate(doc_ids)}
     out = np.zeros((len(doc_ids), first["dims"]), dtype=np.float64)
     total = torch.from_numpy(out)  # shares memory with `out`; index_add_ sums repeated documents

@@ -10,18 +10,9 @@ depend on that reduction (they are ``w_b`` times the gradient of ``S_b``).
 
 from __future__ import annotations
 
-import torch
 from transformers import Trainer
 
-from attribution_assets.engine.training.recorder import IGNORE
-
-
-def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """``S_b [B]``: summed ``-log p(label_t)`` over each sequence's target positions."""
-    target = labels[:, 1:]
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    nll = -logp.gather(-1, target.clamp_min(0)[..., None]).squeeze(-1)
-    return torch.where(target != IGNORE, nll, 0.0).sum(1)
+from attribution_assets.engine.training.recorder import sequence_losses
 
 
 class AdvantageTrainer(Trainer):

@@ -1,6 +1,7 @@
 """The Trainer callback's rows against the post-hoc collector and against hand computations."""
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +13,12 @@ from attribution_assets.engine.gradients.normalizers import OptimizerState
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.training.callback import AttributionCallback, AttributionCollator
-from attribution_assets.engine.training.recorder import loss_scales, training_tags
-from attribution_assets.spec import GradientSpec
+from attribution_assets.engine.training.recorder import (
+    loss_scales,
+    train_time_document_rows,
+    training_tags,
+)
+from attribution_assets.spec import FinetuneSpec, GradientSpec, SpecValueError
 from tests.helpers import SENTENCES
 
 EXTRA = ["A short one.", "Lisbon and Orbitex and Norwood University, all in one long sentence here."]
@@ -50,7 +55,7 @@ def docs(tiny_tokenizer):
 
 
 def train(model_dir, docs, tmp_path, gradients, *, batch=2, accumulation=2, mean_loss=False,
-          optim="adamw_torch", doc_weights=None, trainer_cls=Trainer, steps_per_shard=100):
+          optim="adamw_torch", doc_weights=None, trainer_cls=Trainer, steps_per_shard=100, dropout="step"):
     torch.manual_seed(0)
     model = model_dir if isinstance(model_dir, torch.nn.Module) else AutoModelForCausalLM.from_pretrained(model_dir)
     args = TrainingArguments(
@@ -60,7 +65,7 @@ def train(model_dir, docs, tmp_path, gradients, *, batch=2, accumulation=2, mean
         save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True)
     callback = AttributionCallback(gradients, [f"d{d['doc_index']}" for d in docs], tmp_path / "rows",
-                                   doc_weights=doc_weights, steps_per_shard=steps_per_shard)
+                                   doc_weights=doc_weights, steps_per_shard=steps_per_shard, dropout=dropout)
     snaps = Snapshots()
     trainer = trainer_cls(model=model, args=args, train_dataset=docs, data_collator=AttributionCollator(0),
                           callbacks=[callback, snaps])
@@ -102,6 +107,38 @@ def test_callback_rows_equal_the_post_hoc_collector(one_thread, tiny_model_dir, 
         want, _ = GradientCollector(model, gradients).collect(
             [(by_id[ids[i]]["input_ids"], by_id[ids[i]]["loss_mask"]) for i in picked])
         assert_close(rows[picked], want)
+
+
+@pytest.mark.parametrize("mode", ["off", "step"])
+def test_rows_with_dropout_off_equal_post_hoc_rows_and_with_step_masks_do_not(
+        one_thread, tiny_model_dir, docs, tmp_path, mode):
+    """A model with dropout 0.2: ``off`` rows equal the post-hoc collector's (eval mode) at each
+    step's parameters; ``step`` rows carry the step's masks, differ, and warn when recorded and
+    when read back."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, hidden_dropout=0.2, attention_dropout=0.2)
+    gradients = GradientSpec(projection_dim=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, callback, snaps = train(model, docs, tmp_path, gradients, dropout=mode)
+    said = [str(w.message) for w in caught if "record_dropout: off" in str(w.message)]
+    assert len(said) == (mode == "step")
+    ids, steps, rows = stored_rows(callback)
+    tags = GradientStore(callback.shards[0]).info["training"]
+    assert (tags["dropout"], tags["model_dropout"]) == (mode, 0.2)
+    by_id = {f"d{d['doc_index']}": d for d in docs}
+    gap = 0.0
+    for step in sorted(set(steps)):
+        model.load_state_dict(snaps.params[step])
+        picked = [i for i, s in enumerate(steps) if s == step]
+        want, _ = GradientCollector(model, gradients).collect(
+            [(by_id[ids[i]]["input_ids"], by_id[ids[i]]["loss_mask"]) for i in picked])
+        gap = max(gap, np.abs(rows[picked] - want).max() / np.abs(want).max())
+    if mode == "off":
+        assert gap <= 1e-6, gap
+    else:
+        assert gap > 0.05, gap
+        with pytest.warns(UserWarning, match="dropout 0.2"):
+            train_time_document_rows([GradientStore(p) for p in callback.shards], sorted(by_id))
 
 
 def _hand_rows(model, doc, gradients, normalize):
@@ -195,3 +232,12 @@ def test_loss_scales_of_memorized_tokens():
     (nll.sum(1) * weights).sum().backward()
     got = loss_scales(logits.detach(), logits.grad, labels)
     torch.testing.assert_close(got, weights.double(), rtol=1e-5, atol=0)
+
+
+def test_record_dropout_setting():
+    assert FinetuneSpec().record_dropout == "step"
+    assert FinetuneSpec(record_dropout=False).record_dropout == "off"  # YAML's unquoted `off`
+    with pytest.raises(SpecValueError, match="record_dropout"):
+        FinetuneSpec(record_dropout="sometimes")
+    with pytest.raises(ValueError, match="dropout must be one of"):
+        AttributionCallback(GradientSpec(projection_dim=4), ["a"], "rows", dropout="eval")
