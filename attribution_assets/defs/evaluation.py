@@ -30,6 +30,10 @@ from attribution_assets.spec import PipelineSpec
 
 ALL = dg.AllPartitionMapping()
 SEEDS = (0, 1)
+#: Why the UI shows these assets "Never materialized" after `make demo`.
+ON_DEMAND = (" On demand, not part of `make demo` (the UI shows it 'Never materialized' until then): "
+             "`attribution evaluate --pipeline {name}{lds}` or Materialize here. The fact-tracing figures "
+             "`make demo` prints come from `train_time_fact_tracing` and `overview`.")
 
 
 def lds_partitions(spec: PipelineSpec) -> dg.StaticPartitionsDefinition:
@@ -61,7 +65,7 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
                           "training step on the top documents) of random documents, BM25, raw dot "
                           "product, cosine, TrackStar (each optimizer normalization), the preconditioned "
                           "dot product and EK-FAC / K-FAC influence, with answer-only and whole-text "
-                          "query loss.")
+                          "query loss." + ON_DEMAND.format(name=spec.name, lds=""))
     def fact_tracing_asset(context: dg.AssetExecutionContext, storage: StorageResource,
                            compute: ComputeResource) -> dg.MaterializeResult:
         timer = Timer()
@@ -98,7 +102,7 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
                           "evaluation.lds_fraction of the documents; removed documents get loss weight 0; "
                           "same steps; seed a: the demo's init and data order, seed b: another data order "
                           "and, unless lds_seed_b_varies is data_order, another init); records the query "
-                          "losses and the subset.")
+                          "losses and the subset." + ON_DEMAND.format(name=spec.name, lds=" --lds"))
     def lds_retrain(context: dg.AssetExecutionContext, storage: StorageResource,
                     compute: ComputeResource) -> dg.MaterializeResult:
         from transformers import AutoTokenizer
@@ -115,7 +119,7 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
         init_seed, order_seed = runs["seed b" if int(seed) else "seed a"]
         losses = lds.retrain_partition(tokenizer, texts, keep, spec.demo, queries,
                                        paths.lds_retrain(context.partition_key), seed=init_seed, order_seed=order_seed)
-        return dg.MaterializeResult(metadata={"kept_documents": int(keep.sum()), "mean_query_loss": float(losses.mean()),
+        return dg.MaterializeResult(metadata={"kept_documents": int(keep.sum()), "mean_query_loss": round(float(losses.mean()), 4),
                                               "init_seed": init_seed, "order_seed": order_seed,
                                               "seconds": timer.seconds})
 
@@ -126,7 +130,8 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
               description="Linear datamodeling score per method and score variant (all scores, top k), "
                           "Spearman of predicted vs measured query loss over the subsets, bootstrap 95% CI; "
                           "the gold documents as a reference predictor; against each retrain seed and their "
-                          "mean loss; two-seed agreement and the noise ceilings.")
+                          "mean loss; two-seed agreement and the noise ceilings."
+                          + ON_DEMAND.format(name=spec.name, lds=" --lds"))
     def lds_asset(storage: StorageResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)

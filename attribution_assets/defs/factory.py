@@ -7,6 +7,7 @@ import warnings
 
 import dagster as dg
 
+from attribution_assets.defs.ask import ask_jobs
 from attribution_assets.defs.automation import new_data_sensor, rebuild_schedule
 from attribution_assets.defs.common import shards_partitions
 from attribution_assets.defs.corpus import corpus_assets
@@ -38,7 +39,8 @@ def pipeline_definitions(spec: PipelineSpec, profile: DeploymentProfile) -> dg.D
     present = {k for a in assets if isinstance(a, dg.AssetsDefinition) for k in a.keys}
     sensor, schedule = new_data_sensor(spec), rebuild_schedule(spec)
     retry_policy = profile.retry_policy()
-    jobs = [*stage_jobs(spec, present, retry_policy), *on_demand_jobs(spec, present, retry_policy)]
+    jobs = [*stage_jobs(spec, present, retry_policy), *on_demand_jobs(spec, present, retry_policy),
+            *ask_jobs(spec, present)]
     return dg.Definitions(assets=assets, jobs=jobs, sensors=[sensor] if sensor else [],
                           schedules=[schedule] if schedule else [])
 

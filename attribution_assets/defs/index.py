@@ -54,13 +54,13 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
         precond = load_preconditioner(spec, paths)
-        queries = _calibration_queries(spec, paths, precond) if calibrated else None
+        queries = calibration_queries(spec, paths, precond) if calibrated else None
         info = build_index(lambda: prepared_training_blocks(paths, shards, precond, spec.scoring.metric),
                            spec.index, paths.faiss_index, calibration=queries,
                            calibration_queries=CALIBRATION_QUERIES)
         yield dg.MaterializeResult(
             metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
-                      "bytes": info.bytes, "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
+                      "size": human_size(info.bytes), "size_mb": round(info.bytes / 1e6, 1), "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
                       **_search_metadata(info), **_recall_figure(info, paths), "path": path_metadata(paths.faiss_index),
                       "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{files_digest(paths.faiss_index)}"))
@@ -69,13 +69,21 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     return [faiss_index]
 
 
+def human_size(nbytes: int) -> str:
+    """``175046701`` -> ``"175.0 MB"`` (decimal units, one decimal)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes} B"
+
+
 def _calibrated(spec: PipelineSpec) -> bool:
     """Whether the index's search parameter is ``auto``: an IVF nprobe or an HNSW efSearch."""
     idx = spec.index
     return ("IVF" in idx.factory and idx.nprobe == "auto") or ("HNSW" in idx.factory and idx.ef_search == "auto")
 
 
-def _calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np.ndarray:
+def calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np.ndarray:
     """Up to ``CALIBRATION_QUERIES`` query rows (seeded sample) prepared as the Attributor
     searches them (one row per query), for calibrating an ``auto`` nprobe / efSearch."""
     path = query_rows_path(spec, paths)
@@ -95,9 +103,10 @@ def _search_metadata(info: IndexInfo) -> dict:
             if value is not None}
     if info.calibration:
         c = info.calibration
-        meta |= {f"calibration_recall@{c['k']}": c["recall@k"], "calibration_lower_bound": c["lower_bound"],
+        meta |= {f"calibration_recall@{c['k']}": round(c["recall@k"], 4),
+                 "calibration_lower_bound": round(c["lower_bound"], 4),
                  "calibration_target": c["target_recall"], "calibration_reachable": c["reachable"],
-                 "calibration_queries": f"{c['queries']} {c['source']}", "calibration_seconds": c["seconds"]}
+                 "calibration_queries": f"{c['queries']} {c['source']}", "calibration_seconds": round(c["seconds"], 3)}
     return meta
 
 

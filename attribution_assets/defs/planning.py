@@ -46,7 +46,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
           False),
     Stage("scores", ("scores",), True),
-    Stage("database", ("attribution_db", "train_time_fact_tracing"), False),
+    Stage("database", ("attribution_db", "overview", "train_time_fact_tracing"), False),
 )
 # With a `finetune` section, the model that gradients come from is trained on the tokenized
 # corpus first: query gradients wait for it and tokens get a stage of their own.
@@ -117,16 +117,33 @@ def _contiguous_ranges(selected: Sequence[str], order: Sequence[str]) -> list[tu
     return ranges
 
 
+#: The last staleness resolver: ``(defs, instance, latest event id, resolver)``. Its caches hold
+#: every status it computed (a shard's upstream statuses are the previous stage's), so it serves
+#: every stage of a command until an event is stored (a run, a materialization).
+_LAST_RESOLVER: tuple | None = None
+
+
 def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
+    """Dagster's caching staleness resolver over ``defs`` and ``instance``, reused while the
+    instance has stored no event since it was made (so planning every stage of an up-to-date
+    pipeline reads each status once)."""
+    global _LAST_RESOLVER
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver
     from dagster._time import get_current_datetime
 
+    latest = instance.event_log_storage.get_maximum_record_id()
+    if _LAST_RESOLVER is not None and latest is not None:
+        last_defs, last_instance, last_event, resolver = _LAST_RESOLVER
+        if last_defs is defs and last_instance is instance and last_event == latest:
+            return resolver
     graph = defs.resolve_asset_graph()
     view = AssetGraphView(temporal_context=TemporalContext(effective_dt=get_current_datetime(),
-                                                          last_event_id=None),
+                                                          last_event_id=latest),
                           instance=instance, asset_graph=graph)
-    return CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
+    _LAST_RESOLVER = (defs, instance, latest, resolver)
+    return resolver
 
 
 def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
@@ -144,6 +161,35 @@ def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
         cause = causes[0]
         return cause.reason if cause.asset_key == asset_key else f"{cause.asset_key.to_user_string()} {cause.reason}"
     return None
+
+
+def _reusable_shards(defs: dg.Definitions, spec: PipelineSpec, asset_key: dg.AssetKey,
+                     shards: Sequence[str]) -> list[str]:
+    """The ``shards`` of ``train_gradients`` whose store on disk the asset will reuse rather than
+    recompute (complete, same documents, model, settings and code: left by a run killed before it
+    recorded them; ``engine.gradients.collect.reusable_store``, the asset's own test)."""
+    if asset_key.path[-1] != "train_gradients" or spec.scoring.train_rows != "post_hoc" or not shards:
+        return []
+    import json
+
+    from attribution_assets.engine.gradients.collect import reusable_store
+    from attribution_assets.engine.io import data
+
+    paths = defs.resources["storage"].paths(spec)
+    record = paths.finetune_record if spec.finetune is not None else paths.model_record
+    if not record.exists():
+        return []
+    fingerprint = json.loads(record.read_text())["fingerprint"]
+    version = defs.resolve_assets_def(asset_key).code_versions_by_key[asset_key]
+    reused = []
+    for shard in shards:
+        if not paths.train_gradients(shard).exists() or not paths.tokens(shard).exists():
+            continue
+        docs = data.read_tokenized(paths.tokens(shard))
+        if reusable_store(paths.train_gradients(shard), docs, fingerprint, spec.gradients, version,
+                          spec.corpus.advantage_weighting) is not None:
+            reused.append(shard)
+    return reused
 
 
 def unsynced_partitions(defs: dg.Definitions, instance: dg.DagsterInstance, asset_key: dg.AssetKey,
@@ -182,7 +228,10 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
             chosen.append(asset_key)
             shards_needed.update(stale)
             kinds = sorted({w for w in stale.values()})
-            reasons.append(f"{name} ({len(stale)} of {len(shards)} shards): {', '.join(kinds)}")
+            reused = _reusable_shards(defs, spec, asset_key, [s for s, w in stale.items() if w == "missing"])
+            kept = (f" ({len(reused)} of them complete on disk from an earlier run: reused, not recomputed)"
+                    if reused else "")
+            reasons.append(f"{name} ({len(stale)} of {len(shards)} shards): {', '.join(kinds)}{kept}")
     if stage.partitioned and chosen:
         # a shard that one asset of the stage needs runs for every chosen asset (one step each)
         return StagePlan(stage, chosen, _contiguous_ranges(sorted(shards_needed), shards), reasons)

@@ -19,6 +19,12 @@ from attribution_assets.defs.common import (
 from attribution_assets.defs.gradients import pipeline_collector
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.explain import plots
+from attribution_assets.engine.explain.overview import (
+    overview_histogram,
+    pipeline_overview,
+    samples_markdown,
+    summary_markdown,
+)
 from attribution_assets.engine.explain.render import explanation_html, explanation_markdown
 from attribution_assets.engine.explain.tokens import explain_samples
 from attribution_assets.engine.gradients.collect import training_rows
@@ -46,6 +52,16 @@ from attribution_assets.spec import PipelineSpec
 
 ALL = dg.AllPartitionMapping()
 SAMPLE_QUERIES, SAMPLE_K = 3, 5  # sample explanations attached to `scores`: queries, documents each
+
+
+def heat_maps_markdown(explanations, paths) -> str:
+    """Each explanation's heat map as an inline picture (``plots.explanation_picture``): what
+    the UI shows of the HTML page."""
+    out = []
+    for i, expl in enumerate(explanations):
+        figure = plots.explanation_picture(expl, paths.figure(f"explanation_{i}"))
+        out += [f"Query `{expl.query_id}`", "", plots.png_markdown(figure, f"heat map of {expl.query_id}"), ""]
+    return "\n".join(out)
 
 
 def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsDefinition]:
@@ -136,7 +152,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         del query
         yield dg.MaterializeResult(
             metadata={"n_train": train.n, "n_query": saved.n_query,
-                      "lambda": float(saved.lam) if saved.lam is not None else "off",
+                      "lambda": round(float(saved.lam), 4) if saved.lam is not None else "off",
                       "damping": spec.scoring.damping, "modules": len(saved.layout), "dims": saved.dims,
                       "path": path_metadata(paths.preconditioner), "seconds": timer.seconds,
                       "peak_rss_mb": timer.peak_rss_mb,
@@ -178,7 +194,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                 versions[result.shard] = result.version
                 breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
                 histogram = plots.score_histogram(pl.read_parquet(result.path, columns=["score"])["score"].to_numpy(),
-                                                  paths.score_histogram(result.shard), f"{spec.name} {result.shard}")
+                                                  paths.score_histogram(result.shard),
+                                                  f"{spec.name} {result.shard} (all shards: {spec.name}/overview)")
                 context.add_asset_metadata(
                     {"rows": result.rows, "queries": result.queries, "documents": result.documents,
                      "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
@@ -192,6 +209,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         if samples:
             write_text_atomic(paths.explanations, explanation_html(samples))
             explained = {"explanations": dg.MetadataValue.md(explanation_markdown(samples, str(paths.explanations))),
+                         "heat_maps": dg.MetadataValue.md(heat_maps_markdown(samples, paths)),
                          "explanations_path": path_metadata(paths.explanations)}
         else:
             explained = {"explanations": (
@@ -228,5 +246,28 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                                   passed=columns.get("scores") == SCORE_COLUMNS
                                   and all(view in columns for view in wanted))
 
+    overview_key = key(spec, "overview")
+
+    @dg.asset(key=overview_key, group_name=spec.name,
+              deps=[db_key, dg.AssetDep(scores_key, partition_mapping=ALL), key(spec, "query_set")],
+              code_version="overview-v1", automation_condition=rebuild_condition(),
+              description="The pipeline at a glance (SQL over the score tables, seconds): recall@k and MRR "
+                          "where queries know their gold documents; every score on a log-count histogram with "
+                          "percentiles (is a score of 0.09 high?); sample queries, failures included, with "
+                          "their top documents and the rank of their first gold document.")
+    def overview(storage: StorageResource) -> dg.MaterializeResult:
+        timer = Timer()
+        paths = storage.paths(spec)
+        result = pipeline_overview(paths.database, per_query=spec.scoring.aggregate == "individual")
+        figure = overview_histogram(result, paths.figure("overview_histogram"), f"{spec.name}: every score")
+        figures = {name: round(value, 4) for name, value in result.fact_tracing.items()}
+        return dg.MaterializeResult(metadata={
+            "summary": dg.MetadataValue.md(summary_markdown(result)),
+            "score_histogram": dg.MetadataValue.md(plots.png_markdown(figure, "every score of the pipeline")),
+            "samples": dg.MetadataValue.md(samples_markdown(result)),
+            "queries": result.queries, "scores": result.scores, "queries_with_gold": result.gold_queries,
+            **{f"score_p{q:g}": round(v, 4) for q, v in result.percentiles.items()}, **figures,
+            "seconds": timer.seconds})
+
     fan_in = [] if kronecker else [shard_autocorrelation, train_autocorrelation, preconditioner]
-    return [*fan_in, scores, attribution_db]
+    return [*fan_in, scores, attribution_db, overview]

@@ -127,6 +127,10 @@ class Attributor:
     def search(self, queries: Sequence[str | tuple[str, str]], k: int = 10) -> list[list[Hit]]:
         """Top-``k`` documents for texts (loss on every token but the first) or
         ``(prompt, completion)`` pairs (loss on the completion, as TrackStar does)."""
+        return self.top_k_rows(self.query_rows(queries), k)
+
+    def query_rows(self, queries: Sequence[str | tuple[str, str]]) -> np.ndarray:
+        """Query gradient rows ``[q, dims]`` of texts or ``(prompt, completion)`` pairs (:meth:`search`)."""
         docs = []
         for i, query in enumerate(queries):
             content = {"prompt": query[0], "completion": query[1]} if isinstance(query, tuple) else {"text": query}
@@ -140,4 +144,9 @@ class Attributor:
                                  "shorten it, or raise the setting (at most the model's positions).")
             docs.append(data.TokenizedDoc(f"query-{i}", ids, mask, str(query)))
         array, _, _ = collect(self.collector, docs)
-        return self.top_k_rows(array, k)
+        return array
+
+    def prepared(self, rows: np.ndarray) -> np.ndarray:
+        """Query rows ``[q, dims]`` prepared as :meth:`top_k_rows` scores them (preconditioned,
+        normalized for cosine scores)."""
+        return QueryScorer(rows, None, self.preconditioner, self.spec.scoring, aggregate="individual").prepared

@@ -31,3 +31,22 @@ def test_large_pictures_are_named_not_inlined(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "INLINE_LIMIT", 100)
     md = plots.png_markdown(path, "alt")
     assert "data:" not in md and str(path) in md
+
+
+def test_score_histogram_has_a_log_count_axis_and_percentiles(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    captured = {}
+    monkeypatch.setattr(plt, "close", lambda fig: captured.setdefault("fig", fig))
+    values = np.r_[np.zeros(10_000), np.linspace(0.1, 0.5, 20)]
+    path = plots.score_histogram(values, tmp_path / "h.png", "x")
+    ax = captured["fig"].axes[0]
+    assert ax.get_yscale() == "log"
+    labels = [label for label in ax.get_legend_handles_labels()[1] if label.startswith("p")]
+    assert labels == [f"p{q:g} = {np.percentile(values, q):+.4f}" for q in plots.PERCENTILES]
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1  # outside the data
+    assert int.from_bytes(path.read_bytes()[16:20], "big") == 800
