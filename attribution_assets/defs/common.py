@@ -43,18 +43,38 @@ def compute_version(compute: ComputeResource) -> str:
 CONTENT_VERSION = "content_version"
 
 
-def record_partition_versions(instance: dg.DagsterInstance, events) -> int:
-    """After a run over several partitions, record each partition's ``content_version`` as its
-    data version: one more materialization per partition, with the run's own tags (code version,
-    input provenance) and that version; return how many. ``events``: the run's materialization
-    ``DagsterEvent`` s, in order."""
-    materializations = [e.event_specific_data.materialization for e in events]
-    partitioned = [m for m in materializations if m.partition and CONTENT_VERSION in m.metadata]
-    if len({m.partition for m in partitioned}) < 2:
+def record_partition_versions(instance: dg.DagsterInstance, run_id: str) -> int:
+    """After run ``run_id`` materialized several partitions of an asset in one step, record each
+    partition's ``content_version`` as its data version; return how many.
+
+    Dagster gives a step one data version for all its partitions, so one shard's content could
+    not otherwise tell its downstream shards that nothing changed. Each partition gets one more
+    materialization, reported in the run itself (its id, job and step: the UI links the shard to
+    its run) with the run's tags, the shard's version and its inputs' versions from the same run;
+    then the run's check evaluations of that asset are reported again, aimed at the asset's last
+    new materialization, which updates the run's check executions (one per check and run), so the
+    UI shows them against the latest materialization."""
+    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
+        AssetCheckEvaluationTargetMaterializationData,
+    )
+    from dagster._core.events import DagsterEvent, StepMaterializationData
+    from dagster_shared.record import replace
+
+    def of_type(event_type):
+        return [r.event_log_entry for r in instance.get_records_for_run(run_id, of_type=event_type,
+                                                                         limit=100_000).records]
+
+    entries = [e for e in of_type(dg.DagsterEventType.ASSET_MATERIALIZATION)
+               if e.dagster_event.event_specific_data.materialization.partition
+               and CONTENT_VERSION in e.dagster_event.event_specific_data.materialization.metadata]
+    if len({e.dagster_event.event_specific_data.materialization.partition for e in entries}) < 2:
         return 0
-    versions = {(m.asset_key, m.partition): m.metadata[CONTENT_VERSION].value for m in partitioned}
+    versions = {(m.asset_key, m.partition): m.metadata[CONTENT_VERSION].value
+                for m in (e.dagster_event.event_specific_data.materialization for e in entries)}
     pointers: dict[tuple, str] = {}
-    for m in partitioned:  # in run order: an upstream shard before the shards computed from it
+    last: dict[dg.AssetKey, tuple[int, float]] = {}  # storage id, timestamp of each asset's last one
+    for entry in entries:  # in run order: an upstream shard before the shards computed from it
+        m = entry.dagster_event.event_specific_data.materialization
         tags = {**(m.tags or {}), DATA_VERSION_TAG: versions[(m.asset_key, m.partition)],
                 DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
         for (upstream, partition), version in versions.items():  # inputs made in the same run
@@ -62,13 +82,26 @@ def record_partition_versions(instance: dg.DagsterInstance, events) -> int:
             if partition == m.partition and tag in tags:
                 tags[tag] = version
                 tags[get_input_event_pointer_tag(upstream)] = pointers[(upstream, partition)]
-        instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key=m.asset_key, partition=m.partition, metadata=m.metadata, tags=tags,
-            description="the shard's own data version (its run covered several shards)"))
-        latest = instance.fetch_materializations(
+        own = dg.AssetMaterialization(asset_key=m.asset_key, partition=m.partition, metadata=m.metadata, tags=tags,
+                                      description="the shard's own data version (the run's step covered "
+                                                  "several shards)")
+        instance.report_dagster_event(DagsterEvent(
+            event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value, job_name=entry.job_name,
+            step_key=entry.step_key, event_specific_data=StepMaterializationData(own)), run_id=run_id)
+        (record,) = instance.fetch_materializations(
             dg.AssetRecordsFilter(asset_key=m.asset_key, asset_partitions=[m.partition]), limit=1).records
-        pointers[(m.asset_key, m.partition)] = str(latest[0].storage_id)
-    return len(partitioned)
+        pointers[(m.asset_key, m.partition)] = str(record.storage_id)
+        last[m.asset_key] = (record.storage_id, record.timestamp)
+    for entry in of_type(dg.DagsterEventType.ASSET_CHECK_EVALUATION):
+        evaluation = entry.dagster_event.event_specific_data
+        if evaluation.asset_key in last:
+            storage_id, timestamp = last[evaluation.asset_key]
+            instance.report_dagster_event(DagsterEvent(
+                event_type_value=dg.DagsterEventType.ASSET_CHECK_EVALUATION.value, job_name=entry.job_name,
+                step_key=entry.step_key, event_specific_data=replace(
+                    evaluation, target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
+                        storage_id=storage_id, run_id=run_id, timestamp=timestamp))), run_id=run_id)
+    return len(entries)
 
 
 def dir_bytes(path: Path) -> int:

@@ -36,10 +36,8 @@ from pathlib import Path
 import dagster as dg
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, WILL_RETRY_TAG
 
-from attribution_assets.defs.runs import RECIPE_ENV, failed_step
+from attribution_assets.defs.runs import LOCATION, MODULE, RECIPE_ENV, failed_step
 
-#: The code location's name and module (``workspace.yaml``'s), so runs link to its jobs in the UI.
-LOCATION, MODULE = "attribution_assets", "attribution_assets.definitions"
 #: The daemons a command runs: the queue, run retries (they consume run failures), monitoring.
 DAEMONS = ("QUEUED_RUN_COORDINATOR", "EVENT_LOG_CONSUMER", "MONITORING")
 FINISHED = (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)

@@ -32,7 +32,6 @@ import json
 from collections.abc import Callable, Sequence
 
 import dagster as dg
-from dagster._core.utils import make_new_run_id
 
 from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
 from attribution_assets.defs.health import check_pools, release_dead_runs
@@ -54,6 +53,7 @@ from attribution_assets.defs.runs import (
     PIPELINE_TAG,
     STAGE_TAG,
     failed_step,
+    location_origins,
     partition_run,
     process_tags,
     range_run,
@@ -117,7 +117,7 @@ class Runs:
         submitted = self._queue.submit(job_name, keys, runs, queued_tags, run_config)
         self.log(f"{what}: {len(submitted)} runs queued, {min(self.profile.workers, len(submitted))} at once")
         return self._queue.wait(submitted, what, on_settled=lambda run: record_partition_versions(
-            self.instance, _materializations(self.instance, run.run_id)),
+            self.instance, run.run_id),
             release=lambda: release_dead_runs(self.instance, self.log))
 
     def close(self, exc: BaseException | None = None) -> None:
@@ -126,42 +126,46 @@ class Runs:
             self._queue = None
 
 
-def _materializations(instance: dg.DagsterInstance, run_id: str) -> list:
-    """The ``DagsterEvent`` of each materialization ``run_id`` stored, in order."""
-    return [record.event_log_entry.dagster_event for record in instance.get_records_for_run(
-        run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION, limit=100_000).records]
-
-
-def _run_here(job, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
+def _run_here(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
               runs: Sequence[tuple[str, dict[str, str]]], tags: dict, run_config: dict, where: str,
               log: Callable[[str], None] | None = None) -> list:
     """Each of ``runs`` (label, partition tags) a run of ``job`` in this process, one after another
     (``log``: a line before each); the first failure is re-raised as is, with the failed step and
-    partitions in ``failed_in``."""
+    partitions in ``failed_in``. Each run carries the code location's origin
+    (:func:`runs.location_origins`), as a run launched from the UI does."""
+    from dagster._core.definitions.job_base import InMemoryJob
+    from dagster._core.execution.api import execute_run
+
+    here = job.as_ephemeral_job(resource_defs={}, input_values={})  # this process's executor
+    remote_origin, python_origin = location_origins(job.name)
     results = []
     for started, (label, run_tags) in enumerate(runs, 1):
         if log is not None:
             log(f"{started}/{len(runs)} materializing {where}{label}")
-        run_id = make_new_run_id()
+        run = instance.create_run_for_job(
+            here, run_config=run_config, tags={**job.run_tags, **tags, **run_tags},
+            asset_selection=frozenset(keys) if keys else None, remote_job_origin=remote_origin,
+            job_code_origin=python_origin)
         try:
-            result = job.execute_in_process(instance=instance, asset_selection=keys, run_id=run_id,
-                                            tags={**tags, **run_tags}, run_config=run_config, raise_on_error=True)
+            result = execute_run(InMemoryJob(here), run, instance, raise_on_error=True)
         except Exception as exc:
-            exc.failed_in = (failed_step(instance, run_id) or where) + label
+            exc.failed_in = (failed_step(instance, run.run_id) or where) + label
             raise
-        record_partition_versions(instance, [e for e in result.all_events if e.event_type_value ==
-                                             "ASSET_MATERIALIZATION"])
+        record_partition_versions(instance, run.run_id)
         results.append(result)
     return results
 
 
 def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance,
                          stages: Sequence[Stage] | None = None, log: Callable[[str], None] = print,
-                         log_level: str = "INFO", force: bool = False, slot_timeout: float = 0.0) -> list:
+                         log_level: str = "INFO", force: bool = False, slot_timeout: float = 0.0,
+                         before_stage: Callable[[Stage], None] | None = None) -> list:
     """Run what each stage needs (everything with ``force``); raise if a run fails.
 
     ``log_level`` filters Dagster's console logger (``DEBUG`` shows every event);
-    ``slot_timeout``: seconds to wait for a free ``gpu`` pool slot held by another live run.
+    ``slot_timeout``: seconds to wait for a free ``gpu`` pool slot held by another live run;
+    ``before_stage``: called with each stage that has work, before its runs (it may raise, e.g.
+    the CLI's size check).
     Returns the in-process runs' results, or the queued runs' final ``DagsterRun`` records.
     """
     run_config, base_tags = _run_config(log_level), _base_tags(spec, force)
@@ -177,6 +181,8 @@ def materialize_pipeline(defs: dg.Definitions, spec: PipelineSpec, instance: dg.
                     log(f"{spec.name} {stage.name}: up to date")
                 continue
             log(f"{spec.name} {stage.name}: " + "; ".join(plan.reasons))
+            if before_stage is not None:
+                before_stage(stage)
             release_dead_runs(instance, log)
             check_pools(instance, slot_timeout)
             order = instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
@@ -210,13 +216,10 @@ def materialize_asset(defs: dg.Definitions, spec: PipelineSpec, instance: dg.Dag
     Runs(defs, instance, log)  # refuses a k8s profile
     _on_demand(defs, spec, instance, asset, log, slot_timeout)
     log(f"materializing {spec.name}/{asset}")
-    try:
-        return dg.materialize(defs.assets, selection=[key(spec, asset)], instance=instance,
-                              resources=defs.resources, tags={**_base_tags(spec), STAGE_TAG: "evaluation"},
-                              run_config=_run_config(log_level))
-    except Exception as exc:
-        exc.failed_in = f"{spec.name}/{asset}"
-        raise
+    (result,) = _run_here(defs.resolve_implicit_global_asset_job_def(), instance, [key(spec, asset)],
+                          [("", {})], {**_base_tags(spec), STAGE_TAG: "evaluation"}, _run_config(log_level),
+                          f"{spec.name}/{asset}")
+    return result
 
 
 def materialize_partitions(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, asset: str,

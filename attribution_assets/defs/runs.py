@@ -1,10 +1,12 @@
-"""What the runner and the run queue share about runs: the recipe that rebuilds the definitions
-in another process, run labels and partition tags, and which step of a run failed."""
+"""What the runner and the run queue share about runs: the code location they belong to, the
+recipe that rebuilds the definitions in another process, run labels and partition tags, and which
+step of a run failed."""
 
 from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import dagster as dg
 from dagster._core.storage.tags import (
@@ -13,6 +15,9 @@ from dagster._core.storage.tags import (
     PARTITION_NAME_TAG,
 )
 
+#: The code location's name and module (``workspace.yaml``'s): runs carry its origin, so the UI
+#: lists them under their jobs and can re-execute them.
+LOCATION, MODULE = "attribution_assets", "attribution_assets.definitions"
 #: Definitions metadata key of the recipe (specs + profile, JSON) that rebuilds them elsewhere.
 RECIPE_KEY = "attribution/recipe"
 #: The environment variable naming a recipe file: the code location (``definitions.py``) then
@@ -70,3 +75,29 @@ def range_run(first: str | None, last: str | None) -> tuple[str, dict[str, str]]
 def partition_run(partition: str) -> tuple[str, dict[str, str]]:
     """The label and tags of a run of one partition."""
     return f" [{partition}]", {PARTITION_NAME_TAG: partition}
+
+
+def location_origins(job_name: str):
+    """``(RemoteJobOrigin, JobPythonOrigin)`` of ``job_name`` in the code location that
+    ``workspace.yaml`` (``make ui``) and the run queue's code server serve: what a run made in this
+    process carries so that the UI links it to its job, as it does runs it launched itself."""
+    from dagster._core.code_pointer import ModuleCodePointer
+    from dagster._core.definitions.repository_definition.valid_definitions import (
+        SINGLETON_REPOSITORY_NAME,
+    )
+    from dagster._core.origin import RepositoryPythonOrigin
+    from dagster._core.remote_origin import (
+        ManagedGrpcPythonEnvCodeLocationOrigin,
+        RemoteJobOrigin,
+        RemoteRepositoryOrigin,
+    )
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+
+    cwd = os.getcwd()
+    target = LoadableTargetOrigin(executable_path=sys.executable, module_name=MODULE, working_directory=cwd)
+    location = ManagedGrpcPythonEnvCodeLocationOrigin(loadable_target_origin=target, location_name=LOCATION)
+    remote = RemoteJobOrigin(repository_origin=RemoteRepositoryOrigin(location, SINGLETON_REPOSITORY_NAME),
+                             job_name=job_name)
+    python = RepositoryPythonOrigin(executable_path=sys.executable, code_pointer=ModuleCodePointer(
+        MODULE, "defs", working_directory=cwd)).get_job_origin(job_name)
+    return remote, python

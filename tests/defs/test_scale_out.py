@@ -1,7 +1,7 @@
 """Scale-out through Dagster's run queue: shard ranges as queued runs (each in a process of its
 own, two at once) give the same stores and scores as one process; a failed range does not stop
 the others and is retried by Dagster's run retries; a run whose process is killed is released
-and retried; per-shard autocorrelation sums merge exactly."""
+and retried (both in one stage); per-shard autocorrelation sums merge exactly."""
 
 import dataclasses
 import json
@@ -29,6 +29,8 @@ from attribution_assets.engine.preconditioning.autocorrelation import load_autoc
 from tests.helpers import SENTENCES, user_pipeline_spec
 from tests.services import postgres as postgres_service
 
+pytestmark = pytest.mark.slow  # runs first (tests/conftest.py)
+
 postgres_server = postgres_service.postgres_server  # the fixture, for this module
 
 SHARDS = [f"shard-{i:05d}" for i in range(4)]
@@ -55,14 +57,15 @@ def two_ways(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("scale")
     spec = _spec(base, tiny_model_dir)
     one = build_definitions([spec], _profile(base / "one"))
-    materialize_pipeline(one, spec, dg.DagsterInstance.ephemeral(), log=lambda _: None, log_level="WARNING")
+    here = dg.DagsterInstance.ephemeral()
+    materialize_pipeline(one, spec, here, log=lambda _: None, log_level="WARNING")
     profile = _profile(base / "two", "multiprocess", 2, retries=1, shards_per_run=2)
     instance = persistent_instance(base / "home", profile)
     two = build_definitions([spec], profile)
     messages = []
     materialize_pipeline(two, spec, instance, log=messages.append, log_level="WARNING")
     return spec, PipelinePaths.under(base / "one", spec.name), PipelinePaths.under(base / "two", spec.name), \
-        instance, messages, two
+        instance, messages, two, here
 
 
 def _overlapping(instance, records) -> int:
@@ -113,7 +116,7 @@ def test_specs_survive_the_trip_to_a_worker(tmp_path, tiny_model_dir):
 
 
 def test_two_workers_give_the_same_stores_and_scores_as_one_process(two_ways):
-    spec, one, two, instance, messages, _ = two_ways
+    spec, one, two, instance, messages, _, _ = two_ways
     assert one.gradient_shards() == two.gradient_shards() == SHARDS
     for shard in SHARDS:
         a, b = GradientStore(one.train_gradients(shard)), GradientStore(two.train_gradients(shard))
@@ -141,8 +144,46 @@ def test_two_workers_give_the_same_stores_and_scores_as_one_process(two_ways):
     assert "ops shards: 2 runs queued, 2 at once" in messages
 
 
+@pytest.mark.parametrize("where", ["in this process", "queued"])
+def test_runs_belong_to_their_jobs_and_shards_to_their_runs(two_ways, where):
+    """What the UI shows: every run carries the code location's origin (its job page lists it);
+    each shard's latest materialization belongs to the run that made it, with the shard's own data
+    version; each check of the run is evaluated against the asset's latest materialization; no
+    runless materialization."""
+    from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
+
+    spec, _, _, queued, _, _, here = two_ways
+    instance = here if where == "in this process" else queued
+    runs = instance.get_runs()
+    assert runs and all(r.remote_job_origin.location_name == "attribution_assets" for r in runs)
+    labelled = instance.get_runs(filters=dg.RunsFilter(tags={REPOSITORY_LABEL_TAG: "__repository__@attribution_assets"}))
+    assert len(labelled) == len(runs)  # what a job page's run list filters on
+    assert {r.job_name for r in runs} >= {"ops_prepare", "ops_shards", "ops_scores"}
+    train = dg.AssetKey(["ops", "train_gradients"])
+    versions = set()
+    for shard in SHARDS:
+        (record,) = instance.fetch_materializations(
+            dg.AssetRecordsFilter(asset_key=train, asset_partitions=[shard]), limit=1).records
+        run = instance.get_run_by_id(record.run_id)
+        assert run.job_name == "ops_shards" and run.tags["dagster/asset_partition_range_start"] <= shard
+        materialization = record.asset_materialization
+        version = materialization.tags["dagster/data_version"]
+        assert version == materialization.metadata["content_version"].value
+        versions.add(version)
+    assert len(versions) == len(SHARDS)  # each shard its own version, not its run's
+    latest = instance.fetch_materializations(train, limit=1).records[0]
+    for name in ("finite", "row_count", "settings", "files_intact"):
+        (execution,) = instance.event_log_storage.get_asset_check_execution_history(
+            dg.AssetCheckKey(train, name), limit=1)
+        assert execution.status.value == "SUCCEEDED" and execution.run_id == latest.run_id, name
+        assert execution.event.dagster_event.event_specific_data.target_materialization_data.storage_id \
+            == latest.storage_id, name
+    runless = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=train), limit=1000).records
+    assert all(r.run_id for r in runless)
+
+
 def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
-    _, _, two, _, _, _ = two_ways
+    _, _, two, _, _, _, _ = two_ways
     rows = np.concatenate([GradientStore(two.train_gradients(s)).document_rows() for s in SHARDS])
     merged = load_autocorrelation(two.autocorrelation)
     for m in merged.layout:
@@ -150,36 +191,17 @@ def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
         np.testing.assert_allclose(merged.matrices[m.name], x.T @ x / len(x), rtol=1e-10, atol=1e-14)
 
 
-def test_a_failed_range_does_not_stop_the_others(two_ways):
-    """Corrupt tokens: the range's run fails, is retried once by Dagster (the profile's
-    ``max_retries``), fails again; the other range completes; the error names the range and run.
-    The next test's rerun of every shard completes."""
-    spec, _, two, instance, _, defs = two_ways
+def test_a_failed_range_and_a_killed_run_leave_every_other_shard_written_once(two_ways):
+    """One stage, two queued runs of two shards: shard 3's tokens are corrupt, so its range's run
+    fails, is retried once by Dagster (the profile's ``max_retries``) and fails again; the other
+    range's process is killed with SIGKILL (as the OOM killer would), the runner marks the run
+    failed and Dagster's run retry re-executes it. The stage raises after both settled, naming the
+    failed range and its run; the killed range's shards are written exactly once and equal one
+    process; the failed shard's old store is untouched."""
+    spec, one, two, instance, _, defs, _ = two_ways
     tokens = two.tokens(SHARDS[3])
     saved = tokens.read_bytes()
     before = {s: two.train_gradients(s).stat().st_mtime_ns for s in SHARDS}
-    tokens.write_bytes(b"not parquet")
-    grads = [Stage("shards", ("train_gradients",), True)]
-    try:
-        with pytest.raises(QueuedRunsError) as failure:
-            materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL",
-                                 force=True)
-    finally:
-        tokens.write_bytes(saved)
-    assert failure.value.failed_in.endswith(f"[{SHARDS[2]} .. {SHARDS[3]}]")
-    assert "train_gradients" in failure.value.failed_in
-    failed_run = str(failure.value).split("(run ")[1].split(",")[0]
-    assert instance.get_run_by_id(failed_run).tags["dagster/parent_run_id"]  # the retry failed too
-    after = {s: two.train_gradients(s).stat().st_mtime_ns for s in SHARDS}
-    assert after[SHARDS[0]] > before[SHARDS[0]] and after[SHARDS[1]] > before[SHARDS[1]]  # other range ran
-    assert after[SHARDS[3]] == before[SHARDS[3]]  # the failed shard's old store is untouched
-    # the next test reruns every shard (after a kill) and holds the stores against one process
-
-
-def test_a_killed_run_is_released_and_retried(two_ways):
-    """SIGKILL of a run's process (as the OOM killer would): the runner marks the run failed,
-    Dagster's run retry re-executes it, and every shard is written exactly once."""
-    spec, one, two, instance, _, defs = two_ways
     grads = [Stage("shards", ("train_gradients",), True)]
     killed, errors = [], []
 
@@ -187,26 +209,38 @@ def test_a_killed_run_is_released_and_retried(two_ways):
         try:
             materialize_pipeline(defs, spec, instance, stages=grads, log=lambda _: None, log_level="CRITICAL",
                                  force=True)
-        except Exception as exc:  # reported below
+        except Exception as exc:  # asserted below
             errors.append(exc)
 
-    started = time.time()
-    worker = threading.Thread(target=materialize)
-    worker.start()
-    while not killed and worker.is_alive() and time.time() - started < 600:
-        for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED],
-                                                           tags={"attribution/force": "true"})):
-            if run.tags.get(PID_TAG, "").isdigit() and int(run.tags[PID_TAG]) != os.getpid():
-                os.kill(int(run.tags[PID_TAG]), signal.SIGKILL)
-                killed.append(run.run_id)
-                break
-        time.sleep(0.2)
-    worker.join()
-    assert killed and not errors, errors
+    tokens.write_bytes(b"not parquet")
+    try:
+        started = time.time()
+        worker = threading.Thread(target=materialize)
+        worker.start()
+        while not killed and worker.is_alive() and time.time() - started < 600:
+            for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED], tags={
+                    "attribution/force": "true", "dagster/asset_partition_range_start": SHARDS[0]})):
+                if run.tags.get(PID_TAG, "").isdigit() and int(run.tags[PID_TAG]) != os.getpid():
+                    os.kill(int(run.tags[PID_TAG]), signal.SIGKILL)
+                    killed.append(run.run_id)
+                    break
+            time.sleep(0.2)
+        worker.join()
+    finally:
+        tokens.write_bytes(saved)
+    assert killed and len(errors) == 1 and isinstance(errors[0], QueuedRunsError), errors
+    failure = errors[0]
+    assert failure.failed_in.endswith(f"[{SHARDS[2]} .. {SHARDS[3]}]") and "train_gradients" in failure.failed_in
+    assert str(failure).count("(run ") == 1  # the killed range's retry succeeded: not named
+    failed_run = str(failure).split("(run ")[1].split(",")[0]
+    assert instance.get_run_by_id(failed_run).tags["dagster/parent_run_id"]  # the retry failed too
     assert instance.get_run_by_id(killed[0]).status == dg.DagsterRunStatus.FAILURE
     retries = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/parent_run_id": killed[0]}))
     assert [r.status for r in retries] == [dg.DagsterRunStatus.SUCCESS]
-    for shard in SHARDS:
+    after = {s: two.train_gradients(s).stat().st_mtime_ns for s in SHARDS}
+    assert after[SHARDS[0]] > before[SHARDS[0]] and after[SHARDS[1]] > before[SHARDS[1]]  # rerun by the retry
+    assert after[SHARDS[3]] == before[SHARDS[3]]  # the failed shard's old store is untouched
+    for shard in SHARDS:  # every shard's rows exactly once, as one process wrote them
         a, b = GradientStore(one.train_gradients(shard)), GradientStore(two.train_gradients(shard))
         assert a.doc_ids == b.doc_ids
         np.testing.assert_allclose(np.asarray(b.array), np.asarray(a.array), rtol=0, atol=1e-6)
@@ -233,7 +267,8 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
                                                                  monkeypatch):
     """The UI's own GraphQL mutation launches a backfill of 8 shards; the backfill daemon cuts it
     by the profile's policy (4 shards a run) and the run queue runs them, 2 at once, on an
-    instance in a real PostgreSQL server (what several processes or nodes share)."""
+    instance in a real PostgreSQL server (what several processes or nodes share). The backfill
+    daemon looks every second here instead of Dagster's 30 s, which only shortens its waits."""
     from dagster._core.execution.backfill import BulkActionStatus
     from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
     from dagster_graphql.test.utils import execute_dagster_graphql
@@ -245,6 +280,7 @@ def test_a_ui_backfill_of_8_shards_runs_as_concurrent_queued_runs(tmp_path, tiny
     spec = dataclasses.replace(spec, shard_size=2)  # 16 documents: 8 shards
     pytest.importorskip("dagster_postgres", reason="dagster-postgres is not installed")
     monkeypatch.setenv("ATTRIBUTION_TEST_PG_PASSWORD", postgres_server.password)  # the runs inherit it
+    monkeypatch.setattr("dagster._daemon.controller.DEFAULT_DAEMON_INTERVAL_SECONDS", 1)
     postgres = {"hostname": postgres_server.host, "port": postgres_server.port, "username": postgres_server.user,
                 "db_name": postgres_server.create_database("backfill"), "password_env": "ATTRIBUTION_TEST_PG_PASSWORD"}
     profile = dataclasses.replace(_profile(tmp_path / "storage", "multiprocess", 2, shards_per_run=4),
