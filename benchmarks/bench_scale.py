@@ -177,7 +177,9 @@ def main() -> None:
         queued = profile(storage, per, "multiprocess", args.workers, args.shards_per_run)
         instance = persistent_instance(base / "home", queued)  # in-process runs ignore its queue
         local = build_definitions([spec], profile(storage, cores))
-        materialize_pipeline(local, spec, instance, stages=STAGES[:2], log=lambda _: None, log_level="CRITICAL")
+        # inputs only: the model, query gradients and the tokenized shards (each timed stage collects)
+        materialize_pipeline(local, spec, instance, stages=[STAGES[0], Stage("tokens", ("tokenized_shards",), True)],
+                             log=lambda _: None, log_level="CRITICAL")
         paths = PipelinePaths.under(storage, spec.name)
         tokens = sum(len(d.input_ids) for s in paths.gradient_shards() for d in read_tokenized(paths.tokens(s)))
         rows = []
