@@ -178,7 +178,7 @@ def main() -> None:
         instance = persistent_instance(base / "home", queued)  # in-process runs ignore its queue
         local = build_definitions([spec], profile(storage, cores))
         # inputs only: the model, query gradients and the tokenized shards (each timed stage collects)
-        materialize_pipeline(local, spec, instance, stages=[STAGES[0], Stage("tokens", ("tokenized_shards",), True)],
+        materialize_pipeline(local, spec, instance, stages=[STAGES[0], Stage("shards", ("tokenized_shards",), True)],
                              log=lambda _: None, log_level="CRITICAL")
         paths = PipelinePaths.under(storage, spec.name)
         tokens = sum(len(d.input_ids) for s in paths.gradient_shards() for d in read_tokenized(paths.tokens(s)))
