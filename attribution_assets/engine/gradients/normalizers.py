@@ -22,9 +22,15 @@ moments stored in a parameter's own layout are transposed for transformers'
 
 Optimizer state sources (:func:`load_optimizer_state`): a live
 ``torch.optim.Optimizer`` (parameters mapped to names through
-``model.named_parameters()``), a saved ``optimizer.pt`` or a Hugging Face
-Trainer checkpoint directory containing one (``torch.load(weights_only=True)``).
-A saved state dict names parameters only by index. Indices are resolved with
+``model.named_parameters()``), a saved ``optimizer.pt`` / ``optimizer.bin``
+(``torch.load(weights_only=True)``), a ``torch.distributed.checkpoint``
+directory (``.metadata`` plus shards, e.g. an FSDP sharded optimizer state dict;
+read into full tensors in this one process, see :func:`read_dcp`), or a
+Hugging Face Trainer checkpoint directory containing one of them (``optimizer.pt``,
+``optimizer.bin``: accelerate's FSDP full state dict, ``optimizer_0/``: its
+sharded one). FSDP state dicts (full or sharded) name parameters by their
+fully qualified names (wrapper segments such as ``_fsdp_wrapped_module`` are
+dropped). A plain saved state dict names parameters only by index. Indices are resolved with
 ``param_groups[i]["param_names"]`` when present (torch >= 2.6 named
 optimizers); otherwise they follow the order of ``model.parameters()`` that
 have ``requires_grad``, except for a two-group state whose group sizes match the
@@ -34,6 +40,8 @@ which is resolved in the Trainer's order.
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,9 +81,40 @@ def _check_shapes(name: str, param: torch.Tensor, state: dict[str, torch.Tensor]
             )
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def _model_name(name: str, params: dict) -> str:
+    """A state dict's fully qualified parameter name as ``model.named_parameters()`` spells it."""
+    clean = ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+    for candidate in (clean, clean.removeprefix("module.")):
+        if candidate in params:
+            return candidate
+    raise ValueError(f"optimizer state names parameter {name!r}, which the model does not have "
+                     f"(model parameters include {list(params)[:4]})")
+
+
+def _state_by_name(state_dict: dict, params: dict) -> OptimizerState:
+    """An optimizer state dict keyed by parameter names (FSDP / DCP state dicts)."""
+    states, hyper = {}, {}
+    for g in state_dict["param_groups"]:
+        h = {k: v for k, v in g.items() if k not in ("params", "param_names")}
+        for n in g["params"]:
+            hyper[_model_name(n, params)] = h
+    for n, st in state_dict["state"].items():
+        name = _model_name(n, params)
+        tensors = {k: v for k, v in st.items() if torch.is_tensor(v)}
+        _check_shapes(name, params[name], tensors)
+        states[name] = tensors
+    return OptimizerState(states, hyper)
+
+
 def state_from_state_dict(state_dict: dict, model: nn.Module) -> OptimizerState:
-    """Resolve a ``torch.optim`` state dict's parameter indices to model parameter names."""
+    """Resolve a ``torch.optim`` state dict's parameter indices (or, for FSDP state dicts,
+    names) to model parameter names."""
     params = dict(model.named_parameters())
+    if any(isinstance(k, str) and not k.isdigit() for k in state_dict["state"]):
+        return _state_by_name(state_dict, params)
     groups = state_dict["param_groups"]
     flat = [i for g in groups for i in g["params"]]
     if all("param_names" in g for g in groups):
@@ -130,15 +169,79 @@ def load_optimizer_state(source, model: nn.Module) -> OptimizerState:
                 _check_shapes(name, p, tensors)
                 states[name] = tensors
         return OptimizerState(states, hyper)
-    path = Path(source)
+    return state_from_state_dict(read_saved_optimizer(Path(source)), model)
+
+
+OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")
+DCP_METADATA = ".metadata"
+
+
+def read_saved_optimizer(path: Path) -> dict:
+    """The optimizer state dict at ``path``: a file (``torch.load(weights_only=True)``), a
+    ``torch.distributed.checkpoint`` directory, or a checkpoint directory holding
+    ``optimizer.pt``, ``optimizer.bin`` or a DCP ``optimizer_0/`` (accelerate's FSDP names)."""
     if path.is_dir():
-        path = path / "optimizer.pt"
+        dcp = next((d for d in (path, path / "optimizer_0") if (d / DCP_METADATA).is_file()), None)
+        files = [path / n for n in OPTIMIZER_FILES if (path / n).is_file()]
+        if files:
+            path = files[0]
+        elif dcp is not None:
+            return read_dcp(dcp)
     if not path.is_file():
         raise FileNotFoundError(f"no optimizer state at {path}: point `gradients.optimizer_state` at the "
-                                "optimizer's saved state_dict (an optimizer.pt or a Trainer checkpoint "
-                                "directory); or do without it: `gradients.normalizer: none` for gradients, "
+                                "optimizer's saved state_dict (an optimizer.pt / optimizer.bin, a "
+                                "torch.distributed.checkpoint directory, or a Trainer checkpoint directory "
+                                "holding one); or do without it: `gradients.normalizer: none` for gradients, "
                                 "`evaluation.tail_patch_optimizer: sgd` for tail patch")
-    return state_from_state_dict(torch.load(path, map_location="cpu", weights_only=True), model)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_DCP_GLOBALS = {
+    "builtins": {"set", "frozenset", "slice", "complex"},
+    "collections": {"OrderedDict"},
+    "torch": {"Size", "strided", "contiguous_format", "preserve_format", "channels_last"},
+    "torch.serialization": {"_get_layout"},  # a layout by its name
+    "pathlib": {"Path", "PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"},  # checkpoint_id
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: only its own metadata classes, ``torch.Size``,
+    dtypes, layouts, paths and a few builtins are let through (no code from a data file)."""
+
+    def find_class(self, module: str, name: str):
+        if (module.startswith("torch.distributed.checkpoint.") or name in _DCP_GLOBALS.get(module, ())
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's {DCP_METADATA}")
+
+
+def read_dcp(directory: Path) -> dict:
+    """A ``torch.distributed.checkpoint`` directory read whole into this process (sharded
+    tensors, e.g. FSDP's DTensors, come back as full tensors); a state dict saved under one
+    key (accelerate saves ``{"optimizer": ...}``) is unwrapped."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(Path(directory) / DCP_METADATA, "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        state = _load_state_dict_from_keys(storage_reader=Reader(directory))
+    while "state" not in state and len(state) == 1 and isinstance(next(iter(state.values())), dict):
+        state = next(iter(state.values()))
+    if "state" not in state or "param_groups" not in state:
+        raise ValueError(f"{directory} is a torch.distributed.checkpoint without an optimizer state dict "
+                         f"(`state` and `param_groups`; found keys {sorted(state)[:6]})")
+    return state
 
 
 class _Normalizer:
