@@ -24,7 +24,7 @@ def shard_rows(root: Path):
             np.concatenate([np.asarray(s.array) for s in stores]))
 
 
-@pytest.mark.slow  # two fresh interpreters import torch and the Trainer: ~25 s idle, ~60 s at load 6
+@pytest.mark.slow  # two fresh interpreters import torch and the Trainer (~15 s CPU each): 62 s at load 5
 def test_two_ranks_keep_every_document_once_as_one_process_does(one_thread, tiny_model_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
