@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from attribution_assets.engine.gradients.collector import GradientCollector
-from attribution_assets.engine.gradients.normalizers import OptimizerState
+from attribution_assets.engine.gradients.normalizers import OptimizerState, make_normalizer
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.training.callback import AttributionCallback, AttributionCollator
@@ -109,14 +109,14 @@ def test_callback_rows_equal_the_post_hoc_collector(one_thread, tiny_model_dir, 
         assert_close(rows[picked], want)
 
 
-@pytest.mark.parametrize("mode", ["off", "step"])
+@pytest.mark.parametrize("mode,normalizer", [("off", "none"), ("step", "none"), ("off", "adam")])
 def test_rows_with_dropout_off_equal_post_hoc_rows_and_with_step_masks_do_not(
-        one_thread, tiny_model_dir, docs, tmp_path, mode):
+        one_thread, tiny_model_dir, docs, tmp_path, mode, normalizer):
     """A model with dropout 0.2: ``off`` rows equal the post-hoc collector's (eval mode) at each
-    step's parameters; ``step`` rows carry the step's masks, differ, and warn when recorded and
-    when read back."""
+    step's parameters (with the Adam normalizer: and that step's optimizer state); ``step`` rows
+    carry the step's masks, differ, and warn when recorded and when read back."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, hidden_dropout=0.2, attention_dropout=0.2)
-    gradients = GradientSpec(projection_dim=4)
+    gradients = GradientSpec(projection_dim=4, normalizer=normalizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, callback, snaps = train(model, docs, tmp_path, gradients, dropout=mode)
@@ -130,7 +130,8 @@ def test_rows_with_dropout_off_equal_post_hoc_rows_and_with_step_masks_do_not(
     for step in sorted(set(steps)):
         model.load_state_dict(snaps.params[step])
         picked = [i for i, s in enumerate(steps) if s == step]
-        want, _ = GradientCollector(model, gradients).collect(
+        norm = make_normalizer(normalizer, snaps.optimizer_state(step), model)
+        want, _ = GradientCollector(model, gradients, norm).collect(
             [(by_id[ids[i]]["input_ids"], by_id[ids[i]]["loss_mask"]) for i in picked])
         gap = max(gap, np.abs(rows[picked] - want).max() / np.abs(want).max())
     if mode == "off":
