@@ -1,8 +1,12 @@
-"""The ``attribution`` command: thin wrappers that materialize assets or query results."""
+"""The ``attribution`` command: thin wrappers that materialize assets or query results.
+
+Imports live inside the commands, so ``attribution --help`` starts without torch, Dagster or
+transformers (``benchmarks/bench_cli.py`` times it in a fresh interpreter)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -14,12 +18,14 @@ class UserError(Exception):
     """An error whose message alone tells the user what to fix (no traceback needed)."""
 
 
-def _defs_and_specs(pipeline_name: str | None = None):
+def _defs_and_specs(pipeline_name: str | None = None, pipelines: Path | None = None):
+    """Definitions and specs of the configured pipelines (``pipelines``: this YAML file instead
+    of ``$ATTRIBUTION_PIPELINES`` / ./pipelines.yaml)."""
     from .defs.factory import build_definitions
     from .spec import configured_pipelines
 
     errors: list[str] = []
-    specs = configured_pipelines(errors)
+    specs = configured_pipelines(errors, pipelines)
     for error in errors:
         print(f"warning: skipped an invalid pipeline: {error}", file=sys.stderr)
     if pipeline_name is not None:
@@ -33,15 +39,142 @@ def _log_level(args: argparse.Namespace) -> str:
     return "INFO" if args.verbose else "CRITICAL"
 
 
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def _size_check(defs, spec, args: argparse.Namespace):
+    """Before the stage that collects training gradients: print the disk and memory the
+    gradient settings need, and refuse (naming the setting) what exceeds the free disk or
+    memory unless ``--no-size-check`` (``engine.sizes``)."""
+
+    def check(stage) -> None:
+        if "train_gradients" not in stage.assets:
+            return
+        from .engine import sizes
+        from .engine.io.corpus import shard_sizes
+        from .engine.io.models import model_source
+
+        paths = defs.resources["storage"].paths(spec)
+        counts = shard_sizes(paths.documents)
+        per_doc = max(spec.corpus.max_length - 1, 1) if spec.gradients.token_rows else 1  # token rows: at most
+        try:
+            model = sizes.meta_model(model_source(spec, paths, base=True), spec.model.trust_remote_code)
+            size = sizes.estimate(model, spec, sum(counts.values()) * per_doc, max(counts.values()) * per_doc,
+                                  len(counts))
+        except (OSError, ValueError, RuntimeError) as exc:  # an adapter's modules, a config it cannot read
+            _log(f"{spec.name} sizes: not estimated ({exc})")
+            return
+        _log(f"{spec.name} sizes: {'at most ' if per_doc > 1 else ''}{size.describe()}")
+        problem = sizes.size_problem(size, spec, paths.root)
+        if problem and not args.no_size_check:
+            raise UserError(problem)
+        if problem:
+            _log(f"warning: {problem} (--no-size-check: running anyway)")
+
+    return check
+
+
+def _materialize(defs, spec, instance, args: argparse.Namespace) -> None:
+    """Materialize ``spec`` stage by stage (size check before collecting), then print every data
+    problem the pipeline's assets counted."""
+    from .defs.runner import materialize_pipeline
+    from .report import data_warnings
+
+    materialize_pipeline(defs, spec, instance, log=_log, log_level=_log_level(args), force=args.force,
+                         slot_timeout=getattr(args, "slot_timeout", 0.0),
+                         before_stage=_size_check(defs, spec, args))
+    for warning in data_warnings(spec, instance):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
 def cmd_materialize(args: argparse.Namespace) -> int:
     from .defs.instance import persistent_instance
-    from .defs.runner import materialize_pipeline
 
     defs, specs = _defs_and_specs(args.pipeline)
     instance = persistent_instance()
-    materialize_pipeline(defs, specs[args.pipeline], instance, log_level=_log_level(args), force=args.force,
-                         slot_timeout=args.slot_timeout)
-    print(f"Done. Runs are recorded in {os.environ['DAGSTER_HOME']}; `make ui` shows them.")
+    _materialize(defs, specs[args.pipeline], instance, args)
+    print(f"Done. Runs are recorded in {os.environ.get('DAGSTER_HOME', '.dagster_home')}; `make ui` shows them.")
+    return 0
+
+
+def _data_spec(path: str, args: argparse.Namespace, queries: bool):
+    from .spec import DataSpec
+
+    if queries:
+        columns = ({"prompt_column": args.prompt_column, "completion_column": args.completion_column}
+                   if args.prompt_column or args.completion_column else {"text_column": args.query_text_column})
+        unit = {"text_unit": "line"} if Path(path).suffix == ".txt" else {}
+        return DataSpec(path=str(Path(path).expanduser().resolve()), **columns, **unit,
+                        **({"id_column": args.query_id_column} if args.query_id_column else {}))
+    return DataSpec(path=str(Path(path).expanduser().resolve()), text_column=args.text_column,
+                    **({"id_column": args.id_column} if args.id_column else {}))
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from .engine.quickstart import init_model
+
+    made = init_model(_data_spec(args.corpus, args, queries=False), Path(args.out), vocab_size=args.vocab_size)
+    print(f"Made {made['path']}: a byte-level BPE tokenizer ({made['vocab_size']} tokens) trained on "
+          f"{made['documents']} documents and a randomly initialized 2-layer GPT-NeoX "
+          f"({made['parameters']:,} parameters, {made['positions']} positions; the longest document has "
+          f"{made['longest_document_tokens']} tokens).", flush=True)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .engine.quickstart import (
+        QuickstartError,
+        default_lengths,
+        entry_yaml,
+        pipeline_entry,
+        pipeline_name,
+        save_pipeline_entry,
+    )
+    from .spec import PIPELINES_ENV, ModelSpec
+
+    name = args.name or pipeline_name(args.corpus)
+    target = Path(args.pipelines or os.environ.get(PIPELINES_ENV) or "pipelines.yaml")
+    corpus, queries = _data_spec(args.corpus, args, queries=False), _data_spec(args.queries, args, queries=True)
+    try:
+        if args.model is None:
+            args.model = args.out = str(target.resolve().parent / "models" / name)
+            if (Path(args.model) / "config.json").exists():
+                _log(f"No --model: using the one made from the corpus before, {args.model}.")
+            else:
+                _log(f"No --model: making a small local one from the corpus in {args.model} "
+                     "(`attribution init` alone does this).")
+                cmd_init(args)
+        model_path = Path(args.model).expanduser()
+        model = ModelSpec(name_or_path=str(model_path.resolve()) if model_path.exists() else args.model)
+        lengths = default_lengths(model, corpus, queries)
+        model = dataclasses.replace(model, pad_token=lengths.pad_token)
+        corpus = dataclasses.replace(corpus, max_length=lengths.corpus)
+        queries = dataclasses.replace(queries, max_length=lengths.queries)
+        gradients = {"projection_dim": args.projection_dim} if args.projection_dim is not None else None
+        entry = pipeline_entry(name, model, corpus, queries, shard_size=args.shard_size, gradients=gradients)
+        how = save_pipeline_entry(target, entry)
+    except QuickstartError as exc:
+        raise UserError(str(exc)) from None
+    _log(f"Pipeline {name!r} ({how} in {target}; edit it there and rerun, or run `attribution materialize "
+         f"--pipeline {name}`):\n\n{entry_yaml(entry)}")
+    return _materialize_and_show(name, target, args)
+
+
+def _materialize_and_show(name: str, pipelines: Path, args: argparse.Namespace) -> int:
+    from .defs.instance import persistent_instance
+    from .engine.io.corpus import read_queries
+    from .report import format_top_k
+
+    defs, specs = _defs_and_specs(name, pipelines)
+    spec, instance = specs[name], persistent_instance()
+    _materialize(defs, spec, instance, args)
+    paths = defs.resources["storage"].paths(spec)
+    queries = sorted(read_queries(paths.queries), key=lambda q: q["source_row"])
+    print(f"\nThe top {args.k} training documents of the first {min(args.show, len(queries))} of "
+          f"{len(queries)} queries (`attribution scores --pipeline {name} --query <id>` shows any other):")
+    for query in queries[:args.show]:
+        print("\n" + format_top_k(paths.database, query["doc_id"], args.k))
     return 0
 
 
@@ -52,7 +185,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     defs, specs = _defs_and_specs("demo")
     instance = persistent_instance()
-    materialize_pipeline(defs, specs["demo"], instance, log_level=_log_level(args), force=args.force)
+    materialize_pipeline(defs, specs["demo"], instance, log=_log, log_level=_log_level(args), force=args.force)
     print(demo_report(specs["demo"], instance, defs))
     return 0
 
@@ -118,7 +251,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"Pipeline {spec.name!r} has no evaluation: its queries need a `gold_column`.")
     if args.lds and key(spec, "lds") not in present:
         raise UserError("LDS retrains the model, so it exists for the demo pipeline only.")
-    options = {"log": lambda line: print(line, flush=True), "log_level": _log_level(args),
+    options = {"log": _log, "log_level": _log_level(args),
                "slot_timeout": args.slot_timeout}
 
     def run_partitions(asset: str, partitions: list[str]) -> None:  # missing, or made under other settings
@@ -170,6 +303,16 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-size-check", action="store_true",
+                        help="run even when the gradient settings need more disk or memory than is free")
+
+
+def _column_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-column", default="text", help="corpus: the text column")
+    parser.add_argument("--id-column", help="corpus: a column of unique document ids (default: content hashes)")
+
+
 def _slot_timeout_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slot-timeout", type=float, default=0.0,
                         help="seconds to wait for a free `gpu` pool slot held by another running run")
@@ -189,8 +332,39 @@ def build_parser() -> argparse.ArgumentParser:
     mat = sub.add_parser("materialize", help="materialize what is missing or unsynced in a pipeline")
     mat.add_argument("--pipeline", required=True)
     mat.add_argument("--force", action="store_true", help="redo every asset and shard")
+    _size_option(mat)
     _slot_timeout_option(mat)
     mat.set_defaults(func=cmd_materialize)
+    run = sub.add_parser("run", help="one command from your data to answers: write a pipeline entry, "
+                                     "materialize it with progress, print the top documents of the first queries")
+    run.add_argument("--model", help="local model directory or hub id (model_kwargs etc. in the written YAML); "
+                                     "omitted: a small local model is made from the corpus (see `init`)")
+    run.add_argument("--corpus", required=True, help="a jsonl/json/csv/parquet/txt file, a folder of them, a "
+                                                      "save_to_disk folder or a hub dataset")
+    run.add_argument("--queries", required=True, help="a file of queries (one per line for .txt)")
+    run.add_argument("--name", help="pipeline name (default: from the corpus file name)")
+    _column_options(run)
+    run.add_argument("--prompt-column", help="queries: the prompt column (the loss covers the completion only)")
+    run.add_argument("--completion-column", help="queries: the completion column")
+    run.add_argument("--query-text-column", default="text", help="queries: the text column (without a prompt)")
+    run.add_argument("--query-id-column", help="queries: a column of unique query ids")
+    run.add_argument("--pipelines", help="the pipelines YAML to write the entry into (default "
+                                         "$ATTRIBUTION_PIPELINES, else ./pipelines.yaml)")
+    run.add_argument("--shard-size", type=int, help="documents per shard (default 1000)")
+    run.add_argument("--projection-dim", type=int, help="gradients.projection_dim (default 32; 0 = full gradients)")
+    run.add_argument("--vocab-size", type=int, default=1024, help="without --model: the tokenizer's vocabulary")
+    run.add_argument("-k", type=int, default=5, help="documents shown per query")
+    run.add_argument("--show", type=int, default=3, help="queries shown")
+    run.add_argument("--force", action="store_true", help="redo every asset and shard")
+    _size_option(run)
+    run.set_defaults(func=cmd_run)
+    init = sub.add_parser("init", help="make a small local model and tokenizer from your corpus (a first try "
+                                       "on a laptop: random weights, a BPE tokenizer trained on the corpus)")
+    init.add_argument("--corpus", required=True)
+    init.add_argument("--out", required=True, help="directory to write (save_pretrained)")
+    _column_options(init)
+    init.add_argument("--vocab-size", type=int, default=1024)
+    init.set_defaults(func=cmd_init)
     scores = sub.add_parser("scores", help="top-k training documents for one query, with text (DuckDB)")
     scores.add_argument("--pipeline", required=True)
     scores.add_argument("--query", required=True, help="query id (SELECT query_id FROM queries)")
@@ -232,19 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     for progress_bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(progress_bars, "1")  # before the libraries read them; worker processes inherit
-    from transformers.utils import logging as hf_logging
-
-    from .engine.progress import reporting, tqdm_sink
-    from .engine.runtime import limit_threads
-
-    hf_logging.disable_progress_bar()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)  # --help and usage errors exit here, before any heavy import
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")
-    limit_threads(args.threads)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        with reporting(tqdm_sink()):
+        from .engine.progress import reporting, terminal_sink
+        from .engine.runtime import limit_threads
+
+        limit_threads(args.threads)
+        with reporting(terminal_sink()):
             return args.func(args)
     except KeyboardInterrupt:
         print("Interrupted. Finished shards are kept; run the same command again to continue.",

@@ -27,6 +27,52 @@ def latest_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey) -> dic
     return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
+def latest_partition_metadata(instance: dg.DagsterInstance, asset_key: dg.AssetKey,
+                              partitions: list[str]) -> dict[str, dict]:
+    """``{partition: metadata}`` of the latest materialization of each of ``partitions`` (read
+    newest first, a page at a time, until every partition was seen)."""
+    wanted, found, cursor = set(partitions), {}, None
+    while wanted - set(found):
+        page = instance.fetch_materializations(asset_key, limit=max(100, 2 * len(wanted)), cursor=cursor)
+        for record in page.records:
+            event = record.asset_materialization
+            if event is not None and event.partition in wanted and event.partition not in found:
+                found[event.partition] = {k: v.value for k, v in event.metadata.items()}
+        if not page.has_more:
+            break
+        cursor = page.cursor
+    return found
+
+
+def data_warnings(spec: PipelineSpec, instance: dg.DagsterInstance) -> list[str]:
+    """Every data problem the last materializations counted, with examples: rows left out for a
+    missing text, gold ids that name no document, empty or too short documents and queries,
+    truncated ones (the CLI prints these after ``materialize`` and ``run``)."""
+    out = []
+    corpus, queries = latest_metadata(instance, key(spec, "corpus")), latest_metadata(instance, key(spec, "query_set"))
+    for what, meta in (("corpus", corpus), ("query", queries)):
+        if meta.get("skipped_missing_text"):
+            out.append(f"{meta['skipped_missing_text']} {what} rows have no text and were left out "
+                       f"(`missing_text: skip`), e.g. {meta['skipped_missing_examples']}")
+    if queries.get("unknown_gold_ids"):
+        out.append(f"{queries['unknown_gold_ids']} gold ids name no corpus document, e.g. "
+                   f"{queries['unknown_gold_examples']}; check `gold_column` against the corpus ids (`id_column`)")
+    shards = instance.get_dynamic_partitions(f"{spec.name}_shards")
+    tokenized = list(latest_partition_metadata(instance, key(spec, "tokenized_shards"), shards).values())
+    for what, metas, section in (("documents", tokenized, "corpus"),
+                                 ("queries", [latest_metadata(instance, key(spec, "tokenized_queries"))], "queries")):
+        empty, short = (sum(m.get(k, 0) for m in metas) for k in ("skipped_empty", "skipped_short"))
+        examples = [e for m in metas for e in str(m.get("skipped_examples", "none")).split(", ") if e != "none"]
+        if empty or short:
+            out.append(f"{empty + short} {what} were skipped ({empty} empty, {short} shorter than 2 tokens or "
+                       f"without a target token), e.g. {', '.join(examples[:5])}")
+        truncated = sum(m.get("truncated", 0) for m in metas)
+        if truncated:
+            out.append(f"{truncated} {what} were longer than `{section}.max_length` and were truncated "
+                       "(`overflow: chunk` keeps the rest as pieces)")
+    return out
+
+
 def _number(value) -> str:
     """Floats to 4 significant digits below 1000 (0.9896), to one decimal above (1234.5)."""
     if not isinstance(value, float):

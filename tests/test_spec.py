@@ -105,6 +105,7 @@ def _with(section, values):
     ("gradients", {"per_token": "tokens"}, r"`gradients.per_token` is 'tokens' .*; choose one of "
                                            r"\['none', 'positional', 'loss'\]"),
     ("corpus", {"path": "x", "max_length": -5}, r"`corpus.max_length` must be an integer >= 2"),
+    ("corpus", {"path": "x", "missing_text": "drop"}, r"`corpus.missing_text` is 'drop' .*\['error', 'skip'\]"),
     ("scoring", {"top_k": -1}, r"`scoring.top_k` must be an integer >= 0"),
     ("scoring", {"damping": -0.1}, r"`scoring.damping` must be a number in \[0.0, inf\)"),
     ("scoring", {"mixing": "banana"}, r"`scoring.mixing` must be `auto`, `off` or a number in \[0, 1\]"),
@@ -193,6 +194,19 @@ def test_max_length_beyond_the_models_positions_is_refused(tmp_path, tiny_model_
                            "corpus": {"path": "x", "max_length": 128}, "queries": {"path": "q", "max_length": 4096}}]}
     with pytest.raises(PipelineSpecError, match=r"`queries.max_length` is 4096, beyond the model's 128 positions"):
         load_pipeline_file(_write(tmp_path, body))
+
+
+def test_projection_dim_beyond_every_module_of_the_model_is_refused(tmp_path, tiny_model_dir):
+    """The tiny GPT-NeoX (hidden 32, MLP 64, fused q/k/v 96 x 32): its largest module dimension is 96."""
+    def body(p):
+        return {"pipelines": [{"name": "p", "model": {"name_or_path": str(tiny_model_dir)},
+                               "corpus": {"path": "x", "max_length": 128}, "gradients": {"projection_dim": p}}]}
+
+    with pytest.raises(PipelineSpecError, match=r"`gradients.projection_dim` is 100000, larger than any module of "
+                                                r"the model \(its largest dimension is at most 96"):
+        load_pipeline_file(_write(tmp_path, body(100000)))
+    assert [s.gradients.projection_dim for s in load_pipeline_file(_write(tmp_path, body(96)))] == [96]
+    assert [s.gradients.projection_dim for s in load_pipeline_file(_write(tmp_path, body(0)))] == [0]
 
 
 def test_one_invalid_pipeline_does_not_hide_the_others(tmp_path, monkeypatch):

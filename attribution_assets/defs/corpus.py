@@ -14,12 +14,18 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.demo.build import build_demo_model, build_demo_tokenizer
+from attribution_assets.engine.gradients.hooks import select_modules
 from attribution_assets.engine.io import corpus as corpus_io
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import parts_digest, weights_stamp
 from attribution_assets.engine.io.models import load_tokenizer, model_source
-from attribution_assets.spec import PipelineSpec, max_length_problem, position_limit
+from attribution_assets.spec import (
+    DataSpec,
+    PipelineSpec,
+    max_length_problem,
+    position_limit,
+    projection_problem,
+)
 
 
 def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
@@ -34,8 +40,13 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         timer = Timer()
         storage.ensure_writable()
         paths = storage.paths(spec)
-        docs = corpus_io.corpus_documents(spec)
-        nan_skipped = data.drop_nan_advantages(docs, spec.corpus)
+        missing: list[str] = []
+        docs = corpus_io.corpus_documents(spec, missing)
+        locate = None if spec.is_demo else data.RowLocator(spec.corpus)
+        nan_skipped = data.drop_nan_advantages(docs, spec.corpus, locate)
+        if missing:
+            context.log.warning(f"{len(missing)} rows have no text and were left out (`missing_text: skip`), "
+                                f"e.g. {'; '.join(missing[:5])}.")
         shards = corpus_io.write_documents(paths.documents, docs, spec.shard_size)
         existing = set(context.instance.get_dynamic_partitions(partitions.name))
         new = [s for s in shards if s not in existing]
@@ -50,6 +61,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata={"documents": len(docs), "duplicate_documents": duplicates, "shards": len(shards),
                       "new_shards": len(new), "shard_size": spec.shard_size, "path": path_metadata(paths.documents),
+                      **_missing_metadata(spec.corpus, missing),
                       **({"skipped_nan_rewards": nan_skipped} if spec.corpus.advantage_weighting != "none" else {}),
                       "seconds": timer.seconds,
                       "preview": dg.MetadataValue.md(_preview([d["text"] for d in docs]))},
@@ -64,7 +76,11 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
     def query_set(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         timer = Timer()
         paths = storage.paths(spec)
-        queries = corpus_io.query_documents(spec)
+        missing: list[str] = []
+        queries = corpus_io.query_documents(spec, missing)
+        if not queries:
+            raise data.DataError(f"The query set of {spec.name!r} has no query left ({len(missing)} rows without "
+                                 f"text, e.g. {'; '.join(missing[:3])}).")
         corpus_io.write_queries(paths.queries, queries)
         with_gold = sum(bool(q.get("gold_doc_ids")) for q in queries)
         known = {d["doc_id"] for d in corpus_io.read_documents(paths.documents)} if with_gold else set()
@@ -75,6 +91,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         return dg.MaterializeResult(
             metadata={"queries": len(queries), "with_gold": with_gold, "unknown_gold_ids": len(unknown),
                       "unknown_gold_examples": ", ".join(unknown[:5]) or "none",
+                      **_missing_metadata(spec.queries, missing),
                       "path": path_metadata(paths.queries), "seconds": timer.seconds,
                       "preview": dg.MetadataValue.md(_preview([q["text"] for q in queries]))},
             data_version=dg.DataVersion(parts_digest(q["doc_id"] + q["content"] for q in queries)))
@@ -142,6 +159,8 @@ def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="Byte-level BPE tokenizer trained on the demo corpus with `tokenizers`.")
     def tokenizer(storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.demo.build import build_demo_tokenizer  # imports slowly
+
         timer = Timer()
         paths = storage.paths(spec)
         tok = build_demo_tokenizer(spec, paths)
@@ -156,6 +175,8 @@ def _demo_model_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="Small GPT-NeoX trained on the demo corpus (with its AdamW state for normalization).")
     def model(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.demo.build import build_demo_model  # imports slowly
+
         timer = Timer()
         paths = storage.paths(spec)
         metrics = build_demo_model(spec, paths, log=context.log.info)
@@ -181,7 +202,13 @@ def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
         timer = Timer()
         paths = storage.paths(spec)
         loaded, _ = compute.load_model(spec, paths, base=True)
-        problem = max_length_problem(spec, position_limit(loaded.config.to_dict()))
+        try:
+            largest = max(max(m.out_features, m.in_features)
+                          for m in select_modules(loaded, spec.gradients.include, spec.gradients.exclude))
+        except ValueError:  # no module matches: the collector says so, with the modules it found
+            largest = None
+        problem = (max_length_problem(spec, position_limit(loaded.config.to_dict()))
+                   or projection_problem(spec, largest))
         if problem:
             raise ValueError(problem)
         record = corpus_io.write_model_record(paths.model_record, spec, loaded)
@@ -190,6 +217,14 @@ def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
             data_version=dg.DataVersion(record["fingerprint"]))
 
     return model
+
+
+def _missing_metadata(spec: DataSpec | None, missing: list[str]) -> dict:
+    """Rows left out for a missing text (``missing_text: skip``): how many and where (the CLI
+    warns with these)."""
+    if spec is None or spec.missing_text != "skip":
+        return {}
+    return {"skipped_missing_text": len(missing), "skipped_missing_examples": "; ".join(missing[:5]) or "none"}
 
 
 def _preview(texts: list[str], n: int = 5) -> str:

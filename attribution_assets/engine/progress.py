@@ -2,10 +2,11 @@
 ETA, told to whatever sinks the caller installed (:func:`reporting`), none by default.
 
 The engine calls :func:`track` (or :func:`tracked` over an iterable) and never decides where
-progress goes: the CLI installs a tqdm bar (:func:`tqdm_sink`, off when stderr is not a
-terminal or ``CI`` is set), a Dagster asset a throttled log line (:func:`log_sink`: at most
-every ``every_seconds`` or each ``every_fraction`` of the total; under ``CI`` only the last
-line). Sinks are process-wide (a stack), so a step run in a worker thread reports too.
+progress goes: the CLI installs :func:`terminal_sink` (a tqdm bar on a terminal, else a
+throttled line on stderr), a Dagster asset a throttled log line (:func:`log_sink`: the first
+report after ``every_seconds``, 10 by default, or after each ``every_fraction`` of the total;
+under ``CI`` only the last line). Every line says done/total, rate and ETA. Sinks are
+process-wide (a stack), so a step run in a worker thread reports too.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def quiet() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
-def log_sink(log: Callable[[str], None], every_seconds: float = 30.0, every_fraction: float = 0.1) -> Sink:
+def log_sink(log: Callable[[str], None], every_seconds: float = 10.0, every_fraction: float = 0.1) -> Sink:
     """Log ``Report.format()`` lines, throttled per step: the first report after
     ``every_seconds`` or after another ``every_fraction`` of the total, and the last one;
     only the last one when :func:`quiet`."""
@@ -168,3 +169,14 @@ def tqdm_sink(stream=None) -> Sink:
             del bars[report.step]
 
     return sink
+
+
+def terminal_sink(stream=None, every_seconds: float = 10.0) -> Sink:
+    """What a command shows on ``stream`` (default stderr): a tqdm bar per step on a terminal,
+    else (a pipe, a log file) one ``Report.format()`` line per step at least every
+    ``every_seconds`` and each quarter of the total, and the last one (only the last under
+    :func:`quiet`)."""
+    stream = stream or sys.stderr
+    if getattr(stream, "isatty", lambda: False)():
+        return tqdm_sink(stream)
+    return log_sink(lambda line: print(line, file=stream, flush=True), every_seconds, every_fraction=0.25)

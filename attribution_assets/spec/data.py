@@ -35,7 +35,9 @@ class DataSpec:
     ``reward_column`` (+ ``group_column``) or ``advantage_column`` with ``advantage_weighting``
     ``grpo`` | ``dr_grpo``: each sequence's loss (and gradient row) is weighted by its
     group-normalized advantage, divided by its length for GRPO; ``nan_rewards``: ``skip``
-    (drop and count) or ``error`` (see ``engine.io.advantages``).
+    (drop and count) or ``error`` (see ``engine.io.advantages``). ``missing_text``: a row with no
+    value in its text column(s) is refused, naming its file and line (``error``, the default),
+    or left out and counted (``skip``; the CLI warns with examples).
     """
 
     path: str | None = None
@@ -58,6 +60,7 @@ class DataSpec:
     group_column: str | None = None
     advantage_weighting: str = "none"
     nan_rewards: str = "skip"
+    missing_text: str = "error"
 
     def __post_init__(self):
         _check_choice(self, "format", DATA_FORMATS)
@@ -69,6 +72,7 @@ class DataSpec:
             raise SpecValueError("encoding", f"{self.encoding!r} is not a known text encoding; use e.g. "
                                              "utf-8, latin-1 or cp1252.") from None
         _check_choice(self, "overflow", ("truncate", "chunk"))
+        _check_choice(self, "missing_text", ("error", "skip"))
         _check_int(self, "max_length", 2, note=" (tokens per document, the longest sequence fed to the model)")
         _check_bool(self, "add_eos", optional=True)
         for key in ("path", "subset", "prompt_column", "completion_column", "conversation_column",

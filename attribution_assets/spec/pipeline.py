@@ -269,10 +269,11 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
     config = Path(spec.model.name_or_path) / "config.json"
     if config.is_file():
         try:
-            limit = position_limit(json.loads(config.read_text()))
+            model_config = json.loads(config.read_text())
         except (OSError, json.JSONDecodeError):
-            limit = None
-        problem = max_length_problem(spec, limit)
+            model_config = {}
+        problem = (max_length_problem(spec, position_limit(model_config))
+                   or projection_problem(spec, largest_module_dimension(model_config)))
         if problem:
             raise PipelineSpecError(f"{where}: {problem}")
     return spec
@@ -298,6 +299,38 @@ def max_length_problem(spec: PipelineSpec, limit: int | None) -> str | None:
                     f"set it to at most {limit} (longer documents are truncated or, with `overflow: chunk`, "
                     "split).")
     return None
+
+
+def largest_module_dimension(config: dict[str, Any]) -> int | None:
+    """An upper bound on the output or input size of any hooked module of a model, from its
+    config: the hidden size (times 3 for a fused query/key/value projection) or the MLP width,
+    whichever is larger (``hidden_size``/``n_embd``/``d_model``, ``intermediate_size``/``n_inner``/
+    ``ffn_dim``, 4 x hidden when the config names none). None when the config names no hidden size."""
+    def first(*names: str) -> int | None:
+        for name in names:
+            value = config.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
+
+    hidden = first("hidden_size", "n_embd", "d_model", "dim")
+    if hidden is None:
+        return None
+    return max(3 * hidden, first("intermediate_size", "n_inner", "ffn_dim", "d_ff", "hidden_dim") or 4 * hidden)
+
+
+def projection_problem(spec: PipelineSpec, largest: int | None) -> str | None:
+    """A message when ``gradients.projection_dim`` exceeds every module's size: a ``p x p`` block
+    of a module ``[O, I]`` has rank at most ``min(O, I)``, so a ``p`` beyond the largest module
+    dimension only multiplies the row width (and memory, ``p^2`` per module, ``p^4`` for the
+    autocorrelation) with no information gained."""
+    p = spec.gradients.projection_dim
+    if largest is None or p <= largest:
+        return None
+    return (f"`gradients.projection_dim` is {p}, larger than any module of the model (its largest dimension is "
+            f"at most {largest}, from config.json): a {p} x {p} block per module would hold no more than the "
+            f"module's own gradient in {p * p:,} values per row. Set it to at most {largest} (32-1024 is usual) "
+            "or to 0 for full, unprojected gradients.")
 
 
 def load_pipeline_file(path: str | os.PathLike, errors: list[str] | None = None) -> list[PipelineSpec]:
@@ -341,14 +374,16 @@ def load_pipeline_file(path: str | os.PathLike, errors: list[str] | None = None)
     return specs
 
 
-def configured_pipelines(errors: list[str] | None = None) -> list[PipelineSpec]:
-    """The embedded demo plus the user's pipelines from ``$ATTRIBUTION_PIPELINES`` or ./pipelines.yaml.
+def configured_pipelines(errors: list[str] | None = None,
+                         path: str | os.PathLike | None = None) -> list[PipelineSpec]:
+    """The embedded demo plus the user's pipelines from ``path``, else ``$ATTRIBUTION_PIPELINES``,
+    else ./pipelines.yaml.
 
     With ``errors``, an invalid pipeline is skipped and its message appended there, so one bad
     entry never hides the others (or the demo).
     """
     specs = [demo_spec()]
-    env = os.environ.get(PIPELINES_ENV)
+    env = path or os.environ.get(PIPELINES_ENV)
     if env:
         specs += load_pipeline_file(env, errors)
     elif Path("pipelines.yaml").is_file():

@@ -2,11 +2,14 @@
 terminal, sinks installed only inside their block."""
 
 import io
+from types import SimpleNamespace
 
+from attribution_assets.engine import progress
 from attribution_assets.engine.progress import (
     Report,
     log_sink,
     reporting,
+    terminal_sink,
     tqdm_sink,
     track,
     tracked,
@@ -73,3 +76,22 @@ def test_tqdm_sink_draws_nothing_off_a_terminal_or_under_ci(monkeypatch):
     with reporting(tqdm_sink(quiet)):
         list(tracked(range(5), "gradients", 5, "documents"))
     assert quiet.getvalue() == ""
+
+
+def test_off_a_terminal_a_command_prints_a_line_each_quarter_and_every_ten_seconds(monkeypatch):
+    """A pipe or log file gets done/total, rate and ETA lines (a terminal gets a tqdm bar)."""
+    monkeypatch.delenv("CI", raising=False)
+    stream = io.StringIO()
+    with reporting(terminal_sink(stream, every_seconds=1e9)):
+        list(tracked(range(100), "gradients", 100, "documents"))
+    lines = stream.getvalue().splitlines()
+    assert [line.split(" documents")[0] for line in lines] == [
+        "gradients: 25/100", "gradients: 50/100", "gradients: 75/100", "gradients: 100/100", "gradients: 100/100"]
+    assert all("documents/s" in line and "ETA" in line for line in lines[:3]) and "done in" in lines[-1]
+    clock = iter(range(0, 10_000, 4))  # each report 4 s after the last: a line at least every 10 s
+    monkeypatch.setattr(progress, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    stream = io.StringIO()
+    with reporting(terminal_sink(stream)):
+        list(tracked(range(10), "scores", 1000, "shards"))
+    assert [line.split(" shards")[0] for line in stream.getvalue().splitlines()] == [
+        "scores: 3/1000", "scores: 6/1000", "scores: 9/1000", "scores: 10/1000"]

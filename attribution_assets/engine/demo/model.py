@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+from transformers import GPTNeoXConfig, PreTrainedTokenizerFast
 
 from attribution_assets.engine.demo.corpus import DemoCorpus
 from attribution_assets.engine.gradients.store import GradientStore
@@ -211,6 +211,9 @@ def train_demo_model(
         dtype=torch.float32,
     )
     torch.manual_seed(config.seed)
+    # the modeling code, imported only to train (it costs seconds; importing this module must not)
+    from transformers import GPTNeoXForCausalLM
+
     model = GPTNeoXForCausalLM(gpt_neox_config(config, tokenizer)).float()
     model.train()
     optimizer = torch.optim.AdamW(

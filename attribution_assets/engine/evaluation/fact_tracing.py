@@ -40,6 +40,7 @@ from attribution_assets.engine.gradients.collect import optimizer_state_source
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.data import TokenizedDoc
 from attribution_assets.engine.io.paths import PipelinePaths
+from attribution_assets.engine.progress import Tracker
 from attribution_assets.spec import PipelineSpec
 
 
@@ -95,9 +96,10 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
     doc_ids, query_ids = [d.source_id for d in docs], [q.doc_id for q in queries]
     mine = configured_name(spec, methods)
     rows, all_scores = [], {}
-    for query_loss in query_losses:
-        once = ("bm25", "magic", "random")  # no query loss of their own: one row
-        todo = [m for m in methods if m.kind not in once or query_loss == query_losses[0]]
+    once = ("bm25", "magic", "random")  # no query loss of their own: one row
+    todos = {loss: [m for m in methods if m.kind not in once or loss == query_losses[0]] for loss in query_losses}
+    tracker = Tracker("fact tracing", sum(map(len, todos.values())), "methods")
+    for query_loss, todo in todos.items():
         all_scores[query_loss] = method_scores(todo, cache, query_loss)
         for m in todo:
             ranks = first_gold_ranks(all_scores[query_loss][m.name], doc_ids, query_ids, gold)
@@ -110,6 +112,8 @@ def fact_tracing_table(model, spec: PipelineSpec, paths: PipelinePaths | None,
                     patcher, docs, queries, all_scores[query_loss][m.name], spec.evaluation.tail_patch_k,
                     sample).mean())
             rows.append(row)
+            tracker.update()
+    tracker.close()
     frame = pl.DataFrame(rows)
     markdown = markdown_table(frame) + "".join(f"\nSkipped `{name}`: {why}.\n" for name, why in skipped.items())
     if patch is not None:

@@ -23,21 +23,23 @@ def add_eos(spec: DataSpec, default: bool) -> bool:
     return default if spec.add_eos is None else spec.add_eos
 
 
-def corpus_documents(spec: PipelineSpec) -> list[dict[str, Any]]:
-    """Rows of the training corpus with stable ids (see :func:`data.build_documents`)."""
+def corpus_documents(spec: PipelineSpec, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows of the training corpus with stable ids (see :func:`data.build_documents`; ``skipped``
+    receives the location of each row left out by ``missing_text: skip``)."""
     if spec.is_demo:
         corpus = _demo_corpus(spec)
         return data.build_documents(corpus.documents, DataSpec(id_column="doc_id"))
-    return data.build_documents(data.load_records(spec.corpus), spec.corpus)
+    return data.build_documents(data.load_records(spec.corpus), spec.corpus, data.RowLocator(spec.corpus), skipped)
 
 
-def query_documents(spec: PipelineSpec) -> list[dict[str, Any]]:
+def query_documents(spec: PipelineSpec, skipped: list[str] | None = None) -> list[dict[str, Any]]:
     """Rows of the query set; ``doc_id`` holds the query id, ``gold_doc_ids`` where known."""
     if spec.queries is None:
         raise data.DataError(f"Pipeline {spec.name!r} has no `queries` section; add one to score queries.")
     if spec.is_demo:
         return data.build_documents(_demo_corpus(spec).queries, spec.queries)
-    return data.build_documents(data.load_records(spec.queries), spec.queries)
+    return data.build_documents(data.load_records(spec.queries), spec.queries, data.RowLocator(spec.queries),
+                                skipped)
 
 
 def _demo_corpus(spec: PipelineSpec):
@@ -72,6 +74,13 @@ def read_documents(path: Path, shard: str | None = None) -> list[dict[str, Any]]
     if shard is not None:
         frame = frame.filter(pl.col("shard") == shard)
     return frame.to_dicts()
+
+
+def shard_sizes(path: Path) -> dict[str, int]:
+    """Documents per shard of the corpus table (its ``shard`` column only)."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path} does not exist; materialize the pipeline's `corpus` asset first.")
+    return dict(pl.read_parquet(path, columns=["shard"])["shard"].value_counts().iter_rows())
 
 
 def write_queries(path: Path, queries: list[dict[str, Any]]) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,16 @@ class TokenizeStats:
     skipped_empty: int = 0
     skipped_short: int = 0
     lengths: list[int] = field(default_factory=list)
+    skipped_examples: list[str] = field(default_factory=list)  # the first skipped documents' ids
+
+    def skip(self, doc_id: str, empty: bool) -> None:
+        """Count one skipped document (or chunk): empty, else shorter than 2 tokens / no target."""
+        if empty:
+            self.skipped_empty += 1
+        else:
+            self.skipped_short += 1
+        if len(self.skipped_examples) < 5:
+            self.skipped_examples.append(doc_id)
 
     def as_metadata(self) -> dict[str, Any]:
         lengths = sorted(self.lengths) or [0]
@@ -75,7 +85,8 @@ class TokenizeStats:
             "documents": self.documents, "rows": self.rows, "tokens": self.tokens,
             "target_tokens": self.target_tokens, "truncated": self.truncated,
             "chunked": self.chunked, "skipped_empty": self.skipped_empty,
-            "skipped_short": self.skipped_short, "length_min_tokens": lengths[0],
+            "skipped_short": self.skipped_short,
+            "skipped_examples": ", ".join(self.skipped_examples) or "none", "length_min_tokens": lengths[0],
             "length_median_tokens": lengths[len(lengths) // 2], "length_max_tokens": lengths[-1],
             "length_mean_tokens": round(sum(lengths) / len(lengths), 2),
         }
@@ -214,11 +225,92 @@ def display_text(content: dict[str, Any]) -> str:
     return "\n".join(f"{m.get('role')}: {m.get('content')}" for m in content["messages"])
 
 
-def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec) -> list[dict[str, Any]]:
-    """Rows ``{doc_id, content (JSON str), text, gold_doc_ids?}`` with stable ids."""
+class RowLocator:
+    """Where row ``i`` of the dataset that :func:`load_records` made of ``spec`` came from, in the
+    one form every file message uses: ``<file>, line <n>`` (1-based; jsonl, csv) or ``<file>,
+    row <n>`` (parquet, a json array, a text file, a saved or hub dataset). Files are read on
+    the first call only (an error path), never while documents load."""
+
+    def __init__(self, spec: DataSpec):
+        self.spec = spec
+        self._files: list[tuple[Path, str, list[int] | int]] | None = None  # file, unit, lines or rows
+
+    def _index(self) -> list[tuple[Path, str, list[int] | int]]:
+        if self._files is None:
+            self._files = []
+            path = Path(os.path.expanduser(self.spec.path or ""))
+            if self.spec.path and self.spec.format != "hub" and path.exists():
+                builder, kwargs = _detect_format(path, self.spec.format)
+                for file in kwargs.get("data_files", []):
+                    self._files.append((Path(file), *_record_positions(Path(file), builder, self.spec)))
+        return self._files
+
+    def __call__(self, row: int) -> str:
+        offset = 0
+        for file, unit, positions in self._index():
+            count = positions if isinstance(positions, int) else len(positions)
+            if row < offset + count:
+                local = row - offset
+                return f"{file}, {unit} {local + 1 if isinstance(positions, int) else positions[local]}"
+            offset += count
+        return f"{self.spec.path}, row {row + 1}"
+
+
+def _record_positions(file: Path, builder: str, spec: DataSpec) -> tuple[str, list[int] | int]:
+    """``("line", [1-based line of each record])`` for JSON lines and CSV, else ``("row", count)``."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        return "row", pq.ParquetFile(file).metadata.num_rows
+    if builder not in ("json", "csv"):
+        return "row", 0  # text: rows counted over the whole path
+    text = file.read_text(encoding=spec.encoding, errors="replace")
+    if builder == "json":
+        if text.lstrip().startswith("["):
+            return "row", len(json.loads(text))
+        return "line", [n for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    import csv
+    import io
+
+    reader, starts, previous = csv.reader(io.StringIO(text)), [], 0
+    for record in reader:
+        if record:  # blank lines are skipped, as the CSV reader of `datasets` does
+            starts.append(previous + 1)
+        previous = reader.line_num
+    return "line", starts[1:]  # the header is not a record
+
+
+def text_columns(spec: DataSpec) -> list[str]:
+    """The column(s) that hold a row's text under ``spec``'s mode."""
+    if spec.mode == "text":
+        return [spec.text_column]
+    if spec.mode == "prompt_completion":
+        return [spec.prompt_column or "prompt", spec.completion_column or "completion"]
+    return [spec.conversation_column]
+
+
+def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec, locate: Callable[[int], str] | None = None,
+                    skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """Rows ``{doc_id, content (JSON str), text, gold_doc_ids?}`` with stable ids.
+
+    A row without a value in its text column(s) is refused (``missing_text: error``), or left out
+    with its location appended to ``skipped`` (``missing_text: skip``). ``locate``: row -> its
+    place in the files (:class:`RowLocator`; default ``row <n>``, 1-based)."""
+    locate = locate or (lambda row: f"row {row + 1}")
     docs, seen, values, groups = [], {}, [], []
     source = spec.reward_column or spec.advantage_column
     for row, record in enumerate(records):
+        missing = [c for c in text_columns(spec) if record.get(c) is None]
+        if missing:
+            if spec.missing_text == "skip":
+                if skipped is not None:
+                    skipped.append(locate(row))
+                continue
+            present = [k for k, v in record.items() if v is not None]
+            raise DataError(f"{locate(row)}: no value in column(s) {missing}; the row has {present}. Fix the "
+                            "row or the column setting (`text_column`, `prompt_column`/`completion_column`, "
+                            "`conversation_column`), or set `missing_text: skip` to leave such rows out "
+                            "(they are counted and reported).")
         if source:  # GRPO / Dr. GRPO: NaN where the cell is missing or not a finite number
             values.append(float(record[source]) if advantages.finite(record[source]) else float("nan"))
             groups.append(str(record[spec.group_column]) if spec.group_column else "")
@@ -227,8 +319,9 @@ def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec) -> list[d
         if spec.id_column:
             doc_id = str(record[spec.id_column])
             if doc_id in seen:
-                raise DataError(f"Duplicate id {doc_id!r} in column {spec.id_column!r} (rows {seen[doc_id]} "
-                                f"and {row}); ids must be unique, or drop `id_column` to use content hashes.")
+                raise DataError(f"{locate(row)}: duplicate id {doc_id!r} in column {spec.id_column!r}, first "
+                                f"at {locate(seen[doc_id])}; ids must be unique, or drop `id_column` to use "
+                                "content hashes.")
             seen[doc_id] = row
         else:
             base = text_id(encoded, 16)
@@ -248,15 +341,18 @@ def build_documents(records: Iterable[dict[str, Any]], spec: DataSpec) -> list[d
     return docs
 
 
-def drop_nan_advantages(docs: list[dict[str, Any]], spec: DataSpec) -> int:
+def drop_nan_advantages(docs: list[dict[str, Any]], spec: DataSpec,
+                        locate: Callable[[int], str] | None = None) -> int:
     """Remove (in place) documents whose reward/advantage is missing or not finite and return how
-    many (``nan_rewards: skip``), or raise naming them (``error``)."""
+    many (``nan_rewards: skip``), or raise naming them (``error``; ``locate`` as in
+    :func:`build_documents`)."""
+    locate = locate or (lambda row: f"row {row + 1}")
     bad = [i for i, d in enumerate(docs) if "advantage" in d and not np.isfinite(d["advantage"])]
     if bad and spec.nan_rewards == "error":
         column = spec.reward_column or spec.advantage_column
-        raise DataError(f"{len(bad)} document(s) have no finite value in `{column}` (source rows "
-                        f"{[docs[i]['source_row'] for i in bad[:5]]}); fix the data or set "
-                        "`nan_rewards: skip` to drop them.")
+        raise DataError(f"{locate(docs[bad[0]]['source_row'])}: no finite value in column {column!r} "
+                        f"({len(bad)} row(s) like it: {'; '.join(locate(docs[i]['source_row']) for i in bad[:5])}); "
+                        "fix the data or set `nan_rewards: skip` to drop them.")
     for i in reversed(bad):
         del docs[i]
     return len(bad)
@@ -312,7 +408,7 @@ def tokenize_documents(docs: Iterable[dict[str, Any]], tokenizer, spec: DataSpec
         stats.documents += 1
         content = json.loads(doc["content"])
         if not display_text(content).strip():
-            stats.skipped_empty += 1
+            stats.skip(doc["doc_id"], empty=True)
             continue
         ids, mask = tokenize_content(content, tokenizer, spec, add_eos)
         if len(ids) > spec.max_length and spec.overflow == "chunk":
@@ -329,7 +425,7 @@ def tokenize_documents(docs: Iterable[dict[str, Any]], tokenizer, spec: DataSpec
             pieces = [(doc["doc_id"], ids, mask)]
         for doc_id, piece_ids, piece_mask in pieces:
             if len(piece_ids) < 2 or sum(piece_mask) == 0:
-                stats.skipped_short += 1
+                stats.skip(doc_id, empty=False)
                 continue
             text = doc["text"] if len(pieces) == 1 else tokenizer.decode(piece_ids)
             out.append(TokenizedDoc(doc_id, list(map(int, piece_ids)), list(map(int, piece_mask)), text,

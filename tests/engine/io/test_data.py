@@ -3,6 +3,7 @@
 import copy
 import json
 import logging
+import re
 
 import polars as pl
 import pytest
@@ -163,10 +164,56 @@ def test_empty_and_short_documents_are_skipped_and_counted(tiny_tokenizer):
     docs = data.build_documents([{"text": ""}, {"text": "   "}, {"text": SENTENCES[1]}], DataSpec())
     rows, stats = data.tokenize_documents(docs, tiny_tokenizer, DataSpec(), add_eos=False)
     assert len(rows) == 1 and stats.skipped_empty == 2
+    assert stats.skipped_examples == [docs[0]["doc_id"], docs[1]["doc_id"]]
+    assert stats.as_metadata()["skipped_examples"] == f"{docs[0]['doc_id']}, {docs[1]['doc_id']}"
     spec = DataSpec(prompt_column="prompt", completion_column="completion")
     docs = data.build_documents([{"prompt": "Hello there", "completion": ""}], spec)
     rows, stats = data.tokenize_documents(docs, tiny_tokenizer, spec, add_eos=False)
     assert rows == [] and stats.skipped_short == 1
+
+
+def _jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_a_row_without_its_text_is_refused_with_file_line_and_its_columns(tmp_path):
+    """The row is the 3rd record but on line 4 (a blank line before it); other rows have no `body`."""
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"id": "a", "text": "one"}) + "\n\n" + json.dumps({"id": "b", "text": "two"}) + "\n"
+                    + json.dumps({"id": "c", "body": "three"}) + "\n")
+    spec = DataSpec(path=str(path), id_column="id")
+    with pytest.raises(data.DataError) as caught:
+        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+    assert str(caught.value).startswith(f"{path}, line 4: no value in column(s) ['text']; the row has ['id', 'body']")
+    assert "missing_text: skip" in str(caught.value)
+    skip = DataSpec(path=str(path), id_column="id", missing_text="skip")
+    skipped: list[str] = []
+    docs = data.build_documents(data.load_records(skip), skip, data.RowLocator(skip), skipped)
+    assert [d["doc_id"] for d in docs] == ["a", "b"] and skipped == [f"{path}, line 4"]
+
+
+def test_file_problems_name_the_file_and_the_1_based_line(tmp_path):
+    """Duplicate ids across two files of a folder (jsonl) and within a csv (header on line 1, a
+    quoted field over two lines), NaN rewards: one format, `<file>, line <n>`."""
+    (tmp_path / "docs").mkdir()
+    first = _jsonl(tmp_path / "docs" / "a.jsonl", [{"id": "x", "text": "one"}, {"id": "y", "text": "two"}])
+    second = _jsonl(tmp_path / "docs" / "b.jsonl", [{"id": "z", "text": "three"}, {"id": "x", "text": "four"}])
+    spec = DataSpec(path=str(tmp_path / "docs"), id_column="id")
+    with pytest.raises(data.DataError, match=rf"^{re.escape(str(second))}, line 2: duplicate id 'x' in column "
+                                             rf"'id', first at {re.escape(str(first))}, line 1; ids must be unique"):
+        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+    csv = tmp_path / "t.csv"
+    csv.write_text('id,text\nx,"one\nline two"\ny,three\nx,four\n')
+    spec = DataSpec(path=str(csv), id_column="id")
+    where = re.escape(str(csv))
+    with pytest.raises(data.DataError, match=rf"^{where}, line 5: duplicate id 'x' .* first at {where}, line 2;"):
+        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+    rewards = _jsonl(tmp_path / "r.jsonl", [{"text": "one", "reward": 1.0}, {"text": "two", "reward": None}])
+    spec = DataSpec(path=str(rewards), reward_column="reward", advantage_weighting="grpo", nan_rewards="error")
+    docs = data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+    with pytest.raises(data.DataError, match=rf"^{re.escape(str(rewards))}, line 2: no finite value in column"):
+        data.drop_nan_advantages(docs, spec, data.RowLocator(spec))
 
 
 def test_shards_cover_every_document_exactly_once():
