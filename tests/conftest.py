@@ -51,3 +51,11 @@ def tiny_demo(tmp_path_factory):
     return materialize_tiny_demo(tmp_path_factory.mktemp("tiny-demo"))
 
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with a ``slow`` test run first (stable order otherwise): pytest-xdist's ``loadfile``
+    hands files out in collection order, so the longest start first and the short ones fill the
+    gaps, instead of one long file running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)

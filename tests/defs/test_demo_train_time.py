@@ -13,7 +13,7 @@ from attribution_assets.report import latest_metadata, train_time_lines
 from attribution_assets.spec import ScoringSpec, SpecValueError, demo_spec
 from tests.helpers import materialize_tiny_demo
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]  # slow: runs first (tests/conftest.py)
 
 
 def test_demo_reports_fact_tracing_from_train_time_rows(tmp_path):

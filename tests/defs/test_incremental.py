@@ -19,6 +19,8 @@ from tests.helpers import definitions_for, user_pipeline_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
+pytestmark = pytest.mark.slow  # runs first (tests/conftest.py)
+
 
 def _plan_lines(defs, spec, instance, **kwargs):
     lines = []

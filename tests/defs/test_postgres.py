@@ -24,6 +24,8 @@ from attribution_assets.engine.io.paths import PipelinePaths
 from tests.helpers import user_pipeline_spec
 from tests.services import postgres as postgres_service
 
+pytestmark = pytest.mark.slow  # runs first (tests/conftest.py)
+
 postgres_server = postgres_service.postgres_server  # the fixture, for this module
 PASSWORD_ENV = "ATTRIBUTION_TEST_PG_PASSWORD"
 

@@ -22,6 +22,8 @@ from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
 from tests.helpers import user_pipeline_spec
 
+pytestmark = pytest.mark.slow  # runs first (tests/conftest.py)
+
 MARKER = "ATTRIBUTION_TEST_MARKER"
 
 

@@ -16,6 +16,8 @@ from attribution_assets.report import demo_report
 from attribution_assets.spec import GradientSpec
 from tests.helpers import definitions_for, materialize_tiny_demo
 
+pytestmark = pytest.mark.slow  # runs first (tests/conftest.py)
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 
 
