@@ -418,11 +418,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with reporting(terminal_sink()):
             return args.func(args)
     except KeyboardInterrupt:
-        print("Interrupted. Finished shards are kept; run the same command again to continue.",
-              file=sys.stderr)
-        return 130
+        return _interrupted()
     except Exception as exc:  # noqa: BLE001 - one message here, the traceback in the log file
         return _report(exc, args)
+    except BaseException as exc:  # a signal inside a Dagster step arrives as its own interrupt error
+        if type(exc).__name__ != "DagsterExecutionInterruptedError":
+            raise
+        return _interrupted()
+
+
+def _interrupted() -> int:
+    print("Interrupted. Finished shards are kept; run the same command again to continue.", file=sys.stderr)
+    return 130
 
 
 def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C at every stage
