@@ -4,7 +4,7 @@ output, shown on the run page). Same code path as ``attribution query`` (the Att
 each document's word shares (``engine.explain.ask``)::
 
     ops:
-      demo_ask:
+      demo_question:
         config: {prompt: "Pavel Pellegrini works for", completion: " Brightwave", k: 5}
 
 or ``{query_id: demo-q-pavel-pellegrini-employer, k: 5}`` for one of the pipeline's queries.
@@ -44,6 +44,11 @@ def ask_job_name(spec: PipelineSpec) -> str:
     return f"{spec.name}_ask"
 
 
+def ask_op_name(spec: PipelineSpec) -> str:
+    """The job's one op, whose ``config`` the run config sets (op names are unique per repository)."""
+    return f"{spec.name}_question"
+
+
 def _md(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|~" else ch for ch in text).replace("\n", " ")
 
@@ -64,7 +69,7 @@ def ask_jobs(spec: PipelineSpec, present: set[dg.AssetKey]) -> list[dg.JobDefini
     if key(spec, "scores") not in present:
         return []
 
-    @dg.op(name=f"{spec.name}_ask", out=dg.Out(dg.Nothing),
+    @dg.op(name=ask_op_name(spec), out=dg.Out(dg.Nothing), pool="gpu",  # it runs the model
            description="Top-k training documents of one question and their word shares (heat map).")
     def ask_op(context: dg.OpExecutionContext, config: AskConfig, storage: StorageResource,
                compute: ComputeResource):
@@ -86,7 +91,7 @@ def ask_jobs(spec: PipelineSpec, present: set[dg.AssetKey]) -> list[dg.JobDefini
             "seconds": timer.seconds})
 
     @dg.job(name=ask_job_name(spec),
-            description=f"Ask {spec.name} from the Launchpad: run config `ops: {{{spec.name}_ask: {{config: "
+            description=f"Ask {spec.name} from the Launchpad: run config `ops: {{{ask_op_name(spec)}: {{config: "
                         "{prompt, completion, k}}}}` (or `query_id`); the run's step output holds the "
                         "top-k table and the heat map.")
     def ask_job():

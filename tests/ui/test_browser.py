@@ -20,6 +20,7 @@ import dagster as dg
 import pytest
 
 from attribution_assets.defs.runs import LOCATION
+from attribution_assets.engine.io.paths import PipelinePaths
 from tests.e2e.test_webserver import _free_port, _graphql
 from tests.helpers import definitions_for, materialize_tiny_demo, tiny_demo_spec
 
@@ -192,6 +193,11 @@ def test_scores_page_shows_the_explanations_and_a_picture(webserver, page):
     assert _image_width(page, page.get_by_role("dialog").locator("img").first) == 800
     _save(page, shots, "scores-histogram")
     _close(page)
+    page.goto(f"file://{PipelinePaths.under(shots / 'storage', spec.name).explanations}")  # the HTML page
+    text = page.inner_text("body")
+    assert text.count("first gold document at rank") + text.count("no gold document among") == 3
+    assert "endoftext" not in text and page.locator(".word").count() > 20
+    _save(page, shots, "explain")
 
 
 def test_overview_shows_the_histogram_and_the_tables(webserver, page):
@@ -286,7 +292,6 @@ def test_a_question_from_the_launchpad_shows_its_top_k(webserver, page):
 
 def _a_query_with_gold(webserver) -> str:
     from attribution_assets.engine.io.corpus import read_queries
-    from attribution_assets.engine.io.paths import PipelinePaths
 
     paths = PipelinePaths.under(webserver.shots / "storage", webserver.spec.name)
     return next(q["doc_id"] for q in read_queries(paths.queries) if q["gold_doc_ids"])

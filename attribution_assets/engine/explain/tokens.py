@@ -280,7 +280,9 @@ def explain_samples(spec: PipelineSpec, paths: PipelinePaths, model, tokenizer, 
     for group in ([q for q in table if q.get("gold_doc_ids")], [q for q in table if not q.get("gold_doc_ids")]):
         want = min(queries - len(picked), len(group))
         if want > 0:
-            step = len(group) / want
-            picked += [group[int(i * step)]["doc_id"] for i in range(want)]
+            step = len(group) / want  # one more per pick where it fits: a table ordered by subject,
+            shifted = [int(i * step) + i for i in range(want)]  # then relation, varies both
+            spots = shifted if shifted[-1] < len(group) else [int(i * step) for i in range(want)]
+            picked += [group[i]["doc_id"] for i in spots]
     collector = positional_collector(model, spec, paths)
     return [explain_query(spec, paths, qid, k, model, tokenizer, scorer, collector) for qid in picked]
