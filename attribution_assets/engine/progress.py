@@ -126,8 +126,8 @@ def quiet() -> bool:
 
 def log_sink(log: Callable[[str], None], every_seconds: float = 10.0, every_fraction: float = 0.1) -> Sink:
     """Log ``Report.format()`` lines, throttled per step: the first report after
-    ``every_seconds`` or after another ``every_fraction`` of the total, and the last one;
-    only the last one when :func:`quiet`."""
+    ``every_seconds`` or after another ``every_fraction`` of the total, and the last one (the
+    step's end, once); only the last one when :func:`quiet`."""
     last: dict[str, tuple[float, int]] = {}  # step -> (seconds, fractions done) when last logged
 
     def sink(report: Report) -> None:
@@ -135,7 +135,7 @@ def log_sink(log: Callable[[str], None], every_seconds: float = 10.0, every_frac
             last.pop(report.step, None)
             log(report.format())
             return
-        if quiet():
+        if quiet() or (report.total and report.done >= report.total):  # the final line says it
             return
         seconds, bucket = last.get(report.step, (0.0, 0))
         now = int(report.done / report.total / every_fraction + 1e-9) if report.total else 0
