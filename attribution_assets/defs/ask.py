@@ -4,7 +4,7 @@ output, shown on the run page). Same code path as ``attribution query`` (the Att
 each document's word shares (``engine.explain.ask``)::
 
     ops:
-      demo_question:
+      demo__question:
         config: {prompt: "Pavel Pellegrini works for", completion: " Brightwave", k: 5}
 
 or ``{query_id: demo-q-pavel-pellegrini-employer, k: 5}`` for one of the pipeline's queries.
@@ -45,8 +45,9 @@ def ask_job_name(spec: PipelineSpec) -> str:
 
 
 def ask_op_name(spec: PipelineSpec) -> str:
-    """The job's one op, whose ``config`` the run config sets (op names are unique per repository)."""
-    return f"{spec.name}_question"
+    """The job's one op, whose ``config`` the run config sets: unique per repository and named
+    like the pipeline's asset ops (``<pipeline>__<name>``)."""
+    return f"{spec.name}__question"
 
 
 def _md(text: str) -> str:

@@ -264,7 +264,7 @@ def test_a_shard_page_shows_its_run(webserver, page):
 def test_a_question_from_the_launchpad_shows_its_top_k(webserver, page):
     base, spec, instance = webserver.url, webserver.spec, webserver.instance
     query_id = _a_query_with_gold(webserver)
-    config = (f"ops:\n  {spec.name}_question:\n    config:\n      query_id: {query_id}\n      k: 5\n")
+    config = (f"ops:\n  {spec.name}__question:\n    config:\n      query_id: {query_id}\n      k: 5\n")
     _open(page, f"{base}/locations/{LOCATION}/jobs/{spec.name}_ask/playground")
     editor = page.locator(".CodeMirror").first
     editor.wait_for()
