@@ -111,6 +111,7 @@ def pipeline_overview(db: Path, bins: int = 60, per_query: bool = True) -> Overv
     ``per_query`` False: the scores rank an aggregate of the queries (``scoring.aggregate``), so
     no fact tracing."""
     with connect(db) as con:
+        con.execute("SET enable_progress_bar = false")  # a step's log, not a terminal
         n_queries = con.execute("SELECT count(*) FROM queries").fetchone()[0]
         edges, counts, n_scores = _histogram(con, bins)
         if not n_scores:
