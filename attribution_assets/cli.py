@@ -99,26 +99,32 @@ def cmd_materialize(args: argparse.Namespace) -> int:
 
 
 def _data_spec(path: str, args: argparse.Namespace, queries: bool):
+    """The corpus or query section of ``run`` / ``init`` (a local path made absolute, a hub
+    dataset name kept as given)."""
     from .spec import DataSpec
 
+    local = Path(path).expanduser()
+    path = str(local.resolve()) if local.exists() else path
     if queries:
         columns = ({"prompt_column": args.prompt_column, "completion_column": args.completion_column}
                    if args.prompt_column or args.completion_column else {"text_column": args.query_text_column})
         unit = {"text_unit": "line"} if Path(path).suffix == ".txt" else {}
-        return DataSpec(path=str(Path(path).expanduser().resolve()), **columns, **unit,
+        return DataSpec(path=path, **columns, **unit,
                         **({"id_column": args.query_id_column} if args.query_id_column else {}))
-    return DataSpec(path=str(Path(path).expanduser().resolve()), text_column=args.text_column,
+    return DataSpec(path=path, text_column=args.text_column,
                     **({"id_column": args.id_column} if args.id_column else {}))
 
 
 def cmd_init(args: argparse.Namespace) -> int:
     from .engine.quickstart import init_model
 
-    made = init_model(_data_spec(args.corpus, args, queries=False), Path(args.out), vocab_size=args.vocab_size)
+    queries = _data_spec(args.queries, args, queries=True) if getattr(args, "queries", None) else None
+    made = init_model(_data_spec(args.corpus, args, queries=False), Path(args.out), vocab_size=args.vocab_size,
+                      queries=queries)
     print(f"Made {made['path']}: a byte-level BPE tokenizer ({made['vocab_size']} tokens) trained on "
           f"{made['documents']} documents and a randomly initialized 2-layer GPT-NeoX "
-          f"({made['parameters']:,} parameters, {made['positions']} positions; the longest document has "
-          f"{made['longest_document_tokens']} tokens).", flush=True)
+          f"({made['parameters']:,} parameters, {made['positions']} positions; the longest "
+          f"{'document or query' if queries else 'document'} has {made['longest_text_tokens']} tokens).", flush=True)
     return 0
 
 

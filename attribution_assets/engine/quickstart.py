@@ -36,10 +36,11 @@ def _texts(spec: DataSpec) -> list[str]:
             if all(record.get(c) is not None for c in data.text_columns(spec))]
 
 
-def init_model(corpus: DataSpec, out: Path, vocab_size: int = 1024, seed: int = 0) -> dict[str, Any]:
+def init_model(corpus: DataSpec, out: Path, vocab_size: int = 1024, seed: int = 0,
+               queries: DataSpec | None = None) -> dict[str, Any]:
     """Train a byte-level BPE tokenizer on ``corpus`` (the demo's recipe) and save it with a
     randomly initialized small GPT-NeoX into ``out`` (atomically). Its positions cover the longest
-    document (rounded up to a multiple of 64, 64..2048). Returns what was made."""
+    document and query (rounded up to a multiple of 64, 64..2048). Returns what was made."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -49,7 +50,8 @@ def init_model(corpus: DataSpec, out: Path, vocab_size: int = 1024, seed: int = 
     if not any(t.strip() for t in texts):
         raise QuickstartError(f"{corpus.path} holds no text to train a tokenizer on.")
     tokenizer = train_demo_tokenizer(texts, vocab_size, model_max_length=2048)
-    longest = max(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    measured = texts + (_texts(queries) if queries is not None else [])
+    longest = max(len(ids) + 1 for ids in tokenizer(measured, add_special_tokens=False)["input_ids"])
     positions = min(2048, max(64, -(-longest // 64) * 64))
     tokenizer.model_max_length = positions
     torch.manual_seed(seed)
@@ -63,7 +65,7 @@ def init_model(corpus: DataSpec, out: Path, vocab_size: int = 1024, seed: int = 
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return {"path": str(out), "documents": len(texts), "vocab_size": len(tokenizer), "positions": positions,
-            "longest_document_tokens": longest, "parameters": sum(p.numel() for p in model.parameters())}
+            "longest_text_tokens": longest, "parameters": sum(p.numel() for p in model.parameters())}
 
 
 def model_positions(model: ModelSpec) -> int | None:
