@@ -250,7 +250,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
 
     @dg.asset(key=overview_key, group_name=spec.name,
               deps=[db_key, dg.AssetDep(scores_key, partition_mapping=ALL), key(spec, "query_set")],
-              code_version="overview-v1", automation_condition=rebuild_condition(),
+              code_version="overview-v1", automation_condition=rebuild_condition(on_deps_updated=False),
               description="The pipeline at a glance (SQL over the score tables, seconds): recall@k and MRR "
                           "where queries know their gold documents; every score on a log-count histogram with "
                           "percentiles (is a score of 0.09 high?); sample queries, failures included, with "
