@@ -9,7 +9,7 @@ export ATTRIBUTION_STORAGE ?= $(CURDIR)/.storage
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test lint ui bench clean
+.PHONY: install demo test lint ui bench clean screenshots
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+# The UI pictures in docs/img, re-taken by the browser test (tests/ui; needs Debian's chromium).
+screenshots: $(STAMP)
+	ATTRIBUTION_SCREENSHOTS=$(CURDIR)/docs/img $(PY) -m pytest -q -p no:cacheprovider tests/ui
 
 ui: $(STAMP)
 	$(PY) -c "from attribution_assets.defs.instance import persistent_instance; persistent_instance()"
