@@ -5,7 +5,7 @@ each document's word shares (``engine.explain.ask``)::
 
     ops:
       demo__question:
-        config: {prompt: "Pavel Pellegrini works for", completion: " Brightwave", k: 5}
+        config: {prompt: "Q: Which company pays Pavel Pellegrini? A: Pavel Pellegrini is on the payroll of", completion: " Quantaro", k: 5}
 
 or ``{query_id: demo-q-pavel-pellegrini-employer, k: 5}`` for one of the pipeline's queries.
 """

@@ -4,7 +4,7 @@ the step output's metadata; a malformed question fails the run with the fix in i
 import dagster as dg
 import pytest
 
-from attribution_assets.defs.ask import ask_job_name
+from attribution_assets.defs.ask import ask_job_name, ask_op_name
 from attribution_assets.engine.search.attributor import Attributor
 from tests.helpers import definitions_for
 
@@ -17,9 +17,10 @@ def _output_metadata(result) -> dict:
 def test_ask_job_writes_the_top_k_table_and_heat_map(one_thread, tiny_demo):
     spec, paths = tiny_demo
     defs = definitions_for([spec], paths.root.parent)
+    dg.Definitions.validate_loadable(defs)  # op and job names unique in the repository
     job = defs.resolve_job_def(ask_job_name(spec))
     question = {"prompt": "Mara Quill was born in", "completion": " Lisbon", "k": 3}
-    result = job.execute_in_process(run_config={"ops": {f"{spec.name}_ask": {"config": question}}},
+    result = job.execute_in_process(run_config={"ops": {ask_op_name(spec): {"config": question}}},
                                     instance=dg.DagsterInstance.ephemeral())
     assert result.success
     meta = _output_metadata(result)
@@ -36,5 +37,5 @@ def test_ask_job_refuses_a_question_without_prompt_or_query_id(tiny_demo):
     spec, paths = tiny_demo
     job = definitions_for([spec], paths.root.parent).resolve_job_def(ask_job_name(spec))
     with pytest.raises(ValueError, match="Give either `prompt`"):
-        job.execute_in_process(run_config={"ops": {f"{spec.name}_ask": {"config": {"k": 3}}}},
+        job.execute_in_process(run_config={"ops": {ask_op_name(spec): {"config": {"k": 3}}}},
                                instance=dg.DagsterInstance.ephemeral())
