@@ -104,6 +104,15 @@ def record_partition_versions(instance: dg.DagsterInstance, run_id: str) -> int:
     return len(entries)
 
 
+def size_metadata(nbytes: int) -> dict:
+    """Metadata of a size: ``size`` for people (``175046701`` -> ``"175.0 MB"``, decimal units)
+    and ``size_mb`` (a number, which the UI plots over materializations)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return {"size": f"{nbytes / scale:.1f} {unit}", "size_mb": round(nbytes / 1e6, 3)}
+    return {"size": f"{nbytes} B", "size_mb": round(nbytes / 1e6, 3)}
+
+
 def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 

@@ -16,6 +16,7 @@ from attribution_assets.defs.common import (
     path_metadata,
     progress_logs,
     shards_partitions,
+    size_metadata,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import FORCE_TAG
@@ -164,7 +165,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                 for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
                 context.add_asset_metadata(
-                    {**meta, "bytes": dir_bytes(out), "dtype": store.info["dtype"],
+                    {**meta, **size_metadata(dir_bytes(out)), "dtype": store.info["dtype"],
                      "path": path_metadata(out), "total_seconds": timer.seconds,
                      "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"],
                      CONTENT_VERSION: versions[shard]},
@@ -198,7 +199,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                                              paths.query_gradients, model_fingerprint(spec, paths))
             version, checks = store.digest(), store_checks(store, expected_rows(docs, spec), spec, query_key)
             yield dg.MaterializeResult(
-                metadata={**stats.as_metadata(), "bytes": dir_bytes(paths.query_gradients),
+                metadata={**stats.as_metadata(), **size_metadata(dir_bytes(paths.query_gradients)),
                           "path": path_metadata(paths.query_gradients), "total_seconds": timer.seconds,
                           "peak_rss_mb": timer.peak_rss_mb},
                 data_version=dg.DataVersion(version))

@@ -10,6 +10,7 @@ from attribution_assets.defs.common import (
     key,
     path_metadata,
     shards_partitions,
+    size_metadata,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.explain import plots
@@ -60,21 +61,13 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                            calibration_queries=CALIBRATION_QUERIES)
         yield dg.MaterializeResult(
             metadata={"vectors": info.vectors, "dims": info.dims, "factory": info.factory, "parts": info.parts,
-                      "size": human_size(info.bytes), "size_mb": round(info.bytes / 1e6, 1), "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
+                      **size_metadata(info.bytes), "build_seconds": round(info.build_seconds, 3), "gpu": info.gpu,
                       **_search_metadata(info), **_recall_figure(info, paths), "path": path_metadata(paths.faiss_index),
                       "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(f"{info.factory}-{info.vectors}-{files_digest(paths.faiss_index)}"))
         yield _self_recall_check(spec, index_key, paths, shards[0], precond)
 
     return [faiss_index]
-
-
-def human_size(nbytes: int) -> str:
-    """``175046701`` -> ``"175.0 MB"`` (decimal units, one decimal)."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
-    return f"{nbytes} B"
 
 
 def _calibrated(spec: PipelineSpec) -> bool:

@@ -14,6 +14,7 @@ from attribution_assets.defs.common import (
     key,
     path_metadata,
     shards_partitions,
+    size_metadata,
 )
 from attribution_assets.defs.gradients import (
     expected_rows,
@@ -102,7 +103,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
             versions[shard] = files_digest(out)
             bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
             context.add_asset_metadata(
-                {"documents": sums.sequences, "tokens": max(sums.tokens.values()), "bytes": dir_bytes(out),
+                {"documents": sums.sequences, "tokens": max(sums.tokens.values()), **size_metadata(dir_bytes(out)),
                  "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
                  CONTENT_VERSION: versions[shard]}, partition_key=shard)
         single = next(iter(versions.values())) if len(versions) == 1 else None
@@ -125,7 +126,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
         bad = [name for name, ok in total.finite().items() if not ok]
         yield dg.MaterializeResult(
             metadata={"shards": len(shards), "documents": total.sequences, "tokens": max(total.tokens.values()),
-                      "modules": len(total.modules), "bytes": total.nbytes, "seconds": timer.seconds,
+                      "modules": len(total.modules), **size_metadata(total.nbytes), "seconds": timer.seconds,
                       "path": path_metadata(paths.kfac_factors)},
             data_version=dg.DataVersion(files_digest(paths.kfac_factors)))
         yield dg.AssetCheckResult(asset_key=factors_key, check_name="finite", passed=not bad,
@@ -147,7 +148,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
         conditions = [v[k] for v in report.values() for k in ("condition_A", "condition_S") if v[k] is not None]
         yield dg.MaterializeResult(
             metadata={"modules": len(eigen.modules), "space": spec.scoring.kfac_space,
-                      "projection": dg.MetadataValue.json(projection or {}), "bytes": eigen.nbytes,
+                      "projection": dg.MetadataValue.json(projection or {}), **size_metadata(eigen.nbytes),
                       "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
                       "max_condition_number": max(conditions) if conditions else None,
                       "per_module": dg.MetadataValue.json(report), "path": path_metadata(paths.kfac_eigendecomposition)},
@@ -178,7 +179,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
                 versions[shard] = files_digest(out)
                 bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
                 context.add_asset_metadata(
-                    {"documents": sums.sequences, "bytes": dir_bytes(out), "seconds": timer.seconds,
+                    {"documents": sums.sequences, **size_metadata(dir_bytes(out)), "seconds": timer.seconds,
                      "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
                      CONTENT_VERSION: versions[shard]}, partition_key=shard)
             single = next(iter(versions.values())) if len(versions) == 1 else None
@@ -204,7 +205,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
             total.save(paths.ekfac_eigenvalues)
             conditions = [v["damped_condition"] for v in check["modules"].values() if v["damped_condition"]]
             yield dg.MaterializeResult(
-                metadata={"shards": len(shards), "documents": total.sequences, "bytes": total.nbytes,
+                metadata={"shards": len(shards), "documents": total.sequences, **size_metadata(total.nbytes),
                           "max_damped_condition_number": max(conditions) if conditions else None,
                           "seconds": timer.seconds, "path": path_metadata(paths.ekfac_eigenvalues)},
                 data_version=dg.DataVersion(files_digest(paths.ekfac_eigenvalues)))
@@ -234,7 +235,7 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
         yield dg.MaterializeResult(
             metadata={**stats.as_metadata(), "preconditioner": spec.scoring.preconditioner,
                       "damping": spec.scoring.damping, "preconditioner_bytes": collector.transform.nbytes,
-                      "bytes": dir_bytes(paths.kfac_query_gradients),
+                      **size_metadata(dir_bytes(paths.kfac_query_gradients)),
                       "path": path_metadata(paths.kfac_query_gradients), "total_seconds": timer.seconds,
                       "peak_rss_mb": timer.peak_rss_mb},
             data_version=dg.DataVersion(store.digest()))
