@@ -145,7 +145,7 @@ def run_torchrun(spec, storage: Path, paths: PipelinePaths, base: Path, cores: i
     """One shard through the torchrun entry point: 1 rank (threads = cores / workers), 1 rank
     (threads = cores), ``workers`` ranks; ``(name, wall, report)`` each, then the shard's tokens."""
     per = max(1, cores // workers)
-    shard = paths.gradient_shards()[0]
+    shard = paths.tokenized_shards()[0]
     fingerprint = json.loads(paths.model_record.read_text())["fingerprint"]
     rows = [(f"1 rank, threads={per}", *torchrun(spec, storage, shard, 1, per, base / "t0", fingerprint)),
             (f"1 rank, threads={cores}", *torchrun(spec, storage, shard, 1, cores, base / "t1", fingerprint)),
@@ -181,7 +181,7 @@ def main() -> None:
         materialize_pipeline(local, spec, instance, stages=[STAGES[0], Stage("shards", ("tokenized_shards",), True)],
                              log=lambda _: None, log_level="CRITICAL")
         paths = PipelinePaths.under(storage, spec.name)
-        tokens = sum(len(d.input_ids) for s in paths.gradient_shards() for d in read_tokenized(paths.tokens(s)))
+        tokens = sum(len(d.input_ids) for s in paths.tokenized_shards() for d in read_tokenized(paths.tokens(s)))
         rows = []
         single = build_definitions([spec], profile(storage, per))
         base_wall, base_shards, _ = time_stage(single, spec, instance)
