@@ -412,6 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     for progress_bars in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
         os.environ.setdefault(progress_bars, "1")  # before the libraries read them; worker processes inherit
+    if "datasets" in sys.modules:  # imported earlier in this process (a test, a notebook): it read the variable then
+        sys.modules["datasets"].disable_progress_bars()
     args = build_parser().parse_args(argv)  # --help and usage errors exit here, before any heavy import
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")
