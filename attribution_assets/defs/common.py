@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.definitions.data_version import (
+    CODE_VERSION_TAG,
     DATA_VERSION_IS_USER_PROVIDED_TAG,
     DATA_VERSION_TAG,
+    DEFAULT_DATA_VERSION,
+    extract_data_version_from_entry,
     get_input_data_version_tag,
     get_input_event_pointer_tag,
 )
+from dagster._core.definitions.source_asset import SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION
 
 from attribution_assets.defs.resources import ComputeResource
 from attribution_assets.engine.progress import log_sink, reporting
@@ -38,70 +43,43 @@ def compute_version(compute: ComputeResource) -> str:
     return f"-{compute.precision}{'-tf32' if compute.allow_tf32 else ''}"
 
 
-#: Metadata key of a shard's content data version in a run over several shards (where Dagster
-#: records one version for all of them); the runner turns it into the shard's own data version.
+#: Metadata key of a shard's content digest: its data version (see :func:`shard_results`).
 CONTENT_VERSION = "content_version"
 
 
-def record_partition_versions(instance: dg.DagsterInstance, run_id: str) -> int:
-    """After run ``run_id`` materialized several partitions of an asset in one step, record each
-    partition's ``content_version`` as its data version; return how many.
+def shard_results(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, shards: dict[str, dict],
+                  metadata: dict | None = None) -> Iterator:
+    """The materializations of a step over shards: ``shards`` maps each shard the step wrote to its
+    metadata (with its :data:`CONTENT_VERSION`), ``metadata`` is common to all of them.
 
-    Dagster gives a step one data version for all its partitions, so one shard's content could
-    not otherwise tell its downstream shards that nothing changed. Each partition gets one more
-    materialization, reported in the run itself (its id, job and step: the UI links the shard to
-    its run) with the run's tags, the shard's version and its inputs' versions from the same run;
-    then the run's check evaluations of that asset are reported again, aimed at the asset's last
-    new materialization, which updates the run's check executions (one per check and run), so the
-    UI shows them against the latest materialization."""
-    from dagster._core.definitions.asset_checks.asset_check_evaluation import (
-        AssetCheckEvaluationTargetMaterializationData,
-    )
-    from dagster._core.events import DagsterEvent, StepMaterializationData
-    from dagster_shared.record import replace
-
-    def of_type(event_type):
-        return [r.event_log_entry for r in instance.get_records_for_run(run_id, of_type=event_type,
-                                                                         limit=100_000).records]
-
-    entries = [e for e in of_type(dg.DagsterEventType.ASSET_MATERIALIZATION)
-               if e.dagster_event.event_specific_data.materialization.partition
-               and CONTENT_VERSION in e.dagster_event.event_specific_data.materialization.metadata]
-    if len({e.dagster_event.event_specific_data.materialization.partition for e in entries}) < 2:
-        return 0
-    versions = {(m.asset_key, m.partition): m.metadata[CONTENT_VERSION].value
-                for m in (e.dagster_event.event_specific_data.materialization for e in entries)}
-    pointers: dict[tuple, str] = {}
-    last: dict[dg.AssetKey, tuple[int, float]] = {}  # storage id, timestamp of each asset's last one
-    for entry in entries:  # in run order: an upstream shard before the shards computed from it
-        m = entry.dagster_event.event_specific_data.materialization
-        tags = {**(m.tags or {}), DATA_VERSION_TAG: versions[(m.asset_key, m.partition)],
-                DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
-        for (upstream, partition), version in versions.items():  # inputs made in the same run
-            tag = get_input_data_version_tag(upstream)
-            if partition == m.partition and tag in tags:
-                tags[tag] = version
-                tags[get_input_event_pointer_tag(upstream)] = pointers[(upstream, partition)]
-        own = dg.AssetMaterialization(asset_key=m.asset_key, partition=m.partition, metadata=m.metadata, tags=tags,
-                                      description="the shard's own data version (the run's step covered "
-                                                  "several shards)")
-        instance.report_dagster_event(DagsterEvent(
-            event_type_value=dg.DagsterEventType.ASSET_MATERIALIZATION.value, job_name=entry.job_name,
-            step_key=entry.step_key, event_specific_data=StepMaterializationData(own)), run_id=run_id)
-        (record,) = instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=m.asset_key, asset_partitions=[m.partition]), limit=1).records
-        pointers[(m.asset_key, m.partition)] = str(record.storage_id)
-        last[m.asset_key] = (record.storage_id, record.timestamp)
-    for entry in of_type(dg.DagsterEventType.ASSET_CHECK_EVALUATION):
-        evaluation = entry.dagster_event.event_specific_data
-        if evaluation.asset_key in last:
-            storage_id, timestamp = last[evaluation.asset_key]
-            instance.report_dagster_event(DagsterEvent(
-                event_type_value=dg.DagsterEventType.ASSET_CHECK_EVALUATION.value, job_name=entry.job_name,
-                step_key=entry.step_key, event_specific_data=replace(
-                    evaluation, target_materialization_data=AssetCheckEvaluationTargetMaterializationData(
-                        storage_id=storage_id, run_id=run_id, timestamp=timestamp))), run_id=run_id)
-    return len(entries)
+    One shard: Dagster's own materialization, the content digest its data version. Several:
+    Dagster gives a step one data version for all its partitions, so one shard's content could not
+    tell its downstream shards that nothing changed; instead each shard's materialization is logged
+    here, in the run and step that made it, with its own data version, the asset's code version and
+    its inputs' latest versions (the same shard of a partitioned input), and Dagster's own
+    per-partition events are left out: one materialization per shard per run, and the step's checks
+    then evaluate against the last of them."""
+    common = metadata or {}
+    if len(shards) == 1:
+        (meta,) = shards.values()
+        yield dg.MaterializeResult(asset_key=asset_key, metadata={**meta, **common},
+                                   data_version=dg.DataVersion(meta[CONTENT_VERSION]))
+        return
+    graph = context.job_def.asset_layer.asset_graph
+    upstream = sorted(context.assets_def.asset_deps[asset_key], key=lambda k: k.to_user_string())
+    for shard, meta in shards.items():
+        tags = {CODE_VERSION_TAG: context.assets_def.code_versions_by_key[asset_key],
+                DATA_VERSION_TAG: meta[CONTENT_VERSION], DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
+        for dep in upstream:
+            partitioned = graph.has(dep) and graph.get(dep).partitions_def is not None
+            record = context.instance.get_latest_data_version_record(dep, partition_key=shard if partitioned else None)
+            version = extract_data_version_from_entry(record.event_log_entry) if record else None
+            tags[get_input_data_version_tag(dep)] = (version or DEFAULT_DATA_VERSION).value
+            if record is not None:
+                tags[get_input_event_pointer_tag(dep)] = str(record.storage_id)
+        yield dg.AssetMaterialization(asset_key=asset_key, partition=shard, metadata={**meta, **common}, tags=tags)
+    # the marker Dagster's source-asset observations use: the output itself logs no asset events
+    yield dg.MaterializeResult(asset_key=asset_key, metadata={SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION: True})
 
 
 def size_metadata(nbytes: int) -> dict:

@@ -11,6 +11,7 @@ from attribution_assets.defs.common import (
     code_version,
     key,
     path_metadata,
+    shard_results,
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
@@ -109,7 +110,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         storage.ensure_writable()
         paths = storage.paths(spec)
         tokenizer = pipeline_tokenizer(spec, storage)
-        versions = {}
+        shards = {}
         for shard in context.partition_keys:
             timer = Timer()
             docs = corpus_io.read_documents(paths.documents, shard)
@@ -122,13 +123,11 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                 raise data.DataError(f"Every document of {shard} was empty or shorter than 2 tokens "
                                      f"({stats.skipped_empty} empty, {stats.skipped_short} short).")
             data.write_tokenized(paths.tokens(shard), rows, extra={"shard": [shard] * len(rows)})
-            versions[shard] = parts_digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}"
-                                           + ("" if r.advantage is None else f":{r.advantage!r}") for r in rows)
-            context.add_asset_metadata({**stats.as_metadata(), "path": path_metadata(paths.tokens(shard)),
-                                        "seconds": timer.seconds, CONTENT_VERSION: versions[shard]},
-                                       partition_key=shard)
-        single = next(iter(versions.values())) if len(versions) == 1 else None
-        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+            version = parts_digest(f"{r.doc_id}:{r.input_ids}:{r.loss_mask}"
+                                   + ("" if r.advantage is None else f":{r.advantage!r}") for r in rows)
+            shards[shard] = {**stats.as_metadata(), "path": path_metadata(paths.tokens(shard)),
+                             "seconds": timer.seconds, CONTENT_VERSION: version}
+        yield from shard_results(context, context.asset_key, shards)
 
     @dg.asset(key=key(spec, "tokenized_queries"), group_name=group,
               deps=[key(spec, "query_set"), tokenizer_dep],

@@ -15,6 +15,7 @@ from attribution_assets.defs.common import (
     key,
     path_metadata,
     progress_logs,
+    shard_results,
     shards_partitions,
     size_metadata,
 )
@@ -132,7 +133,7 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
             fingerprint = model_fingerprint(spec, paths)
             force = context.run.tags.get(FORCE_TAG) == "true"
             checks: dict[str, list] = {name: [] for name in CHECKS}
-            versions = {}
+            shards = {}
             for shard in context.partition_keys:
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
@@ -161,18 +162,14 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                     meta = stats.as_metadata()
                 else:  # complete and identical: left by a run that died before recording it
                     meta = {"reused": True, "rows": store.rows, "dims": store.dims}
-                versions[shard] = store.digest()
                 for result in store_checks(store, expected_rows(docs, spec), spec, train_key):
                     checks[result.check_name].append((shard, result))
-                context.add_asset_metadata(
-                    {**meta, **size_metadata(dir_bytes(out)), "dtype": store.info["dtype"],
-                     "path": path_metadata(out), "total_seconds": timer.seconds,
-                     "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"],
-                     CONTENT_VERSION: versions[shard]},
-                    partition_key=shard)
-            single = len(versions) == 1
-            yield dg.MaterializeResult(
-                data_version=dg.DataVersion(next(iter(versions.values()))) if single else None)
+                shards[shard] = {**meta, **size_metadata(dir_bytes(out)), "dtype": store.info["dtype"],
+                                 "path": path_metadata(out), "total_seconds": timer.seconds,
+                                 "peak_rss_mb": timer.peak_rss_mb, "config_hash": store.info["config_hash"],
+                                 CONTENT_VERSION: store.digest()}
+            single = len(shards) == 1
+            yield from shard_results(context, train_key, shards)
             for name, results in checks.items():
                 failed = [shard for shard, r in results if not r.passed]
                 yield dg.AssetCheckResult(

@@ -15,6 +15,7 @@ from attribution_assets.defs.common import (
     path_metadata,
     shards_partitions,
     size_metadata,
+    shard_results,
 )
 from attribution_assets.defs.gradients import (
     expected_rows,
@@ -95,19 +96,17 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
     def kfac_covariance(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
         paths = storage.paths(spec)
         collector = curvature_collector(spec, storage, compute)
-        bad, versions = [], {}
+        bad, shards = [], {}
         for shard in context.partition_keys:
             timer = Timer()
             sums = collector.covariance(_pairs(data.read_tokenized(paths.tokens(shard))))
             out = sums.save(paths.kfac_covariance(shard))
-            versions[shard] = files_digest(out)
             bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
-            context.add_asset_metadata(
-                {"documents": sums.sequences, "tokens": max(sums.tokens.values()), **size_metadata(dir_bytes(out)),
-                 "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
-                 CONTENT_VERSION: versions[shard]}, partition_key=shard)
-        single = next(iter(versions.values())) if len(versions) == 1 else None
-        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+            shards[shard] = {"documents": sums.sequences, "tokens": max(sums.tokens.values()),
+                             **size_metadata(dir_bytes(out)), "seconds": timer.seconds,
+                             "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
+                             CONTENT_VERSION: files_digest(out)}
+        yield from shard_results(context, cov_key, shards)
         yield dg.AssetCheckResult(asset_key=cov_key, check_name="finite", passed=not bad,
                                   metadata={"non_finite": ", ".join(bad) or "none"})
 
@@ -171,19 +170,16 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
             paths = storage.paths(spec)
             collector = curvature_collector(spec, storage, compute)
             eigen = KroneckerEigen.load(paths.kfac_eigendecomposition)
-            bad, versions = [], {}
+            bad, shards = [], {}
             for shard in context.partition_keys:
                 timer = Timer()
                 sums = collector.correction(_pairs(data.read_tokenized(paths.tokens(shard))), eigen)
                 out = sums.save(paths.ekfac_correction(shard))
-                versions[shard] = files_digest(out)
                 bad += [f"{shard}: {name}" for name, ok in sums.finite().items() if not ok]
-                context.add_asset_metadata(
-                    {"documents": sums.sequences, **size_metadata(dir_bytes(out)), "seconds": timer.seconds,
-                     "peak_rss_mb": timer.peak_rss_mb, "path": path_metadata(out),
-                     CONTENT_VERSION: versions[shard]}, partition_key=shard)
-            single = next(iter(versions.values())) if len(versions) == 1 else None
-            yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+                shards[shard] = {"documents": sums.sequences, **size_metadata(dir_bytes(out)),
+                                 "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
+                                 "path": path_metadata(out), CONTENT_VERSION: files_digest(out)}
+            yield from shard_results(context, corr_key, shards)
             yield dg.AssetCheckResult(asset_key=corr_key, check_name="finite", passed=not bad,
                                       metadata={"non_finite": ", ".join(bad) or "none"})
 

@@ -248,10 +248,10 @@ class QueueSession:
         self._submitted += submitted
         return submitted
 
-    def wait(self, submitted: Sequence[Submitted], what: str, on_settled: Callable[[dg.DagsterRun], None],
-             poll: float = 1.0, release: Callable[[], object] | None = None) -> list[dg.DagsterRun]:
-        """Wait until every run (and its retries) settled; ``on_settled`` gets each successful final
-        run once; ``release`` runs every few polls (marks runs whose process died as failed).
+    def wait(self, submitted: Sequence[Submitted], what: str, poll: float = 1.0,
+             release: Callable[[], object] | None = None) -> list[dg.DagsterRun]:
+        """Wait until every run (and its retries) settled; ``release`` runs every few polls (marks
+        runs whose process died as failed).
         Raise :class:`QueuedRunsError` naming every failed run; else return the final runs."""
         pending, finals, failures = {s.run_id: s for s in submitted}, [], []
         polls = 0
@@ -266,7 +266,6 @@ class QueueSession:
                 retried = f" after {run.tags.get('dagster/retry_number')} retries" \
                     if run.run_id != root else ""
                 if run.status == dg.DagsterRunStatus.SUCCESS:
-                    on_settled(run)
                     self.log(f"{done}/{len(submitted)} done: {what}{item.label} (run {run.run_id}{retried})")
                 else:
                     where = (failed_step(self.instance, run.run_id) or what) + item.label

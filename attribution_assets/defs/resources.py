@@ -136,7 +136,7 @@ class StorageResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Tag the run with the host and pid that execute it (a queued run has a process of its
         own), so that a run whose process died is released (``runner.release_dead_runs``)."""
-        run, instance = context.dagster_run, context.instance
+        run, instance = context.run, context.instance
         if run is not None and instance is not None and run.run_id != "EPHEMERAL":
             tags = process_tags(run.run_id)
             if any(run.tags.get(k) != v for k, v in tags.items()):

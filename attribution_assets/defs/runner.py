@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from attribution_assets.defs.common import key, record_partition_versions, shards_partitions
+from attribution_assets.defs.common import key, shards_partitions
 from attribution_assets.defs.health import check_pools, release_dead_runs
 from attribution_assets.defs.planning import (
     ON_DEMAND_PARTITIONED,
@@ -116,9 +116,7 @@ class Runs:
         queued_tags = {k: v for k, v in tags.items() if k not in (HOST_TAG, PID_TAG)}  # the run's process sets them
         submitted = self._queue.submit(job_name, keys, runs, queued_tags, run_config)
         self.log(f"{what}: {len(submitted)} runs queued, {min(self.profile.workers, len(submitted))} at once")
-        return self._queue.wait(submitted, what, on_settled=lambda run: record_partition_versions(
-            self.instance, run.run_id),
-            release=lambda: release_dead_runs(self.instance, self.log))
+        return self._queue.wait(submitted, what, release=lambda: release_dead_runs(self.instance, self.log))
 
     def close(self, exc: BaseException | None = None) -> None:
         if self._queue is not None:
@@ -151,7 +149,6 @@ def _run_here(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg
         except Exception as exc:
             exc.failed_in = (failed_step(instance, run.run_id) or where) + label
             raise
-        record_partition_versions(instance, run.run_id)
         results.append(result)
     return results
 

@@ -13,6 +13,7 @@ from attribution_assets.defs.common import (
     compute_version,
     key,
     path_metadata,
+    shard_results,
     progress_logs,
     shards_partitions,
 )
@@ -86,21 +87,17 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         paths = storage.paths(spec)
         rows = training_rows(spec, paths, context.partition_keys,
                              collector=lambda: pipeline_collector(spec, storage, compute))
-        versions = {}
+        shards = {}
         with progress_logs(context):
             for shard_rows in tracked(rows, "autocorrelation", len(context.partition_keys), "shards"):
                 timer = Timer()
                 accumulator = shard_accumulator(shard_rows)
                 out = paths.shard_autocorrelation(shard_rows.shard)
                 save_accumulator(out, accumulator)
-                versions[shard_rows.shard] = files_digest(out)
-                context.add_asset_metadata(
-                    {"rows": accumulator.n, "modules": len(accumulator.layout), "path": path_metadata(out),
-                     "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
-                     CONTENT_VERSION: versions[shard_rows.shard]},
-                    partition_key=shard_rows.shard)
-        single = next(iter(versions.values())) if len(versions) == 1 else None
-        return dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None)
+                shards[shard_rows.shard] = {
+                    "rows": accumulator.n, "modules": len(accumulator.layout), "path": path_metadata(out),
+                    "seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, CONTENT_VERSION: files_digest(out)}
+        yield from shard_results(context, shard_autocorr_key, shards)
 
     @dg.asset(key=autocorr_key, group_name=spec.name,
               deps=[dg.AssetDep(shard_autocorr_key, partition_mapping=ALL)],
@@ -186,22 +183,20 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         rows = training_rows(spec, paths, context.partition_keys, reference=scorer.query_info,
                              collector=lambda: pipeline_collector(spec, storage, compute,
                                                                   model_and_tokenizer()[0]))
-        versions = {}
+        shards = {}
         with progress_logs(context):
             results = tracked(scorer.score_shards(rows, paths, spec.scoring.top_k), "scores",
                               len(context.partition_keys), "shards")
             for result in results:
-                versions[result.shard] = result.version
                 breakdown = {"block_rows": result.block_rows} if spec.scoring.breakdown != "none" else {}
                 histogram = plots.score_histogram(pl.read_parquet(result.path, columns=["score"])["score"].to_numpy(),
                                                   paths.score_histogram(result.shard),
                                                   f"{spec.name} {result.shard} (all shards: {spec.name}/overview)")
-                context.add_asset_metadata(
-                    {"rows": result.rows, "queries": result.queries, "documents": result.documents,
-                     "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
-                     "score_histogram": dg.MetadataValue.md(plots.png_markdown(histogram, "score distribution")),
-                     **breakdown},
-                    partition_key=result.shard)
+                shards[result.shard] = {
+                    "rows": result.rows, "queries": result.queries, "documents": result.documents,
+                    "path": path_metadata(result.path), "seconds": result.seconds, CONTENT_VERSION: result.version,
+                    "score_histogram": dg.MetadataValue.md(plots.png_markdown(histogram, "score distribution")),
+                    **breakdown}
             samples = []
             if spec.scoring.aggregate == "individual" and spec.scoring.train_rows == "post_hoc":
                 model, tokenizer = model_and_tokenizer()
@@ -216,10 +211,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                 f"none: scores rank the `{spec.scoring.aggregate}` aggregate of the queries, not single queries"
                 if spec.scoring.aggregate != "individual" else
                 "none: scores use train-time rows, which are not sums of the final model's token rows")}
-        single = next(iter(versions.values())) if len(versions) == 1 else None
-        yield dg.MaterializeResult(data_version=dg.DataVersion(single) if single else None,
-                                   metadata={"step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb,
-                                             **explained})
+        yield from shard_results(context, scores_key, shards, metadata={
+            "step_seconds": timer.seconds, "peak_rss_mb": timer.peak_rss_mb, **explained})
 
     db_key = key(spec, "attribution_db")
 

@@ -148,8 +148,8 @@ def test_two_workers_give_the_same_stores_and_scores_as_one_process(two_ways):
 def test_runs_belong_to_their_jobs_and_shards_to_their_runs(two_ways, where):
     """What the UI shows: every run carries the code location's origin (its job page lists it);
     each shard's latest materialization belongs to the run that made it, with the shard's own data
-    version; each check of the run is evaluated against the asset's latest materialization; no
-    runless materialization."""
+    version; each check of the run is evaluated against the asset's latest materialization; one
+    materialization per shard and run, none runless."""
     from dagster._core.storage.tags import REPOSITORY_LABEL_TAG
 
     spec, _, _, queued, _, _, here = two_ways
@@ -178,8 +178,10 @@ def test_runs_belong_to_their_jobs_and_shards_to_their_runs(two_ways, where):
         assert execution.status.value == "SUCCEEDED" and execution.run_id == latest.run_id, name
         assert execution.event.dagster_event.event_specific_data.target_materialization_data.storage_id \
             == latest.storage_id, name
-    runless = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=train), limit=1000).records
-    assert all(r.run_id for r in runless)
+    records = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=train), limit=1000).records
+    assert all(r.run_id for r in records)  # no runless materialization
+    made = [(r.run_id, r.partition_key) for r in records]
+    assert len(made) == len(set(made)) and {shard for _, shard in made} == set(SHARDS)  # one per shard and run
 
 
 def test_merged_shard_sums_equal_the_autocorrelation_of_all_rows(two_ways):
