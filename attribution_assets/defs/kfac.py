@@ -43,21 +43,24 @@ ALL = dg.AllPartitionMapping()
 
 
 def curvature_version(base: str, spec: PipelineSpec, in_space: bool = True) -> str:
-    """Code version from what the curvature reads: model, data, module selection, label settings
-    and (``in_space``: past the covariance sums) the space and its projection; never the
-    damping or the metric."""
-    g, s = spec.gradients, spec.scoring
+    """Code version from what the curvature reads: model, data, module selection (biases), label
+    settings and (``in_space``: past the covariance sums) the space and its projection; never the
+    damping or the metric. Biases and label draws count only when not at their old values (no
+    bias, one draw), so the versions of earlier pipelines stay as they were."""
+    g, s, n = spec.gradients, spec.scoring, spec.curvature.label_samples
     space = projection_for(g, s.kfac_space) if in_space else "covariance"
     return f"{base}-" + json_digest({"data": spec.section_hash("model", "demo", "corpus"),
                                      "include": list(g.include), "exclude": list(g.exclude),
-                                     "labels": s.kfac_labels, "seed": s.kfac_seed, "space": space}, length=12)
+                                     "labels": s.kfac_labels, "seed": s.kfac_seed, "space": space,
+                                     **({"bias": True} if g.include_bias else {}),
+                                     **({"label_samples": n} if n != 1 else {})}, length=12)
 
 
 def curvature_collector(spec: PipelineSpec, storage: StorageResource,
                         compute: ComputeResource) -> CurvatureCollector:
     storage.ensure_writable()
     model, _ = compute.load_model(spec, storage.paths(spec))
-    return CurvatureCollector(model, spec.gradients, spec.scoring.kfac_labels, spec.scoring.kfac_seed)
+    return CurvatureCollector.from_spec(model, spec)
 
 
 def _pairs(docs: list[data.TokenizedDoc]) -> list[tuple[list[int], list[int]]]:

@@ -11,12 +11,14 @@ Modules, one per concern (imports go ``checks`` <- sections <- ``pipeline``):
 - ``demo``: :class:`DemoSpec` (``demo``)
 - ``gradients``: :class:`GradientSpec` (``gradients``)
 - ``scoring``: :class:`ScoringSpec` (``scoring``), :class:`IndexSpec` (``index``)
+- ``curvature``: :class:`CurvatureSpec` (``curvature``: the EK-FAC / K-FAC label draws)
 - ``evaluation``: :class:`EvaluationSpec` (``evaluation``)
 - ``training``: :class:`MagicSpec` (``magic``), :class:`FinetuneSpec` (``finetune``)
 - ``pipeline``: :class:`PipelineSpec`, :func:`demo_spec`, JSON round trips, YAML loading
 """
 
 from attribution_assets.spec.checks import PipelineSpecError, SpecValueError
+from attribution_assets.spec.curvature import CurvatureSpec
 from attribution_assets.spec.data import (
     ADVANTAGE_WEIGHTINGS,
     DATA_FORMATS,
@@ -90,6 +92,7 @@ __all__ = [
     "PRECONDITIONERS",
     "SCORE_BREAKDOWNS",
     "TAIL_PATCH_OPTIMIZERS",
+    "CurvatureSpec",
     "DataSpec",
     "DemoSpec",
     "EvaluationSpec",

@@ -26,6 +26,7 @@ from attribution_assets.spec.checks import (
     _check_int,
     _check_str,
 )
+from attribution_assets.spec.curvature import CurvatureSpec
 from attribution_assets.spec.data import DataSpec, ModelSpec
 from attribution_assets.spec.demo import DemoSpec
 from attribution_assets.spec.evaluation import EvaluationSpec
@@ -57,6 +58,7 @@ class PipelineSpec:
     schedule: str | None = None
     magic: MagicSpec = field(default_factory=MagicSpec)
     finetune: FinetuneSpec | None = None
+    curvature: CurvatureSpec = field(default_factory=CurvatureSpec)
 
     def __post_init__(self):
         _check_int(self, "shard_size", 1, note=" (documents per shard partition)")
@@ -77,10 +79,11 @@ class PipelineSpec:
                                                              "optimizer normalization), got "
                                                              f"{self.gradients.normalizer!r}; set it to none "
                                                              "or use `preconditioner: trackstar`.")
-            if self.gradients.include_bias:
-                raise SpecValueError("gradients.include_bias", f"must be false with `scoring.preconditioner: "
-                                                               f"{kind}` (it preconditions weight gradients "
-                                                               "only).")
+            if self.curvature.label_samples != 1 and self.scoring.kfac_labels == "true":
+                raise SpecValueError("curvature.label_samples", f"is {self.curvature.label_samples}, but "
+                                                                "`scoring.kfac_labels: true` takes the documents' "
+                                                                "own tokens, one label per position: set it to 1 "
+                                                                "or use `kfac_labels: sampled`.")
             if (self.gradients.split == "head" and self.scoring.kfac_space == "projected"
                     and self.gradients.projection_dim):
                 raise SpecValueError("gradients.split", f"is `head`, but `scoring.preconditioner: {kind}` "
@@ -190,7 +193,7 @@ def spec_from_json(raw: dict[str, Any]) -> PipelineSpec:
 _SECTIONS = {
     "model": ModelSpec, "corpus": DataSpec, "queries": DataSpec,
     "gradients": GradientSpec, "scoring": ScoringSpec, "index": IndexSpec,
-    "evaluation": EvaluationSpec, "magic": MagicSpec, "finetune": FinetuneSpec,
+    "evaluation": EvaluationSpec, "magic": MagicSpec, "finetune": FinetuneSpec, "curvature": CurvatureSpec,
 }
 _PATH_KEYS = {("model", "name_or_path"), ("corpus", "path"), ("queries", "path"),
               ("gradients", "optimizer_state"), ("model", "adapter")}
@@ -252,7 +255,7 @@ def spec_from_dict(raw: Any, where: str, base_dir: Path) -> PipelineSpec:
             raise PipelineSpecError(f"{where}: missing `{required}` section.")
     kwargs: dict[str, Any] = {"name": name}
     for section in ("model", "corpus", "queries", "gradients", "scoring", "index", "evaluation", "magic",
-                    "finetune"):
+                    "finetune", "curvature"):
         if raw.get(section) is not None:
             kwargs[section] = _build_section(where, section, raw[section], base_dir)
     if not kwargs["model"].name_or_path:

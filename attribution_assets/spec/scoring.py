@@ -30,10 +30,11 @@ class ScoringSpec:
     ``preconditioner``: ``trackstar`` (the autocorrelation of the projected gradients, mixing
     ``lam R_query + (1 - lam) R_train`` with ``mixing`` ``auto`` | a number in [0, 1] |
     ``off``), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
-    ``preconditioning.kfac``, applied to the query side only; labels
-    ``kfac_labels``: ``sampled`` from the model, seeded by ``kfac_seed``, or the data's
-    ``true`` labels; ``kfac_space``: ``projected``, the curvature of the projected rows, or
-    ``full``, each full query gradient preconditioned, then projected) or ``none``;
+    ``preconditioning.kfac``, applied to the query side only; labels ``kfac_labels``:
+    ``sampled`` from the model, seeded by ``kfac_seed`` (``curvature.label_samples`` draws per
+    document), or the data's ``true`` labels; ``kfac_space``: ``projected``, the curvature of
+    the projected rows, or ``full``, each full query gradient preconditioned, then projected;
+    with ``gradients.include_bias`` biases join their modules' Kronecker blocks) or ``none``;
     ``damping`` times each module's mean eigenvalue is added
     before inverting. ``precondition: false`` is the older spelling of ``preconditioner:
     none``. ``mode``: ``stored`` training gradients or ``streaming`` (recomputed, never

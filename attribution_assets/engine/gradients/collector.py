@@ -116,12 +116,13 @@ class GradientCollector:
     ``torch.autocast`` with the weights as they are (None: off). Products are float32.
     ``live_normalizer``: the normalizer is bound later, per optimizer step
     (:meth:`bind_normalizer`), so none is needed now.
-    ``transform``: a linear map of each example's weight gradient, ``transform.apply_full(name,
-    G [B, O, I]) -> [B, O, I]`` before the projection, or with ``transform.projected`` of the
-    projected block ``[B, p, p]`` (the EK-FAC / K-FAC query-side preconditioner of
-    ``preconditioning.kfac``); it checks the modules with ``transform.check_modules([(name, O,
-    I), ...], projection_settings)``. Weight blocks only: no bias, no normalizer, whole-module
-    blocks when projected (``gradients.split: module``).
+    ``transform``: a linear map of each example's weight gradient and bias, ``transform.apply(name,
+    G [B, O, I], b [B, O] or None) -> (G', b')`` before the projection, or with
+    ``transform.projected`` of the projected block ``[B, p, p]`` and ``L b`` ``[B, p]`` (the EK-FAC /
+    K-FAC query-side preconditioner of ``preconditioning.kfac``); ``b`` is given for the modules
+    with a bias block (``include_bias``). It checks the modules with
+    ``transform.check_modules([(name, O, I, has_bias), ...], projection_settings)``. No
+    normalizer; whole-module blocks when projected (``gradients.split: module``).
     """
 
     def __init__(
@@ -146,10 +147,10 @@ class GradientCollector:
                 f"gradients.normalizer={cfg.normalizer!r} needs optimizer state: pass "
                 "normalizer=make_normalizer(kind, optimizer_or_checkpoint, model)"
             )
-        if transform is not None and (normalizer is not None or cfg.include_bias):
+        if transform is not None and normalizer is not None:
             raise ValueError(
-                "a gradient transform (EK-FAC / K-FAC) acts on weight gradients without "
-                "optimizer normalization: set gradients.normalizer: none and include_bias: false"
+                "a gradient transform (EK-FAC / K-FAC) acts on gradients without optimizer "
+                "normalization: set gradients.normalizer: none"
             )
         self.normalizer, self.transform = normalizer, transform
         self.device = (
@@ -171,7 +172,7 @@ class GradientCollector:
         if normalizer is not None:
             normalizer.bind(self.specs, self.device)
         if transform is not None:
-            transform.check_modules([(s.name, s.out_features, s.in_features) for s in self.specs],
+            transform.check_modules([(s.name, s.out_features, s.in_features, s.has_bias) for s in self.specs],
                                     self.projector.settings())
             if transform.projected and any(len(s.blocks) != 1 for s in self.specs):
                 raise ValueError(
@@ -247,11 +248,17 @@ class GradientCollector:
         Adafactor normalizer's factors scale ``L`` and ``R`` (the same as scaling ``g`` and ``a``).
         A normalizer that does not factor, or a full-space ``transform``, needs each example's
         full ``[O, I]`` gradient (formed in chunks); a projected ``transform`` maps the projected
-        whole-module block.
+        whole-module block. A ``transform`` maps a module's bias with its weight gradient
+        (``[G | b]``; projected: ``[L G Rᵀ | L b]``).
         """
         norm, p, proj, transform = (self.normalizer, self.gradients.projection_dim, self.projector,
                                     self.transform)
         factors = norm.factors(spec.name) if norm is not None and norm.factored else None
+        bias, bias_projected = None, False
+        if spec.has_bias:
+            bias = (valid.transpose(1, 2).to(g.dtype) @ g).squeeze(1)  # sum_t g over real tokens
+            if norm is not None:
+                bias = norm.scale_bias(spec.name, bias)
         weights: list[torch.Tensor | None] = []
         if self._projects_inputs():
             done: dict[tuple, torch.Tensor] = {}
@@ -273,13 +280,16 @@ class GradientCollector:
                     continue
                 g_p, a_p = projected(0, b.left, b.rows), projected(1, b.right, b.cols)
                 weight = _outer_sum(g_p, a_p)
-                if transform is not None:
-                    weight = transform.apply_full(spec.name, weight)
+                if transform is not None:  # the whole module (a projected transform refuses head blocks)
+                    weight, moved = transform.apply(spec.name, weight, g_p.sum(1) if b.bias else None)
+                    if moved is not None:
+                        bias, bias_projected = moved, True  # L b preconditioned
                 weights.append(weight.flatten(1))
         else:
             a, g = torch.where(valid, a, 0.0), torch.where(valid, g, 0.0)
             chunk = max(1, _FULL_GRAD_BUDGET // (spec.out_features * spec.in_features))
             parts: list[list[torch.Tensor]] = [[] for _ in spec.blocks]
+            moved: list[torch.Tensor] = []
             for i in range(0, a.shape[0], chunk):
                 full = _outer_sum(g[i : i + chunk], a[i : i + chunk])
                 if factors is not None:
@@ -287,7 +297,9 @@ class GradientCollector:
                 elif norm is not None:
                     full = norm.scale_full(spec.name, full)
                 if transform is not None:
-                    full = transform.apply_full(spec.name, full)
+                    full, part = transform.apply(spec.name, full, None if bias is None else bias[i : i + chunk])
+                    if part is not None:
+                        moved.append(part)
                 for part, b in zip(parts, spec.blocks):
                     if b.cols is None:
                         continue
@@ -296,18 +308,14 @@ class GradientCollector:
                         piece = proj.left(b.left, b.n_rows) @ piece @ proj.right(b.right, b.n_cols).T
                     part.append(piece.flatten(1))
             weights = [torch.cat(part) if part else None for part in parts]
-        bias = None
-        if spec.has_bias:
-            bias = (valid.transpose(1, 2).to(g.dtype) @ g).squeeze(1)  # sum_t g over real tokens
-            if norm is not None:
-                bias = norm.scale_bias(spec.name, bias)
+            bias = torch.cat(moved) if moved else bias  # preconditioned with the weight part
         blocks = []
         for b, weight in zip(spec.blocks, weights):
             if weight is not None:
                 blocks.append(weight)
             if b.bias:
                 piece = bias[:, b.rows[0] : b.rows[1]]
-                blocks.append(piece @ proj.left(b.left, b.n_rows).T if p else piece)
+                blocks.append(piece @ proj.left(b.left, b.n_rows).T if p and not bias_projected else piece)
         return torch.cat(blocks, dim=1)
 
     def _rows(self, grads, valid, pick: Callable | None = None) -> torch.Tensor:

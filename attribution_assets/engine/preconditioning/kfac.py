@@ -7,12 +7,18 @@ that compute the sums are ``preconditioning.curvature``.
 Conventions, per hooked module with weight gradient ``G [O, I]`` (``gradients.collector``:
 input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_t g_t a_tᵀ``):
 
+- **Biases** (``gradients.include_bias``, a module with a bias), as in Kronfluence: the input
+  gets a ones column, ``a <- [a; 1]`` ``[I + 1]``, so the bias gradient ``b = sum_t g_t`` is the
+  last column of ``G <- [G | b]`` ``[O, I + 1]`` and shares the module's Kronecker block; below,
+  ``I`` then stands for ``I + 1``. A bias-free module is unchanged.
 - **Pseudo-gradients.** The loss is the summed NLL of a document's target tokens
   (``loss_mask``) with labels *sampled* from the model's own predictive distribution
   (``labels="sampled"``, the papers' choice: in expectation over the labels this Fisher is
   the Gauss-Newton matrix of the cross-entropy) or the document's own tokens
   (``labels="true"``, the empirical Fisher). Sampling is deterministic per document
-  (``curvature.sample_labels``): batching never changes the labels.
+  (``curvature.sample_labels``): batching never changes the labels. ``label_samples = K``
+  draws K label sequences per document and averages over them everything that is quadratic
+  in the pseudo-gradient (``S`` and EK-FAC's ``C``); ``A`` does not depend on the labels.
 - **Factors: expectations over tokens.** Every non-padding token of every document (once
   per call of the module): ``A = (1/N_tok) sum_t a_t a_tᵀ`` ``[I, I]`` and
   ``S = (1/N_tok) sum_t g_t g_tᵀ`` ``[O, O]``. Stored as float64 sums and counts
@@ -32,19 +38,22 @@ input activations ``a [I]`` and output gradients ``g [O]`` per token, ``G = sum_
   damping of TrackStar's ``preconditioners``. Scale-free: multiplying ``F`` by ``c``
   multiplies every score by ``1/c``.
 - **Space.** ``full``: the above on ``[O, I]``; a query's full gradient is preconditioned,
-  then projected (``L G' Rᵀ``) and scored against projected training rows. ``projected``
+  then projected (``L G' Rᵀ``, a bias ``L b'``) and scored against projected training rows. ``projected``
   (with a projection ``L [p, O]``, ``R [p, I]``): the same method for the model
   reparametrized as ``W = W_0 + Lᵀ Θ R``, whose gradient is exactly the projected row
   ``L G R^T`` ``[p, p]`` (as in LoGra): factors ``R A Rᵀ`` and ``L S Lᵀ`` (exact projections
   of the token covariances), corrections of ``L G_n Rᵀ``; queries are preconditioned after
-  projection. Projecting a fully preconditioned query instead leaves the Johnson-Lindenstrauss
-  cross-talk of the training rows' dominant (high-curvature) directions, which the damped
-  inverse has removed from the query: measured in docs/ekfac.md.
+  projection. A bias (``b = b_0 + Lᵀ β``) keeps its ones column unprojected: ``R`` becomes
+  ``diag(R, 1)`` ``[p + 1, I + 1]``, so the block is ``[L G Rᵀ | L b]`` ``[p, p + 1]``, the
+  stored row's weight and bias parts. Projecting a fully preconditioned query instead leaves
+  the Johnson-Lindenstrauss cross-talk of the training rows' dominant (high-curvature)
+  directions, which the damped inverse has removed from the query: measured in docs/ekfac.md.
 - **Memory** per module: ``I^2 + O^2`` float64 for the factors and again for the full-space
   eigenvectors, ``O*I`` for EK-FAC's full-space ``C`` (``2 p^2`` and ``p^2`` when projected).
 
-On disk: a directory (written atomically) with ``<kind>.safetensors`` (float64 arrays keyed
-``<module>/<array>``) and ``<kind>.json`` (modules, counts, label settings).
+On disk (``kfac_files``): a directory (written atomically) with ``<kind>.safetensors`` (float64
+arrays keyed ``<module>/<array>``) and ``<kind>.json`` (modules with their bias flags, counts,
+label settings).
 """
 
 from __future__ import annotations
@@ -58,65 +67,53 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 
 from attribution_assets.engine.gradients.projection import projection_matrix
-from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.digests import chain_digest
+from attribution_assets.engine.preconditioning.kfac_files import (
+    check_same,
+    condition_number,
+    eigh_or_nan,
+    finite_or_none,
+    read_arrays,
+    write_arrays,
+)
 from attribution_assets.spec import GradientSpec
 
-FORMAT = "attribution-assets/kfac"
-FORMAT_VERSION = 1
 SPACES = ("projected", "full")
 
 
 @dataclass(frozen=True)
 class KroneckerModule:
-    """One hooked module: its weight gradient is ``[out_features, in_features]``."""
+    """One hooked module: its weight gradient is ``[out_features, in_features]``; with ``bias``
+    its Kronecker block is ``[G | b]``, ``[out_features, in_features + 1]``."""
 
     name: str
     out_features: int
     in_features: int
+    bias: bool = False
+
+    @property
+    def columns(self) -> int:
+        """Width of the block's input side: ``in_features`` (+ 1 for the ones column)."""
+        return self.in_features + int(self.bias)
 
     def as_json(self) -> dict:
-        return {"name": self.name, "out_features": self.out_features, "in_features": self.in_features}
+        return {"name": self.name, "out_features": self.out_features, "in_features": self.in_features,
+                "bias": self.bias}
 
 
 def _modules_from_json(items: Sequence[dict]) -> tuple[KroneckerModule, ...]:
-    return tuple(KroneckerModule(str(m["name"]), int(m["out_features"]), int(m["in_features"]))
-                 for m in items)
-
-
-def _check_same(a: Any, b: Any, what: str, fix: str) -> None:
-    if a != b:
-        raise ValueError(f"{what} differ ({a!r} vs {b!r}); {fix}")
-
-
-def _write(path: str | Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
-    with atomic_dir(path) as tmp:
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
-                  str(tmp / f"{kind}.safetensors"), metadata={"format": FORMAT})
-        head = {"format": FORMAT, "version": FORMAT_VERSION, "kind": kind}
-        (tmp / f"{kind}.json").write_text(json.dumps(head | meta, indent=1))
-    return Path(path)
-
-
-def _read(path: str | Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
-    path = Path(path)
-    meta_path = path / f"{kind}.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} does not exist; materialize the asset that writes it first.")
-    meta = json.loads(meta_path.read_text())
-    if (meta.get("format"), meta.get("version"), meta.get("kind")) != (FORMAT, FORMAT_VERSION, kind):
-        raise ValueError(f"{meta_path}: not a {FORMAT} v{FORMAT_VERSION} {kind!r} file")
-    return load_file(str(path / f"{kind}.safetensors")), meta
+    return tuple(KroneckerModule(str(m["name"]), int(m["out_features"]), int(m["in_features"]),
+                                 bool(m.get("bias", False))) for m in items)
 
 
 @dataclass
 class CovarianceSums:
-    """Per module float64 sums ``sum_t a_t a_tᵀ`` (``activation``, ``[I, I]``) and
-    ``sum_t g_t g_tᵀ`` (``gradient``, ``[O, O]``) over ``tokens[name]`` tokens of
-    ``sequences`` documents. Shards merge by adding (:meth:`merge`)."""
+    """Per module float64 sums ``sum_t a_t a_tᵀ`` (``activation``, ``[I, I]``; ``[I + 1, I + 1]``
+    with a bias's ones column) and ``sum_t g_t g_tᵀ`` (``gradient``, ``[O, O]``, the mean over
+    ``label_samples`` label draws) over ``tokens[name]`` tokens of ``sequences`` documents.
+    Shards merge by adding (:meth:`merge`)."""
 
     modules: tuple[KroneckerModule, ...]
     activation: dict[str, np.ndarray]
@@ -125,22 +122,27 @@ class CovarianceSums:
     sequences: int
     labels: str
     seed: int
+    label_samples: int = 1
 
     KIND = "covariance"
+
+    @property
+    def label_settings(self) -> tuple[str, int, int]:
+        return self.labels, self.seed, self.label_samples
 
     def merge(self, other: CovarianceSums) -> CovarianceSums:
         """The sums of both (e.g. two shards); modules and label settings must agree."""
         fix = "compute every shard's covariance with the same model and settings"
-        _check_same(self.modules, other.modules, "covariance modules", fix)
-        _check_same((self.labels, self.seed), (other.labels, other.seed), "label settings", fix)
+        check_same(self.modules, other.modules, "covariance modules", fix)
+        check_same(self.label_settings, other.label_settings, "label settings", fix)
         return CovarianceSums(
             self.modules, {k: v + other.activation[k] for k, v in self.activation.items()},
             {k: v + other.gradient[k] for k, v in self.gradient.items()},
             {k: v + other.tokens[k] for k, v in self.tokens.items()},
-            self.sequences + other.sequences, self.labels, self.seed)
+            self.sequences + other.sequences, *self.label_settings)
 
     def factors(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(A [I, I], S [O, O])``: the token means, symmetrized."""
+        """``(A [I, I], S [O, O])`` (``A [I + 1, I + 1]`` with a bias): the token means, symmetrized."""
         n = self.tokens[name]
         if n == 0:
             raise ValueError(f"module {name!r}: no tokens were accumulated; add documents to the shards")
@@ -158,18 +160,19 @@ class CovarianceSums:
     def save(self, path: str | Path) -> Path:
         tensors = {f"{m.name}/{side}": getattr(self, side)[m.name]
                    for m in self.modules for side in ("activation", "gradient")}
-        return _write(path, self.KIND, tensors, {
+        return write_arrays(path, self.KIND, tensors, {
             "modules": [m.as_json() for m in self.modules], "tokens": self.tokens,
-            "sequences": self.sequences, "labels": self.labels, "seed": self.seed})
+            "sequences": self.sequences, "labels": self.labels, "seed": self.seed,
+            "label_samples": self.label_samples})
 
     @classmethod
     def load(cls, path: str | Path) -> CovarianceSums:
-        tensors, meta = _read(path, cls.KIND)
+        tensors, meta = read_arrays(path, cls.KIND)
         modules = _modules_from_json(meta["modules"])
         return cls(modules, {m.name: tensors[f"{m.name}/activation"] for m in modules},
                    {m.name: tensors[f"{m.name}/gradient"] for m in modules},
                    {k: int(v) for k, v in meta["tokens"].items()}, int(meta["sequences"]),
-                   meta["labels"], int(meta["seed"]))
+                   meta["labels"], int(meta["seed"]), int(meta.get("label_samples", 1)))
 
 
 def merge_all(parts: Iterable[Any], what: str) -> Any:
@@ -180,22 +183,6 @@ def merge_all(parts: Iterable[Any], what: str) -> Any:
     if total is None:
         raise ValueError(f"no {what} to merge: materialize the corpus and its shards first")
     return total
-
-
-def _eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float64 eigendecomposition; NaNs (instead of an exception) for non-finite input."""
-    if np.isfinite(matrix).all():
-        return np.linalg.eigh(matrix)
-    return np.full(matrix.shape[0], np.nan), np.full(matrix.shape, np.nan)
-
-
-def _condition(values: np.ndarray) -> float | None:
-    """``max / min`` of eigenvalues, the minimum clamped at ``max * eps`` (so at most 1/eps);
-    ``None`` for non-finite values."""
-    if not np.isfinite(values).all():
-        return None
-    top, eps = float(values.max()), np.finfo(np.float64).eps
-    return float(top / max(float(values.min()), top * eps) if top > 0 else 1.0 / eps)
 
 
 def projection_for(gradients: GradientSpec, space: str) -> dict | None:
@@ -209,21 +196,22 @@ def projection_for(gradients: GradientSpec, space: str) -> dict | None:
 
 
 def _projections(projection: dict, m: KroneckerModule) -> tuple[np.ndarray, np.ndarray]:
-    """float64 ``(L [p, O], R [p, I])`` of module ``m``, the gradient collector's matrices."""
+    """float64 ``(L [p, O], R [p, I])`` of module ``m``, the gradient collector's matrices; with a
+    bias ``R`` is ``diag(R, 1)`` ``[p + 1, I + 1]`` (the ones column stays unprojected)."""
     p, kind, seed = projection["dim"], projection["kind"], projection["seed"]
-    return tuple(projection_matrix(seed, m.name, side, p, n, kind).double().numpy()
-                 for side, n in (("out", m.out_features), ("in", m.in_features)))
-
-
-def _finite_or_none(value: float) -> float | None:
-    return float(value) if np.isfinite(value) else None
+    left, right = (projection_matrix(seed, m.name, side, p, n, kind).double().numpy()
+                   for side, n in (("out", m.out_features), ("in", m.in_features)))
+    if m.bias:
+        right = np.block([[right, np.zeros((p, 1))], [np.zeros((1, m.in_features)), np.ones((1, 1))]])
+    return left, right
 
 
 @dataclass
 class KroneckerEigen:
     """Eigendecomposition of each module's ``A`` and ``S`` (float64, ascending eigenvalues,
     eigenvectors in columns) and its tokens per document ``T``; with a ``projection``
-    (``{dim, kind, seed}``) of the projected factors ``R A Rᵀ`` and ``L S Lᵀ`` (``[p, p]``)."""
+    (``{dim, kind, seed}``) of the projected factors ``R A Rᵀ`` and ``L S Lᵀ`` (``[p, p]``; ``R A Rᵀ``
+    ``[p + 1, p + 1]`` with a bias)."""
 
     modules: tuple[KroneckerModule, ...]
     activation_values: dict[str, np.ndarray]
@@ -235,6 +223,7 @@ class KroneckerEigen:
     labels: str
     seed: int
     projection: dict | None = None
+    label_samples: int = 1
 
     KIND = "eigendecomposition"
     _ARRAYS = ("activation_values", "activation_vectors", "gradient_values", "gradient_vectors")
@@ -250,15 +239,21 @@ class KroneckerEigen:
             if projection is not None:
                 left, right = _projections(projection, m)
                 a, s = right @ a @ right.T, left @ s @ left.T
-            parts["activation_values"][m.name], parts["activation_vectors"][m.name] = _eigh(a)
-            parts["gradient_values"][m.name], parts["gradient_vectors"][m.name] = _eigh(s)
+            parts["activation_values"][m.name], parts["activation_vectors"][m.name] = eigh_or_nan(a)
+            parts["gradient_values"][m.name], parts["gradient_vectors"][m.name] = eigh_or_nan(s)
         per_seq = {m.name: covariance.tokens[m.name] / covariance.sequences for m in covariance.modules}
         return cls(covariance.modules, **parts, tokens_per_sequence=per_seq, sequences=covariance.sequences,
-                   labels=covariance.labels, seed=covariance.seed, projection=projection)
+                   labels=covariance.labels, seed=covariance.seed, projection=projection,
+                   label_samples=covariance.label_samples)
+
+    @property
+    def label_settings(self) -> tuple[str, int, int]:
+        return self.labels, self.seed, self.label_samples
 
     def bases(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(B_A [I, k_A], B_S [O, k_S])`` with ``Q_Sᵀ G Q_A = B_Sᵀ G B_A`` for a full gradient
-        ``G``: the eigenvectors, or ``Rᵀ Q_A`` and ``Lᵀ Q_S`` in the projected space."""
+        ``G`` (``[G | b]``, ``B_A [I + 1, k_A]`` with a bias): the eigenvectors, or ``Rᵀ Q_A``
+        and ``Lᵀ Q_S`` in the projected space."""
         q_a, q_s = self.activation_vectors[name], self.gradient_vectors[name]
         if self.projection is None:
             return q_a, q_s
@@ -288,35 +283,36 @@ class KroneckerEigen:
             arrays = [getattr(self, k)[m.name] for k in self._ARRAYS]
             out[m.name] = {
                 "finite": bool(all(np.isfinite(x).all() for x in arrays)),
-                "min_eigenvalue_A": _finite_or_none(self.activation_values[m.name].min()),
-                "min_eigenvalue_S": _finite_or_none(self.gradient_values[m.name].min()),
-                "condition_A": _condition(self.activation_values[m.name]),
-                "condition_S": _condition(self.gradient_values[m.name]),
+                "min_eigenvalue_A": finite_or_none(self.activation_values[m.name].min()),
+                "min_eigenvalue_S": finite_or_none(self.gradient_values[m.name].min()),
+                "condition_A": condition_number(self.activation_values[m.name]),
+                "condition_S": condition_number(self.gradient_values[m.name]),
             }
         return out
 
     def save(self, path: str | Path) -> Path:
         tensors = {f"{m.name}/{k}": getattr(self, k)[m.name] for m in self.modules for k in self._ARRAYS}
-        return _write(path, self.KIND, tensors, {
+        return write_arrays(path, self.KIND, tensors, {
             "modules": [m.as_json() for m in self.modules], "tokens_per_sequence": self.tokens_per_sequence,
             "sequences": self.sequences, "labels": self.labels, "seed": self.seed,
-            "projection": self.projection})
+            "projection": self.projection, "label_samples": self.label_samples})
 
     @classmethod
     def load(cls, path: str | Path) -> KroneckerEigen:
-        tensors, meta = _read(path, cls.KIND)
+        tensors, meta = read_arrays(path, cls.KIND)
         modules = _modules_from_json(meta["modules"])
         parts = {k: {m.name: tensors[f"{m.name}/{k}"] for m in modules} for k in cls._ARRAYS}
         return cls(modules, **parts, tokens_per_sequence={k: float(v) for k, v in
                                                           meta["tokens_per_sequence"].items()},
                    sequences=int(meta["sequences"]), labels=meta["labels"], seed=int(meta["seed"]),
-                   projection=meta["projection"])
+                   projection=meta["projection"], label_samples=int(meta.get("label_samples", 1)))
 
 
 @dataclass
 class CorrectionSums:
     """EK-FAC's eigenvalue-correction sums ``sum_n ((Q_Sᵀ G_n Q_A)[o, i])^2`` per module over
-    ``sequences`` documents (``[O, I]``; ``[p, p]`` of ``L G_n Rᵀ`` when projected), in the
+    ``sequences`` documents (each the mean over the label draws; ``[O, I]``, ``[p, p]`` of
+    ``L G_n Rᵀ`` when projected, one more column with a bias), in the
     eigenbasis whose :meth:`KroneckerEigen.digest` is ``eigen_digest``. Shards in the same
     basis merge by adding."""
 
@@ -329,8 +325,8 @@ class CorrectionSums:
 
     def merge(self, other: CorrectionSums) -> CorrectionSums:
         fix = "re-materialize ekfac_correction for every shard after kfac_eigendecomposition"
-        _check_same(self.modules, other.modules, "correction modules", fix)
-        _check_same(self.eigen_digest, other.eigen_digest, "the eigenbases of the corrections", fix)
+        check_same(self.modules, other.modules, "correction modules", fix)
+        check_same(self.eigen_digest, other.eigen_digest, "the eigenbases of the corrections", fix)
         return CorrectionSums(self.modules, {k: v + other.squares[k] for k, v in self.squares.items()},
                               self.sequences + other.sequences, self.eigen_digest)
 
@@ -348,13 +344,13 @@ class CorrectionSums:
         return {m.name: bool(np.isfinite(self.squares[m.name]).all()) for m in self.modules}
 
     def save(self, path: str | Path) -> Path:
-        return _write(path, self.KIND, {f"{m.name}/squares": self.squares[m.name] for m in self.modules},
+        return write_arrays(path, self.KIND, {f"{m.name}/squares": self.squares[m.name] for m in self.modules},
                       {"modules": [m.as_json() for m in self.modules], "sequences": self.sequences,
                        "eigen_digest": self.eigen_digest})
 
     @classmethod
     def load(cls, path: str | Path) -> CorrectionSums:
-        tensors, meta = _read(path, cls.KIND)
+        tensors, meta = read_arrays(path, cls.KIND)
         modules = _modules_from_json(meta["modules"])
         return cls(modules, {m.name: tensors[f"{m.name}/squares"] for m in modules},
                    int(meta["sequences"]), meta["eigen_digest"])
@@ -363,15 +359,15 @@ class CorrectionSums:
 class KroneckerPreconditioner:
     """Damped inverse of EK-FAC (``correction`` given) or K-FAC (``correction=None``) per
     module (module docstring): the ``transform`` of a ``GradientCollector``, applied to full
-    weight gradients before projection, or (``projected``) to the projected ``[p, p]`` blocks,
-    so query rows come out preconditioned and projected."""
+    weight gradients (and biases) before projection, or (``projected``) to the projected ``[p, p]``
+    blocks (and ``L b``), so query rows come out preconditioned and projected."""
 
     def __init__(self, eigen: KroneckerEigen, correction: CorrectionSums | None = None,
                  damping: float = 0.1):
         if not np.isfinite(damping) or damping < 0:
             raise ValueError(f"damping must be a finite number >= 0, got {damping}")
         if correction is not None:
-            _check_same(correction.modules, eigen.modules, "modules of the correction and eigendecomposition",
+            check_same(correction.modules, eigen.modules, "modules of the correction and eigendecomposition",
                         "re-materialize ekfac_correction and ekfac_eigenvalues")
             if correction.eigen_digest != eigen.digest():
                 raise ValueError("the eigenvalue correction was computed in another eigenbasis than the "
@@ -394,20 +390,21 @@ class KroneckerPreconditioner:
     def projected(self) -> bool:
         return self.projection is not None
 
-    def check_modules(self, modules: Sequence[tuple[str, int, int]], projection: dict | None = None) -> None:
-        """Raise naming the first module whose name or ``(O, I)`` shape is not the factors', or
+    def check_modules(self, modules: Sequence[tuple[str, int, int, bool]], projection: dict | None = None) -> None:
+        """Raise naming the first module whose ``(name, O, I, has_bias)`` is not the factors', or
         when projected factors meet another ``projection`` (``Projector.settings()``)."""
         if self.projected and projection != self.projection:
             raise ValueError(f"the {self.kind} factors live in the projection {self.projection} but the "
                              f"gradient collector projects with {projection}; re-materialize "
                              "kfac_eigendecomposition (and the eigenvalue correction) after changing it")
-        got = [(str(n), int(o), int(i)) for n, o, i in modules]
-        have = [(m.name, m.out_features, m.in_features) for m in self.modules.values()]
+        got = [(str(n), int(o), int(i), bool(b)) for n, o, i, b in modules]
+        have = [(m.name, m.out_features, m.in_features, m.bias) for m in self.modules.values()]
         for ours, theirs in zip_longest(have, got):
             if ours != theirs:
                 raise ValueError(f"the {self.kind} factors do not match the gradient collector's modules: "
-                                 f"factors have {ours}, the collector has {theirs}; compute the factors with "
-                                 "the same model and gradients.include / exclude")
+                                 f"factors have {ours}, the collector has {theirs} (name, out, in, bias); "
+                                 "compute the factors with the same model and gradients.include / exclude / "
+                                 "include_bias")
 
     def _tensors(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         key = (name, str(device), dtype)
@@ -420,9 +417,24 @@ class KroneckerPreconditioner:
 
     def apply_full(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         """``Q_S ((Q_Sᵀ G Q_A) / (C + lam)) Q_Aᵀ`` for ``G [..., O, I]`` (``[..., p, p]`` projected
-        blocks when ``projected``), same device and dtype."""
+        blocks when ``projected``; one more column, the bias, for a module with a bias), same
+        device and dtype."""
         q_s, q_a, inverse = self._tensors(name, grad.device, grad.dtype)
         return q_s @ ((q_s.T @ grad @ q_a) * inverse) @ q_a.T
+
+    def apply(self, name: str, grad: torch.Tensor,
+              bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(G', b')``: :meth:`apply_full` of ``[G | b]`` split into its weight part ``[..., O, I]``
+        and bias ``[..., O]`` (projected: ``L G Rᵀ`` ``[..., p, p]`` and ``L b`` ``[..., p]``); ``b``
+        is given exactly for the modules whose factors have a bias, ``b'`` is None without."""
+        if (bias is not None) != self.modules[name].bias:
+            raise ValueError(f"module {name!r}: the {self.kind} factors were computed "
+                             f"{'with' if self.modules[name].bias else 'without'} its bias but the gradient "
+                             f"{'has none' if bias is None else 'has one'}; use the same gradients.include_bias")
+        if bias is None:
+            return self.apply_full(name, grad), None
+        out = self.apply_full(name, torch.cat([grad, bias.unsqueeze(-1)], dim=-1))
+        return out[..., :-1], out[..., -1]
 
     @property
     def nbytes(self) -> int:
