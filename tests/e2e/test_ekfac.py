@@ -2,7 +2,10 @@
 (per-shard covariance and correction partitions, merged factors, eigendecomposition,
 preconditioned query rows) feeds the same score tables, module breakdowns, FAISS index,
 Attributor and DuckDB views; the score table equals a brute-force influence from plain
-autograd query gradients."""
+autograd query gradients, also with biases (the demo's GPT-NeoX has them) and two label draws
+per document."""
+
+import dataclasses
 
 import numpy as np
 import polars as pl
@@ -13,6 +16,7 @@ from transformers import AutoModelForCausalLM
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io import data
+from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 from attribution_assets.engine.preconditioning.kfac import (
     CorrectionSums,
@@ -21,8 +25,8 @@ from attribution_assets.engine.preconditioning.kfac import (
 from attribution_assets.engine.scoring import database
 from attribution_assets.engine.scoring.run import load_kronecker
 from attribution_assets.engine.search.attributor import Attributor
-from attribution_assets.spec import GradientSpec
-from tests.helpers import materialize_tiny_demo
+from attribution_assets.spec import CurvatureSpec, GradientSpec
+from tests.helpers import definitions_for, materialize_tiny_demo, tiny_demo_spec
 
 KFAC_ASSETS = ("kfac_covariance", "kfac_factors", "kfac_eigendecomposition", "ekfac_correction",
                "ekfac_eigenvalues", "kfac_query_gradients")
@@ -123,3 +127,53 @@ def test_attributor_index_and_duckdb_agree_with_the_table(ekfac_demo):
         np.testing.assert_allclose([h.score for h in hits], table["score"].to_numpy(), rtol=1e-5, atol=1e-6)
     top = database.top_k(paths.database, query.doc_id, 5)
     assert [r[1] for r in top] == table["doc_id"].to_list()
+
+
+def _query_loss_backward(model, query):
+    model.zero_grad()
+    ids = torch.tensor([query.input_ids])
+    logp = torch.log_softmax(model(ids).logits[0, :-1], -1)
+    nll = -logp.gather(-1, ids[0, 1:, None])[:, 0]
+    (nll * torch.tensor(query.loss_mask[1:], dtype=torch.float32)).sum().backward()
+
+
+def test_biases_and_label_draws_through_the_asset_graph(tmp_path):
+    """``gradients.include_bias`` with EK-FAC and ``curvature.label_samples: 2``: every check passes,
+    the factors carry each module's ones column and both draws, and the score table equals
+    ``[L G Rᵀ | L b]`` of plain autograd query gradients preconditioned as one block, dotted with
+    the stored training rows ``[vec(L G Rᵀ) | L b]``."""
+    import dagster as dg
+
+    from attribution_assets.defs.runner import materialize_pipeline
+
+    base = tiny_demo_spec(GradientSpec(projection_dim=8, include_bias=True), preconditioner="ekfac",
+                          metric="inner_product")
+    spec = dataclasses.replace(base, curvature=CurvatureSpec(label_samples=2))
+    results = materialize_pipeline(definitions_for([spec], tmp_path), spec, dg.DagsterInstance.ephemeral(),
+                                   log=lambda _: None, log_level="WARNING")
+    checks = [c for r in results for c in r.get_asset_check_evaluations()]
+    assert checks and all(c.passed for c in checks), [(c.asset_key, c.check_name) for c in checks if not c.passed]
+    paths = PipelinePaths.under(tmp_path, spec.name)
+    ekfac, p = load_kronecker(spec, paths), spec.gradients.projection_dim
+    assert ekfac.eigen.label_samples == 2 and all(m.bias for m in ekfac.eigen.modules)
+    model = AutoModelForCausalLM.from_pretrained(paths.model).float().eval()
+    shards, docs = _docs(paths)
+    train = np.concatenate([np.asarray(GradientStore(paths.train_gradients(s)).array) for s in shards])
+    modules = GradientStore(paths.train_gradients(shards[0])).info["modules"]
+    assert all(m["has_bias"] for m in modules)
+    table = pl.read_parquet(paths.scores_glob)
+    position = {d.doc_id: j for j, d in enumerate(docs)}
+    for query in data.read_tokenized(paths.query_tokens)[:3]:
+        _query_loss_backward(model, query)
+        blocks = []
+        for m in modules:
+            lin = model.get_submodule(m["name"])
+            left = projection_matrix(spec.gradients.seed, m["name"], "out", p, lin.weight.shape[0]).double()
+            right = projection_matrix(spec.gradients.seed, m["name"], "in", p, lin.weight.shape[1]).double()
+            block = torch.cat([left @ lin.weight.grad.double() @ right.T, (left @ lin.bias.grad.double())[:, None]], 1)
+            out = ekfac.apply_full(m["name"], block)
+            blocks += [out[:, :-1].reshape(-1).numpy(), out[:, -1].numpy()]
+        expected = train.astype(np.float64) @ np.concatenate(blocks)
+        got = table.filter(pl.col("query_id") == query.doc_id)
+        np.testing.assert_allclose(got["score"].to_numpy(), expected[[position[d] for d in got["doc_id"]]],
+                                   rtol=1e-3, atol=1e-3 * np.abs(expected).max())
