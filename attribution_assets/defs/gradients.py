@@ -31,7 +31,6 @@ from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.training.recorder import train_time_document_rows, train_time_stores
 from attribution_assets.spec import PipelineSpec, spec_to_json
 
 CHECKS = ("finite", "row_count", "settings")
@@ -127,6 +126,12 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
         def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
+            from attribution_assets.engine.gradients.collect import collect_shard, reusable_store
+            from attribution_assets.engine.training.stored_rows import (
+                train_time_document_rows,
+                train_time_stores,
+            )
+
                             compute: ComputeResource):
             paths = storage.paths(spec)
             collector = None

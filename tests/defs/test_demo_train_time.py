@@ -8,7 +8,7 @@ import pytest
 from attribution_assets.defs.common import key
 from attribution_assets.engine.evaluation.metrics import gold_ranks, recall_and_mrr
 from attribution_assets.engine.gradients.store import GradientStore
-from attribution_assets.engine.training.recorder import training_tags
+from attribution_assets.engine.training.stored_rows import training_tags
 from attribution_assets.report import latest_metadata, train_time_lines
 from attribution_assets.spec import ScoringSpec, SpecValueError, demo_spec
 from tests.helpers import materialize_tiny_demo

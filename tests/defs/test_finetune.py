@@ -9,7 +9,7 @@ import pytest
 from attribution_assets.defs.runner import materialize_pipeline
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.training.recorder import training_tags
+from attribution_assets.engine.training.stored_rows import training_tags
 from attribution_assets.spec import FinetuneSpec, GradientSpec, ScoringSpec, SpecValueError
 from tests.helpers import definitions_for, user_pipeline_spec
 

@@ -7,7 +7,7 @@ settings, one query at a time (``aggregate: individual``), against every trainin
 * ``post_hoc``: the stored training gradient shards of the final model with the pipeline's own
   preconditioner (what the ``scores`` asset computes with ``train_rows: post_hoc``);
 * ``train_time``: each document's train-time rows summed over the recorded steps
-  (``training.recorder.train_time_document_rows``: the ``finetune`` asset's shards or the demo
+  (``training.stored_rows.train_time_document_rows``: the ``finetune`` asset's shards or the demo
   model's, ``demo.record_epochs``) with their own TrackStar preconditioner (the train side's
   autocorrelation from these rows, mixed with the queries' as ``scoring.mixing`` says), built
   by ``preconditioning.trackstar_preconditioner`` as the ``preconditioner`` asset builds it.
@@ -34,7 +34,10 @@ from attribution_assets.engine.preconditioning.autocorrelation import (
 )
 from attribution_assets.engine.preconditioning.preconditioners import trackstar_preconditioner
 from attribution_assets.engine.scoring.run import QueryScorer, query_rows_path
-from attribution_assets.engine.training.recorder import train_time_document_rows, train_time_stores
+from attribution_assets.engine.training.stored_rows import (
+    train_time_document_rows,
+    train_time_stores,
+)
 from attribution_assets.spec import PipelineSpec
 
 

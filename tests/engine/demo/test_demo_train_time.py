@@ -25,7 +25,7 @@ from attribution_assets.engine.gradients.collector import GradientCollector  # n
 from attribution_assets.engine.gradients.normalizers import make_normalizer  # noqa: E402
 from attribution_assets.engine.gradients.store import GradientStore  # noqa: E402
 from attribution_assets.engine.io.paths import PipelinePaths  # noqa: E402
-from attribution_assets.engine.training.recorder import training_tags  # noqa: E402
+from attribution_assets.engine.training.stored_rows import training_tags  # noqa: E402
 from attribution_assets.spec import DemoSpec, GradientSpec, SpecValueError  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,11 +13,8 @@ from attribution_assets.engine.gradients.normalizers import OptimizerState, make
 from attribution_assets.engine.gradients.projection import projection_matrix
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.training.callback import AttributionCallback, AttributionCollator
-from attribution_assets.engine.training.recorder import (
-    loss_scales,
-    train_time_document_rows,
-    training_tags,
-)
+from attribution_assets.engine.training.recorder import loss_scales
+from attribution_assets.engine.training.stored_rows import train_time_document_rows, training_tags
 from attribution_assets.spec import FinetuneSpec, GradientSpec, SpecValueError
 from tests.helpers import SENTENCES
 

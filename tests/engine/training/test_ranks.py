@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from attribution_assets.engine.gradients.store import GradientStore
-from attribution_assets.engine.training.recorder import training_tags
+from attribution_assets.engine.training.stored_rows import training_tags
 from tests.engine.training import ddp_trainer
 
 ROOT = Path(__file__).resolve().parents[3]
