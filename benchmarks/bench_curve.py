@@ -128,6 +128,20 @@ def stage_peak(instance, spec, stage, since: float) -> float:
     return peak
 
 
+def asset_seconds(instance, spec, stage) -> dict[str, float]:
+    """The ``seconds`` metadata of the stage's unpartitioned assets (where a fan-in stage's time goes)."""
+    from attribution_assets.defs.common import key
+
+    out = {}
+    if not stage.partitioned:
+        for name in stage.assets:
+            event = instance.get_latest_materialization_event(key(spec, name))
+            value = event and event.asset_materialization.metadata.get("seconds")
+            if value is not None:
+                out[name] = round(float(value.value), 2)
+    return out
+
+
 def e2e_child(n_docs: int, shard_size: int, profile_name: str, base: Path) -> dict:
     """One configuration, stage by stage, in this process (queued runs: in their own)."""
     from attribution_assets.defs.factory import build_definitions
@@ -155,7 +169,8 @@ def e2e_child(n_docs: int, shard_size: int, profile_name: str, base: Path) -> di
         stages.append({"stage": stage.name, "seconds": round(seconds, 2),
                        "s_per_1k": round(seconds / n_docs * 1000, 3),
                        "peak_rss_mb": round(max(peak_rss_mb(), stage_peak(instance, spec, stage, since))),
-                       "bytes_per_doc": round(written / n_docs, 1), "load": before})
+                       "bytes_per_doc": round(written / n_docs, 1), "load": before,
+                       "asset_seconds": asset_seconds(instance, spec, stage)})
     folders = {p.name: round(du(p) / n_docs, 1) for p in sorted(pipeline_root.iterdir()) if p.is_dir()}
     return {"docs": n_docs, "shard_size": shard_size, "profile": profile_name, "stages": stages,
             "bytes_per_doc_by_asset": folders, "bytes_per_doc": round(du(pipeline_root) / n_docs, 1),
@@ -188,6 +203,9 @@ def print_e2e(row: dict) -> None:
     for s in row["stages"]:
         print(f"| {s['stage']} | {s['seconds']} | {s['s_per_1k']} | {s['peak_rss_mb']} | {s['bytes_per_doc']} | "
               f"{s['load']} |")
+    for s in row["stages"]:
+        if s.get("asset_seconds"):
+            print(f"{s['stage']}: " + ", ".join(f"{k} {v} s" for k, v in s["asset_seconds"].items()))
     print("bytes/doc by asset folder: " + ", ".join(f"{k} {v}" for k, v in row["bytes_per_doc_by_asset"].items()),
           flush=True)
 
@@ -215,6 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     down.add_argument("--queries", type=int, default=1000)
     platform = sub.add_parser("platform", help="Dagster at many shard partitions")
     platform.add_argument("--partitions", type=int, nargs="+", default=[1000, 10_000])
+    precond = sub.add_parser("precond", help="one module's share of the preconditioner asset per projection")
+    precond.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="projection p (d = p*p)")
     sub.add_parser("picture", help="docs/img/scale-curve.png from --out")
     args = parser.parse_args(argv)
     if args.command == "e2e-child":
@@ -225,6 +245,13 @@ def main(argv: list[str] | None = None) -> None:
         from curve_downstream import run_downstream
 
         run_downstream(args)
+    elif args.command == "precond":
+        from curve_downstream import preconditioner_costs
+
+        for p in args.dims:
+            fig = preconditioner_costs(p)
+            record(args.out, "precond", fig)
+            print(json.dumps(fig), flush=True)
     elif args.command == "platform":
         from curve_platform import run_platform
 

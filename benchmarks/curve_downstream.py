@@ -285,3 +285,36 @@ def picture(results: Path, out: Path) -> None:
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, out)
     print(f"wrote {out}")
+
+
+def preconditioner_costs(p: int, n_queries: int = 8, seed: int = 0) -> dict:
+    """One ``p x p`` module's share of the ``preconditioner`` asset (``d = p * p``): the pooled
+    spectrum (``eigvalsh``, float64: once for the auto mixing weight, once again for the asset's
+    spectrum figure), the mixed matrix's ``eigh`` (float64), and the same decompositions in
+    float32 (``torch.linalg``) with their largest relative difference from float64 on the
+    operator ``R^{-1/2}`` (damping 0.1 x mean eigenvalue)."""
+    import torch
+
+    d = p * p
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((2 * d, d)) * (np.arange(1, d + 1) ** -0.5)
+    train = rows.T @ rows / len(rows)
+    q = rows[:n_queries] + 0.1 * rng.standard_normal((n_queries, d))
+    mixed = 0.9 * (q.T @ q / n_queries) + 0.1 * train
+    fig = {"p": p, "dims": d, "threads": torch.get_num_threads(), "load_before": load()}
+    _, fig["eigvalsh64_s"], _ = timed(np.linalg.eigvalsh, train)
+    (vals, vecs), fig["eigh64_s"], _ = timed(np.linalg.eigh, mixed)
+    m32 = torch.from_numpy(mixed.astype(np.float32))
+    _, fig["eigvalsh32_s"], _ = timed(torch.linalg.eigvalsh, m32)
+    (vals32, vecs32), fig["eigh32_s"], _ = timed(torch.linalg.eigh, m32)
+
+    def operator(values, vectors):
+        values = np.clip(np.asarray(values, dtype=np.float64), 0, None)
+        vectors = np.asarray(vectors, dtype=np.float64)
+        return (vectors * (values + 0.1 * values.mean()) ** -0.5) @ vectors.T
+
+    exact = operator(vals, vecs)
+    fig["operator_rel_diff_32"] = float(np.abs(operator(vals32.numpy(), vecs32.numpy()) - exact).max()
+                                        / np.abs(exact).max())
+    fig["load_after"] = load()
+    return fig
