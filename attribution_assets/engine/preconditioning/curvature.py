@@ -158,23 +158,34 @@ class CurvatureCollector:
                  for m in self.modules}
         squares = {name: torch.zeros(q_s.shape[1], q_a.shape[1], dtype=torch.float64, device=self.device)
                    for name, (q_a, q_s) in bases.items()}
+        chunks = {name: max(1, _CHUNK_FLOATS // x.numel()) for name, x in squares.items()}
         for batch, valid, inputs, draws in self._batches(docs):
             mask = valid[..., None]
+            rotated_inputs = {}  # per module, chunk and call: a Q_A, shared by every label draw
+            for m in self.modules:
+                q_a = bases[m.name][0]
+                rotated_inputs[m.name] = [[self._rotate_input(m, a[rows], q_a) for a in inputs[m.name]]
+                                          for rows in _slices(len(batch.indices), chunks[m.name])]
             for grads in draws:
                 for m in self.modules:
-                    q_a, q_s = bases[m.name]
-                    chunk = max(1, _CHUNK_FLOATS // squares[m.name].numel())
-                    if not inputs[m.name]:
-                        continue
-                    for start in range(0, len(batch.indices), chunk):
-                        rows = slice(start, start + chunk)
+                    q_s = bases[m.name][1]
+                    for rows, a_rs in zip(_slices(len(batch.indices), chunks[m.name]), rotated_inputs[m.name]):
+                        if not a_rs:
+                            continue
                         rotated = 0.0
-                        for a, g in zip(inputs[m.name], grads[m.name]):  # a module called twice adds both
+                        for a_r, g in zip(a_rs, grads[m.name]):  # a module called twice adds both calls
                             g_r = torch.where(mask[rows], g[rows].double(), 0.0) @ q_s
-                            a_r = a[rows].double() @ q_a[:m.in_features]
-                            if m.bias:  # the ones column: + the last row of the basis
-                                a_r = a_r + q_a[m.in_features]
                             rotated = rotated + g_r.transpose(1, 2) @ a_r
                         squares[m.name].add_((rotated ** 2).sum(0))
         return CorrectionSums(self.modules, {k: (v / self.label_samples).cpu().numpy() for k, v in squares.items()},
                               len(docs), eigen.digest())
+
+    @staticmethod
+    def _rotate_input(m: KroneckerModule, a: torch.Tensor, q_a: torch.Tensor) -> torch.Tensor:
+        """``[a, 1] B_A`` ``[B, T, k_A]`` (``a B_A`` without a bias), float64."""
+        a_r = a.double() @ q_a[:m.in_features]
+        return a_r + q_a[m.in_features] if m.bias else a_r  # the ones column: the basis's last row
+
+
+def _slices(n: int, chunk: int) -> list[slice]:
+    return [slice(start, start + chunk) for start in range(0, n, chunk)]
