@@ -56,26 +56,32 @@ def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: Co
     return make_collector(model, spec, paths, autocast=compute.autocast_dtype())
 
 
-def torchrun_collect_shard(context: dg.AssetExecutionContext, spec: PipelineSpec, storage: StorageResource,
-                           compute: ComputeResource, shard: str, fingerprint: str, producer: str) -> dict:
-    """Collect one shard with ``compute.processes_per_shard`` torchrun ranks through Dagster Pipes
-    (rank 0 writes the store); the ranks' logs and their custom message come back through Pipes.
-    Raises (``DagsterPipesExecutionError``, with the ranks' output) if any rank fails."""
+def torchrun_collect_shards(context: dg.AssetExecutionContext, spec: PipelineSpec, storage: StorageResource,
+                            compute: ComputeResource, shards: list[str], fingerprint: str,
+                            producer: str) -> dict[str, dict]:
+    """Collect ``shards`` with ONE torchrun group of ``compute.ranks`` ranks launched through Dagster
+    Pipes (``compute.torchrun_args``: standalone or a c10d rendezvous): each rank loads the model
+    once and serves every shard, rank 0 writes each store and reports it (a log line and a custom
+    message per shard) as it goes. Returns each shard's report. Raises
+    (``DagsterPipesExecutionError``, with the ranks' output) if any rank fails; the shards reported
+    before stay written, complete, and a rerun reuses them."""
+    if not shards:
+        return {}
     root = storage.ensure_writable()
-    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shard": shard,
+    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shards": list(shards),
            "fingerprint": fingerprint, "producer": producer, "device": compute.device,
            "precision": compute.precision, "autocast": compute.autocast, "threads": compute.threads,
            "fsdp": compute.fsdp}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={compute.processes_per_shard}", "--max-restarts=0",
+    command = [sys.executable, "-m", "torch.distributed.run", *compute.torchrun_args(context.run_id),
                "-m", "attribution_assets.defs.torchrun_ranks"]
     invocation = dg.PipesSubprocessClient().run(
         command=command, context=context, extras={"job": job},
         env={"ATTRIBUTION_DEVICE": compute.device, "OMP_NUM_THREADS": str(max(compute.threads, 1))})
-    (message,) = invocation.get_custom_messages() or [None]
-    if message is None:
-        raise RuntimeError(f"torchrun for shard {shard} exited without reporting its store.")
-    return message
+    reports = {m["shard"]: m for m in invocation.get_custom_messages()}
+    missing = [s for s in shards if s not in reports]
+    if missing:
+        raise RuntimeError(f"torchrun exited without reporting the stores of {', '.join(missing)}.")
+    return reports
 
 
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
@@ -126,25 +132,31 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                   description="Per-document (or per-token) projected gradients of one shard: .npy + info.json. "
                               "A run over several shards loads the model once.")
         def train_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
+                            compute: ComputeResource):
             from attribution_assets.engine.gradients.collect import collect_shard, reusable_store
             from attribution_assets.engine.training.stored_rows import (
                 train_time_document_rows,
                 train_time_stores,
             )
 
-                            compute: ComputeResource):
             paths = storage.paths(spec)
             collector = None
             fingerprint = model_fingerprint(spec, paths)
             force = context.run.tags.get(FORCE_TAG) == "true"
             checks: dict[str, list] = {name: [] for name in CHECKS}
             shards = {}
+            weighting = spec.corpus.advantage_weighting
+            launched: dict[str, dict] = {}
+            if compute.ranks > 1 and not train_time:  # one torchrun group for every shard to collect
+                pending = [s for s in context.partition_keys if force or reusable_store(
+                    paths.train_gradients(s), data.read_tokenized(paths.tokens(s)), fingerprint, spec.gradients,
+                    version, weighting) is None]
+                launched = torchrun_collect_shards(context, spec, storage, compute, pending, fingerprint, version)
             for shard in context.partition_keys:
                 timer = Timer()
                 docs = data.read_tokenized(paths.tokens(shard))
                 out = paths.train_gradients(shard)
-                weighting = spec.corpus.advantage_weighting
-                store = None if force or train_time else reusable_store(
+                store = None if force or train_time or shard in launched else reusable_store(
                     out, docs, fingerprint, spec.gradients, version, weighting)
                 if train_time:  # the rows the training run recorded, summed per document
                     array, info = train_time_document_rows(train_time_stores(spec, paths),
@@ -153,12 +165,14 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                                         model_fingerprint=fingerprint, dtype=spec.gradients.dtype)
                     meta = {"rows": store.rows, "dims": store.dims, "train_time": True,
                             "untrained_documents": int((~array.any(axis=1)).sum())}
-                elif store is None and compute.processes_per_shard > 1:
-                    message = torchrun_collect_shard(context, spec, storage, compute, shard, fingerprint, version)
+                elif shard in launched:
+                    message = launched[shard]
                     store = GradientStore(out)
                     meta = {"rows": store.rows, "dims": store.dims, "ranks": message["ranks"],
-                            "backend": message["backend"], "tokens": message["tokens"],
-                            "rank_seconds": dg.MetadataValue.json(message["rank_seconds"])}
+                            "backend": message["backend"], "fsdp": message["fsdp"], "tokens": message["tokens"],
+                            "seconds": message["seconds"], "launch": message["launch"],
+                            **{k: dg.MetadataValue.json(message[k]) for k in (
+                                "rank_seconds", "rank_padding_passes", "rank_peak_rss_mb")}}
                 elif store is None:
                     collector = collector or pipeline_collector(spec, storage, compute)
                     with progress_logs(context):

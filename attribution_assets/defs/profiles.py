@@ -4,7 +4,9 @@ A profile is a YAML file (``resources/<name>.yaml`` in the project, or any path)
 ``$ATTRIBUTION_RESOURCES`` (a path or a profile name); without it, ``local``. Sections:
 
 ``storage``: :class:`StorageResource` fields (``root``); ``compute``: :class:`ComputeResource`
-fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``).
+fields (``device``, ``precision``, ``allow_tf32``, ``autocast``, ``threads``; a torchrun group:
+``processes_per_shard`` per node, ``fsdp``, and for a c10d rendezvous ``rdzv_endpoint``,
+``rdzv_id``, ``nnodes``, validated together).
 
 ``executor``: ``kind`` says where runs execute:
 

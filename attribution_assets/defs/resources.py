@@ -4,6 +4,7 @@ threads). Which values a deployment uses comes from its profile in ``resources/*
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -37,11 +38,14 @@ class ComputeResource(dg.ConfigurableResource):
     the cores this process may use: its CPU affinity capped by its cgroup CPU quota
     (``engine.runtime.available_cores``). When several steps share a machine (the
     multiprocess executor, a backfill, two deployments), set it to cores / concurrent steps.
-    ``processes_per_shard``: above 1, a training-gradient step launches that many ranks with
-    torchrun through Dagster Pipes (``defs.torchrun_ranks``: gloo on CPU, NCCL on GPUs, one
-    GPU per rank), each collecting a contiguous slice of the shard; ``threads`` is
-    then per rank. ``fsdp``: the ranks shard the model's parameters with FSDP2 (models that do
-    not fit one device; every rank then collects the whole shard, so it saves memory, not time).
+    ``processes_per_shard``: ranks per node; with more than one rank in all, a training-gradient
+    step launches torchrun ONCE through Dagster Pipes (``defs.torchrun_ranks``: gloo on CPU,
+    NCCL on GPUs, one GPU per rank), a group that serves every shard of the step, each rank
+    collecting a contiguous slice of each shard; ``threads`` is then per rank. ``fsdp``: the
+    ranks shard the model's parameters with FSDP2 (models that do not fit one device; each rank
+    still collects its own documents). Rendezvous: ``--standalone`` (one node) unless
+    ``rdzv_endpoint`` (``host:port``) names a c10d rendezvous; ``nnodes`` > 1 needs it and a
+    ``rdzv_id`` shared with the torchrun agents that the other nodes start (docs/scale-out.md).
     """
 
     device: str = "auto"
@@ -51,6 +55,9 @@ class ComputeResource(dg.ConfigurableResource):
     threads: int = Field(default=0, ge=0)
     processes_per_shard: int = Field(default=1, ge=1)
     fsdp: bool = False
+    nnodes: int = Field(default=1, ge=1)
+    rdzv_endpoint: str = ""
+    rdzv_id: str = ""
     _restore: list = PrivateAttr(default_factory=list)
     _claimed: str | None = PrivateAttr(default=None)
 
@@ -64,11 +71,38 @@ class ComputeResource(dg.ConfigurableResource):
         return value
 
     @model_validator(mode="after")
-    def _check_fsdp(self):
-        if self.fsdp and self.processes_per_shard < 2:
+    def _check_ranks(self):
+        if self.fsdp and self.ranks < 2:
             raise ValueError("fsdp shards the parameters over torchrun ranks: set processes_per_shard >= 2 "
-                             "(or fsdp: false)")
+                             "(or nnodes >= 2, or fsdp: false)")
+        if self.rdzv_endpoint:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise ValueError(f"rdzv_endpoint must be `host:port` of the c10d rendezvous (e.g. node0:29400), "
+                                 f"got {self.rdzv_endpoint!r}")
+        if self.rdzv_id and not re.fullmatch(r"[A-Za-z0-9_.-]+", self.rdzv_id):
+            raise ValueError(f"rdzv_id may hold letters, digits, `-`, `_` and `.`, got {self.rdzv_id!r}")
+        if self.nnodes > 1 and not (self.rdzv_endpoint and self.rdzv_id):
+            raise ValueError(f"nnodes: {self.nnodes} needs `rdzv_endpoint` (host:port of a c10d rendezvous every "
+                             "node reaches, e.g. node0:29400) and `rdzv_id` (the same on the torchrun agents the "
+                             "other nodes start)")
+        if self.rdzv_id and not self.rdzv_endpoint:
+            raise ValueError("rdzv_id names a c10d rendezvous: set rdzv_endpoint too (or drop rdzv_id for a "
+                             "standalone launch)")
         return self
+
+    @property
+    def ranks(self) -> int:
+        """torchrun ranks in all: ``processes_per_shard`` on each of ``nnodes`` nodes."""
+        return self.processes_per_shard * self.nnodes
+
+    def torchrun_args(self, run_id: str) -> list[str]:
+        """``torch.distributed.run``'s launch arguments: ``--standalone`` on one node, else a c10d
+        rendezvous at ``rdzv_endpoint`` under ``rdzv_id`` (default ``run_id``, unique per run)."""
+        rendezvous = ["--standalone"] if not self.rdzv_endpoint else [
+            f"--nnodes={self.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}",
+            f"--rdzv-id={self.rdzv_id or run_id}"]
+        return [*rendezvous, f"--nproc-per-node={self.processes_per_shard}", "--max-restarts=0"]
 
     def autocast_dtype(self):
         """The ``torch.autocast`` dtype of gradient steps (None: off)."""

@@ -1,10 +1,12 @@
 """Entry point of each torchrun rank: ``torchrun --nproc-per-node N -m
 attribution_assets.defs.torchrun_ranks [JOB.json]``.
 
-Launched through Dagster Pipes (``defs.gradients.torchrun_collect_shard``), rank 0 reads the
-job from the ``job`` extra and reports the store through Pipes; the Pipes context closes with
-the exception that ended the rank, so the step's error shows it. Launched by hand, it reads
-``JOB.json`` and prints the report as one JSON line. Imports ``dagster-pipes`` only (no
+Launched through Dagster Pipes (``defs.gradients.torchrun_collect_shards``), rank 0 reads the
+job from the ``job`` extra and reports each shard's store through Pipes (a log line and a custom
+message per shard, as soon as it is written); the Pipes context closes with the exception that
+ended the rank, so the step's error shows it. Launched by hand, it reads ``JOB.json`` and prints
+each shard's report as one JSON line. On the other nodes of a multi-node group it runs with no
+job at all (rank 0 broadcasts it). Imports ``dagster-pipes`` only (no
 Dagster), so every rank starts quickly. The work is ``engine.gradients.distributed.run``.
 """
 
@@ -31,8 +33,9 @@ def main(job_file: str | None) -> None:
                 return pipes.extras["job"]
 
             def report(message: dict) -> None:
-                pipes.log.info(f"{message['ranks']} ranks ({message['backend']}) wrote "
-                               f"{message['rows']} rows to {message['path']}")
+                pipes.log.info(f"{message['shard']}: {message['ranks']} ranks ({message['backend']}"
+                               f"{', fsdp' if message['fsdp'] else ''}) wrote {message['rows']} rows to "
+                               f"{message['path']} in {message['seconds']} s")
                 pipes.report_custom_message(message)
         else:
             def read_job() -> dict:
@@ -42,7 +45,7 @@ def main(job_file: str | None) -> None:
                 return json.loads(Path(job_file).read_text())
 
             def report(message: dict) -> None:
-                print(json.dumps(message))
+                print(json.dumps(message), flush=True)
         distributed.run(read_job, report)
 
 
