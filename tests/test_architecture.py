@@ -2,6 +2,7 @@
 
 import ast
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,21 @@ def test_definitions_load_without_the_trainer_stack():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     assert "gemm_4bit" not in out.stderr
+
+
+def test_definitions_and_planning_load_without_the_compute_stack(tmp_path):
+    """Every process that loads the definitions pays for their imports: the CLI, each queued run,
+    code servers, the UI. torch, transformers, SciPy, FAISS, polars, DuckDB and datasets load in
+    the steps and commands that compute, not with the definitions, the planner or the instance
+    (``benchmarks/bench_cli.py`` times it)."""
+    heavy = ("torch", "transformers", "scipy", "faiss", "polars", "duckdb", "datasets", "safetensors")
+    code = ("import sys, attribution_assets.definitions, attribution_assets.cli, attribution_assets.report, "
+            "attribution_assets.defs.runner, attribution_assets.defs.instance; "
+            f"print([m for m in {heavy!r} if m in sys.modules])")
+    env = {k: v for k, v in os.environ.items() if k not in ("ATTRIBUTION_PIPELINES", "ATTRIBUTION_RECIPE")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_no_module_imports_a_module_that_imports_it_back():

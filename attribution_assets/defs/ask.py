@@ -10,22 +10,17 @@ each document's word shares (``engine.explain.ask``)::
 or ``{query_id: demo-q-pavel-pellegrini-employer, k: 5}`` for one of the pipeline's queries.
 """
 
+from typing import TYPE_CHECKING
 
 import dagster as dg
 from pydantic import Field
 
 from attribution_assets.defs.common import Timer, key
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.explain import plots
-from attribution_assets.engine.explain.ask import ask
-from attribution_assets.engine.explain.render import (
-    explanation_markdown,
-    gold_rank_line,
-    query_markdown,
-)
-from attribution_assets.engine.explain.tokens import Explanation
-from attribution_assets.engine.search.attributor import Attributor
 from attribution_assets.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from attribution_assets.engine.explain.tokens import Explanation
 
 TEXT_CHARS = 120  # document text shown per row of the top-k table
 
@@ -54,8 +49,10 @@ def _md(text: str) -> str:
     return "".join("\\" + ch if ch in "\\`*_[]<>#|~" else ch for ch in text).replace("\n", " ")
 
 
-def top_k_markdown(expl: Explanation) -> str:
+def top_k_markdown(expl: "Explanation") -> str:
     """The question, where its first gold document ranks, and its top-k documents as a table."""
+    from attribution_assets.engine.explain.render import query_markdown
+
     lines = [query_markdown(expl), "", "| rank | score | gold | doc_id | document |", "|---:|---:|:---:|---|---|"]
     for doc in expl.documents:
         text = doc.text.replace("<|endoftext|>", "").strip()
@@ -74,6 +71,11 @@ def ask_jobs(spec: PipelineSpec, present: set[dg.AssetKey]) -> list[dg.JobDefini
            description="Top-k training documents of one question and their word shares (heat map).")
     def ask_op(context: dg.OpExecutionContext, config: AskConfig, storage: StorageResource,
                compute: ComputeResource):
+        from attribution_assets.engine.explain import plots
+        from attribution_assets.engine.explain.ask import ask
+        from attribution_assets.engine.explain.render import explanation_markdown, gold_rank_line
+        from attribution_assets.engine.search.attributor import Attributor
+
         timer = Timer()
         paths = storage.paths(spec)
         model, tokenizer = compute.load_model(spec, paths)

@@ -15,11 +15,8 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.gradients.hooks import select_modules
-from attribution_assets.engine.io import corpus as corpus_io
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import parts_digest, weights_stamp
-from attribution_assets.engine.io.models import load_tokenizer, model_source
 from attribution_assets.spec import (
     DataSpec,
     PipelineSpec,
@@ -38,6 +35,8 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="Training documents with stable ids, assigned to shards; registers shard partitions.")
     def corpus(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.io import corpus as corpus_io  # polars
+
         timer = Timer()
         storage.ensure_writable()
         paths = storage.paths(spec)
@@ -75,6 +74,8 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               description="Query texts (prompt/completion where given) with gold document ids where known; "
                           "gold ids that name no corpus document are reported.")
     def query_set(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.io import corpus as corpus_io
+
         timer = Timer()
         paths = storage.paths(spec)
         missing: list[str] = []
@@ -107,6 +108,8 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(ignore=(key(spec, "corpus"),)),
               description="Token ids, loss masks and lengths of one shard (Parquet).")
     def tokenized_shards(context: dg.AssetExecutionContext, storage: StorageResource):
+        from attribution_assets.engine.io import corpus as corpus_io
+
         storage.ensure_writable()
         paths = storage.paths(spec)
         tokenizer = pipeline_tokenizer(spec, storage)
@@ -135,6 +138,8 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
               automation_condition=rebuild_condition(),
               description="Token ids and loss masks of the queries (loss on the completion where given).")
     def tokenized_queries(storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.io import corpus as corpus_io
+
         timer = Timer()
         paths = storage.paths(spec)
         queries = corpus_io.read_queries(paths.queries)
@@ -198,6 +203,9 @@ def _user_model_asset(spec: PipelineSpec) -> dg.AssetsDefinition:
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="The pipeline's causal LM, loaded and fingerprinted (weights stay where they are).")
     def model(storage: StorageResource, compute: ComputeResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.gradients.hooks import select_modules  # transformers
+        from attribution_assets.engine.io import corpus as corpus_io
+
         timer = Timer()
         paths = storage.paths(spec)
         loaded, _ = compute.load_model(spec, paths, base=True)
@@ -232,5 +240,7 @@ def _preview(texts: list[str], n: int = 5) -> str:
 
 def pipeline_tokenizer(spec: PipelineSpec, storage: StorageResource):
     """The pipeline's tokenizer: the demo's trained one, else the model's."""
+    from attribution_assets.engine.io.models import load_tokenizer, model_source  # torch
+
     paths = storage.paths(spec)
     return load_tokenizer(spec.model, str(paths.tokenizer) if spec.is_demo else model_source(spec, paths, base=True))

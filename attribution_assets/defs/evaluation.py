@@ -10,7 +10,6 @@ import json
 
 import dagster as dg
 import numpy as np
-import polars as pl
 
 from attribution_assets.defs.common import (
     Timer,
@@ -21,8 +20,6 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.evaluation import fact_tracing, lds, train_time
-from attribution_assets.engine.io import corpus as corpus_io
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.atomic import atomic_dir
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -44,6 +41,8 @@ def lds_partitions(spec: PipelineSpec) -> dg.StaticPartitionsDefinition:
 
 
 def _gold(paths: PipelinePaths) -> dict[str, list[str]]:
+    import polars as pl
+
     table = pl.read_parquet(paths.queries)
     return dict(zip(table["doc_id"].to_list(), table["gold_doc_ids"].to_list()))
 
@@ -68,6 +67,8 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
                           "query loss." + ON_DEMAND.format(name=spec.name, lds=""))
     def fact_tracing_asset(context: dg.AssetExecutionContext, storage: StorageResource,
                            compute: ComputeResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.evaluation import fact_tracing  # torch
+
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
@@ -91,6 +92,9 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
     retrain_key = key(spec, "lds_retrain")
 
     def masks(paths: PipelinePaths) -> np.ndarray:
+        from attribution_assets.engine.evaluation import lds
+        from attribution_assets.engine.io import corpus as corpus_io
+
         n = len(corpus_io.read_documents(paths.documents))
         e = spec.evaluation
         return lds.lds_subsets(n, e.lds_subsets, e.lds_fraction, e.lds_seed)
@@ -106,6 +110,9 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
     def lds_retrain(context: dg.AssetExecutionContext, storage: StorageResource,
                     compute: ComputeResource) -> dg.MaterializeResult:
         from transformers import AutoTokenizer
+
+        from attribution_assets.engine.evaluation import lds
+        from attribution_assets.engine.io import corpus as corpus_io
 
         timer = Timer()
         paths = storage.paths(spec)
@@ -133,6 +140,9 @@ def evaluation_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.A
                           "mean loss; two-seed agreement and the noise ceilings."
                           + ON_DEMAND.format(name=spec.name, lds=" --lds"))
     def lds_asset(storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.evaluation import fact_tracing, lds
+        from attribution_assets.engine.io import corpus as corpus_io
+
         timer = Timer()
         paths = storage.paths(spec)
         scores_dir = paths.evaluation_scores
@@ -180,6 +190,8 @@ def train_time_evaluation_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition
                           "next to the post-hoc rows of the final model.")
     def train_time_fact_tracing(context: dg.AssetExecutionContext,
                                 storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.evaluation import fact_tracing, train_time
+
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)

@@ -21,13 +21,6 @@ from attribution_assets.defs.common import (
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.defs.runner import FORCE_TAG
-from attribution_assets.engine.gradients.batching import row_positions
-from attribution_assets.engine.gradients.collect import (
-    collect_shard,
-    make_collector,
-    reusable_store,
-)
-from attribution_assets.engine.gradients.collector import rows_hash
 from attribution_assets.engine.gradients.store import GradientStore, write_store
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.paths import PipelinePaths
@@ -49,6 +42,8 @@ def model_fingerprint(spec: PipelineSpec, paths: PipelinePaths) -> str:
 def pipeline_collector(spec: PipelineSpec, storage: StorageResource, compute: ComputeResource, model=None):
     """The pipeline's collector on the compute resource's device (loads the model unless given
     the one ``compute.load_model`` returned)."""
+    from attribution_assets.engine.gradients.collect import make_collector  # torch, transformers
+
     storage.ensure_writable()
     paths = storage.paths(spec)
     if model is None:
@@ -87,6 +82,8 @@ def torchrun_collect_shards(context: dg.AssetExecutionContext, spec: PipelineSpe
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
+    from attribution_assets.engine.gradients.collector import rows_hash
+
     finite = store.all_finite()
     normalizer = store.info.get("normalizer")
     settings_ok = ((normalizer or {}).get("kind", "none") == spec.gradients.normalizer
@@ -110,6 +107,8 @@ def store_check_specs(asset_key: dg.AssetKey) -> list[dg.AssetCheckSpec]:
 
 
 def expected_rows(docs: list[data.TokenizedDoc], spec: PipelineSpec) -> int:
+    from attribution_assets.engine.gradients.batching import row_positions
+
     if not spec.gradients.token_rows:
         return len(docs)
     return sum(len(row_positions(d.loss_mask, spec.gradients.per_token)) for d in docs)
@@ -207,6 +206,8 @@ def gradient_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Ass
                   description="Gradients of the query loss (completion tokens where given), same projection.")
         def query_gradients(context: dg.AssetExecutionContext, storage: StorageResource,
                             compute: ComputeResource):
+            from attribution_assets.engine.gradients.collect import collect_shard
+
             timer = Timer()
             paths = storage.paths(spec)
             docs = data.read_tokenized(paths.query_tokens)

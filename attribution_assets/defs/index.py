@@ -1,5 +1,7 @@
 """The FAISS index asset (fan-in over every shard's training gradients)."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 import numpy as np
 
@@ -17,15 +19,10 @@ from attribution_assets.engine.explain import plots
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.digests import files_digest
 from attribution_assets.engine.io.paths import PipelinePaths
-from attribution_assets.engine.scoring.run import (
-    QueryScorer,
-    load_preconditioner,
-    prepared_training_blocks,
-    query_rows_path,
-)
-from attribution_assets.engine.search.build import IndexInfo, build_index
-from attribution_assets.engine.search.index import FaissIndex, self_recall
 from attribution_assets.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from attribution_assets.engine.search.build import IndexInfo
 
 MIN_SELF_RECALL = 0.9
 CALIBRATION_QUERIES = 256
@@ -51,6 +48,12 @@ def index_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
                           "(preconditioned and unit-normalized for cosine scores); an `auto` "
                           "nprobe / efSearch is calibrated on the pipeline's queries.")
     def faiss_index(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
+        from attribution_assets.engine.scoring.run import (
+            load_preconditioner,
+            prepared_training_blocks,
+        )
+        from attribution_assets.engine.search.build import build_index  # FAISS
+
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
@@ -79,6 +82,8 @@ def _calibrated(spec: PipelineSpec) -> bool:
 def calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np.ndarray:
     """Up to ``CALIBRATION_QUERIES`` query rows (seeded sample) prepared as the Attributor
     searches them (one row per query), for calibrating an ``auto`` nprobe / efSearch."""
+    from attribution_assets.engine.scoring.run import QueryScorer, query_rows_path
+
     path = query_rows_path(spec, paths)
     rows = GradientStore(path).document_rows()
     if not len(rows):
@@ -90,7 +95,7 @@ def calibration_queries(spec: PipelineSpec, paths: PipelinePaths, precond) -> np
     return QueryScorer(rows[pick], None, precond, spec.scoring, aggregate="individual").prepared
 
 
-def _search_metadata(info: IndexInfo) -> dict:
+def _search_metadata(info: "IndexInfo") -> dict:
     """The saved search defaults and, when they were calibrated, how."""
     meta = {name: value for name, value in (("nprobe", info.nprobe), ("ef_search", info.hnsw_ef_search))
             if value is not None}
@@ -103,7 +108,7 @@ def _search_metadata(info: IndexInfo) -> dict:
     return meta
 
 
-def _recall_figure(info: IndexInfo, paths: PipelinePaths) -> dict:
+def _recall_figure(info: "IndexInfo", paths: PipelinePaths) -> dict:
     """Recall against nprobe / efSearch from the calibration, as a picture (calibrated only)."""
     if not info.calibration or not info.calibration.get("curve"):
         return {}
@@ -118,6 +123,9 @@ def _self_recall_check(spec: PipelineSpec, index_key: dg.AssetKey, paths: Pipeli
                        precond) -> dg.AssetCheckResult:
     """Rows of the first shard searched against the index (cosine scores only: with inner
     products a row need not be its own nearest neighbour)."""
+    from attribution_assets.engine.scoring.run import prepared_training_blocks
+    from attribution_assets.engine.search.index import FaissIndex, self_recall
+
     if spec.scoring.metric != "cosine":
         return dg.AssetCheckResult(asset_key=index_key, check_name="self_recall", passed=True,
                                    metadata={"skipped": "inner-product scores"})

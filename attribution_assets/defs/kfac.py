@@ -3,6 +3,8 @@ ekfac | kfac``: per-shard covariance sums, the merged factors, their eigendecomp
 per-shard eigenvalue correction (EK-FAC) and its merge, and the preconditioned query rows that
 the score tables take. A new shard adds one covariance (and one correction) partition."""
 
+from typing import TYPE_CHECKING
+
 import dagster as dg
 
 from attribution_assets.defs.automation import rebuild_condition
@@ -13,9 +15,9 @@ from attribution_assets.defs.common import (
     dir_bytes,
     key,
     path_metadata,
+    shard_results,
     shards_partitions,
     size_metadata,
-    shard_results,
 )
 from attribution_assets.defs.gradients import (
     expected_rows,
@@ -24,20 +26,12 @@ from attribution_assets.defs.gradients import (
     store_checks,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.gradients.collect import collect_shard
 from attribution_assets.engine.io import data
 from attribution_assets.engine.io.digests import files_digest, json_digest
-from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
-from attribution_assets.engine.preconditioning.kfac import (
-    CorrectionSums,
-    CovarianceSums,
-    KroneckerEigen,
-    KroneckerPreconditioner,
-    merge_all,
-    projection_for,
-)
-from attribution_assets.engine.scoring.run import query_collector
 from attribution_assets.spec import PipelineSpec
+
+if TYPE_CHECKING:
+    from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
 
 ALL = dg.AllPartitionMapping()
 
@@ -47,6 +41,8 @@ def curvature_version(base: str, spec: PipelineSpec, in_space: bool = True) -> s
     settings and (``in_space``: past the covariance sums) the space and its projection; never the
     damping or the metric. Biases and label draws count only when not at their old values (no
     bias, one draw), so the versions of earlier pipelines stay as they were."""
+    from attribution_assets.engine.preconditioning.kfac import projection_for  # torch
+
     g, s, n = spec.gradients, spec.scoring, spec.curvature.label_samples
     space = projection_for(g, s.kfac_space) if in_space else "covariance"
     return f"{base}-" + json_digest({"data": spec.section_hash("model", "demo", "corpus"),
@@ -57,7 +53,9 @@ def curvature_version(base: str, spec: PipelineSpec, in_space: bool = True) -> s
 
 
 def curvature_collector(spec: PipelineSpec, storage: StorageResource,
-                        compute: ComputeResource) -> CurvatureCollector:
+                        compute: ComputeResource) -> "CurvatureCollector":
+    from attribution_assets.engine.preconditioning.curvature import CurvatureCollector
+
     storage.ensure_writable()
     model, _ = compute.load_model(spec, storage.paths(spec))
     return CurvatureCollector.from_spec(model, spec)
@@ -120,6 +118,8 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
               description="Every shard's covariance sums added: A = E[a a^T], S = E[g g^T] over tokens; "
                           "rebuilt on schedule or on demand, not once per new shard.")
     def kfac_factors(context: dg.AssetExecutionContext, storage: StorageResource):
+        from attribution_assets.engine.preconditioning.kfac import CovarianceSums, merge_all
+
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(partitions.name)
@@ -141,6 +141,13 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
                           "or of R A R^T and L S L^T in the projected space; the check damps K-FAC's "
                           "eigenvalues T outer(e_S, e_A).")
     def kfac_eigendecomposition(storage: StorageResource):
+        from attribution_assets.engine.preconditioning.kfac import (
+            CovarianceSums,
+            KroneckerEigen,
+            KroneckerPreconditioner,
+            projection_for,
+        )
+
         timer = Timer()
         paths = storage.paths(spec)
         projection = projection_for(spec.gradients, spec.scoring.kfac_space)
@@ -170,6 +177,8 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
                               "recomputed for every shard when the eigenbasis changes.")
         def ekfac_correction(context: dg.AssetExecutionContext, storage: StorageResource,
                              compute: ComputeResource):
+            from attribution_assets.engine.preconditioning.kfac import KroneckerEigen
+
             paths = storage.paths(spec)
             collector = curvature_collector(spec, storage, compute)
             eigen = KroneckerEigen.load(paths.kfac_eigendecomposition)
@@ -194,6 +203,13 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
                   description="EK-FAC's eigenvalues: every shard's correction sums added, divided by the "
                               "documents (all shards must share the current eigenbasis).")
         def ekfac_eigenvalues(context: dg.AssetExecutionContext, storage: StorageResource):
+            from attribution_assets.engine.preconditioning.kfac import (
+                CorrectionSums,
+                KroneckerEigen,
+                KroneckerPreconditioner,
+                merge_all,
+            )
+
             timer = Timer()
             paths = storage.paths(spec)
             shards = context.instance.get_dynamic_partitions(partitions.name)
@@ -223,6 +239,9 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
                           "inverse in the Kronecker eigenbasis, in the projected space or on each full "
                           "gradient before projecting): what the score tables score against.")
     def kfac_query_gradients(storage: StorageResource, compute: ComputeResource):
+        from attribution_assets.engine.gradients.collect import collect_shard
+        from attribution_assets.engine.scoring.run import query_collector
+
         timer = Timer()
         paths = storage.paths(spec)
         storage.ensure_writable()

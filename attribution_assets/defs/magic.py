@@ -19,7 +19,6 @@ from attribution_assets.defs.common import (
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
 from attribution_assets.engine.io import data
-from attribution_assets.engine.magic import pipeline as magic
 from attribution_assets.engine.scoring import database
 from attribution_assets.spec import PipelineSpec
 
@@ -53,6 +52,8 @@ def magic_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                           "the run that MAGIC differentiates; registers the query batches.")
     def magic_training(context: dg.AssetExecutionContext, storage: StorageResource,
                        compute: ComputeResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.magic import pipeline as magic  # torch
+
         timer = Timer()
         paths = storage.paths(spec)
         docs, _ = _training_docs(context, spec, paths)
@@ -78,6 +79,8 @@ def magic_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                           "score table `query_id, doc_id, shard, score`; higher = proponent.")
     def magic_scores(context: dg.AssetExecutionContext, storage: StorageResource,
                      compute: ComputeResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.magic import pipeline as magic  # torch
+
         timer = Timer()
         paths = storage.paths(spec)
         docs, shards = _training_docs(context, spec, paths)

@@ -3,7 +3,6 @@ views. With ``scoring.preconditioner: ekfac | kfac`` the scores take the precond
 rows of ``defs/kfac.py`` instead, and the TrackStar assets are not declared."""
 
 import dagster as dg
-import polars as pl
 
 from attribution_assets.defs.automation import rebuild_condition
 from attribution_assets.defs.common import (
@@ -13,8 +12,8 @@ from attribution_assets.defs.common import (
     compute_version,
     key,
     path_metadata,
-    shard_results,
     progress_logs,
+    shard_results,
     shards_partitions,
 )
 from attribution_assets.defs.gradients import pipeline_collector
@@ -26,29 +25,11 @@ from attribution_assets.engine.explain.overview import (
     samples_markdown,
     summary_markdown,
 )
-from attribution_assets.engine.explain.render import explanation_html, explanation_markdown
-from attribution_assets.engine.explain.tokens import explain_samples
-from attribution_assets.engine.gradients.collect import training_rows
 from attribution_assets.engine.gradients.store import GradientStore
 from attribution_assets.engine.io.atomic import write_text_atomic
 from attribution_assets.engine.io.digests import files_digest, json_digest
-from attribution_assets.engine.preconditioning.autocorrelation import (
-    load_autocorrelation,
-    merge_accumulators,
-    row_autocorrelation,
-    save_accumulator,
-    save_autocorrelation,
-    shard_accumulator,
-)
-from attribution_assets.engine.preconditioning.preconditioners import (
-    Preconditioner,
-    check_preconditioner,
-    trackstar_preconditioner,
-)
 from attribution_assets.engine.progress import tracked
 from attribution_assets.engine.scoring import database
-from attribution_assets.engine.scoring.run import QueryScorer
-from attribution_assets.engine.scoring.tables import SCORE_COLUMNS
 from attribution_assets.spec import PipelineSpec
 
 ALL = dg.AllPartitionMapping()
@@ -84,6 +65,12 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
                           "a new shard adds its block, the merge never recomputes the others.")
     def shard_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource,
                               compute: ComputeResource):
+        from attribution_assets.engine.gradients.collect import training_rows  # torch
+        from attribution_assets.engine.preconditioning.autocorrelation import (
+            save_accumulator,
+            shard_accumulator,
+        )
+
         paths = storage.paths(spec)
         rows = training_rows(spec, paths, context.partition_keys,
                              collector=lambda: pipeline_collector(spec, storage, compute))
@@ -107,6 +94,11 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               description="Per-module autocorrelation (1/n) sum g g^T of the training gradients: the merge "
                           "of every shard's sums (cheap: no gradient rows are read).")
     def train_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+        from attribution_assets.engine.preconditioning.autocorrelation import (
+            merge_accumulators,
+            save_autocorrelation,
+        )
+
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
@@ -130,6 +122,16 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               description="TrackStar preconditioner: lambda R_query + (1 - lambda) R_train per module, "
                           "damped, float64 eigendecomposition.")
     def preconditioner(storage: StorageResource, compute: ComputeResource):
+        from attribution_assets.engine.preconditioning.autocorrelation import (
+            load_autocorrelation,
+            row_autocorrelation,
+        )
+        from attribution_assets.engine.preconditioning.preconditioners import (
+            Preconditioner,
+            check_preconditioner,
+            trackstar_preconditioner,
+        )
+
         timer = Timer()
         paths = storage.paths(spec)
         train = load_autocorrelation(paths.autocorrelation)
@@ -170,6 +172,13 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               description="Long-format Parquet `query_id, doc_id, shard, score` (higher = supports the query); "
                           "with scoring.breakdown, also each module's or head's contribution.")
     def scores(context: dg.AssetExecutionContext, storage: StorageResource, compute: ComputeResource):
+        import polars as pl
+
+        from attribution_assets.engine.explain.render import explanation_html, explanation_markdown
+        from attribution_assets.engine.explain.tokens import explain_samples
+        from attribution_assets.engine.gradients.collect import training_rows
+        from attribution_assets.engine.scoring.run import QueryScorer
+
         timer = Timer()
         paths = storage.paths(spec)
         scorer = QueryScorer.for_pipeline(spec, paths)
@@ -227,6 +236,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               description="DuckDB file of views (scores, documents, queries, top_influences; with a breakdown "
                           "module_scores, layer_scores, head_scores, top_heads) over the Parquet files.")
     def attribution_db(storage: StorageResource):
+        from attribution_assets.engine.scoring.tables import SCORE_COLUMNS  # polars
+
         paths = storage.paths(spec)
         path = database.build_database(paths, with_token_scores=spec.gradients.token_rows,
                                        breakdown=spec.scoring.breakdown)

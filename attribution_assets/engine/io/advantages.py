@@ -21,7 +21,6 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import polars as pl
 
 GRPO_EPS = 1e-4
 
@@ -34,6 +33,8 @@ def group_advantages(rewards: Sequence[float], groups: Sequence[str] | None, wei
     """Group-normalized advantages ``[n]`` (NaN where the reward is not finite): one hash
     group-by over the completions (``polars``), O(n) after reading ``groups``; the mean, then the
     ``ddof=1`` standard deviation of the deviations from it, over each group's finite rewards."""
+    import polars as pl
+
     r = np.asarray(rewards, dtype=np.float64)
     if groups is not None and len(groups) != len(r):
         raise AdvantageError(f"{len(groups)} groups for {len(r)} rewards")
