@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import dagster as dg
 
 from attribution_assets.defs.common import key, shards_partitions
+from attribution_assets.defs.freshness import FreshnessProof
 from attribution_assets.spec import PipelineSpec
 
 #: Partitioned assets outside the stages, materialized on demand (``attribution evaluate``, a UI
@@ -117,9 +118,10 @@ def _contiguous_ranges(selected: Sequence[str], order: Sequence[str]) -> list[tu
     return ranges
 
 
-#: The last staleness resolver: ``(defs, instance, latest event id, resolver)``. Its caches hold
-#: every status it computed (a shard's upstream statuses are the previous stage's), so it serves
-#: every stage of a command until an event is stored (a run, a materialization).
+#: The last staleness resolver: ``(defs, instance, latest event id, resolver, proof)``. Its caches
+#: hold every status it computed (a shard's upstream statuses are the previous stage's), so it
+#: serves every stage of a command until an event is stored (a run, a materialization); the
+#: :class:`freshness.FreshnessProof` of the same state answers first.
 _LAST_RESOLVER: tuple | None = None
 
 
@@ -134,7 +136,7 @@ def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
 
     latest = instance.event_log_storage.get_maximum_record_id()
     if _LAST_RESOLVER is not None and latest is not None:
-        last_defs, last_instance, last_event, resolver = _LAST_RESOLVER
+        last_defs, last_instance, last_event, resolver, _ = _LAST_RESOLVER
         if last_defs is defs and last_instance is instance and last_event == latest:
             return resolver
     graph = defs.resolve_asset_graph()
@@ -142,8 +144,25 @@ def _resolver(defs: dg.Definitions, instance: dg.DagsterInstance):
                                                           last_event_id=latest),
                           instance=instance, asset_graph=graph)
     resolver = CachingStaleStatusResolver(instance=instance, asset_graph=graph, loading_context=view)
-    _LAST_RESOLVER = (defs, instance, latest, resolver)
+    # every asset's latest materialization in one query, not one query per asset as statuses ask
+    resolver.instance_queryer.prefetch_asset_records(graph.get_all_asset_keys())
+    _LAST_RESOLVER = (defs, instance, latest, resolver, FreshnessProof(graph, instance, resolver.instance_queryer))
     return resolver
+
+
+def _checker(defs: dg.Definitions, instance: dg.DagsterInstance):
+    """``stale(asset_key, partitions)``: partition (None: unpartitioned) -> why it needs a run
+    (:func:`_why`), for the ``partitions`` of ``asset_key`` that are not fresh. Those the
+    freshness proof shows up to date (a few queries per asset) skip the resolver, which asks
+    about each partition on its own."""
+    resolver = _resolver(defs, instance)
+    proof: FreshnessProof = _LAST_RESOLVER[4]
+
+    def stale(asset_key: dg.AssetKey, partitions: Sequence[str | None]) -> dict[str | None, str]:
+        fresh = proof.fresh(asset_key, partitions)
+        return {p: why for p in partitions if p not in fresh and (why := _why(resolver, asset_key, p))}
+
+    return stale
 
 
 def _why(resolver, asset_key: dg.AssetKey, partition: str | None) -> str | None:
@@ -196,8 +215,7 @@ def unsynced_partitions(defs: dg.Definitions, instance: dg.DagsterInstance, asse
                         partitions: Sequence[str]) -> list[str]:
     """The ``partitions`` of ``asset_key`` that are missing or stale (its code version or an
     upstream's data changed since they were materialized), in order."""
-    resolver = _resolver(defs, instance)
-    return [p for p in partitions if _why(resolver, asset_key, p) is not None]
+    return list(_checker(defs, instance)(asset_key, partitions))
 
 
 def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterInstance, stage: Stage,
@@ -205,7 +223,7 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
     """The assets (and shards) of ``stage`` that are missing or unsynced (all with ``force``)."""
     present = defs.resolve_asset_graph().get_all_asset_keys()
     keys = [key(spec, n) for n in stage.assets if key(spec, n) in present]
-    resolver = None if force else _resolver(defs, instance)
+    stale_of = None if force else _checker(defs, instance)
     chosen, reasons, shards_needed = [], [], set()
     shards = instance.get_dynamic_partitions(shards_partitions(spec).name) if stage.partitioned else []
     if stage.partitioned and keys and not shards:
@@ -218,12 +236,12 @@ def plan_stage(defs: dg.Definitions, spec: PipelineSpec, instance: dg.DagsterIns
             reasons.append(f"{name}: forced" + (f" ({len(shards)} shards)" if shards else ""))
             continue
         if not stage.partitioned:
-            why = _why(resolver, asset_key, None)
+            why = stale_of(asset_key, [None]).get(None)
             if why:
                 chosen.append(asset_key)
                 reasons.append(f"{name}: {why}")
             continue
-        stale = {s: w for s in shards if (w := _why(resolver, asset_key, s))}
+        stale = stale_of(asset_key, shards)
         if stale:
             chosen.append(asset_key)
             shards_needed.update(stale)
