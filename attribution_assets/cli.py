@@ -35,6 +35,15 @@ def _defs_and_specs(pipeline_name: str | None = None, pipelines: Path | None = N
     return build_definitions(specs, spec_errors=errors), {s.name: s for s in specs}
 
 
+def _compute_here(args: argparse.Namespace) -> None:
+    """Size torch's, FAISS's and the BLAS thread pools to ``--threads`` for a command that computes
+    in this process outside Dagster steps (steps size them from the compute resource). Only such
+    commands load torch and FAISS for it: planning and a no-op ``materialize`` do not."""
+    from .engine.runtime import limit_threads
+
+    limit_threads(args.threads)
+
+
 def _log_level(args: argparse.Namespace) -> str:
     return "INFO" if args.verbose else "CRITICAL"
 
@@ -118,6 +127,7 @@ def _data_spec(path: str, args: argparse.Namespace, queries: bool):
 def cmd_init(args: argparse.Namespace) -> int:
     from .engine.quickstart import init_model
 
+    _compute_here(args)
     queries = _data_spec(args.queries, args, queries=True) if getattr(args, "queries", None) else None
     made = init_model(_data_spec(args.corpus, args, queries=False), Path(args.out), vocab_size=args.vocab_size,
                       queries=queries)
@@ -220,6 +230,7 @@ def _parse_line(line: str):
 def cmd_query(args: argparse.Namespace) -> int:
     from .engine.search.attributor import Attributor
 
+    _compute_here(args)
     defs, specs = _defs_and_specs(args.pipeline)
     spec = specs[args.pipeline]
     attributor = Attributor(spec, defs.resources["storage"].paths(spec),
@@ -283,6 +294,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from .engine.explain.render import explanation_html, explanation_terminal
     from .engine.explain.tokens import explain_query
 
+    _compute_here(args)
     defs, specs = _defs_and_specs(args.pipeline)
     spec = specs[args.pipeline]
     if args.k < 1:
@@ -305,6 +317,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_diagnose(args: argparse.Namespace) -> int:
     from .engine.evaluation.diagnose import diagnose, format_report
 
+    _compute_here(args)
     print(format_report(diagnose(args.model, threshold=args.threshold, device=args.device, dtype=args.dtype)))
     return 0
 
@@ -420,9 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         from .engine.progress import reporting, terminal_sink
-        from .engine.runtime import limit_threads
 
-        limit_threads(args.threads)
         with reporting(terminal_sink()):
             return args.func(args)
     except KeyboardInterrupt:

@@ -59,8 +59,11 @@ def test_definitions_and_planning_load_without_the_compute_stack(tmp_path):
     the steps and commands that compute, not with the definitions, the planner or the instance
     (``benchmarks/bench_cli.py`` times it)."""
     heavy = ("torch", "transformers", "scipy", "faiss", "polars", "duckdb", "datasets", "safetensors")
-    code = ("import sys, attribution_assets.definitions, attribution_assets.cli, attribution_assets.report, "
-            "attribution_assets.defs.runner, attribution_assets.defs.instance; "
+    code = ("import sys, dagster as dg, attribution_assets.definitions, attribution_assets.report\n"
+            "from attribution_assets.cli import _defs_and_specs\n"
+            "from attribution_assets.defs.planning import STAGES, plan_stage\n"
+            "defs, specs = _defs_and_specs('demo')\n"
+            "assert plan_stage(defs, specs['demo'], dg.DagsterInstance.ephemeral(), STAGES[0]).keys\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     env = {k: v for k, v in os.environ.items() if k not in ("ATTRIBUTION_PIPELINES", "ATTRIBUTION_RECIPE")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
