@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="FAISS factories; {pq}: p*p/4 sub-quantizers")
     down.add_argument("--hnsw-max-rows", type=int, default=3_000_000, help="HNSW above this: skipped")
     down.add_argument("--queries", type=int, default=1000)
+    down.add_argument("--top-k", type=int, default=100, help="score rows kept per query and shard")
     platform = sub.add_parser("platform", help="Dagster at many shard partitions")
     platform.add_argument("--partitions", type=int, nargs="+", default=[1000, 10_000])
     precond = sub.add_parser("precond", help="one module's share of the preconditioner asset per projection")

@@ -141,7 +141,7 @@ def faiss_figures(factory: str, blocks, queries: np.ndarray, query_ids: list[str
 
 
 def downstream(rows: int, p: int, base: Path, factories: list[str], hnsw_max_rows: int, n_queries: int,
-               shard_rows: int = SHARD_ROWS) -> dict:
+               shard_rows: int = SHARD_ROWS, top_k: int = 100) -> dict:
     """Every downstream stage at ``rows`` rows of ``p * p`` columns; figures as a dict."""
     from attribution_assets.engine.gradients.collect import ShardRows
     from attribution_assets.engine.gradients.store import GradientStore
@@ -159,7 +159,7 @@ def downstream(rows: int, p: int, base: Path, factories: list[str], hnsw_max_row
     from attribution_assets.spec import ScoringSpec
 
     paths = PipelinePaths.under(base, "synthetic")
-    fig = {"rows": rows, "p": p, "dims": p * p, "load_before": load()}
+    fig = {"rows": rows, "p": p, "dims": p * p, "queries": n_queries, "top_k": top_k, "load_before": load()}
     (shards, queries), fig["write_s"], _ = timed(write_stores, paths.root, rows, p, shard_rows)
     queries = queries[:n_queries]
     fig["store_bytes_per_row"] = round(du(paths.root / "train_gradients") / rows, 1)
@@ -182,7 +182,7 @@ def downstream(rows: int, p: int, base: Path, factories: list[str], hnsw_max_row
 
     def score_all():
         return sum(scorer.write_shard(ShardRows(s, (g := GradientStore(paths.train_gradients(s))).array, g.info,
-                                                g.doc_ids), paths, top_k=100).rows for s in shards)
+                                                g.doc_ids), paths, top_k=top_k).rows for s in shards)
 
     fig["score_rows"], fig["scores_s"], fig["scores_peak_mb"] = timed(score_all)
     fig["score_bytes_per_row"] = round(du(paths.root / "scores") / fig["score_rows"], 1)
@@ -226,7 +226,7 @@ def print_downstream(f: dict) -> None:
     print(f"| autocorrelation merge | {f['merge_s']} | {f['merge_s'] * per:.2f} | {f['merge_peak_mb']} | |")
     print(f"| preconditioner | {f['preconditioner_s']} | | {f['preconditioner_peak_mb']} | train spectrum "
           f"{f['train_spectrum_s']} s, query spectrum {f['query_spectrum_s']} s, eigh {f['eigh_s']} s |")
-    print(f"| scores (1,000 queries, top_k 100) | {f['scores_s']} | {f['scores_s'] * per:.1f} | {f['scores_peak_mb']} | "
+    print(f"| scores ({f.get('queries', 1000):,} queries, top_k {f.get('top_k', 100)}) | {f['scores_s']} | {f['scores_s'] * per:.1f} | {f['scores_peak_mb']} | "
           f"{f['score_rows']:,} rows, {f['score_bytes_per_row']} bytes/row |")
     print(f"| DuckDB: one query's top_influences top-10 | {f['top10_s']} | | | views built in {f['database_build_s']} s |")
     print(f"| DuckDB: GROUP BY query over all scores | {f['group_by_s']} | | | |")
@@ -247,7 +247,8 @@ def run_downstream(args) -> None:
     for p in args.dims:
         for rows in args.rows:
             with tempfile.TemporaryDirectory(prefix="bench-curve-down-", dir=args.tmp) as tmp:
-                fig = downstream(rows, p, Path(tmp), args.factories, args.hnsw_max_rows, args.queries)
+                fig = downstream(rows, p, Path(tmp), args.factories, args.hnsw_max_rows, args.queries,
+                                 top_k=args.top_k)
             record(args.out, "downstream", fig)
             print_downstream(fig)
 
