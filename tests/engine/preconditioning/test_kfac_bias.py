@@ -286,7 +286,7 @@ def test_many_label_samples_converge_to_the_gauss_newton_expectation(model):
         c = np.diag(basis.T @ per_doc @ basis)
         errors[n] = (np.linalg.norm(s - cov_s) / np.linalg.norm(cov_s),
                      np.linalg.norm(pre.curvature["head"].reshape(-1) - c) / np.linalg.norm(c))
-    assert max(errors[1000]) < 0.06 and min(errors[1]) > 4 * max(errors[1000]), errors
+    assert max(errors[1000]) < 0.04 and min(errors[1]) > 8 * max(errors[1000]), errors  # 0.022 vs 0.39
 
 
 def test_curvature_settings_are_validated():
