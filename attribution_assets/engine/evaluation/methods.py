@@ -264,11 +264,13 @@ class GradientCache:
 
     def kronecker(self, scoring: ScoringSpec) -> KroneckerPreconditioner:
         """EK-FAC / K-FAC fitted on the training documents: covariance sums once per label
-        setting, eigendecomposition once per space, EK-FAC's correction once more, damped."""
+        setting (with the pipeline's ``curvature.label_samples`` draws), eigendecomposition once
+        per space, EK-FAC's correction once more, damped."""
         labels = (scoring.kfac_labels, scoring.kfac_seed)
         if labels not in self._covariance:
             start = time.perf_counter()
-            collector = CurvatureCollector(self.model, self.spec.gradients, *labels)
+            collector = CurvatureCollector(self.model, self.spec.gradients, *labels,
+                                           label_samples=self.spec.curvature.label_samples)
             self._covariance[labels] = (collector, collector.covariance(self._pairs()))
             self.seconds["kfac covariance"] = time.perf_counter() - start
         collector, covariance = self._covariance[labels]
