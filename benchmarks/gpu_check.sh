@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# GPU checks in under 5 minutes: the collection benchmark on CUDA (float32 and bfloat16), the
-# collector's exactness tests on CUDA, `diagnose` (bfloat16 vs float32, TF32 rungs) and a
-# FAISS GPU index against the CPU one. Run from anywhere:
+# GPU checks in under 6 minutes: the collection benchmark on CUDA (float32 and bfloat16), the
+# collector's exactness tests on CUDA, `diagnose` (bfloat16 vs float32, TF32 rungs), a
+# FAISS GPU index against the CPU one, and the torchrun group's NCCL path with FSDP2 (one rank
+# per GPU, at most 2; with one GPU, FSDP2 over a world of 1). Run from anywhere:
 #
 #     benchmarks/gpu_check.sh            # PYTHON=.venv/bin/python by default
 #
@@ -66,4 +67,8 @@ else:
     print(f"top-10 overlap GPU vs CPU: {same:.4f}")
     assert same > 0.99, "GPU and CPU indexes disagree"
 EOF
+echo; echo "== 5. torchrun group on NCCL: 1 rank vs FSDP2 ranks (meta-device load, sharded reads), same rows =="
+RANKS=$("$PY" -c "import torch; print(min(2, torch.cuda.device_count()))")
+timeout 240 "$PY" benchmarks/bench_fsdp.py --device cuda --ranks "$RANKS" --hidden 256 --layers 4 --shards 2 \
+    --docs-per-shard 8 --length 64 --batch-tokens 128 --max-row-diff 1e-4
 echo "gpu_check: done"

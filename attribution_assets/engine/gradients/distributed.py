@@ -186,6 +186,8 @@ def run(read_job: Callable[[], dict], report: Callable[[dict], None]) -> None:
     module docstring); other ranks call neither."""
     backend = "nccl" if models.resolve_device(os.environ.get("ATTRIBUTION_DEVICE", "auto")).type == "cuda" \
         and torch.cuda.is_available() else "gloo"
+    if backend == "nccl":  # NCCL's object collectives use the current device: this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
     try:
         _run_rank(read_job, report, backend)

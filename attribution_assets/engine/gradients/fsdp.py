@@ -13,12 +13,13 @@ buffers that the checkpoint holds are read whole.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import struct
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -51,6 +52,16 @@ def parameters_on_meta() -> Iterator[None]:
         yield
     finally:
         nn.Module.register_parameter = register
+
+
+def return_freed_blocks(threshold: int = 1 << 20) -> None:
+    """glibc serves allocations below its mmap threshold (raised at run time up to 32 MiB) from
+    heaps that keep freed memory resident: a rank's gathered blocks, freed after each block's
+    forward and backward, would stay in its RSS until it held the whole model. From here on,
+    allocations of ``threshold`` bytes or more get mappings of their own, unmapped when freed
+    (no-op without glibc)."""
+    with suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").mallopt(-3, threshold)  # M_MMAP_THRESHOLD
 
 
 def checkpoint_tensors(source: str, revision: str | None = None) -> dict[str, tuple[Path, dict, int]]:
@@ -149,6 +160,7 @@ def load_sharded(spec: PipelineSpec, paths: PipelinePaths, device: torch.device,
     ``model.dtype``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    return_freed_blocks()
     model_spec = spec.model
     if model_spec.adapter:
         raise ValueError("fsdp does not load PEFT adapters; merge the adapter into its base model "
