@@ -3,8 +3,8 @@
 Rows: one ``p x p`` module block per row (``p * p`` columns: 256 at p = 16, 1,024 at p = 32),
 gradient-like: 1,000 cluster centres plus noise with a decaying spectrum, unit rows, written
 through ``write_store`` in shards of ``SHARD_ROWS``. Per stage, as the pipeline's assets run
-them: per-shard autocorrelation sums (``shard_autocorrelation``), their merge
-(``train_autocorrelation``), ``trackstar_preconditioner`` (auto mixing with 1,000 query rows),
+them: per-shard autocorrelation sums (``shard_autocorr``), their merge
+(``autocorrelation``), ``trackstar_preconditioner`` (auto mixing with 1,000 query rows),
 scores (``QueryScorer.write_shard``, ``top_k`` 100) into Parquet, the DuckDB views (one query's
 ``top_influences`` top-10; a GROUP BY over all scores), then each FAISS factory through
 ``build_index`` (``auto`` nprobe / efSearch calibrated on the queries to recall@10 0.95) with
@@ -167,10 +167,10 @@ def downstream(rows: int, p: int, base: Path, factories: list[str], hnsw_max_row
     def shard_sums():
         for shard in shards:
             acc = AutocorrelationAccumulator(layout(p)).update(GradientStore(paths.train_gradients(shard)).array)
-            save_accumulator(paths.shard_autocorrelation(shard), acc)
+            save_accumulator(paths.shard_autocorr(shard), acc)
 
     _, fig["shard_sums_s"], fig["shard_sums_peak_mb"] = timed(shard_sums)
-    sums = [paths.shard_autocorrelation(s) for s in shards]
+    sums = [paths.shard_autocorr(s) for s in shards]
     train, fig["merge_s"], fig["merge_peak_mb"] = timed(merge_accumulators, sums)
     query = row_autocorrelation(queries, layout(p))
     scoring = ScoringSpec()

@@ -93,7 +93,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
 def test_only_the_paths_module_joins_asset_directories():
     """No ``something / "<asset dir or file>"`` path join outside ``engine/io/paths.py``."""
     names = {"corpus", "query_set", "tokenizer", "tokenized_shards", "tokenized_queries",
-             "train_gradients", "query_gradients", "train_autocorrelation", "preconditioner",
+             "train_gradients", "query_gradients", "autocorrelation", "preconditioner",
              "faiss_index", "scores", "evaluation", "lds_retrain", "attribution.duckdb",
              "kfac_covariance", "kfac_factors", "kfac_eigendecomposition", "ekfac_correction",
              "ekfac_eigenvalues", "kfac_query_gradients",

@@ -4,7 +4,7 @@
   spec sections they read are hashed into it) or an updated upstream partition.
 * ``tokenized_shards`` ignores re-materializations of ``corpus``: shards are
   append-only, so new data costs only the new shards' work.
-* Fan-in assets (``train_autocorrelation``, ``kfac_factors``) rebuild when missing, when
+* Fan-in assets (``autocorrelation``, ``kfac_factors``) rebuild when missing, when
   their code version changes, or from the pipeline's schedule / on demand, never once per
   new shard. A new K-FAC eigenbasis re-runs every shard's ``ekfac_correction``, then
   ``ekfac_eigenvalues`` (which waits for the corrections, not for the eigenbasis).
@@ -76,7 +76,7 @@ def rebuild_schedule(spec: PipelineSpec) -> dg.ScheduleDefinition | None:
     if spec.queries is None:
         return None
     names = ("kfac_factors", "kfac_eigendecomposition") if spec.scoring.kronecker else \
-        ("train_autocorrelation", "preconditioner")  # EK-FAC's corrections follow by automation
+        ("autocorrelation", "preconditioner")  # EK-FAC's corrections follow by automation
     targets = [key(spec, name) for name in names]
     if spec.index.enabled and spec.scoring.mode == "stored":
         targets.append(key(spec, "faiss_index"))

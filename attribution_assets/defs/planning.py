@@ -39,12 +39,12 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries", "query_gradients"),
           False),
-    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorrelation", "kfac_covariance"),
+    Stage("shards", ("tokenized_shards", "train_gradients", "shard_autocorr", "kfac_covariance"),
           True),
     Stage("kfac_factors", ("kfac_factors", "kfac_eigendecomposition"), False),
     Stage("ekfac_correction", ("ekfac_correction",), True),
     Stage("ekfac_eigenvalues", ("ekfac_eigenvalues",), False),
-    Stage("fan_in", ("kfac_query_gradients", "train_autocorrelation", "preconditioner", "faiss_index"),
+    Stage("fan_in", ("kfac_query_gradients", "autocorrelation", "preconditioner", "faiss_index"),
           False),
     Stage("scores", ("scores",), True),
     Stage("database", ("attribution_db", "overview", "train_time_fact_tracing"), False),
@@ -55,7 +55,7 @@ FINETUNE_STAGES: tuple[Stage, ...] = (
     Stage("prepare", ("corpus", "query_set", "tokenizer", "model", "tokenized_queries"), False),
     Stage("tokens", ("tokenized_shards",), True),
     Stage("finetune", ("finetune", "query_gradients"), False),
-    Stage("shards", ("train_gradients", "shard_autocorrelation", "kfac_covariance"), True),
+    Stage("shards", ("train_gradients", "shard_autocorr", "kfac_covariance"), True),
     *STAGES[2:],
 )
 

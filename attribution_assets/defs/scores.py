@@ -53,8 +53,8 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
     model_version = compute_version(compute) if streaming else ""  # streamed rows come from the model
     train_source = key(spec, "tokenized_shards") if streaming else key(spec, "train_gradients")
     precond_key = key(spec, "preconditioner")
-    autocorr_key = key(spec, "train_autocorrelation")
-    shard_autocorr_key = key(spec, "shard_autocorrelation")
+    autocorr_key = key(spec, "autocorrelation")
+    shard_autocorr_key = key(spec, "shard_autocorr")
 
     @dg.asset(key=shard_autocorr_key, group_name=spec.name, partitions_def=shards_partitions(spec),
               deps=[train_source],
@@ -63,7 +63,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               pool="gpu" if streaming else None, automation_condition=rebuild_condition(),
               description="One shard's per-module sums S = sum g g^T of its document rows and their count: "
                           "a new shard adds its block, the merge never recomputes the others.")
-    def shard_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource,
+    def shard_autocorr(context: dg.AssetExecutionContext, storage: StorageResource,
                               compute: ComputeResource):
         from attribution_assets.engine.gradients.collect import training_rows  # torch
         from attribution_assets.engine.preconditioning.autocorrelation import (
@@ -79,7 +79,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
             for shard_rows in tracked(rows, "autocorrelation", len(context.partition_keys), "shards"):
                 timer = Timer()
                 accumulator = shard_accumulator(shard_rows)
-                out = paths.shard_autocorrelation(shard_rows.shard)
+                out = paths.shard_autocorr(shard_rows.shard)
                 save_accumulator(out, accumulator)
                 shards[shard_rows.shard] = {
                     "rows": accumulator.n, "modules": len(accumulator.layout), "path": path_metadata(out),
@@ -93,7 +93,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
               automation_condition=rebuild_condition(on_deps_updated=False),
               description="Per-module autocorrelation (1/n) sum g g^T of the training gradients: the merge "
                           "of every shard's sums (cheap: no gradient rows are read).")
-    def train_autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
+    def autocorrelation(context: dg.AssetExecutionContext, storage: StorageResource) -> dg.MaterializeResult:
         from attribution_assets.engine.preconditioning.autocorrelation import (
             merge_accumulators,
             save_autocorrelation,
@@ -102,11 +102,11 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         timer = Timer()
         paths = storage.paths(spec)
         shards = context.instance.get_dynamic_partitions(shards_partitions(spec).name)
-        missing = [s for s in shards if not paths.shard_autocorrelation(s).exists()]
+        missing = [s for s in shards if not paths.shard_autocorr(s).exists()]
         if missing:
             raise FileNotFoundError(f"No shard autocorrelation for {missing[:4]} of pipeline {spec.name!r}; "
-                                    f"materialize {spec.name}/shard_autocorrelation for those shards first.")
-        train = merge_accumulators([paths.shard_autocorrelation(s) for s in shards])
+                                    f"materialize {spec.name}/shard_autocorr for those shards first.")
+        train = merge_accumulators([paths.shard_autocorr(s) for s in shards])
         save_autocorrelation(paths.autocorrelation, train)
         return dg.MaterializeResult(
             metadata={"shards": len(shards), "n_train": train.n, "modules": len(train.layout),
@@ -273,5 +273,5 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
             **{f"score_p{q:g}": round(v, 4) for q, v in result.percentiles.items()}, **figures,
             "seconds": timer.seconds})
 
-    fan_in = [] if kronecker else [shard_autocorrelation, train_autocorrelation, preconditioner]
+    fan_in = [] if kronecker else [shard_autocorr, autocorrelation, preconditioner]
     return [*fan_in, scores, attribution_db, overview]

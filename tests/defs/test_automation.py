@@ -10,7 +10,7 @@ from attribution_assets.defs.automation import directory_state
 from attribution_assets.defs.runner import FORCE_TAG, materialize_pipeline
 from tests.helpers import definitions_for, user_pipeline_spec
 
-TRAIN_SIDE = {"tokenized_shards", "train_gradients", "shard_autocorrelation", "train_autocorrelation"}
+TRAIN_SIDE = {"tokenized_shards", "train_gradients", "shard_autocorr", "autocorrelation"}
 
 
 def _requested(result) -> dict[str, set]:
@@ -47,7 +47,7 @@ def test_projection_change_rebuilds_gradient_side_only(pipeline):
     spec, storage, instance, cursor, _ = pipeline
     changed = dataclasses.replace(spec, gradients=dataclasses.replace(spec.gradients, projection_dim=8))
     requested = _requested(_evaluate(changed, storage, instance, cursor))
-    assert set(requested) == {"train_gradients", "query_gradients", "shard_autocorrelation", "train_autocorrelation",
+    assert set(requested) == {"train_gradients", "query_gradients", "shard_autocorr", "autocorrelation",
                               "preconditioner", "scores", "faiss_index"}
     assert requested["train_gradients"] == set(instance.get_dynamic_partitions("ops_shards"))
 
@@ -57,7 +57,7 @@ def test_query_change_rebuilds_query_side_only(pipeline):
     changed = dataclasses.replace(spec, queries=dataclasses.replace(spec.queries, max_length=32))
     requested = set(_requested(_evaluate(changed, storage, instance, cursor)))
     # The mixed TrackStar preconditioner (and so the index) depends on the query gradients;
-    # the expensive fan-in over training shards (train_autocorrelation) does not.
+    # the expensive fan-in over training shards (autocorrelation) does not.
     assert {"query_set", "tokenized_queries", "query_gradients"} <= requested
     assert requested <= {"query_set", "tokenized_queries", "query_gradients", "preconditioner", "faiss_index",
                          "scores"}
@@ -82,7 +82,7 @@ def test_new_file_becomes_new_shards_without_touching_old_ones(pipeline):
     requested = _requested(_evaluate(spec, storage, instance, cursor))
     # Only the new shards' own work; the fan-in over all shards waits for the schedule.
     assert requested == {"tokenized_shards": set(new), "train_gradients": set(new),
-                         "shard_autocorrelation": set(new), "scores": set(new)}
+                         "shard_autocorr": set(new), "scores": set(new)}
 
 
 def test_single_run_backfill_loads_the_model_once(pipeline, monkeypatch):

@@ -65,7 +65,7 @@ def test_a_setting_change_reruns_only_what_it_affects(ops):
     assert "query_gradients: has a new code version" in lines["ops prepare"]
     assert "corpus" not in lines["ops prepare"] and "model" not in lines["ops prepare"]
     assert lines["ops shards"] == ("train_gradients (2 of 2 shards): has a new code version; "
-                                   "shard_autocorrelation (2 of 2 shards): has a new code version")
+                                   "shard_autocorr (2 of 2 shards): has a new code version")
     assert lines["ops scores"] == "scores (2 of 2 shards): has a new code version"
 
 

@@ -65,7 +65,7 @@ DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 #: Assets whose steps must get a GPU (the `gpu` pool) and some that must not, by name.
 GPU_ASSETS = {"train_gradients", "query_gradients", "kfac_covariance", "ekfac_correction", "kfac_query_gradients",
               "scores", "faiss_index", "finetune", "magic_training", "magic_scores", "lds_retrain"}
-CPU_ASSETS = {"corpus", "tokenized_shards", "tokenized_queries", "shard_autocorrelation", "train_autocorrelation",
+CPU_ASSETS = {"corpus", "tokenized_shards", "tokenized_queries", "shard_autocorr", "autocorrelation",
               "preconditioner", "kfac_factors", "ekfac_eigenvalues", "attribution_db"}
 
 

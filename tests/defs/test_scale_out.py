@@ -103,7 +103,7 @@ def test_shard_assets_take_the_profiles_backfill_policy(tmp_path, tiny_model_dir
         .resolve_asset_graph()
     policies = {k.path[-1]: graph.get(k).backfill_policy for k in graph.get_all_asset_keys()
                 if graph.get(k).partitions_def is not None}
-    assert set(policies) >= {"tokenized_shards", "train_gradients", "shard_autocorrelation", "scores"}
+    assert set(policies) >= {"tokenized_shards", "train_gradients", "shard_autocorr", "scores"}
     assert all(p == dg.BackfillPolicy.multi_run(max_partitions_per_run=3) for p in policies.values())
 
 

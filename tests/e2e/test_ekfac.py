@@ -49,7 +49,7 @@ def _docs(paths):
 def test_asset_graph_partitions_checks_and_no_trackstar_assets(ekfac_demo):
     spec, paths, results = ekfac_demo
     materialized = {e.asset_key.path[-1] for r in results for e in r.get_asset_materialization_events()}
-    assert set(KFAC_ASSETS) <= materialized and not {"train_autocorrelation", "preconditioner"} & materialized
+    assert set(KFAC_ASSETS) <= materialized and not {"autocorrelation", "preconditioner"} & materialized
     checks = [c for r in results for c in r.get_asset_check_evaluations()]
     assert checks and all(c.passed for c in checks), [(c.asset_key, c.check_name) for c in checks if not c.passed]
     assert {c.check_name for c in checks if c.asset_key.path[-1] in KFAC_ASSETS} >= {

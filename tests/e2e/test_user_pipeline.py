@@ -76,7 +76,7 @@ def test_bfloat16_model_with_positional_token_rows_materializes(tmp_path, tiny_m
     assert len(evaluations) >= 6 and not failed, failed
     tokens = pl.read_parquet(storage / "mine" / "scores" / "shard-00000" / "token_scores.parquet")
     assert tokens.columns == ["query_id", "doc_id", "shard", "token", "score"] and tokens["token"].min() == 0
-    for name in ("query_gradients", "train_autocorrelation", "preconditioner", "faiss_index", "scores"):
+    for name in ("query_gradients", "autocorrelation", "preconditioner", "faiss_index", "scores"):
         event = instance.get_latest_materialization_event(dg.AssetKey(["mine", name]))
         assert event.asset_materialization.metadata["peak_rss_mb"].value > 0, name
 

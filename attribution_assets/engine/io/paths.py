@@ -125,11 +125,11 @@ class PipelinePaths:
     # preconditioning and search
     @property
     def autocorrelation(self) -> Path:
-        return self.root / "train_autocorrelation"
+        return self.root / "autocorrelation"
 
-    def shard_autocorrelation(self, shard: str) -> Path:
+    def shard_autocorr(self, shard: str) -> Path:
         """One shard's autocorrelation sums (``engine.preconditioning.autocorrelation.save_accumulator``)."""
-        return self.root / "shard_autocorrelation" / shard
+        return self.root / "shard_autocorr" / shard
 
     @property
     def preconditioner(self) -> Path:
