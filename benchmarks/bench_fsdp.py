@@ -12,8 +12,8 @@ against the one-rank peak, and the largest row difference between the two stores
 
 Two presets because on CPU the issue's two targets pull apart. Speed: every FSDP pass
 all-gathers the whole model once forward and once backward (gloo over loopback: ~0.25 GB/s per
-rank measured on the loaded 2-core machine), so passes need many tokens (``speed``: 1024-token
-batches of a 300 M-parameter model). Memory: a rank holds the interpreter (~470 MiB of torch and
+rank measured on the loaded 2-core machine), so passes need many tokens (``speed``: 2048-token
+batches of a 300 M-parameter model, one per rank and shard). Memory: a rank holds the interpreter (~470 MiB of torch and
 transformers), half the parameters, ~4 gathered blocks and its batch's activations (~74 KiB per
 token and layer at hidden 1024), so the rank/one-process ratio drops below 0.6 only when the
 parameters dwarf the rest (``memory``: 2 G parameters in 160 thin blocks, 16-token batches).
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 
 PRESETS = {"speed": {"hidden": 1024, "layers": 24, "shards": 2, "docs_per_shard": 64, "length": 64,
-                     "batch_tokens": 1024},
+                     "batch_tokens": 2048},
            "memory": {"hidden": 1024, "layers": 160, "shards": 2, "docs_per_shard": 4, "length": 16,
                       "batch_tokens": 16}}
 
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--docs-per-shard", type=int, default=64)
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--batch-tokens", type=int, default=1024, help="gradients.max_tokens_per_batch")
+    parser.add_argument("--batch-tokens", type=int, default=2048, help="gradients.max_tokens_per_batch")
     parser.add_argument("--projection-dim", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="threads per rank (both launches)")
