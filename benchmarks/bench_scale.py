@@ -126,7 +126,7 @@ def run_starts(instance: dg.DagsterInstance, shard_times: dict[str, float]) -> l
 
 
 def torchrun(spec, root: Path, shard: str, ranks: int, threads: int, out: Path, fingerprint: str) -> tuple[float, dict]:
-    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shard": shard, "fingerprint": fingerprint,
+    job = {"spec": spec_to_json(spec), "storage_root": str(root), "shards": [shard], "fingerprint": fingerprint,
            "producer": "bench", "device": "cpu", "threads": threads, "out": str(out)}
     path = out.parent / f"job-{ranks}.json"
     path.write_text(json.dumps(job))
