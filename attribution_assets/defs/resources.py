@@ -14,7 +14,6 @@ import dagster as dg
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from attribution_assets.defs.runs import process_tags
-from attribution_assets.engine.io import models
 from attribution_assets.engine.io.paths import PipelinePaths
 from attribution_assets.engine.runtime import claim_slot, limit_threads
 from attribution_assets.spec import PipelineSpec
@@ -106,6 +105,8 @@ class ComputeResource(dg.ConfigurableResource):
 
     def autocast_dtype(self):
         """The ``torch.autocast`` dtype of gradient steps (None: off)."""
+        from attribution_assets.engine.io import models  # torch: loaded by the steps that compute
+
         return None if self.autocast == "off" else models.DTYPES[self.autocast]
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
@@ -135,6 +136,8 @@ class ComputeResource(dg.ConfigurableResource):
     def cast(self, model):
         """Cast ``model`` to ``precision`` (no-op for ``auto`` and for quantized models, whose
         weights keep the dtypes they were loaded with)."""
+        from attribution_assets.engine.io import models
+
         if self.precision == "auto" or models.is_quantized(model):
             return model
         if self.precision not in models.DTYPES:
@@ -144,6 +147,8 @@ class ComputeResource(dg.ConfigurableResource):
     def torch_device(self):
         import torch
 
+        from attribution_assets.engine.io import models
+
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         return models.resolve_device(self._claimed or self.device)
@@ -151,6 +156,8 @@ class ComputeResource(dg.ConfigurableResource):
     def load_model(self, spec: PipelineSpec, paths: PipelinePaths, base: bool = False):
         """``(model, tokenizer)`` of the pipeline on this resource's device and precision
         (``base``: the model a ``finetune`` section starts from)."""
+        from attribution_assets.engine.io import models
+
         model, tokenizer = models.load_pipeline_model(spec, paths, self.torch_device(), base=base)
         return self.cast(model), tokenizer
 
