@@ -210,6 +210,21 @@ def print_e2e(row: dict) -> None:
           flush=True)
 
 
+def summary(results: Path) -> None:
+    """One table over every ``e2e`` result: seconds per 1k documents and peak RSS per stage."""
+    runs = [r for r in map(json.loads, results.read_text().splitlines()) if r["kind"] == "e2e"]
+    runs.sort(key=lambda r: (r["profile"], r["shard_size"], r["docs"]))
+    stages = [s["stage"] for s in runs[0]["stages"] if not s["stage"].startswith(("kfac", "ekfac"))]
+    print("| profile | shard_size | documents | " + " | ".join(f"{s} s/1k (MiB)" for s in stages)
+          + " | total s | bytes/doc | load after |")
+    print("|---|---|---|" + "---|" * (len(stages) + 3))
+    for r in runs:
+        by = {s["stage"]: s for s in r["stages"]}
+        cells = [f"{by[s]['s_per_1k']} ({by[s]['peak_rss_mb']})" for s in stages]
+        print(f"| {r['profile']} | {r['shard_size']:,} | {r['docs']:,} | " + " | ".join(cells)
+              + f" | {r['seconds']} | {r['bytes_per_doc']:,.0f} | {r['load_after']} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=CACHE / "curve.jsonl", help="results, one JSON line each")
@@ -237,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     precond = sub.add_parser("precond", help="one module's share of the preconditioner asset per projection")
     precond.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="projection p (d = p*p)")
     sub.add_parser("picture", help="docs/img/scale-curve.png from --out")
+    sub.add_parser("summary", help="one table over every e2e result in --out")
     args = parser.parse_args(argv)
     if args.command == "e2e-child":
         print(json.dumps(e2e_child(args.docs, args.shard_size, args.profile, args.base)))
@@ -257,6 +273,8 @@ def main(argv: list[str] | None = None) -> None:
         from curve_platform import run_platform
 
         run_platform(args)
+    elif args.command == "summary":
+        summary(args.out)
     else:
         from curve_downstream import picture
 
