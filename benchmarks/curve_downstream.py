@@ -226,7 +226,8 @@ def print_downstream(f: dict) -> None:
     print(f"| autocorrelation merge | {f['merge_s']} | {f['merge_s'] * per:.2f} | {f['merge_peak_mb']} | |")
     print(f"| preconditioner | {f['preconditioner_s']} | | {f['preconditioner_peak_mb']} | train spectrum "
           f"{f['train_spectrum_s']} s, query spectrum {f['query_spectrum_s']} s, eigh {f['eigh_s']} s |")
-    print(f"| scores ({f.get('queries', 1000):,} queries, top_k {f.get('top_k', 100)}) | {f['scores_s']} | {f['scores_s'] * per:.1f} | {f['scores_peak_mb']} | "
+    print(f"| scores ({f.get('queries', 1000):,} queries, top_k {f.get('top_k', 100)}) | {f['scores_s']} | "
+          f"{f['scores_s'] * per:.1f} | {f['scores_peak_mb']} | "
           f"{f['score_rows']:,} rows, {f['score_bytes_per_row']} bytes/row |")
     print(f"| DuckDB: one query's top_influences top-10 | {f['top10_s']} | | | views built in {f['database_build_s']} s |")
     print(f"| DuckDB: GROUP BY query over all scores | {f['group_by_s']} | | | |")
@@ -254,68 +255,38 @@ def run_downstream(args) -> None:
 
 
 def picture(results: Path, out: Path) -> None:
-    """Seconds per 1k documents of each stage against the corpus size (``e2e`` results, local
-    profile) and seconds per 1M rows downstream, log-log, in one figure."""
+    """Seconds per 1k documents and peak RSS of each stage against the corpus size (``e2e``
+    results) and the downstream stages' seconds against the rows, log-log, in one figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4.2))
     for (profile, shard_size) in sorted({(r["profile"], r["shard_size"]) for r in rows if r["kind"] == "e2e"}):
         runs = sorted((r for r in rows if r["kind"] == "e2e" and r["profile"] == profile
                        and r["shard_size"] == shard_size), key=lambda r: r["docs"])
         for stage in ("shards", "fan_in", "scores"):
             xs = [r["docs"] for r in runs]
-            ys = [next(s["s_per_1k"] for s in r["stages"] if s["stage"] == stage) for r in runs]
-            left.plot(xs, ys, marker="o", label=f"{stage}, {profile}, shard {shard_size:,}")
+            by = [next(s for s in r["stages"] if s["stage"] == stage) for r in runs]
+            label = f"{stage}, {profile}, shard {shard_size:,}"
+            left.plot(xs, [s["s_per_1k"] for s in by], marker="o", label=label)
+            middle.plot(xs, [s["peak_rss_mb"] for s in by], marker="o", label=label)
     left.set(xscale="log", yscale="log", xlabel="documents", ylabel="seconds per 1k documents",
-             title="end to end (tiny model)")
+             title="end to end (tiny model): time")
+    middle.set(xscale="log", yscale="log", xlabel="documents", ylabel="peak RSS MiB", title="end to end: memory")
     left.legend(fontsize=6)
     down = sorted((r for r in rows if r["kind"] == "downstream"), key=lambda r: (r["p"], r["rows"]))
     for p in sorted({r["p"] for r in down}):
         runs = [r for r in down if r["p"] == p]
-        for name in ("shard_sums_s", "merge_s", "scores_s", "top10_s"):
+        for name in ("shard_sums_s", "merge_s", "top10_s", "group_by_s"):
             right.plot([r["rows"] for r in runs], [r[name] for r in runs], marker="o", label=f"{name[:-2]}, p={p}")
     right.set(xscale="log", yscale="log", xlabel="gradient rows", ylabel="seconds", title="downstream (synthetic)")
     right.legend(fontsize=6)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=100)
     os.replace(tmp, out)
     print(f"wrote {out}")
-
-
-def preconditioner_costs(p: int, n_queries: int = 8, seed: int = 0) -> dict:
-    """One ``p x p`` module's share of the ``preconditioner`` asset (``d = p * p``): the pooled
-    spectrum (``eigvalsh``, float64: once for the auto mixing weight, once again for the asset's
-    spectrum figure), the mixed matrix's ``eigh`` (float64), and the same decompositions in
-    float32 (``torch.linalg``) with their largest relative difference from float64 on the
-    operator ``R^{-1/2}`` (damping 0.1 x mean eigenvalue)."""
-    import torch
-
-    d = p * p
-    rng = np.random.default_rng(seed)
-    rows = rng.standard_normal((2 * d, d)) * (np.arange(1, d + 1) ** -0.5)
-    train = rows.T @ rows / len(rows)
-    q = rows[:n_queries] + 0.1 * rng.standard_normal((n_queries, d))
-    mixed = 0.9 * (q.T @ q / n_queries) + 0.1 * train
-    fig = {"p": p, "dims": d, "threads": torch.get_num_threads(), "load_before": load()}
-    _, fig["eigvalsh64_s"], _ = timed(np.linalg.eigvalsh, train)
-    (vals, vecs), fig["eigh64_s"], _ = timed(np.linalg.eigh, mixed)
-    m32 = torch.from_numpy(mixed.astype(np.float32))
-    _, fig["eigvalsh32_s"], _ = timed(torch.linalg.eigvalsh, m32)
-    (vals32, vecs32), fig["eigh32_s"], _ = timed(torch.linalg.eigh, m32)
-
-    def operator(values, vectors):
-        values = np.clip(np.asarray(values, dtype=np.float64), 0, None)
-        vectors = np.asarray(vectors, dtype=np.float64)
-        return (vectors * (values + 0.1 * values.mean()) ** -0.5) @ vectors.T
-
-    exact = operator(vals, vecs)
-    fig["operator_rel_diff_32"] = float(np.abs(operator(vals32.numpy(), vecs32.numpy()) - exact).max()
-                                        / np.abs(exact).max())
-    fig["load_after"] = load()
-    return fig

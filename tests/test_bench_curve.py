@@ -62,7 +62,7 @@ def test_retag_points_copied_events_at_their_own_inputs():
 
 def test_picture_from_results(tmp_path, downstream_figures):
     pytest.importorskip("matplotlib")
-    stages = [{"stage": s, "s_per_1k": 1.0} for s in ("shards", "fan_in", "scores")]
+    stages = [{"stage": s, "s_per_1k": 1.0, "peak_rss_mb": 900} for s in ("shards", "fan_in", "scores")]
     lines = [{"kind": "e2e", "profile": "local", "shard_size": 1000, "docs": n, "stages": stages} for n in (10, 100)]
     lines.append({"kind": "downstream", **downstream_figures})
     results = tmp_path / "curve.jsonl"
