@@ -32,8 +32,8 @@ from attribution_assets.engine.preconditioning.curvature import CurvatureCollect
 from attribution_assets.engine.preconditioning.kfac import (
     KroneckerEigen,
     KroneckerPreconditioner,
-    projection_for,
 )
+from attribution_assets.engine.preconditioning.kfac_files import projection_for
 from attribution_assets.spec import GradientSpec
 
 

@@ -56,14 +56,18 @@ def test_definitions_load_without_the_trainer_stack():
 def test_definitions_and_planning_load_without_the_compute_stack(tmp_path):
     """Every process that loads the definitions pays for their imports: the CLI, each queued run,
     code servers, the UI. torch, transformers, SciPy, FAISS, polars, DuckDB and datasets load in
-    the steps and commands that compute, not with the definitions, the planner or the instance
-    (``benchmarks/bench_cli.py`` times it)."""
+    the steps and commands that compute, not with the definitions (an EK-FAC pipeline's too), the
+    planner or the instance (``benchmarks/bench_cli.py`` times it)."""
     heavy = ("torch", "transformers", "scipy", "faiss", "polars", "duckdb", "datasets", "safetensors")
     code = ("import sys, dagster as dg, attribution_assets.definitions, attribution_assets.report\n"
             "from attribution_assets.cli import _defs_and_specs\n"
             "from attribution_assets.defs.planning import STAGES, plan_stage\n"
             "defs, specs = _defs_and_specs('demo')\n"
             "assert plan_stage(defs, specs['demo'], dg.DagsterInstance.ephemeral(), STAGES[0]).keys\n"
+            "from attribution_assets.defs.factory import build_definitions\n"
+            "from attribution_assets.spec import GradientSpec, ScoringSpec, demo_spec\n"
+            "build_definitions([demo_spec(gradients=GradientSpec(normalizer='none'),\n"
+            "                            scoring=ScoringSpec(preconditioner='ekfac'))])\n"
             f"print([m for m in {heavy!r} if m in sys.modules])")
     env = {k: v for k, v in os.environ.items() if k not in ("ATTRIBUTION_PIPELINES", "ATTRIBUTION_RECIPE")}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -93,7 +97,7 @@ def test_no_module_imports_a_module_that_imports_it_back():
 def test_only_the_paths_module_joins_asset_directories():
     """No ``something / "<asset dir or file>"`` path join outside ``engine/io/paths.py``."""
     names = {"corpus", "query_set", "tokenizer", "tokenized_shards", "tokenized_queries",
-             "train_gradients", "query_gradients", "autocorrelation", "preconditioner",
+             "train_gradients", "query_gradients", "shard_autocorr", "autocorrelation", "preconditioner",
              "faiss_index", "scores", "evaluation", "lds_retrain", "attribution.duckdb",
              "kfac_covariance", "kfac_factors", "kfac_eigendecomposition", "ekfac_correction",
              "ekfac_eigenvalues", "kfac_query_gradients",

@@ -41,7 +41,7 @@ def curvature_version(base: str, spec: PipelineSpec, in_space: bool = True) -> s
     settings and (``in_space``: past the covariance sums) the space and its projection; never the
     damping or the metric. Biases and label draws count only when not at their old values (no
     bias, one draw), so the versions of earlier pipelines stay as they were."""
-    from attribution_assets.engine.preconditioning.kfac import projection_for  # torch
+    from attribution_assets.engine.preconditioning.kfac_files import projection_for
 
     g, s, n = spec.gradients, spec.scoring, spec.curvature.label_samples
     space = projection_for(g, s.kfac_space) if in_space else "covariance"
@@ -145,8 +145,8 @@ def kfac_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.AssetsD
             CovarianceSums,
             KroneckerEigen,
             KroneckerPreconditioner,
-            projection_for,
         )
+        from attribution_assets.engine.preconditioning.kfac_files import projection_for
 
         timer = Timer()
         paths = storage.paths(spec)

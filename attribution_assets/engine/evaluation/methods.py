@@ -65,8 +65,8 @@ from attribution_assets.engine.preconditioning.kfac import (
     CovarianceSums,
     KroneckerEigen,
     KroneckerPreconditioner,
-    projection_for,
 )
+from attribution_assets.engine.preconditioning.kfac_files import projection_for
 from attribution_assets.engine.preconditioning.preconditioners import (
     Preconditioner,
     trackstar_preconditioner,

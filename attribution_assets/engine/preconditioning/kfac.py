@@ -78,9 +78,6 @@ from attribution_assets.engine.preconditioning.kfac_files import (
     read_arrays,
     write_arrays,
 )
-from attribution_assets.spec import GradientSpec
-
-SPACES = ("projected", "full")
 
 
 @dataclass(frozen=True)
@@ -183,16 +180,6 @@ def merge_all(parts: Iterable[Any], what: str) -> Any:
     if total is None:
         raise ValueError(f"no {what} to merge: materialize the corpus and its shards first")
     return total
-
-
-def projection_for(gradients: GradientSpec, space: str) -> dict | None:
-    """The projection (``Projector.settings()``) the curvature lives under: ``None`` for the
-    ``full`` space or without projection (``projection_dim: 0``)."""
-    if space not in SPACES:
-        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
-    if space == "full" or gradients.projection_dim == 0:
-        return None
-    return {"dim": gradients.projection_dim, "kind": gradients.projection_kind, "seed": gradients.seed}
 
 
 def _projections(projection: dict, m: KroneckerModule) -> tuple[np.ndarray, np.ndarray]:

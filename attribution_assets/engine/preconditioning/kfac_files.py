@@ -1,7 +1,8 @@
 """Files and small numerics of the EK-FAC / K-FAC arrays (``preconditioning.kfac``): a directory
 (written atomically) with ``<kind>.safetensors`` (float64 arrays keyed ``<module>/<array>``, no
 pickle) and ``<kind>.json`` (format, version, kind and the caller's settings); float64
-eigendecompositions and condition numbers that report non-finite input instead of raising."""
+eigendecompositions and condition numbers that report non-finite input instead of raising; the
+projection settings the curvature lives under (no torch: the Dagster definitions read them)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from attribution_assets.engine.io.atomic import atomic_dir
+from attribution_assets.spec import GradientSpec
 
 FORMAT = "attribution-assets/kfac"
 FORMAT_VERSION = 1
+
+SPACES = ("projected", "full")
+
+
+def projection_for(gradients: GradientSpec, space: str) -> dict | None:
+    """The projection (``Projector.settings()``) the curvature lives under: ``None`` for the
+    ``full`` space or without projection (``projection_dim: 0``)."""
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "full" or gradients.projection_dim == 0:
+        return None
+    return {"dim": gradients.projection_dim, "kind": gradients.projection_kind, "seed": gradients.seed}
+
 
 
 def check_same(a: Any, b: Any, what: str, fix: str) -> None:
@@ -26,6 +40,8 @@ def check_same(a: Any, b: Any, what: str, fix: str) -> None:
 
 def write_arrays(path: str | Path, kind: str, tensors: dict[str, np.ndarray], meta: dict) -> Path:
     """Write ``tensors`` (as float64) and ``meta`` as a ``kind`` directory at ``path``."""
+    from safetensors.numpy import save_file  # here: the definitions import this module
+
     with atomic_dir(path) as tmp:
         save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
                   str(tmp / f"{kind}.safetensors"), metadata={"format": FORMAT})
@@ -36,6 +52,8 @@ def write_arrays(path: str | Path, kind: str, tensors: dict[str, np.ndarray], me
 
 def read_arrays(path: str | Path, kind: str) -> tuple[dict[str, np.ndarray], dict]:
     """``(tensors, meta)`` of a ``kind`` directory; raises for a missing or foreign one."""
+    from safetensors.numpy import load_file
+
     path = Path(path)
     meta_path = path / f"{kind}.json"
     if not meta_path.is_file():
