@@ -29,7 +29,9 @@ class ScoringSpec:
     (``individual``) or a query set as one (``nearest``, ``mean``, ``sum``);
     ``preconditioner``: ``trackstar`` (the autocorrelation of the projected gradients, mixing
     ``lam R_query + (1 - lam) R_train`` with ``mixing`` ``auto`` | a number in [0, 1] |
-    ``off``), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
+    ``off``; ``auto`` makes the sorted eigenvalues of both terms cross at component
+    ``mixing_components``: ``auto`` = 1000 for full-text queries and ``dims * 1000 / 65536``
+    for prompt/completion queries, or a number >= 1), ``ekfac`` / ``kfac`` (the Kronecker-factored Gauss-Newton of
     ``preconditioning.kfac``, applied to the query side only; labels ``kfac_labels``:
     ``sampled`` from the model, seeded by ``kfac_seed`` (``curvature.label_samples`` draws per
     document), or the data's ``true`` labels; ``kfac_space``: ``projected``, the curvature of
@@ -51,6 +53,7 @@ class ScoringSpec:
     preconditioner: str = "trackstar"
     damping: float = 0.1
     mixing: str | float = "auto"
+    mixing_components: str | int = "auto"
     kfac_labels: str = "sampled"
     kfac_seed: int = 0
     kfac_space: str = "projected"
@@ -81,6 +84,9 @@ class ScoringSpec:
             raise SpecValueError("mixing", f"must be `auto`, `off` or a number in [0, 1] (the weight "
                                            f"of the query autocorrelation), got {_describe(self.mixing)}"
                                            f"{_unquote_hint(self.mixing)}.")
+        if self.mixing_components != "auto":
+            _check_int(self, "mixing_components", 1, note=", or `auto` (1000 for full-text queries, "
+                                                         "dims * 1000 / 65536 for prompt/completion)")
         _check_choice(self, "kfac_labels", ("sampled", "true"))
         _check_int(self, "kfac_seed", 0)
         _check_choice(self, "kfac_space", ("projected", "full"))

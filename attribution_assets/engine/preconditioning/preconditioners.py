@@ -47,6 +47,9 @@ from attribution_assets.spec import ScoringSpec
 DEFAULT_DAMPING = 0.1
 # TrackStar (Appendix A.1.3) downweights ~1000 of 2^16 = 65536 projected dimensions.
 PAPER_TOP_K, PAPER_DIMS = 1000, 65536
+# Components that auto mixing downweights for full-text queries (loss on every token): the
+# paper's absolute count, Bergson's ``target_downweight_components``, whatever the dims.
+FULL_TEXT_TOP_K = PAPER_TOP_K
 FORMAT = "attribution-assets/preconditioner"
 FORMAT_VERSION = 1
 TENSORS_FILE, SETTINGS_FILE = "preconditioner.safetensors", "preconditioner.json"
@@ -321,11 +324,26 @@ def check_preconditioner(p: Preconditioner) -> dict[str, Any]:
     return {"ok": ok, "modules": modules}
 
 
+def mixing_top_k(scoring: ScoringSpec, full_text: bool) -> int | None:
+    """``k`` of auto mixing (:func:`auto_mixing_lambda`): ``scoring.mixing_components`` when a
+    number; ``auto``: :data:`FULL_TEXT_TOP_K` (1000) for full-text queries, whose gradients are
+    dominated by the query phrasing's tokens, and the paper's share of the dims (``None``) for
+    queries with the loss on a completion only. Measured in docs/evaluation.md ("TrackStar vs
+    Bergson on fact tracing"): at 2048 dims the share is k = 31, which left full-text queries
+    a quarter behind Bergson's k = 1000, while k = 1000 costs completion queries as much."""
+    if scoring.mixing_components != "auto":
+        return int(scoring.mixing_components)
+    return FULL_TEXT_TOP_K if full_text else None
+
+
 def trackstar_preconditioner(train: Autocorrelation, query: Autocorrelation | None,
-                             scoring: ScoringSpec) -> Preconditioner:
+                             scoring: ScoringSpec, *, full_text: bool = False) -> Preconditioner:
     """TrackStar's preconditioner from the pipeline's ``scoring`` section:
-    ``lam * R_query + (1 - lam) * R_train`` (``mixing``: auto, a number, or off), damped."""
+    ``lam * R_query + (1 - lam) * R_train`` (``mixing``: auto, a number, or off), damped.
+    ``full_text``: the query rows' loss covers the whole query text (no completion split),
+    which sets auto mixing's ``k`` (:func:`mixing_top_k`)."""
     mixing = scoring.mixing
     lam = None if mixing == "off" or query is None else ("auto" if mixing == "auto" else float(mixing))
     return Preconditioner.from_autocorrelation(train, query if lam is not None else None,
-                                               lam=lam, damping=scoring.damping)
+                                               lam=lam, damping=scoring.damping,
+                                               auto_top_k=mixing_top_k(scoring, full_text))
