@@ -72,9 +72,11 @@ def test_magic_assets(tmp_path):
     grad, _ = metagradient(engine_run, sequence_loss(engine_run, [(queries[0].input_ids, queries[0].loss_mask)]))
     first = table.filter(pl.col("query_id") == queries[0].doc_id)
     expected = dict(zip([d.doc_id for d in docs], (-grad).tolist()))
-    # float32 through every training step, with the thread count of the asset's run vs this one's
-    np.testing.assert_allclose(first["score"].to_numpy(), [expected[d] for d in first["doc_id"]],
-                               rtol=1e-4, atol=1e-6)
+    # float32 through every training step and back: BLAS kernels may take other code paths from one
+    # process to the next (thread split, buffer alignment), and the replayed steps amplify rounding
+    # to a few 1e-4 of a score; a wrong metagradient is off by its own size
+    wanted = np.array([expected[d] for d in first["doc_id"]])
+    np.testing.assert_allclose(first["score"].to_numpy(), wanted, rtol=1e-3, atol=1e-4 * np.abs(wanted).max())
     matrix = magic_pipeline.read_scores(paths, [q.doc_id for q in queries], [d.doc_id for d in docs])
     assert matrix.shape == (len(queries), len(docs)) and np.abs(matrix).sum(axis=1).min() > 0
     # DuckDB views (next to a stand-in for the pipeline's own score table, which the views need)
