@@ -13,9 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-
-class UserError(Exception):
-    """An error whose message alone tells the user what to fix (no traceback needed)."""
+from attribution_assets.cli_errors import UserError, interrupt, interrupted, report_error
 
 
 def _defs_and_specs(pipeline_name: str | None = None, pipelines: Path | None = None):
@@ -430,64 +428,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)  # --help and usage errors exit here, before any heavy import
     if args.threads < 0:
         raise SystemExit(f"--threads must be >= 0 (0 = the cores this process may use), got {args.threads}.")
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         from .engine.progress import reporting, terminal_sink
 
         with reporting(terminal_sink()):
             return args.func(args)
     except KeyboardInterrupt:
-        return _interrupted()
+        return interrupted()
     except Exception as exc:  # noqa: BLE001 - one message here, the traceback in the log file
-        return _report(exc, args)
+        return report_error(exc, args)
     except BaseException as exc:  # a signal inside a Dagster step arrives as its own interrupt error
         if type(exc).__name__ != "DagsterExecutionInterruptedError":
             raise
-        return _interrupted()
-
-
-def _interrupted() -> int:
-    print("Interrupted. Finished shards are kept; run the same command again to continue.", file=sys.stderr)
-    return 130
-
-
-def _interrupt(signum, frame):  # SIGTERM behaves like Ctrl-C at every stage
-    raise KeyboardInterrupt
-
-
-def _root_cause(exc: BaseException) -> tuple[BaseException, str | None]:
-    """The user's own exception inside Dagster's wrappers, and where it failed
-    (``pipeline/asset [shards]``)."""
-    where = getattr(exc, "failed_in", None)  # set by the runner
-    while True:
-        inner = getattr(exc, "user_exception", None)
-        if inner is None or inner is exc:
-            return exc, where
-        exc = inner
-
-
-def _report(exc: Exception, args: argparse.Namespace) -> int:
-    """Print one message (asset, error, log path); the full traceback goes to a log file."""
-    import tempfile
-    import time
-    import traceback
-
-    from .defs.profiles import ProfileError
-    from .spec import PipelineSpecError
-
-    cause, step = _root_cause(exc)
-    text = "".join(traceback.format_exception(exc))
-    home = os.environ.get("DAGSTER_HOME")
-    directory = Path(home) / "logs" if home else Path(tempfile.gettempdir())
-    directory.mkdir(parents=True, exist_ok=True)
-    log = directory / f"attribution-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
-    log.write_text(text)
-    if getattr(args, "verbose", False):
-        print(text, file=sys.stderr)
-    print(f"error{f' in {step}' if step else ''}: {cause}", file=sys.stderr)
-    if not isinstance(cause, UserError | PipelineSpecError | ProfileError):
-        print(f"(full traceback: {log}; --verbose prints it)", file=sys.stderr)
-    return 2
+        return interrupted()
 
 
 if __name__ == "__main__":
