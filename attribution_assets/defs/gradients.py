@@ -82,7 +82,7 @@ def torchrun_collect_shards(context: dg.AssetExecutionContext, spec: PipelineSpe
 def store_checks(store: GradientStore, expected_rows: int, spec: PipelineSpec,
                  asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
     """Re-read what was written: finite values, expected rows, the pipeline's settings."""
-    from attribution_assets.engine.gradients.collector import rows_hash
+    from attribution_assets.engine.gradients.store import rows_hash
 
     finite = store.all_finite()
     normalizer = store.info.get("normalizer")

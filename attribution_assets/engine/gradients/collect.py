@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from attribution_assets.engine.gradients.collector import GradientCollector, rows_hash
+from attribution_assets.engine.gradients.batching import Document
+from attribution_assets.engine.gradients.collector import GradientCollector
 from attribution_assets.engine.gradients.normalizers import make_normalizer
 from attribution_assets.engine.gradients.store import (
     GradientStore,
     check_compatible,
     document_rows,
+    rows_hash,
     write_store,
 )
 from attribution_assets.engine.io.advantages import sequence_weights
@@ -189,3 +191,28 @@ def training_rows(spec: PipelineSpec, paths: PipelinePaths, shards: Sequence[str
             check_compatible(store.info, first)
         first = first or store.info
         yield ShardRows(shard, store.array, store.info, store.doc_ids)
+
+
+def collect_to_store(
+    model: torch.nn.Module,
+    docs: Sequence[Document],
+    doc_ids: Sequence[str],
+    path,
+    gradients: GradientSpec | None = None,
+    model_fingerprint: str = "",
+    normalizer=None,
+    device=None,
+):
+    """Collect ``docs`` and write one gradient shard at ``path``; returns the ``GradientStore``."""
+    if len(doc_ids) != len(docs):
+        raise ValueError(f"{len(doc_ids)} doc_ids for {len(docs)} documents")
+    collector = GradientCollector(model, gradients, normalizer, device)
+    array, info = collector.collect(docs)
+    return write_store(
+        path,
+        array,
+        info,
+        doc_ids=doc_ids,
+        model_fingerprint=model_fingerprint,
+        dtype=collector.gradients.dtype,
+    )

@@ -56,29 +56,11 @@ from attribution_assets.engine.gradients.hooks import (
 )
 from attribution_assets.engine.gradients.loss import token_nll
 from attribution_assets.engine.gradients.projection import Projector
-from attribution_assets.engine.io.digests import json_digest
+from attribution_assets.engine.gradients.store import rows_hash
 from attribution_assets.engine.progress import track
 from attribution_assets.spec import GradientSpec
 
 _FULL_GRAD_BUDGET = 1 << 26  # floats of full [B, O, I] gradients formed at once
-
-
-def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) -> str:
-    """SHA-256 (16 hex) of the settings that change the rows (``config_hash`` in a store's
-    ``info.json``): every ``GradientSpec`` field but the batch budget and the optimizer-state
-    path, plus the normalizer's settings (the optimizer state itself is not hashed). Settings
-    at the values older stores were written with hash as they did then (``per_token`` none/loss
-    as false/true, no ``split`` key for ``module``), so those stores stay valid."""
-    payload = {
-        "projection_dim": gradients.projection_dim, "projection_kind": gradients.projection_kind,
-        "seed": gradients.seed, "include": list(gradients.include), "exclude": list(gradients.exclude),
-        "include_bias": gradients.include_bias,
-        "per_token": {"none": False, "loss": True}.get(gradients.per_token, gradients.per_token),
-        "dtype": gradients.dtype, **({"split": gradients.split} if gradients.split != "module" else {}),
-        "normalizer": None if gradients.normalizer == "none" else gradients.normalizer,
-        "normalizer_settings": normalizer_settings,
-    }
-    return json_digest(payload)
 
 
 @dataclass
@@ -484,30 +466,3 @@ class GradientCollector:
         info["token_offsets"] = offsets.tolist() if token_rows else None
         info["token_positions"] = [t for p in positions for t in p] if token_rows else None
         return out, info
-
-
-def collect_to_store(
-    model: nn.Module,
-    docs: Sequence[Document],
-    doc_ids: Sequence[str],
-    path,
-    gradients: GradientSpec | None = None,
-    model_fingerprint: str = "",
-    normalizer=None,
-    device=None,
-):
-    """Collect ``docs`` and write one gradient shard at ``path``; returns the ``GradientStore``."""
-    from attribution_assets.engine.gradients.store import write_store
-
-    if len(doc_ids) != len(docs):
-        raise ValueError(f"{len(doc_ids)} doc_ids for {len(docs)} documents")
-    collector = GradientCollector(model, gradients, normalizer, device)
-    array, info = collector.collect(docs)
-    return write_store(
-        path,
-        array,
-        info,
-        doc_ids=doc_ids,
-        model_fingerprint=model_fingerprint,
-        dtype=collector.gradients.dtype,
-    )

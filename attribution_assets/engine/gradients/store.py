@@ -39,13 +39,32 @@ from pathlib import Path
 import numpy as np
 
 from attribution_assets.engine.io.atomic import atomic_dir
-from attribution_assets.engine.io.digests import chain_digest
+from attribution_assets.engine.io.digests import chain_digest, json_digest
+from attribution_assets.spec import GradientSpec
 
 FORMAT_VERSION = 1
 ARRAY_FILE = "gradients.npy"
 INFO_FILE = "info.json"
 _COMPAT_KEYS = ("projection", "normalizer", "modules", "dims", "model_fingerprint")
 BLOCK_BYTES = 64 << 20  # rows written, hashed and checked at a time
+
+
+def rows_hash(gradients: GradientSpec, normalizer_settings: dict | None = None) -> str:
+    """SHA-256 (16 hex) of the settings that change the rows (``config_hash`` in a store's
+    ``info.json``): every ``GradientSpec`` field but the batch budget and the optimizer-state
+    path, plus the normalizer's settings (the optimizer state itself is not hashed). Settings
+    at the values older stores were written with hash as they did then (``per_token`` none/loss
+    as false/true, no ``split`` key for ``module``), so those stores stay valid."""
+    payload = {
+        "projection_dim": gradients.projection_dim, "projection_kind": gradients.projection_kind,
+        "seed": gradients.seed, "include": list(gradients.include), "exclude": list(gradients.exclude),
+        "include_bias": gradients.include_bias,
+        "per_token": {"none": False, "loss": True}.get(gradients.per_token, gradients.per_token),
+        "dtype": gradients.dtype, **({"split": gradients.split} if gradients.split != "module" else {}),
+        "normalizer": None if gradients.normalizer == "none" else gradients.normalizer,
+        "normalizer_settings": normalizer_settings,
+    }
+    return json_digest(payload)
 
 
 def _cast(block: np.ndarray, modules: list[dict], dtype: str, first_row: int) -> np.ndarray:

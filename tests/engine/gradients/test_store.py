@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from attribution_assets.engine.gradients.collector import collect_to_store
+from attribution_assets.engine.gradients.collect import collect_to_store
 from attribution_assets.engine.gradients.store import GradientStore, check_compatible, write_store
 from attribution_assets.spec import GradientSpec
 
