@@ -17,8 +17,8 @@ from pathlib import Path
 import dagster as dg
 
 from attribution_assets.defs.common import key
-from attribution_assets.engine.io.data import FORMAT_BY_SUFFIX
 from attribution_assets.engine.io.digests import json_digest
+from attribution_assets.engine.io.records import FORMAT_BY_SUFFIX
 from attribution_assets.spec import PipelineSpec
 
 GUARDS = ~dg.AutomationCondition.any_deps_missing() & ~dg.AutomationCondition.any_deps_in_progress() \

@@ -15,7 +15,7 @@ from attribution_assets.defs.common import (
     shards_partitions,
 )
 from attribution_assets.defs.resources import ComputeResource, StorageResource
-from attribution_assets.engine.io import data
+from attribution_assets.engine.io import data, records
 from attribution_assets.engine.io.digests import parts_digest, weights_stamp
 from attribution_assets.spec import (
     DataSpec,
@@ -42,7 +42,7 @@ def corpus_assets(spec: PipelineSpec) -> list[dg.AssetsDefinition]:
         paths = storage.paths(spec)
         missing: list[str] = []
         docs = corpus_io.corpus_documents(spec, missing)
-        locate = None if spec.is_demo else data.RowLocator(spec.corpus)
+        locate = None if spec.is_demo else records.RowLocator(spec.corpus)
         nan_skipped = data.drop_nan_advantages(docs, spec.corpus, locate)
         if missing:
             context.log.warning(f"{len(missing)} rows have no text and were left out (`missing_text: skip`), "

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from attribution_assets.engine.io import data
+from attribution_assets.engine.io import data, records
 from attribution_assets.engine.io.atomic import atomic_dir, write_text_atomic
 from attribution_assets.spec import NAME_RE, DataSpec, ModelSpec, position_limit
 
@@ -32,7 +32,7 @@ class QuickstartError(ValueError):
 
 def _texts(spec: DataSpec) -> list[str]:
     """The display text of every row that has one."""
-    return [data.display_text(data.content_of(record, spec)) for record in data.load_records(spec)
+    return [data.display_text(data.content_of(record, spec)) for record in records.load_records(spec)
             if all(record.get(c) is not None for c in data.text_columns(spec))]
 
 
@@ -81,9 +81,9 @@ def longest(spec: DataSpec, tokenizer, add_eos: bool, limit: int | None = None) 
     """``(tokens, row)`` of the longest of the first ``limit`` rows of ``spec``, as tokenized
     for the pipeline (EOS where ``add_eos``)."""
     best = (0, 0)
-    records = data.load_records(spec)
-    for row in range(len(records) if limit is None else min(limit, len(records))):
-        record = records[row]
+    rows = records.load_records(spec)
+    for row in range(len(rows) if limit is None else min(limit, len(rows))):
+        record = rows[row]
         if any(record.get(c) is None for c in data.text_columns(spec)):
             continue
         ids, _ = data.tokenize_content(data.content_of(record, spec), tokenizer, spec, add_eos)
@@ -113,7 +113,7 @@ def default_lengths(model: ModelSpec, corpus: DataSpec, queries: DataSpec) -> Le
     doc_tokens, _ = longest(corpus, tokenizer, add_eos=True, limit=SAMPLE_DOCUMENTS)
     query_tokens, row = longest(queries, tokenizer, add_eos=False)
     if positions is not None and query_tokens > positions:
-        raise QuickstartError(f"{data.RowLocator(queries)(row)}: this query is {query_tokens} tokens long, but the "
+        raise QuickstartError(f"{records.RowLocator(queries)(row)}: this query is {query_tokens} tokens long, but the "
                               f"model takes at most {positions} positions; shorten it or use a model with "
                               "longer positions.")
     cap = positions or 512

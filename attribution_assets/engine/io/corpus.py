@@ -12,7 +12,7 @@ from typing import Any
 
 import polars as pl
 
-from attribution_assets.engine.io import data
+from attribution_assets.engine.io import data, records
 from attribution_assets.engine.io.atomic import atomic_file, write_text_atomic
 from attribution_assets.engine.io.digests import model_fingerprint
 from attribution_assets.spec import DataSpec, PipelineSpec
@@ -29,7 +29,7 @@ def corpus_documents(spec: PipelineSpec, skipped: list[str] | None = None) -> li
     if spec.is_demo:
         corpus = _demo_corpus(spec)
         return data.build_documents(corpus.documents, DataSpec(id_column="doc_id"))
-    return data.build_documents(data.load_records(spec.corpus), spec.corpus, data.RowLocator(spec.corpus), skipped)
+    return data.build_documents(records.load_records(spec.corpus), spec.corpus, records.RowLocator(spec.corpus), skipped)
 
 
 def query_documents(spec: PipelineSpec, skipped: list[str] | None = None) -> list[dict[str, Any]]:
@@ -38,7 +38,7 @@ def query_documents(spec: PipelineSpec, skipped: list[str] | None = None) -> lis
         raise data.DataError(f"Pipeline {spec.name!r} has no `queries` section; add one to score queries.")
     if spec.is_demo:
         return data.build_documents(_demo_corpus(spec).queries, spec.queries)
-    return data.build_documents(data.load_records(spec.queries), spec.queries, data.RowLocator(spec.queries),
+    return data.build_documents(records.load_records(spec.queries), spec.queries, records.RowLocator(spec.queries),
                                 skipped)
 
 

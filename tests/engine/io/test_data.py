@@ -8,13 +8,13 @@ import re
 import polars as pl
 import pytest
 
-from attribution_assets.engine.io import data
+from attribution_assets.engine.io import data, records
 from attribution_assets.spec import DataSpec
 from tests.helpers import SENTENCES
 
 
 def _texts(spec):
-    return [r["text"] for r in data.load_records(spec)]
+    return [r["text"] for r in records.load_records(spec)]
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "json", "csv", "parquet", "txt", "disk"])
@@ -142,12 +142,12 @@ def test_chunks_keep_their_source_id_on_disk(tmp_path, tiny_tokenizer):
 def test_bad_files_name_file_line_and_fix(tmp_path, name, body, encoding, message):
     (tmp_path / name).write_bytes(body)
     with pytest.raises(data.DataError, match=message):
-        data.load_records(DataSpec(path=str(tmp_path / name), encoding=encoding))
+        records.load_records(DataSpec(path=str(tmp_path / name), encoding=encoding))
 
 
 def test_encoding_setting_reads_latin1(tmp_path):
     (tmp_path / "latin.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
-    assert data.load_records(DataSpec(path=str(tmp_path / "latin.jsonl"), encoding="latin-1"))[0]["text"] == "café"
+    assert records.load_records(DataSpec(path=str(tmp_path / "latin.jsonl"), encoding="latin-1"))[0]["text"] == "café"
 
 
 @pytest.mark.parametrize("unit, expected", [
@@ -156,8 +156,8 @@ def test_encoding_setting_reads_latin1(tmp_path):
 ])
 def test_text_unit_of_txt_files(tmp_path, unit, expected):
     (tmp_path / "book.txt").write_text("One a.\nOne b.\n\nTwo.\n")
-    records = data.load_records(DataSpec(path=str(tmp_path / "book.txt"), text_unit=unit))
-    assert [r["text"].strip() for r in records if r["text"].strip()] == expected
+    rows = records.load_records(DataSpec(path=str(tmp_path / "book.txt"), text_unit=unit))
+    assert [r["text"].strip() for r in rows if r["text"].strip()] == expected
 
 
 def test_empty_and_short_documents_are_skipped_and_counted(tiny_tokenizer):
@@ -184,12 +184,12 @@ def test_a_row_without_its_text_is_refused_with_file_line_and_its_columns(tmp_pa
                     + json.dumps({"id": "c", "body": "three"}) + "\n")
     spec = DataSpec(path=str(path), id_column="id")
     with pytest.raises(data.DataError) as caught:
-        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+        data.build_documents(records.load_records(spec), spec, records.RowLocator(spec))
     assert str(caught.value).startswith(f"{path}, line 4: no value in column(s) ['text']; the row has ['id', 'body']")
     assert "missing_text: skip" in str(caught.value)
     skip = DataSpec(path=str(path), id_column="id", missing_text="skip")
     skipped: list[str] = []
-    docs = data.build_documents(data.load_records(skip), skip, data.RowLocator(skip), skipped)
+    docs = data.build_documents(records.load_records(skip), skip, records.RowLocator(skip), skipped)
     assert [d["doc_id"] for d in docs] == ["a", "b"] and skipped == [f"{path}, line 4"]
 
 
@@ -202,18 +202,18 @@ def test_file_problems_name_the_file_and_the_1_based_line(tmp_path):
     spec = DataSpec(path=str(tmp_path / "docs"), id_column="id")
     with pytest.raises(data.DataError, match=rf"^{re.escape(str(second))}, line 2: duplicate id 'x' in column "
                                              rf"'id', first at {re.escape(str(first))}, line 1; ids must be unique"):
-        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+        data.build_documents(records.load_records(spec), spec, records.RowLocator(spec))
     csv = tmp_path / "t.csv"
     csv.write_text('id,text\nx,"one\nline two"\ny,three\nx,four\n')
     spec = DataSpec(path=str(csv), id_column="id")
     where = re.escape(str(csv))
     with pytest.raises(data.DataError, match=rf"^{where}, line 5: duplicate id 'x' .* first at {where}, line 2;"):
-        data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+        data.build_documents(records.load_records(spec), spec, records.RowLocator(spec))
     rewards = _jsonl(tmp_path / "r.jsonl", [{"text": "one", "reward": 1.0}, {"text": "two", "reward": None}])
     spec = DataSpec(path=str(rewards), reward_column="reward", advantage_weighting="grpo", nan_rewards="error")
-    docs = data.build_documents(data.load_records(spec), spec, data.RowLocator(spec))
+    docs = data.build_documents(records.load_records(spec), spec, records.RowLocator(spec))
     with pytest.raises(data.DataError, match=rf"^{re.escape(str(rewards))}, line 2: no finite value in column"):
-        data.drop_nan_advantages(docs, spec, data.RowLocator(spec))
+        data.drop_nan_advantages(docs, spec, records.RowLocator(spec))
 
 
 def test_shards_cover_every_document_exactly_once():
@@ -255,4 +255,4 @@ def _write(path, text):
 def test_bad_input_errors_name_problem_and_fix(tmp_path, name, content, expected):
     path = tmp_path / name if content is None else _write(tmp_path / name, content)
     with pytest.raises(data.DataError, match=expected):
-        data.load_records(DataSpec(path=str(path)))
+        records.load_records(DataSpec(path=str(path)))
