@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     down = sub.add_parser("downstream", help="fan-in and query stages over synthetic stores")
     down.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000])
     down.add_argument("--dims", type=int, nargs="+", default=[16, 32], help="projection p (rows of p*p columns)")
-    down.add_argument("--factories", nargs="+", default=["IVF{auto},PQ{pq}", "HNSW32"],
+    down.add_argument("--factories", nargs="*", default=["IVF{auto},PQ{pq}", "HNSW32"],
                       help="FAISS factories; {pq}: p*p/4 sub-quantizers")
     down.add_argument("--hnsw-max-rows", type=int, default=3_000_000, help="HNSW above this: skipped")
     down.add_argument("--queries", type=int, default=1000)
