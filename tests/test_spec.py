@@ -35,6 +35,19 @@ def test_config_hash_tracks_sections():
     assert spec.section_hash("corpus") == changed.section_hash("corpus")
 
 
+def test_full_text_queries_are_those_without_a_prompt_or_conversation_split():
+    """What TrackStar's auto mixing keys on (``scoring.mixing_components: auto``)."""
+    import dataclasses
+
+    (spec,) = load_pipeline_file("examples/pipelines.example.yaml")
+    assert not spec.full_text_queries  # prompt/completion
+    text = dataclasses.replace(spec, queries=dataclasses.replace(spec.queries, prompt_column=None,
+                                                                 completion_column=None))
+    chat = dataclasses.replace(text, queries=dataclasses.replace(text.queries, conversation_column="messages"))
+    assert text.full_text_queries and not chat.full_text_queries
+    assert not dataclasses.replace(spec, queries=None).full_text_queries
+
+
 @pytest.mark.parametrize("body, message", [
     ("pipelines: [name: x", "not valid YAML"),
     ({"pipeline": []}, "top-level `pipelines:`"),

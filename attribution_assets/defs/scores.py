@@ -137,7 +137,7 @@ def score_assets(spec: PipelineSpec, compute: ComputeResource) -> list[dg.Assets
         train = load_autocorrelation(paths.autocorrelation)
         queries = GradientStore(paths.query_gradients)
         query = row_autocorrelation(queries.document_rows(), queries.info["modules"])
-        result = trackstar_preconditioner(train, query, spec.scoring)
+        result = trackstar_preconditioner(train, query, spec.scoring, full_text=spec.full_text_queries)
         result.save(paths.preconditioner)
         del result  # the check reads the saved preconditioner one module at a time
         saved = Preconditioner.load(paths.preconditioner)

@@ -133,6 +133,12 @@ class PipelineSpec:
         section, or the demo with ``demo.record_epochs`` >= 1."""
         return self.finetune is not None or (self.demo is not None and self.demo.record_epochs > 0)
 
+    @property
+    def full_text_queries(self) -> bool:
+        """Whether the query rows' loss covers the whole query text: queries without a
+        prompt/completion or conversation split (TrackStar's auto mixing depends on it)."""
+        return self.queries is not None and self.queries.mode == "text"
+
     def section_hash(self, *sections: str) -> str:
         """Stable short hash of the named sections, used as code/config versions."""
         return json_digest({s: _jsonable(getattr(self, s)) for s in sections}, length=12)

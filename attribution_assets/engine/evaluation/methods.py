@@ -253,12 +253,13 @@ class GradientCache:
 
     def preconditioner(self, normalizer: str, query_loss: str, scoring: ScoringSpec) -> Preconditioner:
         """TrackStar's mixed, damped preconditioner, built once per setting (metric aside)."""
-        key = (normalizer, query_loss, scoring.mixing, scoring.damping)
+        key = (normalizer, query_loss, scoring.mixing, scoring.mixing_components, scoring.damping)
         if key not in self._preconditioners:
             (train, info), (query, _) = self.train(normalizer), self.query(normalizer, query_loss)
             layout = info["modules"]
             self._preconditioners[key] = trackstar_preconditioner(
-                accumulate([train], layout), row_autocorrelation(query, layout), scoring)
+                accumulate([train], layout), row_autocorrelation(query, layout), scoring,
+                full_text=query_loss == "full")
         return self._preconditioners[key]
 
 

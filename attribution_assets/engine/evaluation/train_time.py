@@ -60,7 +60,7 @@ def train_time_fact_tracing(spec: PipelineSpec, paths: PipelinePaths, shards: Se
         query = GradientStore(query_rows_path(spec, paths)).document_rows()
         layout = info["modules"]
         own = trackstar_preconditioner(accumulate([train_time], layout), row_autocorrelation(query, layout),
-                                       spec.scoring)
+                                       spec.scoring, full_text=spec.full_text_queries)
     rows = []
     for name, train, preconditioner in (("post_hoc", post_hoc, None), ("train_time", train_time, own)):
         scorer = QueryScorer.for_pipeline(spec, paths, aggregate="individual", preconditioner=preconditioner)
