@@ -50,7 +50,9 @@ CONTENT_VERSION = "content_version"
 def shard_results(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, shards: dict[str, dict],
                   metadata: dict | None = None) -> Iterator:
     """The materializations of a step over shards: ``shards`` maps each shard the step wrote to its
-    metadata (with its :data:`CONTENT_VERSION`), ``metadata`` is common to all of them.
+    metadata (with its :data:`CONTENT_VERSION`); ``metadata`` is the step's own (explanations,
+    step seconds) and goes on the last shard's materialization only, the one the asset's page
+    shows, so the instance does not store it once per shard.
 
     One shard: Dagster's own materialization, the content digest its data version. Several:
     Dagster gives a step one data version for all its partitions, so one shard's content could not
@@ -67,6 +69,7 @@ def shard_results(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, sha
         return
     graph = context.job_def.asset_layer.asset_graph
     upstream = sorted(context.assets_def.asset_deps[asset_key], key=lambda k: k.to_user_string())
+    last = next(reversed(shards))
     for shard, meta in shards.items():
         tags = {CODE_VERSION_TAG: context.assets_def.code_versions_by_key[asset_key],
                 DATA_VERSION_TAG: meta[CONTENT_VERSION], DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
@@ -77,7 +80,8 @@ def shard_results(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, sha
             tags[get_input_data_version_tag(dep)] = (version or DEFAULT_DATA_VERSION).value
             if record is not None:
                 tags[get_input_event_pointer_tag(dep)] = str(record.storage_id)
-        yield dg.AssetMaterialization(asset_key=asset_key, partition=shard, metadata={**meta, **common}, tags=tags)
+        yield dg.AssetMaterialization(asset_key=asset_key, partition=shard, tags=tags,
+                                      metadata={**meta, **common} if shard == last else meta)
     # the marker Dagster's source-asset observations use: the output itself logs no asset events
     yield dg.MaterializeResult(asset_key=asset_key, metadata={SYSTEM_METADATA_KEY_SOURCE_ASSET_OBSERVATION: True})
 

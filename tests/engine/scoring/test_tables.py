@@ -18,7 +18,7 @@ from attribution_assets.engine.io import data
 from attribution_assets.engine.preconditioning.autocorrelation import accumulate
 from attribution_assets.engine.preconditioning.preconditioners import Preconditioner
 from attribution_assets.engine.scoring.run import QueryScorer
-from attribution_assets.engine.scoring.tables import write_scores, write_token_scores
+from attribution_assets.engine.scoring.tables import top_columns, write_scores, write_token_scores
 from attribution_assets.spec import DataSpec, GradientSpec, ScoringSpec, demo_spec
 from tests.helpers import SENTENCES
 
@@ -60,6 +60,22 @@ def test_write_scores_keeps_top_k_per_query(tmp_path):
     assert n == 4 and table.schema["score"] == pl.Float32
     assert table.filter(pl.col("query_id") == "q0")["doc_id"].to_list() == ["b", "d"]
     assert table.filter(pl.col("query_id") == "q1")["doc_id"].to_list() == ["a", "b"]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_top_columns_equal_a_stable_full_sort_with_ties(seed):
+    """The partition path keeps exactly the columns (and order) of ``argsort(-scores, stable)``,
+    ties at the k-th score included; NaN rows take the full sort."""
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        q, n = int(rng.integers(1, 8)), int(rng.integers(2, 80))
+        top_k = int(rng.integers(1, n))
+        scores = rng.integers(-3, 4, size=(q, n)).astype(np.float32)  # few values: many ties
+        if rng.random() < 0.2:
+            scores[0, int(rng.integers(n))] = np.nan
+        expected = np.argsort(-scores, axis=1, kind="stable")[:, :top_k]
+        np.testing.assert_array_equal(top_columns(scores, top_k), expected)
+    np.testing.assert_array_equal(top_columns(scores, 0), np.tile(np.arange(n), (q, 1)))
 
 
 def test_normalizer_without_optimizer_state_is_refused():
