@@ -110,6 +110,11 @@ def test_duckdb_views_return_ranked_rows_with_text(stored):
     assert all(r[1] == r[2] for r in top), "unchunked documents are their own source"
     best = _scores(paths).filter(pl.col("query_id") == query_id).sort("score", descending=True)["doc_id"][0]
     assert top[0][1] == best
+    with database.connect(db) as con:  # top_k filters before ranking: the view's own rows
+        for qid in _scores(paths)["query_id"].unique().to_list():
+            view = con.execute("SELECT rank, doc_id, source_doc_id, round(score, 4), text FROM top_influences "
+                               "WHERE query_id = ? AND rank <= 7 ORDER BY rank", [qid]).fetchall()
+            assert database.top_k(db, qid, 7) == view
 
 
 def test_moving_the_storage_folder_keeps_the_views_working(stored, tmp_path):

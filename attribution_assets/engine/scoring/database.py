@@ -141,11 +141,17 @@ def connect(path: Path, read_only: bool = True):
     return con
 
 
+#: One query's ``top_influences`` rows up to rank k, without ranking every query first: the query's
+#: scores filtered, ordered as the view orders them and limited, then joined with ``documents``
+#: (10M score rows: ~0.3 s against 1.2-1.5 s through the view, docs/performance.md "Scale curve").
 TOP_K_SQL = """
-SELECT t.rank, t.doc_id, t.source_doc_id, round(t.score, 4) AS score, t.text
-FROM top_influences t
-WHERE t.query_id = ? AND t.rank <= ?
-ORDER BY t.rank
+WITH best AS (
+    SELECT doc_id, shard, score FROM scores WHERE query_id = ? ORDER BY score DESC, doc_id LIMIT ?
+)
+SELECT row_number() OVER (ORDER BY b.score DESC, b.doc_id) AS rank, b.doc_id, d.source_doc_id,
+       round(b.score, 4) AS score, d.text
+FROM best b JOIN documents d USING (doc_id, shard)
+ORDER BY rank
 """
 
 

@@ -304,3 +304,18 @@ def test_memory_holds_the_result_and_a_few_modules_at_a_time(tmp_path):
         tracemalloc.stop()
     np.testing.assert_allclose(loaded.matrices["m1"], loaded.lam * explicit_r(rows["query"], layout)["m1"]
                                + (1 - loaded.lam) * explicit_r(rows["train"], layout)["m1"], rtol=1e-10)
+
+
+def test_the_spectrum_is_computed_once_and_read_only(monkeypatch):
+    """Auto mixing and the spectrum figure read the same spectrum: one eigvalsh per module."""
+    rng = np.random.default_rng(0)
+    train = autocorr(grads(rng, 60))
+    calls = []
+    eigvalsh = np.linalg.eigvalsh
+    monkeypatch.setattr(np.linalg, "eigvalsh", lambda m: calls.append(m.shape) or eigvalsh(m))
+    first = train.spectrum()
+    assert train.spectrum() is first and len(calls) == len(train.layout)
+    np.testing.assert_array_equal(first, np.sort(np.concatenate([eigvalsh(train.matrices[m.name])
+                                                                for m in train.layout]).clip(0.0))[::-1])
+    with pytest.raises(ValueError):
+        first[0] = 1.0
