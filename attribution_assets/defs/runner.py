@@ -29,7 +29,8 @@ fails fast with the run that holds them.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import dagster as dg
 
@@ -124,6 +125,33 @@ class Runs:
             self._queue = None
 
 
+@contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Raise ``KeyboardInterrupt`` after an in-process run that swallowed a SIGINT or SIGTERM.
+
+    While a run executes, Dagster captures both signals and raises them inside a step's compute;
+    one that arrives outside it (events being written, the run ending) is only recorded, and
+    forgotten when the run's capture ends, so the command would go on to its next stage. This
+    watches Dagster's record of it (``dagster._utils.interrupts``) for the run's duration."""
+    from dagster._utils import interrupts
+
+    class Watched(dict):
+        received = False
+
+        def __setitem__(self, name, value):
+            self.received = self.received or bool(value)
+            super().__setitem__(name, value)
+
+    saved = interrupts._received_interrupt
+    watched = interrupts._received_interrupt = Watched(saved)
+    try:
+        yield
+    finally:
+        interrupts._received_interrupt = saved
+    if watched.received:
+        raise KeyboardInterrupt
+
+
 def _run_here(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg.AssetKey] | None,
               runs: Sequence[tuple[str, dict[str, str]]], tags: dict, run_config: dict, where: str,
               log: Callable[[str], None] | None = None) -> list:
@@ -145,7 +173,8 @@ def _run_here(job: dg.JobDefinition, instance: dg.DagsterInstance, keys: list[dg
             asset_selection=frozenset(keys) if keys else None, remote_job_origin=remote_origin,
             job_code_origin=python_origin)
         try:
-            result = execute_run(InMemoryJob(here), run, instance, raise_on_error=True)
+            with interrupts_kept():
+                result = execute_run(InMemoryJob(here), run, instance, raise_on_error=True)
         except Exception as exc:
             exc.failed_in = (failed_step(instance, run.run_id) or where) + label
             raise
