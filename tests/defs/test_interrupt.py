@@ -43,7 +43,11 @@ def test_a_signal_mid_collection_stops_within_seconds_and_leaves_no_partial_stor
         assert output and output[-1].startswith("gradients: "), "".join(output)
         sent = time.monotonic()
         process.send_signal(signum)
-        rest, _ = process.communicate(timeout=60)
+        try:
+            rest, _ = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # show what the command did instead of stopping
+            process.kill()
+            pytest.fail("still running 60 s after the signal:\n" + "".join(output) + process.communicate()[0])
         stopped = time.monotonic() - sent
     finally:
         process.kill()
