@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -84,6 +85,7 @@ def bergson(folder: Path, p: int, work: Path) -> np.ndarray:
     """Bergson's ``[q, n]`` full-text scores (a fresh child process in its own venv)."""
     out = work / f"bergson-{folder.name}-p{p}"
     if not (out / "scores.npy").is_file():
+        shutil.rmtree(out, ignore_errors=True)  # an interrupted run's folder: Bergson refuses to reuse it
         env = {**os.environ, **OFFLINE_ENV}
         cmd = [str(BERGSON_PY), str(HERE / "bergson_trackstar_child.py"), str(folder), str(p), str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
