@@ -69,13 +69,15 @@ def shard_results(context: dg.AssetExecutionContext, asset_key: dg.AssetKey, sha
         return
     graph = context.job_def.asset_layer.asset_graph
     upstream = sorted(context.assets_def.asset_deps[asset_key], key=lambda k: k.to_user_string())
+    partitioned = {dep for dep in upstream if graph.has(dep) and graph.get(dep).partitions_def is not None}
+    latest = context.instance.get_latest_data_version_record
+    whole = {dep: latest(dep) for dep in upstream if dep not in partitioned}  # the same for every shard
     last = next(reversed(shards))
     for shard, meta in shards.items():
         tags = {CODE_VERSION_TAG: context.assets_def.code_versions_by_key[asset_key],
                 DATA_VERSION_TAG: meta[CONTENT_VERSION], DATA_VERSION_IS_USER_PROVIDED_TAG: "true"}
         for dep in upstream:
-            partitioned = graph.has(dep) and graph.get(dep).partitions_def is not None
-            record = context.instance.get_latest_data_version_record(dep, partition_key=shard if partitioned else None)
+            record = latest(dep, partition_key=shard) if dep in partitioned else whole[dep]
             version = extract_data_version_from_entry(record.event_log_entry) if record else None
             tags[get_input_data_version_tag(dep)] = (version or DEFAULT_DATA_VERSION).value
             if record is not None:
